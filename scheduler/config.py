@@ -1,0 +1,58 @@
+"""EngineConfig: every knob of the engine in one frozen place, named as vLLM names them."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'2GiB' / '512M' / '1000000' -> bytes; None stays None (pick a default)."""
+    if text is None or isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"cannot parse size {text!r}: use e.g. 2GiB, 512MiB or a byte count")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    base = 1024 if binary or unit == "" else 1000
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit]
+    return int(value * base**power)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None  # HF folder or .gguf file; None: the embedded SmolLM2 GGUF
+    served_model_name: str | None = None
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # auto: cuda if available else cpu
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes; None: a default sized to the machine
+    max_model_len: int | None = None  # None: the model's max_position_embeddings (capped by KV)
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    max_waiting: int | None = None  # None: unbounded queue (server answers 503 past it)
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
+        need(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        need(
+            self.max_num_batched_tokens >= 1,
+            f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
+        )
+        need(
+            self.tensor_parallel_size >= 1,
+            f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
+        )
+        need(
+            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
+        )
