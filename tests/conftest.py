@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny random checkpoints the SmolLM2 GGUF, its tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from scheduler.config import default_model_path
+
+TINY_DIMS = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    initializer_range=0.1,  # peaky logits: greedy parity never rides on a float32 near-tie
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> str:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: str) -> Path:
+    """SmolLM2's real tokenizer (vocab, merges, chat template) saved as HF tokenizer files."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok = AutoTokenizer.from_pretrained(
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf)
+    )
+    tok.save_pretrained(out)
+    return out
+
+
+def build_tiny_checkpoint(
+    out: Path, tokenizer_dir: Path, arch: str = "llama", tie: bool = False, seed: int = 0
+) -> Path:
+    """Save a random 2-layer transformers checkpoint (config, safetensors, tokenizer) to `out`."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        TINY_DIMS, vocab_size=49152, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2
+    )
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
+    elif arch == "llama3":
+        rope = dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=64,
+            rope_theta=500000.0,
+        )
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_scaling=rope))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1000000.0))
+    else:
+        raise ValueError(arch)
+    model = model.float().eval()
+    model.save_pretrained(out)
+    for f in Path(tokenizer_dir).iterdir():
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path):
+    """Factory: tiny_checkpoint(arch="llama"|"llama3"|"qwen2", tie=False) -> folder, built once."""
+    cache: dict[tuple[str, bool], Path] = {}
+
+    def make(arch: str = "llama", tie: bool = False) -> Path:
+        key = (arch, tie)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"tiny_{arch}_{'tied' if tie else 'untied'}")
+            cache[key] = build_tiny_checkpoint(out, smollm2_tokenizer_dir, arch, tie)
+        return cache[key]
+
+    return make
