@@ -1,0 +1,280 @@
+"""ServerMetrics: engine stats and HTTP traffic as Prometheus metrics, served on GET /metrics."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import choose_encoder
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from scheduler.outputs import RequestOutput, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+FINISHED_REASONS = ("stop", "length", "abort", "error")
+UNMATCHED_ROUTE = "<unmatched>"  # one label value for every path no route matched (404s, scans)
+
+# Buckets in base units that cover a fast GPU (ms) and a busy 2-core CPU (tens of seconds).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0,
+)  # fmt: skip
+STEP_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+ASGIApp = Callable[[MutableMapping[str, Any], Callable, Callable], Awaitable[None]]
+
+
+class ServerMetrics:
+    """Every tokenmill_* metric, fed by the engine's stat listener and by an HTTP middleware."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        # NOTE: process-wide: the *_created gauges double the series and no dashboard reads them.
+        disable_created_metrics()
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.registry = registry
+        self.model_name = model_name
+        m = {"registry": registry}
+        name = ["model_name"]
+
+        def gauge(n: str, doc: str) -> Gauge:
+            return Gauge(n, doc, name, **m).labels(model_name)
+
+        def counter(n: str, doc: str) -> Counter:
+            return Counter(n, doc, name, **m).labels(model_name)
+
+        def histogram(n: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(n, doc, name, buckets=buckets, **m).labels(model_name)
+
+        self.num_requests_running = gauge(
+            "tokenmill_num_requests_running", "Requests in the running batch after the last step."
+        )
+        self.num_requests_waiting = gauge(
+            "tokenmill_num_requests_waiting",
+            "Requests queued for admission (incl. preempted ones) after the last step.",
+        )
+        self.kv_cache_usage = gauge(
+            "tokenmill_kv_cache_usage_ratio",
+            "Fraction of KV cache blocks in use, 0..1 (cached-but-free prefix blocks are free).",
+        )
+        self.kv_blocks_free = gauge(
+            "tokenmill_kv_cache_free_blocks", "KV cache blocks free (incl. evictable cached ones)."
+        )
+        self.kv_blocks_total = gauge(
+            "tokenmill_kv_cache_total_blocks", "KV cache blocks allocated at startup."
+        )
+        self.prompt_tokens = counter(
+            "tokenmill_prompt_tokens",
+            "Prompt tokens of finished requests (once per request, as usage.prompt_tokens).",
+        )
+        self.generation_tokens = counter(
+            "tokenmill_generation_tokens",
+            "Generated tokens of finished requests, all samples (as usage.completion_tokens).",
+        )
+        finished = Counter(
+            "tokenmill_requests_finished",
+            "Finished requests by finished_reason (stop, length, abort, error).",
+            ["model_name", "finished_reason"],
+            **m,
+        )
+        self.requests_finished = {r: finished.labels(model_name, r) for r in FINISHED_REASONS}
+        self.preemptions = counter(
+            "tokenmill_num_preemptions", "Running requests preempted because KV blocks ran out."
+        )
+        self.prefix_cache_queries = counter(
+            "tokenmill_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (tokens, not requests).",
+        )
+        self.prefix_cache_hits = counter(
+            "tokenmill_prefix_cache_hits", "Prompt tokens served from the prefix cache (tokens)."
+        )
+        self.http_requests = Counter(
+            "tokenmill_http_requests",
+            "HTTP responses by route template (not raw path) and status code.",
+            ["model_name", "route", "status"],
+            **m,
+        )
+        self.time_to_first_token = histogram(
+            "tokenmill_time_to_first_token_seconds",
+            "Seconds from arrival to the first generated token, per request.",
+            LATENCY_BUCKETS,
+        )
+        self.inter_token_latency = histogram(
+            "tokenmill_inter_token_latency_seconds",
+            "Mean seconds between generated tokens, once per finished request with >= 2 tokens: "
+            "(last_token - first_token) / (tokens of its longest sample - 1).",
+            ITL_BUCKETS,
+        )
+        self.e2e_latency = histogram(
+            "tokenmill_e2e_request_latency_seconds",
+            "Seconds from arrival to finish, per finished request (any finished_reason).",
+            LATENCY_BUCKETS,
+        )
+        self.queue_time = histogram(
+            "tokenmill_request_queue_time_seconds",
+            "Seconds from arrival to first scheduled, per finished request.",
+            LATENCY_BUCKETS,
+        )
+        self.prompt_length = histogram(
+            "tokenmill_request_prompt_tokens", "Prompt length in tokens, per finished request.",
+            TOKEN_BUCKETS,
+        )  # fmt: skip
+        self.generation_length = histogram(
+            "tokenmill_request_generation_tokens",
+            "Generated tokens per finished request, all samples summed.",
+            TOKEN_BUCKETS,
+        )
+        self.step_duration = histogram(
+            "tokenmill_step_duration_seconds",
+            "Seconds per engine step (schedule + forward + sample + update).",
+            STEP_BUCKETS,
+        )
+        self.step_batch_size = histogram(
+            "tokenmill_step_batch_size", "Sequences in the batch, per engine step.", BATCH_BUCKETS
+        )
+        # The engine reports cumulative totals; counters advance by the difference.
+        self._last_totals = [0, 0, 0]
+        # Per-request tokens of the samples that finished in an earlier delta (n > 1).
+        self._sample_tokens: dict[str, dict[int, int]] = {}
+
+    def stat_listener(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
+        """Called on the engine's step thread after each step; O(finished) and lock-light."""
+        self.num_requests_running.set(stats.num_running)
+        self.num_requests_waiting.set(stats.num_waiting)
+        self.kv_cache_usage.set(stats.kv_cache_usage)
+        self.kv_blocks_free.set(stats.num_free_blocks)
+        self.kv_blocks_total.set(stats.num_total_blocks)
+        totals = (
+            stats.num_preemptions_total,
+            stats.prefix_cache_queries_total,
+            stats.prefix_cache_hits_total,
+        )
+        counters = (self.preemptions, self.prefix_cache_queries, self.prefix_cache_hits)
+        for i, (total, counter) in enumerate(zip(totals, counters, strict=True)):
+            if total > self._last_totals[i]:
+                counter.inc(total - self._last_totals[i])
+            self._last_totals[i] = total
+        if stats.step_num_seqs > 0:
+            self.step_duration.observe(stats.step_duration)
+            self.step_batch_size.observe(stats.step_num_seqs)
+        for out in finished:
+            self._observe_request(out)
+
+    def _observe_request(self, out: RequestOutput) -> None:
+        """Token counters, reason and latency histograms of one request."""
+        if not out.finished:
+            # A sample of an n > 1 request finished early: remember its tokens for the total.
+            done = [(c.index, c.num_tokens) for c in out.outputs if c.finish_reason]
+            if done:
+                self._sample_tokens.setdefault(out.request_id, {}).update(done)
+            return
+        samples = self._sample_tokens.pop(out.request_id, {})
+        samples.update((c.index, c.num_tokens) for c in out.outputs)
+        num_generated = sum(samples.values())
+        num_prompt = len(out.prompt_token_ids)
+        self.prompt_tokens.inc(num_prompt)
+        self.generation_tokens.inc(num_generated)
+        self.prompt_length.observe(num_prompt)
+        self.generation_length.observe(num_generated)
+        reason = "error" if out.error else _request_reason(out)
+        self.requests_finished[reason].inc()
+        m = out.metrics
+        if m is None:
+            return
+        if m.first_scheduled_time is not None:
+            self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
+        if m.first_token_time is not None:
+            self.time_to_first_token.observe(m.first_token_time - m.arrival_time)
+            longest = max(samples.values(), default=0)
+            if m.last_token_time is not None and longest >= 2:
+                itl = (m.last_token_time - m.first_token_time) / (longest - 1)
+                self.inter_token_latency.observe(itl)
+        end = m.finished_time if m.finished_time is not None else m.last_token_time
+        if end is not None:
+            self.e2e_latency.observe(end - m.arrival_time)
+
+    def count_http(self, route: str, status: int) -> None:
+        self.http_requests.labels(self.model_name, route, str(status)).inc()
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition in the format the scraper asked for (text 0.0.4 or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    def install(self, app: FastAPI) -> None:
+        """Add the HTTP counting middleware and GET /metrics to `app` (before it starts)."""
+
+        async def metrics(request: Request) -> Response:
+            body, content_type = self.render(request.headers.get("accept"))
+            return Response(body, media_type=content_type)
+
+        app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+        app.add_middleware(HTTPMetricsMiddleware, metrics=self, routes=app.router.routes)
+
+
+def _request_reason(out: RequestOutput) -> str:
+    """One finished_reason per request: the worst of its samples (error > abort > length > stop)."""
+    reasons = {c.finish_reason for c in out.outputs if c.finish_reason}
+    for reason in ("error", "abort", "length", "stop"):
+        if reason in reasons:
+            return reason
+    return "stop"
+
+
+class HTTPMetricsMiddleware:
+    """Pure ASGI (streams pass through untouched): counts responses by route template + status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: list | None = None) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes if routes is not None else []  # the app's list: later routes too
+
+    def route_template(self, scope: MutableMapping[str, Any]) -> str:
+        """The matched route's template; for responses sent before routing (401), match here."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", None) or UNMATCHED_ROUTE
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable, send: Callable):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # an exception before the response started is a 500 to the client
+
+        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            self.metrics.count_http(self.route_template(scope), status)
