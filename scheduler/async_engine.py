@@ -1,0 +1,209 @@
+"""AsyncEngine: LLMEngine.step on its own thread; asyncio callers stream RequestOutput deltas."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+from model.sampling_params import SamplingParams
+from scheduler.config import EngineConfig
+from scheduler.engine import LLMEngine
+from scheduler.outputs import CompletionOutput, RequestOutput, SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+StatListener = Callable[[SchedulerStats, list[RequestOutput]], None]
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed earlier (or the engine is shut down): no new requests are accepted."""
+
+
+class AsyncEngine:
+    """The step thread sleeps on a Condition while idle; outputs reach each request's
+    asyncio.Queue through `loop.call_soon_threadsafe`, so the event loop never waits on the model.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = self.engine.max_model_len
+        self.model_name = self.engine.model_name
+        self.model_config = self.engine.model_config
+        self._cond = threading.Condition()  # wakes the step thread; notified after every step
+        self._lock = threading.Lock()  # guards _streams and _error
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._listeners: list[StatListener] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._closed = False
+        self._error: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the step thread (idempotent)."""
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="tokenmill-step", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Let running requests finish for up to `timeout` seconds, abort the rest, stop."""
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        if self._thread is not None and self._thread.is_alive():
+            await loop.run_in_executor(None, self._wait_idle, timeout)
+            with self._lock:
+                rest = list(self._streams)
+            for rid in rest:
+                self.engine.abort_request(rid)
+            self._wake()
+            await loop.run_in_executor(None, self._wait_idle, 10.0)
+            with self._cond:
+                self._stopping = True
+                self._cond.notify_all()
+            await loop.run_in_executor(None, self._thread.join, 10.0)
+        self.engine.shutdown()
+
+    def _wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(
+                lambda: self._error is not None or not self.engine.has_unfinished_requests(),
+                timeout,
+            )
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the step thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stopping or self.engine.has_unfinished_requests())
+                if self._stopping:
+                    return
+            try:
+                outputs = self.engine.step()
+                stats = self.engine.get_stats()
+            except Exception as exc:
+                logger.exception("engine step failed; failing every in-flight request")
+                self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+                return
+            # outputs in which any sample finished (n > 1 samples may finish in different steps)
+            finished = [o for o in outputs if o.finished or any(c.finish_reason for c in o.outputs)]
+            for fn in self._listeners:  # NOTE: before delivery, so metrics lead what clients see
+                try:
+                    fn(stats, finished)
+                except Exception:
+                    logger.exception("stat listener %r failed", fn)
+            self._deliver(outputs)
+            self._wake()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue  # the consumer is gone (its abort is on the way)
+            loop, queue = stream
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, out)
+            except RuntimeError:  # its event loop is closed
+                logger.debug("dropping output of %s: event loop closed", out.request_id)
+
+    def _fail(self, message: str) -> None:
+        """Mark unhealthy, then end every request with finish_reason "error" (none may hang)."""
+        with self._lock:
+            self._error = message
+            waiting = set(self._streams)
+        try:
+            outputs = self.engine.fail_all(message)
+        except Exception:
+            logger.exception("could not clean up after the failed step")
+            outputs = []
+        outputs = [o for o in outputs if o.request_id in waiting]
+        for rid in waiting - {o.request_id for o in outputs}:
+            outputs.append(
+                RequestOutput(
+                    rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=message
+                )
+            )
+        self._deliver(outputs)
+        self._wake()
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def generate(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's RequestOutput deltas; the last one has `finished=True`.
+
+        Args:
+            request_id: unique among running requests (ValueError otherwise).
+            prompt: text (tokenized here) or token ids.
+            params: validated sampling parameters.
+        Raises (from the first `__anext__`, before anything is yielded): ValueError subclasses for
+        invalid input (PromptTooLongError, ...), EngineDeadError once the engine failed or closed.
+        Closing or cancelling the iterator aborts the request; its blocks are freed next step.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        with self._lock:
+            if self._error is not None:
+                raise EngineDeadError(self._error)
+            if self._closed:
+                raise EngineDeadError("engine is shut down")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = (loop, queue)
+        try:
+            self.engine.add_request(request_id, prompt, params, arrival_time=time.monotonic())
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        self.start()
+        self._wake()
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.engine.abort_request(request_id)
+                self._wake()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort at the next step; the request's stream ends with finish_reason "abort"."""
+        self.engine.abort_request(request_id)
+        self._wake()
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def is_healthy(self) -> bool:
+        t = self._thread
+        return self._error is None and t is not None and t.is_alive() and not self._stopping
+
+    def get_stats(self) -> SchedulerStats:
+        return self.engine.get_stats()
+
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting()
+
+    def add_stat_listener(self, fn: StatListener) -> None:
+        """`fn(stats, finished_outputs)` runs on the step thread after each step; keep it cheap.
+
+        It is called once right away with the current stats and `[]`, so gauges start filled.
+        """
+        self._listeners.append(fn)
+        fn(self.get_stats(), [])

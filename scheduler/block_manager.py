@@ -1,0 +1,214 @@
+"""BlockManager: the paged KV pool: free lists, ref counts, prefix caching by chained hashes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from scheduler.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+_ROOT_HASH = 0x9E3779B97F4A7C15  # parent hash of a sequence's first block
+
+
+def hash_block(parent_hash: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
+    """Chained hash: a block matches only if its tokens AND every block before it match."""
+    return hash((_ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids)))
+
+
+@dataclass(slots=True)
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set while the block is registered in the prefix cache
+
+
+class BlockManager:
+    """Hands out KV blocks to sequences; full computed blocks stay reusable until evicted (LRU).
+
+    Free blocks live in two ordered sets (dicts, oldest first): `free` (never cached, handed out
+    first) and `evictable` (ref count 0 but still in the prefix cache, evicted least recently used
+    first). `num_free_blocks` counts both. `allocate_slots` returns None when blocks run out: the
+    scheduler's signal to preempt.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: dict[int, None] = dict.fromkeys(range(num_blocks))
+        self.evictable: dict[int, None] = {}
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # prompt tokens found
+
+    @property
+    def num_total_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks a new allocation can take: never-cached free blocks plus evictable cached ones."""
+        return len(self.free) + len(self.evictable)
+
+    @property
+    def num_cached_free_blocks(self) -> int:
+        return len(self.evictable)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+    def num_blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+        """Extend `seq.block_hashes` to cover its first `num_blocks` full blocks."""
+        bs, hashes = self.block_size, seq.block_hashes
+        for i in range(len(hashes), num_blocks):
+            hashes.append(
+                hash_block(hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs])
+            )
+        return hashes
+
+    def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
+        """Longest cached prefix of a sequence that computes from scratch: (block ids, tokens).
+
+        NOTE: the last token is never served from cache (vLLM's num_tokens - 1 cap): its logits
+        are needed to sample, so at least one token is always computed.
+        """
+        if not self.enable_prefix_caching or seq.num_computed_tokens > 0:
+            return [], 0
+        num_full = (seq.num_tokens - 1) // self.block_size
+        hit: list[int] = []
+        for h in self._hashes(seq, num_full):
+            block_id = self.cached.get(h)
+            if block_id is None:
+                break
+            hit.append(block_id)
+        return hit, len(hit) * self.block_size
+
+    def allocate_slots(
+        self, seq: Sequence, num_new_tokens: int, new_computed_blocks: list[int] | None = None
+    ) -> list[int] | None:
+        """Grow `seq.block_table` so `num_new_tokens` more tokens fit after its computed ones.
+
+        Args:
+            seq: the sequence; its KV covers `seq.num_computed_tokens` tokens (plus the hits).
+            num_new_tokens: tokens to be computed this step.
+            new_computed_blocks: prefix-cache hits from `get_computed_blocks` at admission (None
+                for a sequence that is already running); they are appended to the block table
+                first (advancing `seq.num_computed_tokens`) and counted in the hit/query stats.
+        Returns:
+            The newly allocated block ids, or None (nothing changed) when the pool is short.
+        """
+        hits = new_computed_blocks or []
+        num_tokens = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
+        num_new = self.num_blocks_for(num_tokens) - len(seq.block_table) - len(hits)
+        num_new = max(num_new, 0)
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        if num_new + revived > self.num_free_blocks:
+            return None
+        for b in hits:
+            block = self.blocks[b]
+            if block.ref_count == 0:
+                del self.evictable[b]
+            block.ref_count += 1
+            seq.block_table.append(b)
+        if new_computed_blocks is not None:
+            seq.num_computed_tokens += len(hits) * self.block_size
+            seq.num_hashed_blocks = len(hits)
+            if self.enable_prefix_caching:
+                self.prefix_queries += seq.num_tokens
+                self.prefix_hits += len(hits) * self.block_size
+        new_blocks = [self._pop_free() for _ in range(num_new)]
+        seq.block_table.extend(new_blocks)
+        return new_blocks
+
+    def _pop_free(self) -> int:
+        """Take a never-cached block if any, else evict the least recently used cached one."""
+        if self.free:
+            b = next(iter(self.free))
+            del self.free[b]
+        else:
+            b = next(iter(self.evictable))
+            del self.evictable[b]
+            block = self.blocks[b]
+            del self.cached[block.hash]
+            block.hash = None
+        self.blocks[b].ref_count = 1
+        return b
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's newly full, computed blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_hashed_blocks:
+            return
+        hashes = self._hashes(seq, num_full)
+        for i in range(seq.num_hashed_blocks, num_full):
+            block = self.blocks[seq.block_table[i]]
+            # NOTE: a block whose hash another block already holds stays uncached (no duplicates)
+            if block.hash is None and hashes[i] not in self.cached:
+                block.hash = hashes[i]
+                self.cached[hashes[i]] = block.block_id
+        seq.num_hashed_blocks = num_full
+
+    def deallocate(self, seq: Sequence) -> None:
+        """Release the sequence's blocks, tail first (evicted first); it keeps 0 computed tokens."""
+        for b in reversed(seq.block_table):
+            block = self.blocks[b]
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {b} freed twice"
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self.evictable[b] = None
+                else:
+                    self.free[b] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every evictable cached block (blocks in use keep their hashes)."""
+        for b in list(self.evictable):
+            block = self.blocks[b]
+            del self.cached[block.hash]
+            block.hash = None
+            self.free[b] = None
+        self.evictable.clear()
+
+    def check_integrity(self, seqs: list[Sequence] | tuple[Sequence, ...] = ()) -> bool:
+        """Assert free + evictable + used == total, and ref counts match the given block tables."""
+        used = [b for b in self.blocks if b.ref_count > 0]
+        total = len(self.free) + len(self.evictable) + len(used)
+        assert total == self.num_total_blocks, (
+            f"free {len(self.free)} + cached-free {len(self.evictable)} + used {len(used)} "
+            f"!= total {self.num_total_blocks}"
+        )
+        for b in self.blocks:
+            assert b.ref_count >= 0, f"block {b.block_id} ref count {b.ref_count}"
+            in_free, in_evictable = b.block_id in self.free, b.block_id in self.evictable
+            assert (b.ref_count == 0) == (in_free or in_evictable), f"block {b.block_id} lost"
+            assert not (in_free and b.hash is not None), f"free block {b.block_id} has a hash"
+            assert not (in_evictable and b.hash is None), f"evictable block {b.block_id} unhashed"
+            if b.hash is not None:
+                assert self.cached.get(b.hash) == b.block_id, f"block {b.block_id} hash unmapped"
+        assert sum(b.hash is not None for b in self.blocks) == len(self.cached), "stale hashes"
+        if seqs:
+            refs: dict[int, int] = {}
+            for seq in seqs:
+                for b in seq.block_table:
+                    refs[b] = refs.get(b, 0) + 1
+            for b in self.blocks:
+                assert refs.get(b.block_id, 0) == b.ref_count, (
+                    f"block {b.block_id}: ref count {b.ref_count} but "
+                    f"{refs.get(b.block_id, 0)} block tables hold it"
+                )
+        return True

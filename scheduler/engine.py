@@ -1,0 +1,303 @@
+"""LLMEngine: add_request / step / abort_request on one thread; builds RequestOutput deltas."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from model.detokenizer import IncrementalDetokenizer
+from model.runner import ModelRunner
+from model.sampling_params import SamplingParams, SamplingParamsError
+from model.tokenizer import load_tokenizer
+from scheduler.block_manager import BlockManager
+from scheduler.config import EngineConfig, parse_size, resolve_model
+from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
+from scheduler.scheduler import SampledToken, Scheduler
+from scheduler.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt plus the tokens to generate do not fit in max_model_len."""
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """A request's n sequences plus what its outputs repeat (prompt ids, metrics)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """One model, one scheduler; `add_request`/`abort_request` are safe to call from any thread."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        path = resolve_model(config.model)
+        self.runner = ModelRunner(
+            path,
+            dtype=config.dtype,
+            device=config.device,
+            block_size=config.block_size,
+            kv_cache_memory=parse_size(config.kv_cache_memory),
+            max_model_len=config.max_model_len,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            tensor_parallel_size=config.tensor_parallel_size,
+            seed=config.seed,
+        )
+        self.tokenizer = load_tokenizer(path)
+        self.model_config = self.runner.model_config
+        self.max_model_len: int = self.runner.max_model_len
+        self.model_name = config.served_model_name or os.path.basename(os.path.normpath(path))
+        self.block_manager = BlockManager(
+            self.runner.num_kv_blocks, self.runner.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+        )
+        self.requests: dict[str, Request] = {}
+        self._lock = threading.Lock()  # guards the two inboxes below (filled from other threads)
+        self._new: list[Request] = []
+        self._aborts: list[str] = []
+        self._last_step = SchedulerStats()
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Validate and queue a request; it joins the scheduler at the next step."""
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        max_tokens = self._validate(ids, params)
+        metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
+        seqs: list[Sequence] = []
+        for i in range(params.n):
+            seq = Sequence(request_id, list(ids), params, sample_index=i, max_tokens=max_tokens)
+            seq.leader = seqs[0] if seqs else None
+            seq.metrics = metrics
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer,
+                ids,
+                skip_special_tokens=params.skip_special_tokens,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+            seqs.append(seq)
+        with self._lock:
+            if request_id in self.requests or any(r.request_id == request_id for r in self._new):
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._new.append(Request(request_id, ids, params, seqs, metrics))
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> int:
+        """Returns the effective max_tokens (None becomes max_model_len - prompt length)."""
+        if not ids:
+            raise ValueError("prompt is empty: at least 1 token is needed")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is out of vocabulary [0, {vocab})")
+        for name, extra in (
+            ("stop_token_ids", params.stop_token_ids),
+            ("logit_bias", list(params.logit_bias or ())),
+        ):
+            bad = [t for t in extra if not 0 <= t < vocab]
+            if bad:
+                raise SamplingParamsError(
+                    f"{name} token id {bad[0]} is out of vocabulary [0, {vocab})", name
+                )
+        n, limit = len(ids), self.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else max(limit - n, 1)
+        if n + max_tokens > limit:
+            raise PromptTooLongError(
+                f"prompt has {n} tokens + max_tokens {max_tokens} > max_model_len {limit}"
+            )
+        return max_tokens
+
+    def abort_request(self, request_id: str) -> None:
+        """Mark for abort; the next step frees its blocks and reports finish_reason "abort"."""
+        with self._lock:
+            self._aborts.append(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        with self._lock:
+            return bool(self.requests or self._new or self._aborts)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting) + len(self._new)
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Admit new requests, apply aborts, run one scheduled batch, return this step's deltas."""
+        t0 = time.perf_counter()
+        with self._lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, []
+        for req in new:
+            self.requests[req.request_id] = req
+            for seq in req.seqs:
+                self.scheduler.add(seq)
+        outputs = [out for rid in aborts if (out := self._finish_request(rid)) is not None]
+        batch = self.scheduler.schedule()
+        t1 = time.perf_counter()
+        split = {"schedule": t1 - t0, "execute": 0.0, "update": 0.0, "detokenize": 0.0}
+        if batch is not None:
+            now = time.monotonic()
+            for seq in batch.seqs:
+                if seq.metrics.first_scheduled_time is None:
+                    seq.metrics.first_scheduled_time = now
+            step_output = self.runner.execute(batch.step_input)
+            t2 = time.perf_counter()
+            sampled = self.scheduler.update(batch, step_output)
+            t3 = time.perf_counter()
+            outputs.extend(self._outputs(sampled))
+            t4 = time.perf_counter()
+            split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
+        self._last_step = SchedulerStats(
+            step_duration=time.perf_counter() - t0,
+            step_num_seqs=len(batch.seqs) if batch else 0,
+            step_num_tokens=batch.step_input.num_tokens if batch else 0,
+            step_time_split=split,
+        )
+        return outputs
+
+    def _outputs(self, sampled: list[SampledToken]) -> list[RequestOutput]:
+        """Detokenize the new tokens (stop strings may finish a sequence) and group per request."""
+        now = time.monotonic()
+        changed: dict[str, list[CompletionOutput]] = {}
+        for st in sampled:
+            seq, params = st.seq, st.seq.params
+            metrics = seq.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED
+            hidden = stopped_by_token and not (
+                params.include_stop_str_in_output and st.token_id in params.stop_token_ids
+            )
+            text, stop_str = seq.detokenizer.step([] if hidden else [st.token_id])
+            if stop_str is not None:
+                seq.stop_reason = stop_str
+                if seq.is_finished:
+                    seq.status = SequenceStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish([seq], SequenceStatus.FINISHED_STOPPED)
+            elif seq.is_finished:
+                text += seq.detokenizer.flush()
+            if params.logprobs is not None:
+                seq.output_logprobs.append(st.logprob)
+            changed.setdefault(seq.request_id, []).append(
+                CompletionOutput(
+                    index=seq.sample_index,
+                    text=text,
+                    token_ids=[st.token_id],
+                    logprobs=[st.logprob] if params.logprobs is not None else None,
+                    num_tokens=seq.num_output_tokens,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                )
+            )
+        outputs = []
+        for rid, outs in changed.items():
+            req = self.requests[rid]
+            finished = req.finished
+            if finished:
+                req.metrics.finished_time = now
+                del self.requests[rid]
+            outputs.append(self._request_output(req, outs, finished))
+        return outputs
+
+    def _request_output(
+        self, req: Request, outs: list[CompletionOutput], finished: bool, error: str | None = None
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outs,
+            finished=finished,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+            metrics=req.metrics,
+            error=error,
+        )
+
+    def _finish_request(
+        self,
+        request_id: str,
+        status: SequenceStatus = SequenceStatus.FINISHED_ABORTED,
+        error: str | None = None,
+    ) -> RequestOutput | None:
+        """Finish every unfinished sample of a request now (abort or error); free its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None  # already finished, or never existed
+        live = [s for s in req.seqs if not s.is_finished]
+        self.scheduler.finish(live, status)
+        req.metrics.finished_time = time.monotonic()
+        outs = [
+            CompletionOutput(s.sample_index, "", [], None, s.num_output_tokens, s.finish_reason)
+            for s in live
+        ]
+        return self._request_output(req, outs, True, error)
+
+    def fail_all(self, error: str) -> list[RequestOutput]:
+        """After a failed step: finish every request with finish_reason "error" and free blocks."""
+        with self._lock:
+            new, self._new = self._new, []
+            self._aborts = []
+        for req in new:
+            self.requests[req.request_id] = req
+        outputs = []
+        for rid in list(self.requests):
+            try:
+                out = self._finish_request(rid, SequenceStatus.FINISHED_ERROR, error)
+            except Exception:  # the pool may be inconsistent after the failure: still report
+                logger.exception("could not free request %s", rid)
+                self.requests.pop(rid, None)
+                out = RequestOutput(rid, [], [], True, error=error)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    # -- stats ------------------------------------------------------------------------------------
+
+    def get_stats(self) -> SchedulerStats:
+        """Pool and queue state now, plus the timing of the last step."""
+        bm, last = self.block_manager, self._last_step
+        return SchedulerStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=self.num_waiting(),
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_total_blocks,
+            kv_cache_usage=bm.usage,
+            num_preemptions_total=self.scheduler.num_preemptions,
+            prefix_cache_queries_total=bm.prefix_queries,
+            prefix_cache_hits_total=bm.prefix_hits,
+            step_duration=last.step_duration,
+            step_num_seqs=last.step_num_seqs,
+            step_num_tokens=last.step_num_tokens,
+            step_time_split=dict(last.step_time_split),
+        )
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()

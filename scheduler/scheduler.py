@@ -1,0 +1,253 @@
+"""Scheduler: continuous batching under a token budget (mixed steps, chunking, preemption)."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from model.inputs import SamplingRow, StepInput, StepOutput, TokenLogprob
+from scheduler.block_manager import BlockManager
+from scheduler.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step's plan: which sequences run how many tokens, and the StepInput for the runner."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # [len(seqs)]
+    sampling_seqs: list[Sequence]  # the sequences whose last scheduled token samples
+    step_input: StepInput
+    num_preempted: int = 0
+
+
+@dataclass(slots=True)
+class SampledToken:
+    """A token appended to a sequence by `update` (the engine detokenizes and reports it)."""
+
+    seq: Sequence
+    token_id: int
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(slots=True)
+class _Budget:
+    tokens: int
+    seqs: list[Sequence] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+
+    def take(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.counts.append(n)
+        self.tokens -= n
+
+
+class Scheduler:
+    """vLLM-v1 style: no phases; each step every sequence's num_computed_tokens catches up."""
+
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: Iterable[int] = (),
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = list(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last one is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free its blocks and put it back at the front of waiting; it recomputes all its tokens."""
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.PREEMPTED
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        logger.debug(
+            "preempted %s/%d (%d tokens)", seq.request_id, seq.sample_index, seq.num_tokens
+        )
+
+    def _held(self, seq: Sequence) -> bool:
+        """Samples 1..n-1 wait until sample 0 computed the prompt, then share it via prefix hits."""
+        lead = seq.leader
+        if lead is None or not self.block_manager.enable_prefix_caching or lead.is_finished:
+            return False
+        if lead.num_prompt_tokens <= self.block_manager.block_size:
+            return False  # no full prompt block to share: nothing to wait for
+        return (
+            lead.status != SequenceStatus.RUNNING
+            or lead.num_computed_tokens < lead.num_prompt_tokens
+        )
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Plan one step: running sequences first, then waiting ones FCFS, under the token budget.
+
+        Running sequences get their decode token or next prefill chunk; when blocks run out the
+        most recently admitted running sequence is preempted (possibly the one being scheduled).
+        Waiting sequences are admitted only in steps without a preemption, while blocks,
+        `max_num_seqs` and the token budget allow; their prefix-cache hits are skipped.
+        Returns None when there is nothing to run.
+        """
+        bm = self.block_manager
+        budget = _Budget(self.max_num_batched_tokens)
+        preempted = 0
+        i = 0
+        while i < len(self.running) and budget.tokens > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget.tokens)
+            while bm.allocate_slots(seq, n) is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            else:
+                budget.take(seq, n)
+                i += 1
+        if preempted == 0:
+            self._admit(budget)
+        if not budget.seqs:
+            return None
+        return self._build(budget, preempted)
+
+    def _admit(self, budget: _Budget) -> None:
+        bm = self.block_manager
+        held: list[Sequence] = []
+        while self.waiting and budget.tokens > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if self._held(seq):
+                held.append(self.waiting.popleft())
+                continue
+            hits, num_hit = bm.get_computed_blocks(seq)
+            n = min(seq.num_tokens - num_hit, budget.tokens)
+            if bm.allocate_slots(seq, n, hits) is None:
+                break
+            self.waiting.popleft()
+            if seq.status == SequenceStatus.WAITING:
+                seq.num_cached_tokens = num_hit
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            budget.take(seq, n)
+        self.waiting.extendleft(reversed(held))
+
+    def _build(self, budget: _Budget, preempted: int) -> ScheduledBatch:
+        bs = self.block_manager.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        sample_indices: list[int] = []
+        rows: list[SamplingRow] = []
+        sampling_seqs: list[Sequence] = []
+        for k, (seq, n) in enumerate(zip(budget.seqs, budget.counts, strict=True)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            context_lens.append(end)
+            if end == seq.num_tokens:
+                sample_indices.append(k)
+                rows.append(self._sampling_row(seq))
+                sampling_seqs.append(seq)
+        step_input = StepInput(
+            input_ids=ids,
+            positions=positions,
+            slot_mapping=slots,
+            query_lens=list(budget.counts),
+            context_lens=context_lens,
+            block_tables=[list(s.block_table) for s in budget.seqs],
+            sample_indices=sample_indices,
+            sampling=rows,
+        )
+        return ScheduledBatch(budget.seqs, budget.counts, sampling_seqs, step_input, preempted)
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        banned = None
+        if seq.num_output_tokens < p.min_tokens:
+            stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
+            banned = sorted(set(stops)) or None
+        return SamplingRow(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            min_p=p.min_p,
+            presence_penalty=p.presence_penalty,
+            frequency_penalty=p.frequency_penalty,
+            repetition_penalty=p.repetition_penalty,
+            logit_bias=p.logit_bias,
+            seed=p.seed,
+            sample_index=seq.sample_index,
+            step=seq.num_output_tokens,
+            num_logprobs=p.logprobs,
+            prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else None,
+            output_token_ids=seq.output_token_ids if p.needs_penalties else None,
+            banned_token_ids=banned,
+        )
+
+    def update(self, batch: ScheduledBatch, output: StepOutput) -> list[SampledToken]:
+        """Advance computed tokens, append sampled ones, cache full blocks, finish and free."""
+        bm = self.block_manager
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_computed_tokens += n
+        sampled: list[SampledToken] = []
+        for k, seq in enumerate(batch.sampling_seqs):
+            token = output.token_ids[k]
+            logprob = output.logprobs[k] if output.logprobs else None
+            seq.token_ids.append(token)
+            sampled.append(SampledToken(seq, token, logprob))
+            self._check_stop(seq, token)
+        for seq in batch.seqs:
+            if not seq.is_finished:
+                bm.cache_full_blocks(seq)
+        if any(s.is_finished for s in batch.sampling_seqs):
+            for seq in batch.sampling_seqs:
+                if seq.is_finished and seq.block_table:
+                    bm.deallocate(seq)
+            self.running = [s for s in self.running if not s.is_finished]
+        return sampled
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                return
+            if token in p.stop_token_ids:
+                seq.status = SequenceStatus.FINISHED_STOPPED
+                seq.stop_reason = token
+                return
+        if seq.max_tokens is not None and seq.num_output_tokens >= seq.max_tokens:
+            seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+        elif seq.num_tokens >= self.max_model_len:
+            seq.status = SequenceStatus.FINISHED_LENGTH_CAPPED
+
+    def finish(self, seqs: Iterable[Sequence], status: SequenceStatus) -> None:
+        """Finish sequences outside a step (abort, stop string, error) and free their blocks."""
+        seqs = list(seqs)
+        for seq in seqs:
+            if not seq.is_finished:
+                seq.status = status
+            if seq.block_table:
+                self.block_manager.deallocate(seq)
+        done = {id(s) for s in seqs}
+        self.running = [s for s in self.running if id(s) not in done]
+        self.waiting = deque(s for s in self.waiting if id(s) not in done)

@@ -1,0 +1,98 @@
+"""Sequence: one of a request's n samples as the scheduler sees it (tokens, KV blocks, status)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.sampling_params import SamplingParams
+from scheduler.outputs import RequestMetrics
+
+
+class SequenceStatus(enum.IntEnum):
+    """Ordered so that `status > PREEMPTED` means finished (vLLM's RequestStatus trick)."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH_CAPPED = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self > SequenceStatus.PREEMPTED
+
+
+FINISH_REASONS: dict[SequenceStatus, str] = {
+    SequenceStatus.FINISHED_STOPPED: "stop",
+    SequenceStatus.FINISHED_LENGTH_CAPPED: "length",
+    SequenceStatus.FINISHED_ABORTED: "abort",
+    SequenceStatus.FINISHED_ERROR: "error",
+}
+
+
+def finish_reason(status: SequenceStatus) -> str | None:
+    """The OpenAI finish_reason of a status; None while the sequence still runs."""
+    return FINISH_REASONS.get(status)
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Prompt + generated tokens of one sample; `num_computed_tokens` catches up to `num_tokens`.
+
+    NOTE: after a preemption the whole of `token_ids` (prompt + generated) is recomputed as if it
+    were the prompt; `num_prompt_tokens` keeps the original prompt length so outputs are unchanged.
+    """
+
+    request_id: str
+    token_ids: list[int]  # prompt + output
+    params: SamplingParams = field(default_factory=SamplingParams)
+    sample_index: int = 0
+    max_tokens: int | None = None  # effective max_tokens (params.max_tokens resolved); None: no cap
+    num_prompt_tokens: int = -1  # -1: len(token_ids) at construction
+    num_computed_tokens: int = 0  # tokens whose K/V are in the cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block
+    num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    status: SequenceStatus = SequenceStatus.WAITING
+    stop_reason: int | str | None = None
+    leader: Sequence | None = None  # sample 0 of the request, for samples 1..n-1 (shares blocks)
+    detokenizer: Any = None  # model.detokenizer.IncrementalDetokenizer, set by the engine
+    metrics: RequestMetrics | None = None
+    output_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per output token
+
+    def __post_init__(self) -> None:
+        if self.num_prompt_tokens < 0:
+            self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status > SequenceStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASONS.get(self.status)
+
+    @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]

@@ -1,0 +1,194 @@
+"""AsyncEngine: streamed deltas, a responsive loop, cancellation aborts, failures never hang."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from model.sampling_params import SamplingParams
+from scheduler.async_engine import AsyncEngine, EngineDeadError
+from scheduler.config import EngineConfig
+from scheduler.engine import PromptTooLongError
+
+pytestmark = pytest.mark.timeout(60)
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+def config(tiny_checkpoint, **kw) -> EngineConfig:
+    cfg = dict(
+        model=str(tiny_checkpoint()),
+        dtype="float32",
+        device="cpu",
+        kv_cache_memory=64 * 8192,
+        max_model_len=512,
+    )
+    return EngineConfig(**(cfg | kw))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    eng = AsyncEngine(config(tiny_checkpoint))
+    eng.start()
+    yield eng
+    asyncio.run(eng.shutdown(5.0))
+    assert not eng.is_healthy()
+
+
+async def collect(engine: AsyncEngine, rid: str, prompt, params) -> list:
+    return [out async for out in engine.generate(rid, prompt, params)]
+
+
+async def settle(engine: AsyncEngine) -> None:
+    """Run one short request to the end: every abort queued before it has been applied."""
+    await collect(engine, f"settle-{time.monotonic_ns()}", [1, 2, 3], SamplingParams(max_tokens=1))
+
+
+async def test_concurrent_generate_streams_deltas(engine, assert_pool_free):
+    seen, calls = [], []
+
+    def listener(stats, finished) -> None:
+        calls.append(stats)
+        seen.extend(o.request_id for o in finished)
+
+    engine.add_stat_listener(listener)
+    assert len(calls) == 1 and calls[0].num_total_blocks == 64  # called once right away
+    prompts = {f"c{i}": list(range(100 * i + 5, 100 * i + 5 + 3 + 4 * i)) for i in range(4)}
+    alone = {
+        rid: await collect(engine, rid, p, SamplingParams(max_tokens=6, **GREEDY))
+        for rid, p in prompts.items()
+    }
+    together = await asyncio.gather(
+        *(
+            collect(engine, rid + "x", p, SamplingParams(max_tokens=6, **GREEDY))
+            for rid, p in prompts.items()
+        )
+    )
+    for (rid, outs), outs_x in zip(alone.items(), together, strict=True):
+        assert len(outs) == len(outs_x) == 6  # one delta per token
+        assert [o.finished for o in outs_x] == [False] * 5 + [True]
+        assert outs_x[-1].outputs[0].finish_reason == "length"
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in outs_x]
+        assert outs_x[0].prompt_token_ids == prompts[rid]
+    assert {"c0", "c3x"} <= set(seen)
+    assert engine.is_healthy() and engine.num_waiting() == 0
+    assert_pool_free(engine.engine)
+
+
+async def test_event_loop_stays_responsive_while_stepping(engine, assert_pool_free):
+    """The model's execute waits until the event loop has run a task meanwhile: a step on the loop
+    thread would deadlock here (and fail on the gate's timeout)."""
+    inside, gate = threading.Event(), threading.Event()
+    real = engine.engine.runner.execute
+
+    def gated(step_input):
+        inside.set()
+        if not gate.wait(10.0):
+            raise RuntimeError("the event loop did not run while the model computed")
+        return real(step_input)
+
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not inside.is_set():
+            await asyncio.sleep(0.001)
+        ticks += 1  # the loop runs while execute() is in progress
+        gate.set()
+
+    engine.engine.runner.execute = gated
+    try:
+        task = asyncio.create_task(ticker())
+        outs = await collect(
+            engine, "long", list(range(50, 90)), SamplingParams(max_tokens=20, **GREEDY)
+        )
+        await task
+    finally:
+        engine.engine.runner.execute = real
+    assert ticks == 1 and len(outs) == 20 and outs[-1].finished
+    assert outs[-1].outputs[0].finish_reason == "length"
+    assert_pool_free(engine.engine)
+
+
+async def test_closing_or_cancelling_the_consumer_aborts(engine, assert_pool_free):
+    params = SamplingParams(max_tokens=400, **GREEDY)
+    agen = engine.generate("closed", list(range(10, 60)), params)
+    first = await agen.__anext__()
+    assert not first.finished
+    await agen.aclose()
+
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate("cancelled", list(range(70, 90)), params):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle(engine)
+    assert_pool_free(engine.engine)
+
+
+async def test_abort_ends_stream_with_abort(engine, assert_pool_free):
+    agen = engine.generate("ab", list(range(10, 30)), SamplingParams(max_tokens=400, **GREEDY))
+    outs = [await agen.__anext__()]
+    await engine.abort("ab")
+    outs += [o async for o in agen]
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert len(outs) < 400
+    assert_pool_free(engine.engine)
+
+
+async def test_validation_raises_before_first_yield(engine):
+    with pytest.raises(ValueError, match="prompt is empty"):
+        await engine.generate("v1", [], SamplingParams()).__anext__()
+    with pytest.raises(PromptTooLongError, match="prompt has 500 tokens"):
+        await engine.generate("v2", [5] * 500, SamplingParams(max_tokens=20)).__anext__()
+    with pytest.raises(ValueError, match="stop_token_ids token id 999999"):
+        await engine.generate("v3", [5], SamplingParams(stop_token_ids=[999999])).__anext__()
+    assert not engine.engine.has_unfinished_requests()
+
+
+async def test_failed_step_fails_every_request_and_marks_unhealthy(tiny_checkpoint):
+    eng = AsyncEngine(config(tiny_checkpoint))
+    eng.start()
+    agen = eng.generate("f1", list(range(10, 20)), SamplingParams(max_tokens=300, **GREEDY))
+    await agen.__anext__()
+
+    def broken(step_input):
+        raise RuntimeError("device lost")
+
+    eng.engine.runner.execute = broken  # fault injection at the model boundary
+    rest = [o async for o in agen]
+    assert rest[-1].finished and rest[-1].error == "engine step failed: RuntimeError: device lost"
+    assert rest[-1].outputs[0].finish_reason == "error"
+    assert not eng.is_healthy()
+    with pytest.raises(EngineDeadError, match="device lost"):
+        await eng.generate("f2", [1, 2], SamplingParams()).__anext__()
+    assert eng.engine.block_manager.num_free_blocks == eng.engine.block_manager.num_total_blocks
+    await eng.shutdown(1.0)
+
+
+async def test_shutdown_aborts_what_is_left(tiny_checkpoint):
+    eng = AsyncEngine(config(tiny_checkpoint))
+    eng.start()
+    assert eng.is_healthy()
+    agen = eng.generate("s1", list(range(10, 20)), SamplingParams(max_tokens=400, **GREEDY))
+    await agen.__anext__()
+    consumer = asyncio.create_task(asyncio.wait_for(_drain(agen), 30))
+    await eng.shutdown(0.0)
+    outs = await consumer
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    assert not eng.is_healthy()
+    with pytest.raises(EngineDeadError):
+        await eng.generate("s2", [1], SamplingParams()).__anext__()
+
+
+async def _drain(agen) -> list:
+    return [o async for o in agen]
