@@ -96,14 +96,23 @@ class AsyncEngine:
                 self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
                 return
             # outputs in which any sample finished (n > 1 samples may finish in different steps)
-            finished = [o for o in outputs if o.finished or any(c.finish_reason for c in o.outputs)]
-            for fn in self._listeners:  # NOTE: before delivery, so metrics lead what clients see
-                try:
-                    fn(stats, finished)
-                except Exception:
-                    logger.exception("stat listener %r failed", fn)
+            self._notify(outputs, stats)  # NOTE: before delivery, so metrics lead what clients see
             self._deliver(outputs)
             self._wake()
+
+    def _notify(self, outputs: list[RequestOutput], stats: SchedulerStats | None = None) -> None:
+        """Hand listeners the outputs where a sample finished (n > 1 may finish in other steps)."""
+        finished = [o for o in outputs if o.finished or any(c.finish_reason for c in o.outputs)]
+        if stats is None:
+            try:
+                stats = self.engine.get_stats()
+            except Exception:
+                stats = SchedulerStats()
+        for fn in self._listeners:
+            try:
+                fn(stats, finished)
+            except Exception:
+                logger.exception("stat listener %r failed", fn)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -134,6 +143,7 @@ class AsyncEngine:
                     rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=message
                 )
             )
+        self._notify(outputs)
         self._deliver(outputs)
         self._wake()
 

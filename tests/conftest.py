@@ -87,3 +87,15 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_reference(smollm2_gguf: str):
+    """transformers' float32 model of the SmolLM2 GGUF: the parity oracle, loaded once (~25 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
+    )
+    return model.eval()
