@@ -1,0 +1,299 @@
+"""GGUF file → (hf_name, float32 tensor) stream plus an HF-style config dict: the GGUF adapter.
+
+Tensors are memory-mapped by `gguf.GGUFReader` and dequantized one at a time, so a tensor-parallel
+rank can read only the tensors (and later slice only the shard) it keeps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# general.architecture → (HF architectures entry, HF model_type)
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+}
+
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+
+_TOP_LEVEL = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_PER_LAYER = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# Tensors that configure the model instead of holding weights (consumed into the config).
+_CONFIG_TENSORS = {"rope_freqs.weight"}
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' → 'model.layers.3.self_attn.q_proj.weight'; None when unknown."""
+    if name in _TOP_LEVEL:
+        return _TOP_LEVEL[name]
+    m = _LAYER_NAME.match(name)
+    if m is None or m.group(2) not in _PER_LAYER:
+        return None
+    return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+
+
+def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's convert_hf_to_gguf `permute` (rotary pairs interleaved → HF's halves)."""
+    # w: [n_head * head_dim, ...] stored as [n_head, head_dim // 2, 2, ...]
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .transpose(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def _read(path: str) -> Any:
+    """Open with GGUFReader; any parse failure becomes a ValueError that names the file."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file not found: {path}")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (bad magic {head[:4]!r}, {size} bytes)")
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt or truncated GGUF file {path} ({size} bytes): {e}") from e
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size or t.data.nbytes != t.n_bytes:
+            raise ValueError(
+                f"truncated GGUF file {path}: tensor {t.name} needs bytes up to {end}, "
+                f"file has {size}"
+            )
+    return reader
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+    """Scalar, string or array value of a metadata key (default when absent)."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
+    """Recover HF llama3 rope_scaling from llama.cpp's `rope_freqs` (per-frequency divisors).
+
+    llama.cpp stores 1 (high freq), `factor` (low freq) or a smooth blend per frequency; HF's
+    llama3 rule is `s = clamp(a * freq - b, 0, 1)` with `a = orig_ctx / (2π (hi - lo))` and
+    `b = lo / (hi - lo)`, so fixing low_freq_factor = 1 loses nothing. The fit
+    is checked against every stored factor.
+    """
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)  # [hd/2]
+    rf = factors.astype(np.float64)
+    factor = float(rf.max())
+    if factor <= 1.0 + 1e-6:
+        raise ValueError(f"rope_freqs tensor holds no scaling (max factor {factor})")
+    s = (1.0 / rf - 1.0 / factor) / (1.0 - 1.0 / factor)  # 1 high freq … 0 low freq
+    high, low = s > 1 - 1e-6, s < 1e-6
+    mid = ~(high | low)
+    f = inv_freq
+    if mid.sum() >= 2:
+        a, b = np.polyfit(f[mid], s[mid], 1)
+        b = -b
+    else:
+        # Not enough blended points: any line through them that keeps the ends clamped works.
+        f_low = f[low].max() if low.any() else f.min() / 2
+        f_high = f[high].min() if high.any() else f.max() * 2
+        if mid.any():
+            (fm,), (sm,) = f[mid], s[mid]
+            a = sm / (fm - f_low)
+            if a * (f_high - fm) + sm < 1:
+                a = (1 - sm) / (f_high - fm)
+            b = a * fm - sm
+        else:
+            a = 1.0 / (f_high - f_low)
+            b = a * f_low
+    if a <= 0 or b <= 0:
+        raise ValueError(f"rope_freqs tensor is not llama3-style scaling (fit a={a}, b={b})")
+    high_freq_factor = 1.0 + 1.0 / b
+    orig = 2 * math.pi * a / b
+    for ctx in (round(orig), orig):  # prefer the integer context length the source config had
+        x = np.clip(ctx / (2 * math.pi) * f - 1.0, 0, high_freq_factor - 1) / (high_freq_factor - 1)
+        if np.allclose(1.0 / ((1 - x) / factor + x), rf, rtol=1e-4):
+            break
+    else:
+        raise ValueError("rope_freqs tensor does not follow llama3 scaling: unsupported rope")
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": float(high_freq_factor),
+        "original_max_position_embeddings": ctx,
+    }
+
+
+def _build_config(reader: Any, path: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    """GGUF metadata → HF config.json dict (what ModelConfig reads for a safetensors folder)."""
+    arch = _field(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {path}: supported {sorted(ARCHITECTURES)}"
+        )
+
+    def need(key: str) -> Any:
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ValueError(f"GGUF file {path} lacks metadata key {arch}.{key}")
+        return value
+
+    hidden, n_head = int(need("embedding_length")), int(need("attention.head_count"))
+    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // n_head))
+    embd = tensors.get("token_embd.weight")
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = int(embd.shape[1]) if embd is not None else len(_tokens(reader, path))
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    config: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[arch][0]],
+        "model_type": ARCHITECTURES[arch][1],
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "rope_theta": theta,
+        "rope_scaling": _rope_scaling(reader, arch, path, tensors, head_dim, theta),
+        # stored as float32: 9.99999974e-06 → 1e-05, as the source config.json had it
+        # stored as float32: print 7 digits to get back the source's 1e-05, not 9.99999974e-06
+        "rms_norm_eps": float(
+            f"{_field(reader, f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"
+        ),
+        "vocab_size": int(vocab),
+        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "torch_dtype": "float32",
+    }
+    for key in ("bos_token_id", "eos_token_id"):
+        value = _field(reader, f"tokenizer.ggml.{key}")
+        if value is not None:
+            config[key] = int(value)
+    if arch == "qwen2":
+        config["attention_bias"] = True
+    return config
+
+
+def _tokens(reader: Any, path: str) -> list[str]:
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is None:
+        raise ValueError(f"GGUF file {path} has neither vocab_size nor token_embd.weight")
+    return tokens
+
+
+def _rope_scaling(
+    reader: Any, arch: str, path: str, tensors: dict[str, Any], head_dim: int, theta: float
+) -> dict[str, Any] | None:
+    """rope_scaling from `rope_freqs` (llama3) or `{arch}.rope.scaling.*`; unknown kinds raise."""
+    if "rope_freqs.weight" in tensors:
+        import gguf
+
+        t = tensors["rope_freqs.weight"]
+        factors = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)
+        return _llama3_rope_scaling(factors, head_dim, theta)
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF file {path}")
+
+
+@dataclass(slots=True)
+class GGUFCheckpoint:
+    """A memory-mapped GGUF: HF-style config plus tensors read and dequantized on demand."""
+
+    path: str
+    config: dict[str, Any]
+    reader: Any = field(repr=False)
+    _by_hf_name: dict[str, Any] = field(repr=False)  # hf name → gguf ReaderTensor
+
+    def tensor_names(self) -> list[str]:
+        """HF names of every weight tensor, in file order."""
+        return list(self._by_hf_name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor by HF name: dequantized to float32 and (llama Q/K) un-permuted."""
+        import gguf
+
+        t = self._by_hf_name.get(name)
+        if t is None:
+            raise KeyError(f"no tensor {name!r} in {self.path}")
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
+        out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        if self.config["model_type"] == "llama":
+            if ".self_attn.q_proj." in name:
+                out = unpermute_qk(out, self.config["num_attention_heads"])
+            elif ".self_attn.k_proj." in name:
+                out = unpermute_qk(out, self.config["num_key_value_heads"])
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, float32 tensor) one at a time; a tied model has no lm_head.weight."""
+        for name in self._by_hf_name:
+            yield name, self.get(name)
+
+
+def load_gguf(path: str) -> GGUFCheckpoint:
+    """Open a GGUF file: validate it, map tensor names, build the HF-style config.
+
+    Raises FileNotFoundError for a missing file and ValueError (naming the file) for a corrupt or
+    truncated file, an unsupported architecture, quantization type, or unknown tensor.
+    """
+    path = os.fspath(path)
+    reader = _read(path)
+    raw = {t.name: t for t in reader.tensors}
+    config = _build_config(reader, path, raw)
+    by_hf: dict[str, Any] = {}
+    for name, t in raw.items():
+        if name in _CONFIG_TENSORS:
+            continue
+        hf_name = gguf_to_hf_name(name)
+        if hf_name is None:
+            raise ValueError(f"unknown tensor {name!r} in GGUF file {path}")
+        if t.tensor_type.name not in SUPPORTED_TYPES:
+            raise ValueError(
+                f"tensor {name} in {path} has unsupported type {t.tensor_type.name}: "
+                f"supported {', '.join(SUPPORTED_TYPES)}"
+            )
+        by_hf[hf_name] = t
+    logger.info(
+        "GGUF %s: %s, %d tensors, %d layers",
+        os.path.basename(path),
+        config["architectures"][0],
+        len(by_hf),
+        config["num_hidden_layers"],
+    )
+    return GGUFCheckpoint(path=path, config=config, reader=reader, _by_hf_name=by_hf)
