@@ -1,0 +1,143 @@
+"""build_app(): the FastAPI app, its lifespan (starts/stops the engine), middleware, thin routes."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request, Response
+from pydantic import BaseModel
+
+from server.auth import APIKeyMiddleware
+from server.errors import APIError, error_response, install_error_handlers
+from server.metrics import ServerMetrics
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from server.serving_chat import OpenAIServingChat
+from server.serving_completion import OpenAIServingCompletion
+from server.serving_engine import ServingLimits
+from server.serving_models import OpenAIServingModels, version
+from server.sse import sse_response
+
+if TYPE_CHECKING:
+    from scheduler.async_engine import AsyncEngine
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """HTTP-side settings; the engine's live in EngineConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # None: no auth
+    max_waiting: int | None = None  # 503 + Retry-After once this many requests wait
+    shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
+    model_path: str | None = None  # shown as `root` in /v1/models
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run a handler, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return APIError("client disconnected", 499)
+    return task.result()
+
+
+def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) -> FastAPI:
+    """The app for one engine; the lifespan starts the engine's step thread and stops it."""
+    cfg = server_config or ServerConfig()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        started = engine.start()
+        if inspect.isawaitable(started):
+            await started
+        try:
+            yield
+        finally:
+            logger.info("shutting down the engine (timeout %.1f s)", cfg.shutdown_timeout)
+            await engine.shutdown(cfg.shutdown_timeout)
+
+    app = FastAPI(title="tokenmill", version=version(), lifespan=lifespan)
+    install_error_handlers(app)
+    if cfg.api_key:
+        app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
+    metrics = ServerMetrics(engine.model_name)
+    engine.add_stat_listener(metrics.stat_listener)
+    metrics.install(app)  # added last: outermost, so it also counts 401s
+
+    limits = ServingLimits(max_waiting=cfg.max_waiting)
+    completion = OpenAIServingCompletion(engine, limits)
+    chat = OpenAIServingChat(engine, limits)
+    models = OpenAIServingModels(engine, cfg.model_path)
+
+    async def respond(request: Request, work: Awaitable[Any]) -> Response:
+        """The three-way return: error → JSON with its code, model → JSON, iterator → SSE."""
+        result = await _unless_disconnected(request, work)
+        if isinstance(result, APIError):
+            return error_response(result)
+        if isinstance(result, BaseModel):
+            return Response(result.model_dump_json(), media_type="application/json")
+        return sse_response(result, shutdown_grace_s=cfg.shutdown_timeout)
+
+    @app.post("/v1/completions")
+    async def create_completion(body: CompletionRequest, request: Request) -> Response:
+        return await respond(request, completion.create(body))
+
+    @app.post("/v1/chat/completions")
+    async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
+        return await respond(request, chat.create(body))
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        return Response(models.models().model_dump_json(), media_type="application/json")
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
+        result = models.tokenize(body, chat.render)
+        return Response(result.model_dump_json(), media_type="application/json")
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        return Response(models.detokenize(body).model_dump_json(), media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_healthy():
+            return Response(status_code=200)
+        return error_response(APIError("the engine is not running", 503, code="engine_dead"))
+
+    @app.get("/version")
+    async def get_version() -> dict:
+        return {"version": version()}
+
+    @app.get("/stats")
+    async def get_stats() -> dict:
+        """Debug view of the engine's SchedulerStats (+ finished_total by reason); not OpenAI."""
+        return models.stats()
+
+    return app

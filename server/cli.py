@@ -1,0 +1,186 @@
+"""`tokenmill serve [MODEL] ...`: flags (vLLM's names) → EngineConfig + ServerConfig → uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+
+from scheduler.config import EngineConfig, parse_size
+from server.app import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenmill", description="An OpenAI-compatible LLM server."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    s.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+    )
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model name in the API (default: the model's folder or file name)",
+    )
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on /v1/* (or set TOKENMILL_API_KEY)",
+    )
+    s.add_argument(
+        "--max-model-len",
+        type=_positive,
+        default=None,
+        help="context length (default: the model's, capped by the KV cache)",
+    )
+    s.add_argument("--max-num-seqs", type=_positive, default=256)
+    s.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
+    s.add_argument(
+        "--kv-cache-memory",
+        type=_size,
+        default=None,
+        help="KV cache size, e.g. 2GiB or 512MiB (default: sized to the machine)",
+    )
+    s.add_argument("--block-size", type=_positive, default=16)
+    s.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1)
+    s.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--max-waiting",
+        type=_non_negative,
+        default=None,
+        help="answer 503 + Retry-After once this many requests wait (default: no limit)",
+    )
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on SIGTERM before they are aborted",
+    )
+    s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    return parser
+
+
+def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
+    """Parsed flags → the two configs; the API key falls back to $TOKENMILL_API_KEY."""
+    engine_config = EngineConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_prefix_caching=args.enable_prefix_caching,
+        tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed,
+        max_waiting=args.max_waiting,
+    )
+    server_config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY") or None,
+        max_waiting=args.max_waiting,
+        shutdown_timeout=args.shutdown_timeout,
+        model_path=args.model,
+    )
+    return engine_config, server_config
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
+    """Load the model (progress bar), start uvicorn, print one ready line; returns the exit code."""
+    import uvicorn
+
+    from scheduler.async_engine import AsyncEngine
+    from server.app import build_app
+
+    try:
+        engine = AsyncEngine(engine_config)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("cannot load the model: %s", e)
+        return 1
+    app = build_app(engine, server_config)
+    stats = engine.get_stats()
+    kv_tokens = stats.num_total_blocks * engine_config.block_size
+    ready = (
+        f"tokenmill: serving {engine.model_name} at "
+        f"http://{server_config.host}:{server_config.port} "
+        f"(KV cache {kv_tokens} tokens, max_model_len {engine.max_model_len})"
+    )
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(ready, flush=True)
+
+    config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout) + 2,
+    )
+    server = Server(config)
+    # NOTE: uvicorn re-raises the signal that stopped it once it has shut down gracefully; with the
+    # default handler that kills us with -SIGTERM. Ours marks the server stopping, so we exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
+    server.run()
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        engine_config, server_config = configs(args)
+    except ValueError as e:
+        print(f"tokenmill: error: {e}", file=sys.stderr)
+        return 2
+    return serve(engine_config, server_config, args.log_level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""API errors: one exception type and one body constructor for OpenAI's error envelope."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from model.sampling_params import SamplingParamsError
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    500: "server_error",
+    503: "server_error",
+}
+
+
+class APIError(Exception):
+    """An error the client should see with its HTTP status, OpenAI type, param and code."""
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int = 400,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.param = param
+        self.code = code
+        self.headers = headers
+
+
+def error_body(
+    message: str, status_code: int, param: str | None = None, code: str | None = None
+) -> dict:
+    """The one place that shapes {"error": {message, type, param, code}}."""
+    err_type = _TYPES.get(
+        status_code, "server_error" if status_code >= 500 else "invalid_request_error"
+    )
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(
+        error_body(err.message, err.status_code, err.param, err.code),
+        status_code=err.status_code,
+        headers=err.headers,
+    )
+
+
+def from_exception(exc: BaseException) -> APIError:
+    """Map engine and validation exceptions to API errors; anything unknown is a 500."""
+    if isinstance(exc, APIError):
+        return exc
+    # NOTE: looked up, not imported: importing the engine module would pull torch into server/.
+    dead = getattr(sys.modules.get("scheduler.async_engine"), "EngineDeadError", None)
+    if dead is not None and isinstance(exc, dead):
+        return APIError(
+            f"the engine is not accepting requests: {exc}", 503, code="engine_unavailable"
+        )
+    if isinstance(exc, SamplingParamsError):
+        return APIError(str(exc), 400, param=exc.param)
+    if isinstance(exc, ValueError):
+        return APIError(str(exc), 400, param=getattr(exc, "param", None))
+    logger.exception("unexpected error", exc_info=exc)
+    return APIError(f"internal server error: {type(exc).__name__}", 500)
+
+
+def validation_error(exc: RequestValidationError) -> APIError:
+    """Pydantic's 422 as a 400 naming the first bad field."""
+    errors = exc.errors()
+    if not errors:
+        return APIError("invalid request", 400)
+    first = errors[0]
+    # NOTE: union members appear in loc ("prompt", "str"; "TokenizeChatRequest", "messages"):
+    # drop the body marker and model class names so param is the first field name.
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not str(p)[:1].isupper()]
+    param = loc[0] if loc else None
+    where = ".".join(loc) if loc else "body"
+    if first.get("type") == "json_invalid":
+        return APIError(f"invalid JSON body: {first.get('msg')}", 400, code="invalid_json")
+    return APIError(f"{where}: {first.get('msg')}", 400, param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves the app in the OpenAI envelope, 422 becomes 400, unknown routes 404."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = f"route {request.method} {request.url.path} not found"
+        return error_response(APIError(message, exc.status_code, headers=exc.headers))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        return error_response(from_exception(exc))

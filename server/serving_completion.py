@@ -1,0 +1,155 @@
+"""/v1/completions: prompts → engine.generate → choices (legacy logprobs, echo), usage, chunks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from model.inputs import TokenLogprob
+from model.sampling_params import SamplingParamsError
+from server.errors import APIError
+from server.protocol import (
+    CompletionChoice,
+    CompletionLogProbs,
+    CompletionRequest,
+    CompletionResponse,
+    UsageInfo,
+)
+from server.serving_engine import OpenAIServing
+
+
+@dataclass(slots=True)
+class _Choice:
+    """One choice being accumulated (non-streaming) or tracked (streaming offsets, echo)."""
+
+    text: str = ""
+    offset: int = 0  # text_offset of the next token
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    num_tokens: int = 0
+    started: bool = False
+    token_strs: list[str] = field(default_factory=list)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    prefix = "cmpl"
+
+    async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator | APIError:
+        return await self.run(lambda: self._create(req))
+
+    async def _create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator:
+        self.check_model(req.model)
+        base = req.to_sampling_params()
+        prompts = self._prompt_ids(req.prompt)
+        params = [self.fit_params(len(p), base, "prompt") for p in prompts]
+        echo_texts = [
+            self._echo_text(req.prompt, i, p) if req.echo else "" for i, p in enumerate(prompts)
+        ]
+        request_id = self.new_request_id()
+        created = self.now()
+        stream = await self.generate(request_id, prompts, params)
+        n = base.n
+        choices = [_Choice() for _ in range(len(prompts) * n)]
+        for i, choice in enumerate(choices):
+            choice.offset = len(echo_texts[i // n])
+        usage = UsageInfo(prompt_tokens=sum(len(p) for p in prompts))
+        if req.stream:
+            return self._stream(req, request_id, created, stream, choices, echo_texts, usage)
+        async with aclosing(stream):
+            async for p, out in stream:
+                if out.error:
+                    raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                for co in out.outputs:
+                    c = choices[p * n + co.index]
+                    c.text += co.text
+                    c.num_tokens = co.num_tokens
+                    c.finish_reason = co.finish_reason or c.finish_reason
+                    if co.logprobs is not None:
+                        c.logprobs = self._add_logprobs(c, co.logprobs, c.logprobs)
+        usage.completion_tokens = sum(c.num_tokens for c in choices)
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        return CompletionResponse(
+            id=request_id,
+            created=created,
+            model=self.model_name,
+            choices=[
+                CompletionChoice(
+                    index=i,
+                    text=echo_texts[i // n] + c.text,
+                    logprobs=c.logprobs if req.logprobs is not None else None,
+                    finish_reason=c.finish_reason,
+                )
+                for i, c in enumerate(choices)
+            ],
+            usage=usage,
+        )
+
+    async def _stream(self, req, request_id, created, stream, choices, echo_texts, usage):
+        """One chunk per changed choice; the usage chunk (choices: []) last if asked."""
+        n = len(choices) // len(echo_texts)
+        async with aclosing(stream):
+            async for p, out in stream:
+                if out.error:
+                    raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                for co in out.outputs:
+                    index = p * n + co.index
+                    c = choices[index]
+                    c.num_tokens = co.num_tokens
+                    text = co.text
+                    if not c.started:
+                        c.started = True
+                        text = echo_texts[p] + text
+                    logprobs = None
+                    if co.logprobs is not None:
+                        logprobs = self._add_logprobs(c, co.logprobs, None)
+                    if not text and co.finish_reason is None and logprobs is None:
+                        continue
+                    choice = CompletionChoice(
+                        index=index, text=text, logprobs=logprobs, finish_reason=co.finish_reason
+                    )
+                    yield CompletionResponse(
+                        id=request_id, created=created, model=self.model_name, choices=[choice]
+                    )
+        if req.include_usage:
+            usage.completion_tokens = sum(c.num_tokens for c in choices)
+            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            yield CompletionResponse(
+                id=request_id, created=created, model=self.model_name, choices=[], usage=usage
+            )
+
+    def _prompt_ids(self, prompt: str | list) -> list[list[int]]:
+        tok = self.engine.tokenizer
+        if isinstance(prompt, str):
+            prompts = [tok.encode(prompt)]
+        elif all(isinstance(x, int) for x in prompt):
+            prompts = [list(prompt)]
+        else:
+            prompts = [tok.encode(x) if isinstance(x, str) else list(x) for x in prompt]
+        if any(not p for p in prompts):
+            raise SamplingParamsError("prompt must not be empty", "prompt")
+        return prompts
+
+    def _echo_text(self, prompt: str | list, i: int, ids: list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt[0], str):
+            return prompt[i]
+        return self.engine.tokenizer.decode(ids)
+
+    def _add_logprobs(
+        self, c: _Choice, lps: list[TokenLogprob], into: CompletionLogProbs | None
+    ) -> CompletionLogProbs:
+        """Legacy shape: tokens, token_logprobs, top_logprobs (dicts incl. the sampled token)."""
+        tok = self.engine.tokenizer
+        into = into or CompletionLogProbs()
+        for lp in lps:
+            s = tok.id_to_token(lp.token_id)
+            top = {tok.id_to_token(t): max(v, -9999.0) for t, v in lp.top}
+            top.setdefault(s, max(lp.logprob, -9999.0))
+            into.tokens.append(s)
+            into.token_logprobs.append(max(lp.logprob, -9999.0))
+            into.top_logprobs.append(top)
+            into.text_offset.append(c.offset)
+            c.offset += len(s)
+        return into

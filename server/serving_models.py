@@ -1,0 +1,111 @@
+"""The small endpoints: /v1/models, /tokenize, /detokenize, /version, and the /stats debug view."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from server.errors import APIError
+from server.protocol import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
+)
+
+if TYPE_CHECKING:
+    from scheduler.async_engine import AsyncEngine
+    from scheduler.outputs import RequestOutput, SchedulerStats
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("tokenmill")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.1.0+source"
+
+
+class FinishedCounter:
+    """Counts finished samples by finish_reason on the step thread, so tests can see aborts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def __call__(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
+        with self._lock:
+            for out in finished:
+                for co in out.outputs:
+                    if co.finish_reason is not None:
+                        self._counts[co.finish_reason] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class OpenAIServingModels:
+    """Answers from the engine's tokenizer and config; no generation."""
+
+    def __init__(self, engine: AsyncEngine, model_path: str | None = None) -> None:
+        self.engine = engine
+        self.model_path = model_path
+        self.created = int(time.time())
+        self.finished = FinishedCounter()
+        engine.add_stat_listener(self.finished)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.engine.model_name:
+            raise APIError(
+                f"The model `{model}` does not exist; this server serves "
+                f"`{self.engine.model_name}`",
+                404,
+                param="model",
+                code="model_not_found",
+            )
+
+    def models(self) -> ModelList:
+        card = ModelCard(
+            id=self.engine.model_name,
+            created=self.created,
+            root=self.model_path,
+            max_model_len=self.engine.max_model_len,
+        )
+        return ModelList(data=[card])
+
+    def tokenize(
+        self, req: TokenizeCompletionRequest | TokenizeChatRequest, render
+    ) -> TokenizeResponse:
+        self.check_model(req.model)
+        tok = self.engine.tokenizer
+        if isinstance(req, TokenizeChatRequest):
+            ids = render(req.messages, req.add_generation_prompt)
+        else:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        strs = [tok.id_to_token(i) for i in ids] if req.return_token_strs else None
+        return TokenizeResponse(
+            count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids, token_strs=strs
+        )
+
+    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(req.model)
+        vocab = getattr(self.engine.tokenizer, "vocab_size", None)
+        bad = [t for t in req.tokens if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise APIError(
+                f"token id {bad[0]} is outside the vocabulary [0, {vocab})", 400, param="tokens"
+            )
+        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(req.tokens))
+
+    def stats(self) -> dict:
+        """Engine SchedulerStats plus finished samples by reason (debug view, not OpenAI)."""
+        stats = dataclasses.asdict(self.engine.get_stats())
+        stats["finished_total"] = self.finished.snapshot()
+        return stats

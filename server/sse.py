@@ -1,0 +1,45 @@
+"""Stream chunks as Server-Sent Events: `data: {json}` per chunk, `data: [DONE]` last.
+
+A client that disconnects makes sse-starlette cancel the iterator; the cancellation runs down
+through the serving generator into `engine.generate`, which aborts the request (frees its blocks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from pydantic import BaseModel
+from sse_starlette import EventSourceResponse
+
+from server.errors import error_body, from_exception
+
+logger = logging.getLogger(__name__)
+
+
+async def _events(chunks: AsyncIterator[BaseModel]) -> AsyncIterator[dict]:
+    try:
+        async for chunk in chunks:
+            yield {"data": chunk.model_dump_json()}
+    except Exception as e:  # noqa: BLE001 - the status line is already sent; report in-band
+        err = from_exception(e)
+        yield {"data": json.dumps(error_body(err.message, err.status_code, err.param, err.code))}
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    yield {"data": "[DONE]"}
+
+
+def sse_response(
+    chunks: AsyncIterator[BaseModel], shutdown_grace_s: float = 0.0
+) -> EventSourceResponse:
+    """EventSourceResponse over pydantic chunks; on server shutdown streams get a grace period."""
+    return EventSourceResponse(
+        _events(chunks),
+        sep="\n",
+        ping=15,
+        shutdown_grace_period=shutdown_grace_s,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

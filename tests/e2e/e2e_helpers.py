@@ -1,0 +1,46 @@
+"""Helpers for e2e tests: engine stats through GET /stats, bounded polling, error envelopes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+TINY_NAME = "tiny"
+TINY_MAX_MODEL_LEN = 512
+# tiny model: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes = 512 B per token → 32k tokens
+TINY_ARGS = [
+    "--served-model-name", TINY_NAME, "--max-model-len", str(TINY_MAX_MODEL_LEN),
+    "--kv-cache-memory", "16MiB", "--max-num-seqs", "64", "--log-level", "warning",
+]  # fmt: skip
+
+
+def engine_stats(url: str) -> dict:
+    """GET /stats: the engine's SchedulerStats plus finished_total by finish_reason."""
+    resp = httpx.get(f"{url}/stats", timeout=10)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `predicate` until it holds; fail after `timeout` seconds naming `what`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def assert_error(resp: httpx.Response, status: int, param: str | None = "any") -> dict:
+    """The response is OpenAI's error envelope with `status` (and `param` unless "any")."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert isinstance(err["message"], str) and err["message"]
+    if param != "any":
+        assert err["param"] == param, err
+    return err

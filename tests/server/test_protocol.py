@@ -1,0 +1,202 @@
+"""protocol.py → SamplingParams, errors.py envelopes, auth.py compare: no engine, no server."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from model.sampling_params import SamplingParamsError
+from server.auth import key_matches
+from server.errors import APIError, error_body, from_exception, validation_error
+from server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DeltaMessage,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def test_completion_request_maps_every_field() -> None:
+    req = CompletionRequest.model_validate(
+        {
+            "prompt": [1, 2, 3],
+            "max_tokens": 7,
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "n": 2,
+            "stop": "END",
+            "seed": 11,
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.2,
+            "logit_bias": {"42": -5, "7": 3.5},
+            "logprobs": 3,
+            "user": "u",
+            "top_k": 20,
+            "min_p": 0.05,
+            "repetition_penalty": 1.1,
+            "stop_token_ids": [9],
+            "ignore_eos": True,
+            "min_tokens": 2,
+        }
+    )
+    p = req.to_sampling_params()
+    assert (p.max_tokens, p.temperature, p.top_p, p.n, p.seed) == (7, 0.5, 0.9, 2, 11)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.1, 0.2, 1.1)
+    assert (p.top_k, p.min_p, p.min_tokens, p.ignore_eos) == (20, 0.05, 2, True)
+    assert p.stop == ["END"] and p.stop_token_ids == [9]
+    assert p.logit_bias == {42: -5.0, 7: 3.5} and p.logprobs == 3
+
+
+def test_defaults_follow_openai() -> None:
+    p = CompletionRequest(prompt="hi").to_sampling_params()
+    assert (p.max_tokens, p.temperature, p.top_p, p.n, p.logprobs) == (16, 1.0, 1.0, 1, None)
+    chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
+    assert chat.to_sampling_params().max_tokens is None  # up to the context length
+
+
+def test_chat_max_completion_tokens_wins_and_logprobs_map() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}],
+            "max_tokens": 50,
+            "max_completion_tokens": 5,
+            "logprobs": True,
+            "top_logprobs": 4,
+        }
+    )
+    p = req.to_sampling_params()
+    assert (p.max_tokens, p.logprobs) == (5, 4)
+    no_top = req.model_copy(update={"top_logprobs": None})
+    assert no_top.to_sampling_params().logprobs == 0
+
+
+def test_chat_message_parts_render_as_text() -> None:
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+                },
+            ]
+        }
+    )
+    assert [m.to_template() for m in req.messages] == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "suffix": "y"}, "suffix"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "temperature": -0.1}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": ["a", ""]}, "prompt"),
+        ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
+    ],
+)
+def test_bad_completion_values_name_their_param(body: dict, param: str) -> None:
+    with pytest.raises(SamplingParamsError) as info:
+        CompletionRequest.model_validate(body).to_sampling_params()
+    assert info.value.param == param
+
+
+def test_chat_top_logprobs_needs_logprobs() -> None:
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(SamplingParamsError) as info:
+        ChatCompletionRequest.model_validate(
+            {"messages": msgs, "top_logprobs": 2}
+        ).to_sampling_params()
+    assert info.value.param == "top_logprobs"
+    with pytest.raises(SamplingParamsError) as info:
+        ChatCompletionRequest.model_validate(
+            {"messages": msgs, "logprobs": True, "top_logprobs": 30}
+        ).to_sampling_params()
+    assert info.value.param == "top_logprobs"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),  # strings are not numbers
+        ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        ({"prompt": "x", "stream": "yes"}, "stream"),
+        ({"prompt": "x", "bogus": 1}, "bogus"),  # unknown fields are errors, not ignored
+        ({"prompt": 5}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
+def test_wrong_types_become_400_with_param(body: dict, param: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest.model_validate(body)
+    err = validation_error(RequestValidationError(info.value.errors()))
+    assert err.status_code == 400 and err.param == param, err.message
+
+
+def test_chat_rejects_images_and_unknown_roles() -> None:
+    for msg in (
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+        {"role": "tool", "content": "x"},
+    ):
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest.model_validate({"messages": [msg]})
+        assert validation_error(RequestValidationError(info.value.errors())).param == "messages"
+
+
+def test_error_envelope_and_exception_mapping() -> None:
+    assert error_body("m", 404, "model", "model_not_found") == {
+        "error": {
+            "message": "m",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    assert error_body("boom", 500)["error"]["type"] == "server_error"
+    e = from_exception(SamplingParamsError("top_p bad", "top_p"))
+    assert (e.status_code, e.param) == (400, "top_p")
+    assert from_exception(ValueError("prompt too long")).status_code == 400
+    assert from_exception(RuntimeError("bug")).status_code == 500
+    api = APIError("x", 503, headers={"Retry-After": "1"})
+    assert from_exception(api) is api
+
+
+def test_delta_omits_absent_fields() -> None:
+    assert DeltaMessage(role="assistant", content="").model_dump() == {
+        "role": "assistant",
+        "content": "",
+    }
+    assert DeltaMessage(content="hi").model_dump() == {"content": "hi"}
+    assert DeltaMessage().model_dump() == {}
+
+
+def test_tokenize_request_union_members() -> None:
+    assert TokenizeCompletionRequest.model_validate({"prompt": "x"}).add_special_tokens
+    chat = TokenizeChatRequest.model_validate({"messages": [{"role": "user", "content": "x"}]})
+    assert chat.add_generation_prompt
+
+
+def test_api_key_compare() -> None:
+    assert key_matches("Bearer sekret", "sekret")
+    assert key_matches("bearer sekret", "sekret")
+    assert not key_matches("Bearer sekret2", "sekret")
+    assert not key_matches("sekret", "sekret")
+    assert not key_matches(None, "sekret")
+    assert not key_matches("Basic sekret", "sekret")

@@ -1,0 +1,93 @@
+"""Imports point one way: server → scheduler → model; no web stack below server, no torch in it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# package → top-level modules it must never import (TYPE_CHECKING imports count too)
+FORBIDDEN = {
+    "model": {"scheduler", "server", "fastapi", "pydantic", "prometheus_client", "starlette"},
+    "scheduler": {
+        "server",
+        "fastapi",
+        "pydantic",
+        "prometheus_client",
+        "starlette",
+        "uvicorn",
+        "sse_starlette",
+    },
+    "server": {"torch"},
+}
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """Top-level names of every module a source file imports (relative imports → its package)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                names.add(package)
+            elif node.module:
+                names.add(node.module.split(".")[0])
+    return names
+
+
+def wrong_way_edges(package: str, files: dict[str, str]) -> list[str]:
+    return [
+        f"{name} imports {mod}"
+        for name, source in files.items()
+        for mod in sorted(imported_modules(source, package) & FORBIDDEN[package])
+    ]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_wrong_way_imports(package: str) -> None:
+    files = {
+        str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / package).rglob("*.py"))
+    }
+    assert files, f"no sources found under {package}/"
+    assert wrong_way_edges(package, files) == []
+
+
+@pytest.mark.timeout(10)
+def test_checker_catches_wrong_edges() -> None:
+    """The walker itself: every import form is seen, including ones under TYPE_CHECKING."""
+    src = (
+        "import os\nimport torch.nn as nn\nfrom scheduler.outputs import RequestOutput\n"
+        "if TYPE_CHECKING:\n    from server import app\nfrom . import sibling\n"
+    )
+    assert imported_modules(src, "model") == {"os", "torch", "scheduler", "server", "model"}
+    assert wrong_way_edges("model", {"m.py": src}) == [
+        "m.py imports scheduler",
+        "m.py imports server",
+    ]
+    assert wrong_way_edges("server", {"s.py": src}) == ["s.py imports torch"]
+    assert wrong_way_edges("scheduler", {"c.py": "import fastapi\nfrom pydantic import X"}) == [
+        "c.py imports fastapi",
+        "c.py imports pydantic",
+    ]
+
+
+@pytest.mark.timeout(60)
+def test_server_modules_load_without_torch() -> None:
+    """The HTTP layer itself (app, protocol, CLI) runs without importing torch at import time."""
+    code = (
+        "import sys\n"
+        "import server.app, server.cli, server.protocol, server.sse, server.auth, server.errors\n"
+        "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+        "assert not loaded, loaded[:5]\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=50
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
