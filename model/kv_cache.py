@@ -1,0 +1,77 @@
+"""Paged KV cache: fixed-size blocks preallocated once per layer; bytes <-> blocks <-> tokens."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+GiB = 1024**3
+CPU_DEFAULT_CAP = 2 * GiB
+CPU_RAM_FRACTION = 0.25  # of the RAM available when the cache is sized
+GPU_MEMORY_FRACTION = 0.9  # of the free memory left after the weights
+
+
+@dataclass(frozen=True, slots=True)
+class KVCacheSpec:
+    """Shape of one layer's cache and how many bytes one block costs across all layers."""
+
+    num_layers: int
+    num_kv_heads: int  # per TP rank
+    head_dim: int
+    block_size: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def num_blocks(self, memory_bytes: int) -> int:
+        return memory_bytes // self.bytes_per_block
+
+    def capacity_tokens(self, num_blocks: int) -> int:
+        return num_blocks * self.block_size
+
+
+def available_cpu_memory() -> int:
+    """MemAvailable from /proc/meminfo, else free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def default_kv_cache_memory(device: torch.device) -> int:
+    """CPU: min(2 GiB, a quarter of available RAM); CUDA: 90% of the free memory after weights."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * GPU_MEMORY_FRACTION)
+    return int(min(CPU_DEFAULT_CAP, available_cpu_memory() * CPU_RAM_FRACTION))
+
+
+def allocate_kv_cache(
+    spec: KVCacheSpec, num_blocks: int, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zeroed (K, V) per layer, each [num_kv_heads, num_blocks, block_size, head_dim].
+
+    Heads outermost: gathering a batch's blocks gives [kv_heads, B, L, head_dim] with no transpose.
+
+    NOTE: zeros, not empty: masked slots get probability 0, and 0 * NaN (garbage) = NaN.
+    """
+    shape = (spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
+    return [
+        (
+            torch.zeros(shape, dtype=spec.dtype, device=device),
+            torch.zeros(shape, dtype=spec.dtype, device=device),
+        )
+        for _ in range(spec.num_layers)
+    ]

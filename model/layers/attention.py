@@ -1,0 +1,254 @@
+"""Paged attention: write K/V by slot mapping, read each sequence's context via its block table.
+
+One call per layer per step serves a mixed batch: decode rows (one query token each) are batched
+against their gathered context with the grouped heads as query rows; prefill/chunk rows are padded
+only among themselves. `reference` is the plain float32 oracle the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    """Index tensors built once per step and shared by every layer."""
+
+    slot_mapping: torch.Tensor  # [num_tokens] long
+    query_lens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    block_tables: tuple[tuple[int, ...], ...]
+    block_size: int
+    # decode group: sequences with exactly one query token
+    decode_rows: torch.Tensor | None  # [num_decode] token rows; None when every row decodes
+    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] long
+    decode_mask: torch.Tensor | None  # [B, 1, max_blocks * block_size] True = pad; None: none
+    num_decode: int
+    # prefill group: sequences with several query tokens (prompt chunks)
+    prefill_rows: torch.Tensor | None  # [num_prefill_tokens]; None when every row is prefill
+    prefill_pad: torch.Tensor | None  # [num_prefill_tokens] rows of [P * max_query]; None: no pad
+    prefill_block_tables: torch.Tensor | None  # [P, max_blocks] long; None: causal on fresh K/V
+    prefill_mask: torch.Tensor | None  # [P, 1, max_query, max_blocks * block_size] bool
+    num_prefill_seqs: int
+    max_prefill_query: int
+
+    @staticmethod
+    def build(
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        slot_mapping: list[int],
+        block_size: int,
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Group rows into decodes and prefills and build their gather indices and masks."""
+        num_tokens = len(slot_mapping)
+        starts, start = [], 0
+        for q in query_lens:
+            starts.append(start)
+            start += q
+        dec = [i for i, q in enumerate(query_lens) if q == 1]
+        pre = [i for i, q in enumerate(query_lens) if q > 1]
+
+        def tables(seqs: list[int]) -> tuple[torch.Tensor, int]:
+            nb = max(-(-context_lens[i] // block_size) for i in seqs)
+            rows = [(block_tables[i][:nb] + [0] * nb)[:nb] for i in seqs]
+            return torch.tensor(rows, dtype=torch.long, device=device), nb * block_size
+
+        def lens(seqs: list[int], which: list[int]) -> torch.Tensor:
+            return torch.tensor([which[i] for i in seqs], dtype=torch.long, device=device)
+
+        dec_rows = dec_tables = dec_mask = None
+        if dec:
+            dec_tables, span = tables(dec)
+            if any(context_lens[i] != span for i in dec):
+                keys = torch.arange(span, device=device)
+                padding = keys[None, :] >= lens(dec, context_lens)[:, None]  # [B, span]
+                dec_mask = padding.view(len(dec), 1, span)
+            if len(dec) != num_tokens:
+                dec_rows = torch.tensor([starts[i] for i in dec], dtype=torch.long, device=device)
+        pre_rows = pre_pad = pre_tables = pre_mask = None
+        max_q = max((query_lens[i] for i in pre), default=0)
+        if pre:
+            if len(dec) > 0:
+                pre_rows = torch.tensor(
+                    [starts[i] + j for i in pre for j in range(query_lens[i])],
+                    dtype=torch.long,
+                    device=device,
+                )
+            if len(pre) > 1:
+                pre_pad = torch.tensor(
+                    [k * max_q + j for k, i in enumerate(pre) for j in range(query_lens[i])],
+                    dtype=torch.long,
+                    device=device,
+                )
+            if len(pre) > 1 or context_lens[pre[0]] != query_lens[pre[0]]:
+                pre_tables, span = tables(pre)
+                ctx, qlen = lens(pre, context_lens), lens(pre, query_lens)
+                # NOTE: padded query rows attend like the last token: no empty rows, no NaN
+                j = torch.arange(max_q, device=device)[None, :]
+                qpos = torch.minimum(ctx[:, None] - qlen[:, None] + j, ctx[:, None] - 1)
+                keys = torch.arange(span, device=device)
+                pre_mask = (keys[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
+            query_lens=tuple(query_lens),
+            context_lens=tuple(context_lens),
+            block_tables=tuple(tuple(t) for t in block_tables),
+            block_size=block_size,
+            decode_rows=dec_rows,
+            decode_block_tables=dec_tables,
+            decode_mask=dec_mask,
+            num_decode=len(dec),
+            prefill_rows=pre_rows,
+            prefill_pad=pre_pad,
+            prefill_block_tables=pre_tables,
+            prefill_mask=pre_mask,
+            num_prefill_seqs=len(pre),
+            max_prefill_query=max_q,
+        )
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[num_kv_heads, B, max_blocks * block_size, head_dim] context of each sequence (one copy)."""
+    num_kv, _, bs, head_dim = cache.shape
+    b, nb = tables.shape
+    return cache.index_select(1, tables.view(-1)).view(num_kv, b, nb * bs, head_dim)
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Fast path: one SDPA for all decode rows, one for all prefill rows -> [num_tokens, H, D]."""
+    num_tokens, num_heads, head_dim = q.shape
+    if meta.num_prefill_seqs == 0:
+        return _decode(q, k_cache, v_cache, meta, scale)
+    if meta.num_decode == 0:
+        return _prefill(q, k, v, k_cache, v_cache, meta, scale)
+    out = q.new_empty(num_tokens, num_heads, head_dim)
+    dec = meta.decode_rows
+    out.index_copy_(0, dec, _decode(q[dec], k_cache, v_cache, meta, scale))
+    rows = meta.prefill_rows
+    if meta.prefill_block_tables is None:  # fresh K/V are only read on the causal fast path
+        k, v = k[rows], v[rows]
+    out.index_copy_(0, rows, _prefill(q[rows], k, v, k_cache, v_cache, meta, scale))
+    return out
+
+
+def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Grouped heads become query rows: [kv_heads, B, group, D] against [kv_heads, B, L, D]."""
+    b, num_heads, head_dim = q.shape
+    num_kv = k_cache.shape[0]
+    keys = _gather(k_cache, meta.decode_block_tables)  # [kv_heads, B, L, D]
+    values = _gather(v_cache, meta.decode_block_tables)
+    qg = (q * scale).view(b, num_kv, num_heads // num_kv, head_dim).transpose(0, 1)
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [kv_heads, B, group, L]
+    if meta.decode_mask is not None:
+        scores.masked_fill_(meta.decode_mask, float("-inf"))
+    o = torch.matmul(scores.softmax(dim=-1), values)  # [kv_heads, B, group, D]
+    return o.transpose(0, 1).reshape(b, num_heads, head_dim)
+
+
+def _prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Prompt chunks, padded only among themselves; causal within the chunk after cached context."""
+    t, num_heads, head_dim = q.shape
+    if meta.prefill_block_tables is None:  # one sequence, nothing cached: causal on fresh K/V
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )  # [1, H, T, D]
+        return o[0].transpose(0, 1)
+    p, max_q = meta.num_prefill_seqs, meta.max_prefill_query
+    if meta.prefill_pad is not None:
+        qp = q.new_zeros(p * max_q, num_heads, head_dim).index_copy_(0, meta.prefill_pad, q)
+    else:
+        qp = q
+    qp = qp.view(p, max_q, num_heads, head_dim).transpose(1, 2)  # [P, H, max_q, D]
+    keys = _gather(k_cache, meta.prefill_block_tables).transpose(0, 1)  # [P, kv_heads, L, D]
+    values = _gather(v_cache, meta.prefill_block_tables).transpose(0, 1)
+    o = F.scaled_dot_product_attention(
+        qp, keys, values, attn_mask=meta.prefill_mask, scale=scale, enable_gqa=True
+    )  # [P, H, max_q, D]
+    o = o.transpose(1, 2).reshape(p * max_q, num_heads, head_dim)
+    return o if meta.prefill_pad is None else o[meta.prefill_pad]
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """The oracle: one sequence at a time, float32, explicit scores, mask and softmax."""
+    num_tokens, num_heads, head_dim = q.shape
+    bs, num_kv = meta.block_size, k_cache.shape[0]
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+    start = 0
+    for qlen, ctx, table in zip(meta.query_lens, meta.context_lens, meta.block_tables, strict=True):
+        blocks = torch.tensor(table[: -(-ctx // bs)], dtype=torch.long, device=q.device)
+        keys = k_cache[:, blocks].reshape(num_kv, -1, head_dim)[:, :ctx].transpose(0, 1).float()
+        values = v_cache[:, blocks].reshape(num_kv, -1, head_dim)[:, :ctx].transpose(0, 1).float()
+        keys = keys.repeat_interleave(num_heads // num_kv, dim=1)  # [ctx, H, D]
+        values = values.repeat_interleave(num_heads // num_kv, dim=1)
+        qs = q[start : start + qlen].float()  # [qlen, H, D]
+        scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale  # [H, qlen, ctx]
+        qpos = torch.arange(ctx - qlen, ctx, device=q.device)
+        future = torch.arange(ctx, device=q.device)[None, :] > qpos[:, None]  # [qlen, ctx]
+        probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+        out[start : start + qlen] = torch.einsum("hqk,khd->qhd", probs, values)
+        start += qlen
+    return out.to(q.dtype)
+
+
+AttentionBackend = Callable[..., torch.Tensor]
+# NOTE: the dispatch point for FlashAttention / FlashInfer on CUDA: same signature, new entry.
+BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention, "reference": reference_attention}
+
+
+class Attention(nn.Module):
+    """Writes this step's K/V into the layer's paged cache, then attends through block tables."""
+
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, backend: str = "sdpa"
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; have {', '.join(BACKENDS)}")
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.backend = backend
+        self.k_cache: torch.Tensor | None = None  # [kv_heads, num_blocks, block_size, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """q [T, H, D], k/v [T, kv_heads, D] -> [T, H * D]."""
+        if self.k_cache is None or self.v_cache is None:
+            raise RuntimeError("attention has no KV cache bound: call bind_kv_cache first")
+        nkv, d = self.num_kv_heads, self.head_dim
+        self.k_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
+        self.v_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        o = BACKENDS[self.backend](q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return o.reshape(q.shape[0], self.num_heads * self.head_dim)

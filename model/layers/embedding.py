@@ -1,0 +1,61 @@
+"""Vocabulary-parallel token embedding and LM head (the head runs only on sampling rows)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.parallel import ParallelContext, all_gather, all_reduce
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split across ranks (vocab padded to a multiple of the TP size)."""
+
+    def __init__(
+        self, vocab_size: int, hidden_size: int, ctx: ParallelContext | None = None
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx or ParallelContext()
+        self.vocab_size = vocab_size
+        padded = -(-vocab_size // self.ctx.size) * self.ctx.size
+        self.vocab_per_rank = padded // self.ctx.size
+        self.vocab_start = self.ctx.rank * self.vocab_per_rank
+        # [vocab / tp, hidden], column-major: the LM head GEMV is the largest read of a decode step
+        weight = torch.empty(hidden_size, self.vocab_per_rank).t()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        if loaded.shape[0] != self.vocab_size or loaded.shape[1:] != param.shape[1:]:
+            raise ValueError(
+                f"{type(self).__name__}: expected shape ({self.vocab_size}, {param.shape[1]}), "
+                f"got {tuple(loaded.shape)}"
+            )
+        rows = max(0, min(self.vocab_per_rank, self.vocab_size - self.vocab_start))
+        param.data[rows:].zero_()
+        param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.ctx.size == 1:
+            return F.embedding(input_ids, self.weight)  # [num_tokens, hidden]
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_per_rank)
+        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h = h.masked_fill(outside.unsqueeze(-1), 0.0)
+        return all_reduce(h, self.ctx)  # [num_tokens, hidden]
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of the full vocabulary from this weight (tied head); gathered across ranks."""
+        logits = F.linear(hidden, self.weight)  # [num_rows, vocab_per_rank]
+        logits = all_gather(logits, self.ctx, dim=-1)
+        return logits[:, : self.vocab_size] if logits.shape[1] != self.vocab_size else logits
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Untied LM head: same sharding as the embedding, forward = logits."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.project(hidden)  # [num_rows, vocab]

@@ -1,0 +1,172 @@
+"""Tensor-parallel linear layers with vLLM's names; each parameter loads its own shard."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.parallel import ParallelContext, all_reduce
+
+
+def _param(*shape: int) -> nn.Parameter:
+    """A parameter; 2-D weights are stored column-major ([in, out] in memory, .t() as [out, in]).
+
+    NOTE: MKL's GEMV reads an [in, out] matrix about twice as fast as [out, in], and decode is
+    bound by reading weights. F.linear sees the transposed strides and takes that path.
+    """
+    data = torch.empty(shape[::-1]).t() if len(shape) == 2 else torch.empty(*shape)
+    return nn.Parameter(data, requires_grad=False)
+
+
+def _copy(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"{name}: expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W split by output rows; each rank yields its slice of y."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        ctx: ParallelContext | None = None,
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx or ParallelContext()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.output_size_per_rank = self.ctx.shard(output_size, "output size")
+        self.weight = _param(self.output_size_per_rank, input_size)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = _param(self.output_size_per_rank) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        rows = param.shape[0]
+        _copy(param, loaded.narrow(0, self.ctx.rank * rows, rows), type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one GEMM (gate_up_proj); shard_id indexes output_sizes."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        ctx: ParallelContext | None = None,
+    ) -> None:
+        super().__init__(input_size, sum(output_sizes), bias, ctx)
+        self.output_sizes = list(output_sizes)
+        self.shard_names: list[int | str] = list(range(len(output_sizes)))
+        for size in output_sizes:
+            self.ctx.shard(size, "merged output size")
+
+    def _offsets(self, shard_id: int | str) -> tuple[int, int]:
+        """(offset, rows) of one merged part inside this rank's parameter."""
+        sizes = [s // self.ctx.size for s in self.output_sizes]
+        i = self.shard_names.index(shard_id)
+        return sum(sizes[:i]), sizes[i]
+
+    def _source_rows(self, shard_id: int | str, rows: int) -> int:
+        """First row of this rank's slice inside the full checkpoint tensor of one part."""
+        return self.ctx.rank * rows
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        if shard_id is None:  # an already-merged tensor (e.g. a saved gate_up_proj)
+            return super().weight_loader(param, loaded)
+        if shard_id not in self.shard_names:
+            raise ValueError(f"{type(self).__name__}: unknown shard {shard_id!r}")
+        offset, rows = self._offsets(shard_id)
+        part = loaded.narrow(0, self._source_rows(shard_id, rows), rows)
+        _copy(param.data.narrow(0, offset, rows), part, f"{type(self).__name__}[{shard_id}]")
+
+
+class QKVParallelLinear(MergedColumnParallelLinear):
+    """q, k and v in one GEMM; heads split across ranks, KV heads replicated if fewer."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        bias: bool = False,
+        ctx: ParallelContext | None = None,
+    ) -> None:
+        ctx = ctx or ParallelContext()
+        self.num_heads = ctx.shard(num_heads, "num_attention_heads")
+        if num_kv_heads >= ctx.size:
+            self.num_kv_heads = ctx.shard(num_kv_heads, "num_key_value_heads")
+            self.kv_replicas = 1
+        else:  # fewer KV heads than ranks: each rank keeps a copy of one KV head
+            if ctx.size % num_kv_heads:
+                raise ValueError(
+                    f"tensor_parallel_size {ctx.size} is not a multiple of "
+                    f"num_key_value_heads {num_kv_heads}"
+                )
+            self.num_kv_heads, self.kv_replicas = 1, ctx.size // num_kv_heads
+        self.head_dim = head_dim
+        q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
+        super().__init__(hidden_size, [q * ctx.size, kv * ctx.size, kv * ctx.size], bias, ctx)
+        self.shard_names = ["q", "k", "v"]
+
+    def _source_rows(self, shard_id: int | str, rows: int) -> int:
+        rank = self.ctx.rank if shard_id == "q" else self.ctx.rank // self.kv_replicas
+        return rank * rows
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W split by input columns; each rank yields a partial sum.
+
+    reduce=True all-reduces here; reduce=False leaves partial sums for the next ResidualRMSNorm,
+    and then the bias is added on rank 0 only so that the later sum counts it once.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        reduce: bool = False,
+        ctx: ParallelContext | None = None,
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx or ParallelContext()
+        self.reduce = reduce
+        self.input_size_per_rank = self.ctx.shard(input_size, "input size")
+        self.weight = _param(output_size, self.input_size_per_rank)
+        self.weight.weight_loader = self.weight_loader
+        self.bias = _param(output_size) if bias else None
+        if self.bias is not None:
+            self.bias.weight_loader = self.weight_loader
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+    ) -> None:
+        if param.dim() == 2:
+            cols = param.shape[1]
+            loaded = loaded.narrow(1, self.ctx.rank * cols, cols)
+        _copy(param, loaded, type(self).__name__)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ctx.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
+        if self.reduce:
+            y = all_reduce(y, self.ctx)
+        if self.bias is not None and (self.reduce or self.ctx.is_first):
+            y = y + self.bias
+        return y

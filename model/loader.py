@@ -1,0 +1,94 @@
+"""load_weights: format-agnostic; applies the packed mapping and each parameter's weight_loader."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# checkpoint tensors we recompute ourselves
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint does not fit the model: names the unexpected or missing tensors."""
+
+
+def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _expected_shards(param: nn.Parameter) -> set:
+    owner = getattr(getattr(param, "weight_loader", None), "__self__", None)
+    return set(getattr(owner, "shard_names", [None]))
+
+
+def _names(names: Iterable[str], limit: int = 10) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_weights(
+    model: nn.Module,
+    stream: Iterable[tuple[str, torch.Tensor]],
+    *,
+    total: int | None = None,
+    progress: bool = False,
+) -> None:
+    """Copy every (hf_name, tensor) of `stream` into `model`.
+
+    Args:
+        model: a model with `packed_modules_mapping` and per-parameter `weight_loader`s.
+        stream: (Hugging Face name, tensor) pairs from hf_weights or gguf_weights.
+        total: number of tensors, for the progress bar.
+        progress: show a tqdm bar while loading.
+    Raises:
+        WeightLoadError: naming tensors the model has no place for, or parameters never loaded.
+    """
+    params = dict(model.named_parameters())
+    mapping: dict[str, tuple[str, int | str]] = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(model, "lm_head", "absent") is None
+    loaded: dict[str, set] = {name: set() for name in params}
+    unexpected: list[str] = []
+    if progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, total=total, desc="Loading weights", unit="tensor", leave=False)
+    for name, tensor in stream:
+        if name.endswith(IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
+            continue
+        target, shard = name, None
+        for src, (dst, shard_id) in mapping.items():
+            if f".{src}." in name:
+                target, shard = name.replace(f".{src}.", f".{dst}."), shard_id
+                break
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", _default_loader)
+        try:
+            loader(param, tensor, shard)
+        except ValueError as e:
+            raise WeightLoadError(f"cannot load {name} into {target}: {e}") from e
+        loaded[target].add(shard)
+    missing = [
+        name
+        for name, got in loaded.items()
+        if None not in got and not _expected_shards(params[name]) <= got
+    ]
+    if unexpected or missing:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensors: {_names(unexpected)}")
+        if missing:
+            parts.append(f"{len(missing)} parameters not in the checkpoint: {_names(missing)}")
+        raise WeightLoadError("; ".join(parts))
+    logger.info("loaded %d parameters", len(params))
