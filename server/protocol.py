@@ -2,17 +2,58 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from model.sampling_params import SamplingParams, SamplingParamsError
 
+logger = logging.getLogger(__name__)
+
+
+# Fields OpenAI clients may send for features tokenmill does not have: a 400 that says so, never
+# a silently different answer (their neutral values pass). Any other unknown field is ignored with
+# a warning, as vLLM does, so SDKs that add optional fields keep working.
+UNSUPPORTED = {
+    "tools": "tool calling",
+    "tool_choice": "tool calling",
+    "functions": "function calling",
+    "function_call": "function calling",
+    "response_format": "structured output",
+    "best_of": "best_of > 1",
+    "prompt_logprobs": "prompt logprobs",
+    "guided_json": "guided decoding",
+    "guided_regex": "guided decoding",
+    "guided_choice": "guided decoding",
+    "guided_grammar": "guided decoding",
+    "modalities": "non-text output",
+    "audio": "audio output",
+}
+NEUTRAL = {"tool_choice": ("none",), "best_of": (1,), "modalities": (["text"],)}
+
 
 class _Request(BaseModel):
-    """Unknown fields are a 400, not silently ignored; "5" is not an int."""
+    """ "5" is not an int; other unknown fields are ignored (and logged), as vLLM does."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    @model_validator(mode="after")
+    def _log_extra(self) -> _Request:
+        for field in self.model_extra or {}:
+            logger.warning("ignoring unknown request field %r", field)
+        return self
 
 
 class StreamOptions(_Request):
@@ -40,6 +81,33 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = 0
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    best_of: Any = None
+    prompt_logprobs: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    modalities: Any = None
+    audio: Any = None
+
+    @field_validator(*UNSUPPORTED, mode="before")
+    @classmethod
+    def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        """A feature we lack is a 400 naming it; null, [], {} and neutral values pass."""
+        field = info.field_name
+        neutral = value in (None, [], {}) or value in NEUTRAL.get(field, ())
+        if field == "response_format" and isinstance(value, dict):
+            neutral = value.get("type") == "text"
+        if not neutral:
+            raise PydanticCustomError(
+                "unsupported", f"{UNSUPPORTED[field]} is not supported by tokenmill"
+            )
+        return value
 
     @property
     def include_usage(self) -> bool:
@@ -114,6 +182,18 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """Name the unsupported part type (image, audio) instead of a union's two errors."""
+        for part in content if isinstance(content, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise PydanticCustomError(
+                    "unsupported", f"content part type {kind!r} is not supported: only 'text'"
+                )
+        return content
 
     def to_template(self) -> dict[str, str]:
         """The dict the chat template expects: text parts joined by newlines, developer → system."""

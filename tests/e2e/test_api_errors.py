@@ -31,7 +31,13 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "suffix": "!"}, 400, "suffix"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
     ("/v1/completions", {"prompt": "x", "stop": 3}, 400, "stop"),
-    ("/v1/completions", {"prompt": "x", "no_such_field": 1}, 400, "no_such_field"),
+    ("/v1/completions", {"prompt": "x", "tools": [{"type": "function"}]}, 400, "tools"),
+    (
+        "/v1/chat/completions",
+        {"messages": CHAT, "response_format": {"type": "json_object"}},
+        400,
+        "response_format",
+    ),
     ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 2}, 400, "min_tokens"),
     ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k"),
     ("/v1/completions", {"prompt": [10**9]}, 400, "any"),  # out-of-vocabulary token id

@@ -138,7 +138,8 @@ def test_chat_top_logprobs_needs_logprobs() -> None:
         ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),  # strings are not numbers
         ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
-        ({"prompt": "x", "bogus": 1}, "bogus"),  # unknown fields are errors, not ignored
+        ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),  # unsupported: a 400
+        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
         ({"prompt": 5}, "prompt"),
         ({}, "prompt"),
     ],
@@ -200,3 +201,19 @@ def test_api_key_compare() -> None:
     assert not key_matches("sekret", "sekret")
     assert not key_matches(None, "sekret")
     assert not key_matches("Basic sekret", "sekret")
+
+
+def test_unknown_fields_are_ignored_but_neutral_values_of_unsupported_ones_pass() -> None:
+    req = CompletionRequest.model_validate(
+        {"prompt": "x", "bogus": 1, "tool_choice": "none", "response_format": {"type": "text"},
+         "best_of": 1, "store": False, "metadata": {"a": "b"}}
+    )  # fmt: skip
+    assert req.to_sampling_params().n == 1
+
+
+def test_image_parts_are_named_in_the_error() -> None:
+    msg = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"messages": [msg]})
+    err = validation_error(RequestValidationError(info.value.errors()))
+    assert err.param == "messages" and "'image_url' is not supported" in err.message
