@@ -2,8 +2,12 @@
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/offline_throughput.py [--model PATH] [--threads 2]
 
-Prints tokens/s for each phase and the mean per-step time split (schedule / forward / ...), as
-measured by the engine's own SchedulerStats, so the numbers are what a server would see.
+Prints tokens/s for each phase and the mean per-step time split (schedule / prepare / forward /
+sample / update / detokenize, and comm under tensor parallelism), as measured by the engine's own
+SchedulerStats, so the numbers are what a server would see. With --tensor-parallel-size N every
+rank runs --threads threads (on a 2-core machine use --threads 1 for N=2), and `comm` (rank 0's
+time inside all-reduces and the logits gather, part of forward) is also shown per collective and
+per layer (a layer does 2 all-reduces; a step does 2 x layers + 1 all-reduces and 1 gather).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ def main() -> None:
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096)
     ap.add_argument("--prompt-tokens", type=int, default=250)
+    ap.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode request")
     ap.add_argument("--output", default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -100,8 +105,10 @@ def main() -> None:
             + [make_prompt(engine, rng, args.prompt_tokens) for _ in range(16)],
             1,
         ),
-        "decode_64_seqs": run(engine, [make_prompt(engine, rng, 32) for _ in range(64)], 128),
-        "single_stream": run(engine, [make_prompt(engine, rng, 32)], 128),
+        "decode_64_seqs": run(
+            engine, [make_prompt(engine, rng, 32) for _ in range(64)], args.decode_tokens
+        ),
+        "single_stream": run(engine, [make_prompt(engine, rng, 32)], args.decode_tokens),
     }
     engine.shutdown()
     print(
@@ -123,6 +130,19 @@ def main() -> None:
     for name, r in results.items():
         split = " ".join(f"{k}={v:.2f}" for k, v in r["split_ms_per_step"].items())
         print(f"    step split {name:15s} ms/step: {split}")
+    if args.tensor_parallel_size > 1:
+        layers = engine.model_config.num_hidden_layers
+        per_step = 2 * layers + 2  # 2 all-reduces per layer, the embedding's, the gather
+        for name, r in results.items():
+            comm = r["split_ms_per_step"].get("comm", 0.0)
+            fwd = r["split_ms_per_step"].get("forward", 0.0)
+            r["comm_us_per_collective"] = 1000 * comm / per_step
+            r["comm_ms_per_layer"] = 2 * comm / per_step
+            print(
+                f"    comm {name:15s}: {comm:.2f} ms/step ({100 * comm / max(fwd, 1e-9):.0f}% of "
+                f"forward) = {r['comm_us_per_collective']:.0f} us per collective, "
+                f"{r['comm_ms_per_layer']:.3f} ms per layer ({per_step} collectives/step)"
+            )
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)

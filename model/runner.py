@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -14,7 +16,8 @@ from model.kv_cache import KVCacheSpec, allocate_kv_cache, default_kv_cache_memo
 from model.layers.attention import AttentionMetadata
 from model.llama import LlamaForCausalLM
 from model.loader import load_weights
-from model.parallel import ParallelContext
+from model.parallel import ParallelContext, all_reduce
+from model.worker import WorkerGroup, check_tensor_parallel, worker_device
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +67,12 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> n
 
 
 class ModelRunner:
-    """Owns the model, its paged KV cache and the sampler for one tensor-parallel rank."""
+    """Owns the model, its paged KV cache and the sampler for one tensor-parallel rank.
+
+    At tensor_parallel_size N > 1 the runner built by the engine is rank 0: it spawns ranks
+    1..N-1 (model/worker.py), sends them every step, and alone samples. kv_cache_memory is per
+    rank (as vLLM's per-GPU budget); the CPU default is split among the ranks sharing the RAM.
+    """
 
     def __init__(
         self,
@@ -79,36 +87,79 @@ class ModelRunner:
         max_num_seqs: int = 256,
         tensor_parallel_size: int = 1,
         seed: int = 0,
+        parallel: ParallelContext | None = None,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size {tensor_parallel_size} is not supported yet (only 1)"
-            )
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        if tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.seed = seed
-        self.parallel = ParallelContext()
+        self.workers: WorkerGroup | None = None
+        self.last_timings: dict[str, float] = {}
+        self._sampler = None
 
         config, stream = open_checkpoint(model)
         self.model_config = cfg = ModelConfig.from_hf_dict(config)
+        check_tensor_parallel(cfg, tensor_parallel_size)
+        if parallel is None and tensor_parallel_size > 1:
+            kwargs = dict(
+                dtype=dtype,
+                device=device,
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                max_model_len=max_model_len,
+                max_num_batched_tokens=max_num_batched_tokens,
+                max_num_seqs=max_num_seqs,
+                tensor_parallel_size=tensor_parallel_size,
+                seed=seed,
+            )
+            self.workers = WorkerGroup(model, kwargs, tensor_parallel_size)
+            parallel = self.workers.parallel
+        self.parallel = parallel or ParallelContext()
+        try:
+            self._build(stream, dtype, device, kv_cache_memory, max_model_len)
+        except BaseException as e:
+            reason = self.workers.wait_for_death(2.0) if self.workers is not None else None
+            self.shutdown()
+            if reason is not None and not isinstance(e, ValueError):
+                raise RuntimeError(reason) from e
+            raise
+
+    def _build(
+        self,
+        stream,
+        dtype: str,
+        device: str,
+        kv_cache_memory: int | None,
+        max_model_len: int | None,
+    ) -> None:
+        """Build this rank's shard, load its weights, size (same on all ranks) and bind the KV."""
+        cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
+        self.device = worker_device(device, ctx.rank) if ctx.size > 1 else resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         with torch.device("meta"):
-            net = LlamaForCausalLM(cfg, self.parallel)
+            net = LlamaForCausalLM(cfg, ctx)
         self.model = materialize(net, self.device, self.dtype).eval()
-        load_weights(self.model, stream, progress=True)
+        load_weights(self.model, stream, progress=ctx.is_first)
+        if ctx.size > 1:
+            nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+            logger.info(
+                "tensor-parallel rank %d holds %.1f MiB of weights", ctx.rank, nbytes / 2**20
+            )
 
         attn = self.model.attention_layers()[0]
         spec = KVCacheSpec(
             cfg.num_hidden_layers, attn.num_kv_heads, cfg.head_dim, block_size, self.dtype
         )
-        memory = (
-            kv_cache_memory if kv_cache_memory is not None else default_kv_cache_memory(self.device)
-        )
-        self.num_kv_blocks = spec.num_blocks(memory)
+        memory = kv_cache_memory
+        if memory is None:
+            memory = default_kv_cache_memory(self.device)
+            memory //= ctx.size if self.device.type == "cpu" else 1
+        blocks = torch.tensor([spec.num_blocks(memory)], dtype=torch.long, device=self.device)
+        self.num_kv_blocks = int(all_reduce(blocks, ctx, op="min").item())  # the same on all
         capacity = spec.capacity_tokens(self.num_kv_blocks)
         if self.num_kv_blocks < 1:
             raise ValueError(
@@ -130,16 +181,17 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(spec, self.num_kv_blocks, self.device)
         for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
             layer.bind_kv_cache(k, v)
-        logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s); max_model_len %d",
-            self.num_kv_blocks,
-            block_size,
-            capacity,
-            self.num_kv_blocks * spec.bytes_per_block / 1024**3,
-            str(self.dtype).removeprefix("torch."),
-            self.max_model_len,
-        )
-        self._sampler = None
+        if ctx.is_first:
+            logger.info(
+                "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB per rank, %s); "
+                "max_model_len %d",
+                self.num_kv_blocks,
+                block_size,
+                capacity,
+                self.num_kv_blocks * spec.bytes_per_block / 1024**3,
+                str(self.dtype).removeprefix("torch."),
+                self.max_model_len,
+            )
 
     def _check(self, step: StepInput) -> None:
         n = step.num_tokens
@@ -154,10 +206,23 @@ class ModelRunner:
                 f"{len(step.block_tables)} block_tables"
             )
 
-    @torch.inference_mode()
     def compute_logits(self, step: StepInput) -> torch.Tensor:
-        """Run the batched forward (writing K/V) -> [len(sample_indices), vocab] float32 logits."""
+        """Run the batched forward (writing K/V) -> [len(sample_indices), vocab] float32 logits.
+
+        Under tensor parallelism rank 0 first sends the step to every worker, which runs the same
+        forward (forward_step) and joins its collectives.
+        """
         self._check(step)
+        start = time.perf_counter()
+        if self.workers is not None:
+            self.workers.send(step)
+        return self.forward_step(step, start)
+
+    @torch.inference_mode()
+    def forward_step(self, step: StepInput, start: float | None = None) -> torch.Tensor:
+        """This rank's part of one step; a worker's logits are empty (only rank 0 gathers them)."""
+        t0 = start if start is not None else time.perf_counter()
+        self.parallel.timer.reset()
         dev = self.device
         meta = AttentionMetadata.build(
             step.query_lens,
@@ -169,15 +234,21 @@ class ModelRunner:
         )
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)  # [T]
         positions = torch.tensor(step.positions, dtype=torch.long, device=dev)  # [T]
-        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         ends, end = [], 0
         for q in step.query_lens:
             end += q
             ends.append(end - 1)
         rows = [ends[i] for i in step.sample_indices]
+        t1 = time.perf_counter()
+        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         if rows != list(range(step.num_tokens)):
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
-        return self.model.compute_logits(hidden)  # [num_sample_rows, vocab]
+        logits = self.model.compute_logits(hidden)  # [num_sample_rows, vocab] (rank 0)
+        timings = {"prepare": t1 - t0, "forward": time.perf_counter() - t1}
+        if self.parallel.size > 1:  # NOTE: part of forward, not added to it
+            timings["comm"] = self.parallel.timer.seconds
+        self.last_timings = timings
+        return logits
 
     def execute(self, step: StepInput) -> StepOutput:
         """One step for every scheduled token.
@@ -186,21 +257,51 @@ class ModelRunner:
             step: token ids, positions, slots, block tables, and which sequences sample.
         Returns:
             StepOutput with one sampled token (and optional logprobs) per entry of sample_indices.
+        Raises:
+            RuntimeError naming the rank and exit code once a tensor-parallel worker has died.
         """
         if len(step.sampling) != len(step.sample_indices):
             raise ValueError(
                 f"step has {len(step.sample_indices)} sample_indices but "
                 f"{len(step.sampling)} sampling rows"
             )
-        logits = self.compute_logits(step)
+        try:
+            logits = self.compute_logits(step)
+        except RuntimeError as e:  # a collective on a dead peer: name the rank that died
+            reason = self.workers.wait_for_death(2.0) if self.workers is not None else None
+            if reason is not None and reason != str(e):
+                raise RuntimeError(reason) from e
+            raise
+        t0 = time.perf_counter()
         if not step.sample_indices:
-            return StepOutput(token_ids=[], logprobs=[])
-        if self._sampler is None:
-            from model.sampler import Sampler
+            out = StepOutput(token_ids=[], logprobs=[])
+        else:
+            if self._sampler is None:
+                from model.sampler import Sampler
 
-            self._sampler = Sampler(self.seed)
-        return self._sampler(logits, step.sampling)
+                self._sampler = Sampler(self.seed)
+            out = self._sampler(logits, step.sampling)
+        self.last_timings["sample"] = time.perf_counter() - t0
+        return out
+
+    # -- health and lifecycle -------------------------------------------------------------------
+
+    @property
+    def dead_reason(self) -> str | None:
+        """Why a tensor-parallel worker died ("... rank R (pid P) died: exit code X"), else None."""
+        return self.workers.dead_reason if self.workers is not None else None
+
+    def is_healthy(self) -> bool:
+        return self.dead_reason is None
+
+    def on_worker_death(self, fn: Callable[[str], None]) -> None:
+        """fn(reason) runs on the monitor thread when a worker dies; never called at tp=1."""
+        if self.workers is not None:
+            self.workers.on_death(fn)
 
     def shutdown(self) -> None:
-        """Stops TP workers; nothing to do at tensor_parallel_size 1."""
+        """Stops and joins the TP workers (idempotent); nothing to stop at tp=1."""
         self._sampler = None
+        workers, self.workers = self.workers, None
+        if workers is not None:
+            workers.stop()

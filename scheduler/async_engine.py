@@ -41,6 +41,7 @@ class AsyncEngine:
         self._stopping = False
         self._closed = False
         self._error: str | None = None
+        self.engine.runner.on_worker_death(self._on_worker_death)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -147,6 +148,23 @@ class AsyncEngine:
         self._deliver(outputs)
         self._wake()
 
+    def _on_worker_death(self, reason: str) -> None:
+        """Monitor thread: a TP worker died. End every stream now with finish_reason "error";
+        the step thread (maybe blocked in a collective) frees the blocks when its step fails."""
+        with self._lock:
+            if self._error is None:
+                self._error = reason
+            waiting = list(self._streams)
+        outputs = [
+            RequestOutput(
+                rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=reason
+            )
+            for rid in waiting
+        ]
+        self._notify(outputs)
+        self._deliver(outputs)
+        self._wake()
+
     # -- requests ---------------------------------------------------------------------------------
 
     async def generate(
@@ -202,7 +220,8 @@ class AsyncEngine:
 
     def is_healthy(self) -> bool:
         t = self._thread
-        return self._error is None and t is not None and t.is_alive() and not self._stopping
+        alive = t is not None and t.is_alive() and not self._stopping
+        return self._error is None and alive and self.engine.is_healthy()
 
     def get_stats(self) -> SchedulerStats:
         return self.engine.get_stats()

@@ -173,6 +173,7 @@ class LLMEngine:
             outputs.extend(self._outputs(sampled))
             t4 = time.perf_counter()
             split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
+            split.update(self.runner.last_timings)  # prepare / forward / sample (+ comm under TP)
         self._last_step = SchedulerStats(
             step_duration=time.perf_counter() - t0,
             step_num_seqs=len(batch.seqs) if batch else 0,
@@ -297,6 +298,14 @@ class LLMEngine:
             step_num_tokens=last.step_num_tokens,
             step_time_split=dict(last.step_time_split),
         )
+
+    def is_healthy(self) -> bool:
+        """False once a tensor-parallel worker died (see `dead_reason`)."""
+        return self.runner.is_healthy()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self.runner.dead_reason
 
     def shutdown(self) -> None:
         self.runner.shutdown()

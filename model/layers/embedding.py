@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.parallel import ParallelContext, all_gather, all_reduce
+from model.parallel import ParallelContext, all_reduce, gather_to_first
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -48,10 +48,11 @@ class VocabParallelEmbedding(nn.Module):
         return all_reduce(h, self.ctx)  # [num_tokens, hidden]
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits of the full vocabulary from this weight (tied head); gathered across ranks."""
+        """Full-vocabulary logits on rank 0 (gathered from every rank's slice); other ranks get
+        an empty [num_rows, 0] tensor: only rank 0 samples."""
         logits = F.linear(hidden, self.weight)  # [num_rows, vocab_per_rank]
-        logits = all_gather(logits, self.ctx, dim=-1)
-        return logits[:, : self.vocab_size] if logits.shape[1] != self.vocab_size else logits
+        logits = gather_to_first(logits, self.ctx, dim=-1)  # rank 0: [num_rows, padded vocab]
+        return logits[:, : self.vocab_size] if logits.shape[1] > self.vocab_size else logits
 
 
 class ParallelLMHead(VocabParallelEmbedding):

@@ -294,7 +294,15 @@ def test_logprobs_stats_and_text_prompt(make_engine, assert_pool_free):
         (lp,) = o.outputs[0].logprobs
         assert lp.token_id == o.outputs[0].token_ids[0] and lp.rank == 1 and len(lp.top) == 2
     stats = engine.get_stats()
-    assert set(stats.step_time_split) == {"schedule", "execute", "update", "detokenize"}
+    assert set(stats.step_time_split) == {
+        "schedule",
+        "execute",
+        "update",
+        "detokenize",
+        "prepare",
+        "forward",
+        "sample",
+    }
     assert stats.step_num_seqs == 1 and stats.step_num_tokens == 1
     assert outs[-1].metrics.first_token_time <= outs[-1].metrics.finished_time
     assert_pool_free(engine)

@@ -1,0 +1,94 @@
+"""`tokenmill serve --tensor-parallel-size 2`: same completion as TP=1; a killed worker turns
+/health 503 and ends the request in flight with an error; SIGTERM leaves no process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import httpx
+import psutil
+import pytest
+from e2e_helpers import TINY_ARGS, TINY_NAME, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+
+HEALTH_DEADLINE_S = 10.0
+
+
+def completion(url: str, prompt: str) -> dict:
+    body = {"model": TINY_NAME, "prompt": prompt, "max_tokens": 24, "temperature": 0.0}
+    resp = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["choices"][0]
+
+
+def tree(pid: int) -> list[psutil.Process]:
+    """The server and every descendant (TP workers, multiprocessing's resource tracker)."""
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def test_tp2_server_matches_tp1_then_survives_nothing(tiny_server, launch_server, tiny_model):
+    server = launch_server([*TINY_ARGS, "--tensor-parallel-size", "2"], model=tiny_model)
+    procs = tree(server.proc.pid)
+    workers = [p for p in procs[1:] if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) == 1, [p.cmdline() for p in procs]
+    for prompt in ("Hello, my name is", "The capital of France is"):
+        assert completion(server.url, prompt) == completion(tiny_server.url, prompt)
+
+    body = {
+        "model": TINY_NAME,
+        "prompt": "Once upon a time",
+        "max_tokens": 480,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    events: list[str] = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(line)
+                break
+        os.kill(workers[0].pid, signal.SIGKILL)  # the request is in flight: it streamed a token
+        events += [line for line in lines if line.startswith("data: ")]  # ends, never hangs
+    errors = [json.loads(e[6:])["error"] for e in events if '"error"' in e]
+    assert errors and "rank 1" in errors[-1]["message"], events[-3:]
+    assert errors[-1]["type"] == "server_error"
+
+    wait_for(
+        lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503,
+        HEALTH_DEADLINE_S,
+        "/health to turn 503 after the worker died",
+    )
+    resp = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": TINY_NAME, "prompt": "Hi", "max_tokens": 4},
+        timeout=30,
+    )
+    assert resp.status_code >= 500, resp.text
+    log = server.log()
+    assert (
+        f"tensor-parallel worker rank 1 (pid {workers[0].pid}) died: exit code -9 (SIGKILL)" in log
+    )
+
+    assert server.stop(30) == 0, server.log()[-3000:]
+    gone, alive = psutil.wait_procs(procs, timeout=10)
+    assert not alive, [p.pid for p in alive]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "crash"])
+def test_tp2_server_exit_takes_every_worker(launch_server, tiny_model, sig):
+    """Ctrl-C stops gracefully (exit 0); a crashed (SIGKILLed) server leaves no worker behind."""
+    server = launch_server([*TINY_ARGS, "--tensor-parallel-size", "2"], model=tiny_model)
+    procs = tree(server.proc.pid)
+    assert len(procs) >= 2
+    server.proc.send_signal(sig)
+    code = server.proc.wait(30)
+    assert code == (0 if sig == signal.SIGINT else -signal.SIGKILL), server.log()[-3000:]
+    gone, alive = psutil.wait_procs(procs, timeout=10)
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
