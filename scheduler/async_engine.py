@@ -223,6 +223,18 @@ class AsyncEngine:
         alive = t is not None and t.is_alive() and not self._stopping
         return self._error is None and alive and self.engine.is_healthy()
 
+    @property
+    def dead_reason(self) -> str | None:
+        """Why is_healthy() is False (failed step, dead TP worker, shutdown); None if healthy."""
+        if self._error is not None:
+            return self._error
+        if self.engine.dead_reason is not None:
+            return self.engine.dead_reason
+        t = self._thread
+        if self._stopping or t is None or not t.is_alive():
+            return "the engine is not running"
+        return None
+
     def get_stats(self) -> SchedulerStats:
         return self.engine.get_stats()
 

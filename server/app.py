@@ -129,7 +129,8 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     async def health() -> Response:
         if engine.is_healthy():
             return Response(status_code=200)
-        return error_response(APIError("the engine is not running", 503, code="engine_dead"))
+        reason = engine.dead_reason or "the engine is not running"
+        return error_response(APIError(reason, 503, code="engine_dead"))
 
     @app.get("/version")
     async def get_version() -> dict:

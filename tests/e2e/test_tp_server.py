@@ -65,6 +65,7 @@ def test_tp2_server_matches_tp1_then_survives_nothing(tiny_server, launch_server
         HEALTH_DEADLINE_S,
         "/health to turn 503 after the worker died",
     )
+    assert "rank 1" in httpx.get(f"{server.url}/health", timeout=5).json()["error"]["message"]
     resp = httpx.post(
         f"{server.url}/v1/completions",
         json={"model": TINY_NAME, "prompt": "Hi", "max_tokens": 4},
