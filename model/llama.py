@@ -40,7 +40,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         t, nh, nkv, d = h.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(h)  # [T, (H + 2 * kv_heads) * D]
-        qk = RotaryEmbedding.apply(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos, sin)
+        # NOTE: rotated in place: q and k stay views of the qkv output (no copies)
+        qk = RotaryEmbedding.apply_(qkv[:, : (nh + nkv) * d].view(t, nh + nkv, d), cos, sin)
         v = qkv[:, (nh + nkv) * d :].view(t, nkv, d)  # [T, kv_heads, D]
         o = self.attn(qk[:, :nh], qk[:, nh:], v, meta)  # [T, H * D]
         return self.o_proj(o)  # [T, hidden] partial sums under TP
@@ -57,7 +58,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(h).chunk(2, dim=-1)  # [T, inter / tp] each
-        return self.down_proj(F.silu(gate) * up)
+        # in place on the gate half: down_proj reads a strided view, GEMM-compatible, no copy
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -96,7 +98,7 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         h = self.embed_tokens(input_ids)  # [T, hidden]
-        cos, sin = self.rotary_emb.cos_sin(positions, h.dtype)  # [T, 1, D / 2] each
+        cos, sin = self.rotary_emb.cos_sin(positions, h.dtype)  # [T, 1, D] each
         residual = None
         for layer in self.layers:
             h, residual = layer(h, residual, cos, sin, meta)

@@ -1,18 +1,37 @@
 """Paged attention: write K/V by slot mapping, read each sequence's context via its block table.
 
-One call per layer per step serves a mixed batch: decode rows (one query token each) are batched
-against their gathered context with the grouped heads as query rows; prefill/chunk rows are padded
-only among themselves. `reference` is the plain float32 oracle the fast path is tested against.
+One call per layer per step serves a mixed batch: decode rows (one query token each) are split
+into a few groups of similar context length, and each group is one SDPA against its gathered
+context with the grouped heads as query rows; prefill/chunk rows are padded only among themselves.
+`reference` is the plain float32 oracle the fast path is tested against.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# A decode group costs this many extra block-rows of padding in fixed per-layer overhead (about
+# six kernel launches); rows are split into groups by context only where that saves more padding.
+GROUP_COST_BLOCKS = 12
+MAX_GROUP_CANDIDATES = 64  # distinct block counts the grouping DP considers (keeps it ~O(4k))
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeGroup:
+    """Decode rows of similar context length, padded only to the longest context among them."""
+
+    rows: torch.Tensor | None  # [b] token rows; None: every token row, in order
+    block_tables: torch.Tensor  # [b * max_blocks] long, flattened
+    num_seqs: int
+    span: int  # max_blocks * block_size (or the exact context when num_seqs == 1)
+    keep: torch.Tensor | None  # [b, 1, 1, span] bool, True = attend; None: nothing padded
+    first_block: int | None = None  # one row whose blocks are consecutive: read a view, no gather
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +43,8 @@ class AttentionMetadata:
     context_lens: tuple[int, ...]
     block_tables: tuple[tuple[int, ...], ...]
     block_size: int
-    # decode group: sequences with exactly one query token
-    decode_rows: torch.Tensor | None  # [num_decode] token rows; None when every row decodes
-    decode_block_tables: torch.Tensor | None  # [num_decode, max_blocks] long
-    decode_mask: torch.Tensor | None  # [B, 1, max_blocks * block_size] True = pad; None: none
+    # decode rows (one query token each), grouped by context length
+    decode_groups: tuple[DecodeGroup, ...]
     num_decode: int
     # prefill group: sequences with several query tokens (prompt chunks)
     prefill_rows: torch.Tensor | None  # [num_prefill_tokens]; None when every row is prefill
@@ -63,15 +80,22 @@ class AttentionMetadata:
         def lens(seqs: list[int], which: list[int]) -> torch.Tensor:
             return torch.tensor([which[i] for i in seqs], dtype=torch.long, device=device)
 
-        dec_rows = dec_tables = dec_mask = None
-        if dec:
-            dec_tables, span = tables(dec)
-            if any(context_lens[i] != span for i in dec):
+        groups = []
+        for members in _group_by_blocks(dec, context_lens, block_size):
+            tab, span = tables(members)
+            keep = first = None
+            if len(members) == 1:
+                span = context_lens[members[0]]  # one row: narrow to the exact context, no mask
+                used = block_tables[members[0]][: -(-span // block_size)]
+                if used == list(range(used[0], used[0] + len(used))):
+                    first = used[0]
+            elif any(context_lens[i] != span for i in members):
                 keys = torch.arange(span, device=device)
-                padding = keys[None, :] >= lens(dec, context_lens)[:, None]  # [B, span]
-                dec_mask = padding.view(len(dec), 1, span)
-            if len(dec) != num_tokens:
-                dec_rows = torch.tensor([starts[i] for i in dec], dtype=torch.long, device=device)
+                keep = (keys[None, :] < lens(members, context_lens)[:, None]).view(-1, 1, 1, span)
+            rows = None
+            if len(members) != num_tokens:
+                rows = torch.tensor([starts[i] for i in members], dtype=torch.long, device=device)
+            groups.append(DecodeGroup(rows, tab.view(-1), len(members), span, keep, first))
         pre_rows = pre_pad = pre_tables = pre_mask = None
         max_q = max((query_lens[i] for i in pre), default=0)
         if pre:
@@ -101,9 +125,7 @@ class AttentionMetadata:
             context_lens=tuple(context_lens),
             block_tables=tuple(tuple(t) for t in block_tables),
             block_size=block_size,
-            decode_rows=dec_rows,
-            decode_block_tables=dec_tables,
-            decode_mask=dec_mask,
+            decode_groups=tuple(groups),
             num_decode=len(dec),
             prefill_rows=pre_rows,
             prefill_pad=pre_pad,
@@ -114,11 +136,54 @@ class AttentionMetadata:
         )
 
 
-def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """[num_kv_heads, B, max_blocks * block_size, head_dim] context of each sequence (one copy)."""
-    num_kv, _, bs, head_dim = cache.shape
-    b, nb = tables.shape
-    return cache.index_select(1, tables.view(-1)).view(num_kv, b, nb * bs, head_dim)
+def _group_by_blocks(seqs: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
+    """Split decode sequences into groups of similar block counts (min padding + group overhead).
+
+    Exact DP over the sorted distinct block counts: cost(group) = rows * max blocks + overhead.
+    Each group keeps the sequences' original order.
+    """
+    if len(seqs) <= 1:
+        return [seqs] if seqs else []
+    blocks = {i: -(-context_lens[i] // block_size) for i in seqs}
+    counts: dict[int, int] = {}
+    for i in seqs:
+        counts[blocks[i]] = counts.get(blocks[i], 0) + 1
+    values = sorted(counts)
+    if len(values) == 1:
+        return [seqs]
+    if len(values) > MAX_GROUP_CANDIDATES:  # coarsen: only every k-th value may end a group
+        k = -(-len(values) // MAX_GROUP_CANDIDATES)
+        ends = values[k - 1 :: k]
+        if ends[-1] != values[-1]:
+            ends.append(values[-1])
+    else:
+        ends = values
+    below = [0] * len(ends)  # rows with at most ends[j] blocks
+    for v, c in counts.items():
+        below[_first_at_least(ends, v)] += c
+    for j in range(1, len(ends)):
+        below[j] += below[j - 1]
+    best, cut = [0] * (len(ends) + 1), [0] * (len(ends) + 1)
+    for j in range(1, len(ends) + 1):
+        options = (
+            (best[i] + (below[j - 1] - (below[i - 1] if i else 0)) * ends[j - 1], i)
+            for i in range(j)
+        )
+        cost, cut[j] = min(options)
+        best[j] = cost + GROUP_COST_BLOCKS
+    bounds, j = [], len(ends)
+    while j > 0:
+        bounds.append(ends[j - 1])
+        j = cut[j]
+    bounds.reverse()  # ascending upper block counts of the groups
+    groups: list[list[int]] = [[] for _ in bounds]
+    for i in seqs:
+        groups[_first_at_least(bounds, blocks[i])].append(i)
+    return groups
+
+
+def _first_at_least(sorted_values: list[int], v: int) -> int:
+    return bisect.bisect_left(sorted_values, v)
 
 
 def sdpa_attention(
@@ -130,34 +195,54 @@ def sdpa_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Fast path: one SDPA for all decode rows, one for all prefill rows -> [num_tokens, H, D]."""
+    """Fast path: one SDPA per decode group, one for all prefill rows -> [num_tokens, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
-    if meta.num_prefill_seqs == 0:
-        return _decode(q, k_cache, v_cache, meta, scale)
+    groups = meta.decode_groups
+    if meta.num_prefill_seqs == 0 and len(groups) == 1:
+        return _decode(q, k_cache, v_cache, groups[0], scale)
     if meta.num_decode == 0:
         return _prefill(q, k, v, k_cache, v_cache, meta, scale)
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    dec = meta.decode_rows
-    out.index_copy_(0, dec, _decode(q[dec], k_cache, v_cache, meta, scale))
-    rows = meta.prefill_rows
-    if meta.prefill_block_tables is None:  # fresh K/V are only read on the causal fast path
-        k, v = k[rows], v[rows]
-    out.index_copy_(0, rows, _prefill(q[rows], k, v, k_cache, v_cache, meta, scale))
+    for group in groups:
+        rows = group.rows
+        out.index_copy_(0, rows, _decode(q.index_select(0, rows), k_cache, v_cache, group, scale))
+    if meta.num_prefill_seqs:
+        rows = meta.prefill_rows
+        if meta.prefill_block_tables is None:  # fresh K/V are only read on the causal fast path
+            k, v = k[rows], v[rows]
+        out.index_copy_(0, rows, _prefill(q[rows], k, v, k_cache, v_cache, meta, scale))
     return out
 
 
-def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Grouped heads become query rows: [kv_heads, B, group, D] against [kv_heads, B, L, D]."""
+def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+    """Grouped heads become query rows: [B, kv_heads, group, D] against [B, kv_heads, L, D]."""
     b, num_heads, head_dim = q.shape
-    num_kv = k_cache.shape[0]
-    keys = _gather(k_cache, meta.decode_block_tables)  # [kv_heads, B, L, D]
-    values = _gather(v_cache, meta.decode_block_tables)
-    qg = (q * scale).view(b, num_kv, num_heads // num_kv, head_dim).transpose(0, 1)
-    scores = torch.matmul(qg, keys.transpose(-1, -2))  # [kv_heads, B, group, L]
-    if meta.decode_mask is not None:
-        scores.masked_fill_(meta.decode_mask, float("-inf"))
-    o = torch.matmul(scores.softmax(dim=-1), values)  # [kv_heads, B, group, D]
-    return o.transpose(0, 1).reshape(b, num_heads, head_dim)
+    num_kv, _, bs, _ = k_cache.shape
+    span = -(-group.span // bs) * bs
+    if group.first_block is not None:  # consecutive blocks (a lone stream, usually): no copy
+        blocks = slice(group.first_block, group.first_block + span // bs)
+        keys = k_cache[:, blocks].view(num_kv, 1, span, head_dim)
+        values = v_cache[:, blocks].view(num_kv, 1, span, head_dim)
+    else:
+        keys = k_cache.index_select(1, group.block_tables).view(num_kv, b, span, head_dim)
+        values = v_cache.index_select(1, group.block_tables).view(num_kv, b, span, head_dim)
+    if span != group.span:  # one row: its exact context
+        keys, values = keys[:, :, : group.span], values[:, :, : group.span]
+    o = F.scaled_dot_product_attention(
+        q.view(b, num_kv, num_heads // num_kv, head_dim),
+        keys.transpose(0, 1),
+        values.transpose(0, 1),
+        attn_mask=group.keep,
+        scale=scale,
+    )  # [B, kv_heads, group, D]
+    return o.reshape(b, num_heads, head_dim)
+
+
+def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[num_kv_heads, B, max_blocks * block_size, head_dim] context of each sequence (one copy)."""
+    num_kv, _, bs, head_dim = cache.shape
+    b, nb = tables.shape
+    return cache.index_select(1, tables.view(-1)).view(num_kv, b, nb * bs, head_dim)
 
 
 def _prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

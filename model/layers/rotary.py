@@ -39,13 +39,26 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = tuple(inv_frequencies(head_dim, theta, scaling).tolist())
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos, sin of shape [num_tokens, 1, head_dim // 2] for broadcasting over heads."""
+        """cos, sin of shape [num_tokens, 1, head_dim] for broadcasting over heads.
+
+        Both halves repeat the same angles; sin's first half is negated, so that rotating is
+        x * cos + swap_halves(x) * sin (three kernels per layer instead of seven).
+        """
         inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32, device=positions.device)
         freqs = positions.float()[:, None] * inv_freq[None, :]  # [num_tokens, head_dim // 2]
-        return freqs.cos().to(dtype).unsqueeze(1), freqs.sin().to(dtype).unsqueeze(1)
+        cos, sin = freqs.cos(), freqs.sin()
+        cos = torch.cat((cos, cos), dim=-1).to(dtype).unsqueeze(1)
+        sin = torch.cat((-sin, sin), dim=-1).to(dtype).unsqueeze(1)
+        return cos, sin
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate [num_tokens, num_heads, head_dim] by the per-token angles."""
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        """Rotate [num_tokens, num_heads, head_dim] by the per-token angles (a new tensor)."""
+        return RotaryEmbedding.apply_(x.clone(), cos, sin)
+
+    @staticmethod
+    def apply_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x in place (x may be a strided view, e.g. the q/k columns of the qkv output)."""
+        half = x.shape[-1] // 2
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]
+        return x.mul_(cos).addcmul_(swapped, sin)  # [x1 cos - x2 sin, x2 cos + x1 sin]
