@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers.linear import dense, drop_packed
 from model.parallel import ParallelContext, all_reduce, gather_to_first
 
 
@@ -29,6 +30,7 @@ class VocabParallelEmbedding(nn.Module):
     def weight_loader(
         self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
     ) -> None:
+        drop_packed(self)
         if loaded.shape[0] != self.vocab_size or loaded.shape[1:] != param.shape[1:]:
             raise ValueError(
                 f"{type(self).__name__}: expected shape ({self.vocab_size}, {param.shape[1]}), "
@@ -50,7 +52,7 @@ class VocabParallelEmbedding(nn.Module):
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary logits on rank 0 (gathered from every rank's slice); other ranks get
         an empty [num_rows, 0] tensor: only rank 0 samples."""
-        logits = F.linear(hidden, self.weight)  # [num_rows, vocab_per_rank]
+        logits = dense(self, hidden, self.weight, None)  # [num_rows, vocab_per_rank]
         logits = gather_to_first(logits, self.ctx, dim=-1)  # rank 0: [num_rows, padded vocab]
         return logits[:, : self.vocab_size] if logits.shape[1] > self.vocab_size else logits
 

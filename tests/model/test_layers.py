@@ -148,3 +148,24 @@ def test_residual_rms_norm_matches_native_and_returns_sum() -> None:
     normed0, res0 = norm(x)
     assert res0 is x
     torch.testing.assert_close(normed0, norm.forward_native(x))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+def test_packed_dense_matches_f_linear(rows: int) -> None:
+    """The oneDNN prepacked fast path equals the plain F.linear oracle, and repacks on reload."""
+    import torch.nn.functional as F
+
+    from model.layers.linear import ColumnParallelLinear, dense
+
+    torch.manual_seed(rows)
+    layer = ColumnParallelLinear(96, 160, bias=True)
+    layer.weight.data.normal_()
+    layer.bias.data.normal_()
+    x = torch.randn(rows, 96)  # [rows, in]
+    want = F.linear(x, layer.weight, layer.bias)  # [rows, out]
+    torch.testing.assert_close(layer(x), want, atol=1e-4, rtol=1e-5)
+    layer.weight_loader(layer.weight, torch.randn(160, 96))  # a new weight must be repacked
+    torch.testing.assert_close(
+        dense(layer, x, layer.weight, None), F.linear(x, layer.weight), atol=1e-4, rtol=1e-5
+    )
