@@ -111,11 +111,13 @@ class LLMEngine:
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
         """Returns the effective max_tokens (None becomes max_model_len - prompt length)."""
         if not ids:
-            raise ValueError("prompt is empty: at least 1 token is needed")
+            raise SamplingParamsError("prompt is empty: at least 1 token is needed", "prompt")
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt token id {bad[0]} is out of vocabulary [0, {vocab})")
+            raise SamplingParamsError(
+                f"prompt token id {bad[0]} is out of vocabulary [0, {vocab})", "prompt"
+            )
         for name, extra in (
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", list(params.logit_bias or ())),

@@ -40,9 +40,9 @@ BAD = [
     ),
     ("/v1/completions", {"prompt": "x", "min_tokens": 20, "max_tokens": 2}, 400, "min_tokens"),
     ("/v1/completions", {"prompt": "x", "top_k": -2}, 400, "top_k"),
-    ("/v1/completions", {"prompt": [10**9]}, 400, "any"),  # out-of-vocabulary token id
+    ("/v1/completions", {"prompt": [10**9]}, 400, "prompt"),  # out-of-vocabulary token id
     ("/v1/completions", {"prompt": [[1, 2], []]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [[1, 2], [-5]]}, 400, "any"),
+    ("/v1/completions", {"prompt": [[1, 2], [-5]]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "x", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
     ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
