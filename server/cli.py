@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import threading
 
 from scheduler.config import EngineConfig, parse_size
 from server.app import ServerConfig
@@ -161,11 +162,24 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
         timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout) + 2,
     )
     server = Server(config)
-    # NOTE: uvicorn re-raises the signal that stopped it once it has shut down gracefully; with the
-    # default handler that kills us with -SIGTERM. Ours marks the server stopping, so we exit 0.
+    # NOTE: the engine steps on this (main) thread, where torch's kernels run fastest, and uvicorn
+    # serves from its own thread (it installs no signal handlers there). Our handlers call its
+    # handle_exit (which sse-starlette hooks to cut streams after their grace period); the
+    # lifespan then drains and stops the engine, and run_forever() returns.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
-    server.run()
+        signal.signal(sig, lambda signum, frame: server.handle_exit(signum, frame))
+
+    def run_server() -> None:
+        try:
+            server.run()
+        finally:
+            engine.stop()  # the lifespan stopped it already, unless uvicorn never started
+
+    http = threading.Thread(target=run_server, name="tokenmill-http")
+    http.start()
+    engine.run_forever()
+    while http.is_alive():  # a failed step ends run_forever early: keep serving 503s till a signal
+        http.join(0.5)
     return 0 if server.started else 1
 
 
