@@ -101,8 +101,7 @@ def main() -> None:
     results = {
         "prefill_16x": run(
             engine,
-            [make_prompt(engine, rng, args.prompt_tokens)] * 0
-            + [make_prompt(engine, rng, args.prompt_tokens) for _ in range(16)],
+            [make_prompt(engine, rng, args.prompt_tokens) for _ in range(16)],
             1,
         ),
         "decode_64_seqs": run(

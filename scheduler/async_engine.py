@@ -244,10 +244,7 @@ class AsyncEngine:
     # -- state ------------------------------------------------------------------------------------
 
     def is_healthy(self) -> bool:
-        t = self._thread
-        alive = t is not None and t.is_alive() and not self._loop_done.is_set()
-        alive = alive and not self._stopping
-        return self._error is None and alive and self.engine.is_healthy()
+        return self.dead_reason is None
 
     @property
     def dead_reason(self) -> str | None:

@@ -21,6 +21,9 @@ def parse_size(text: str | int | None) -> int | None:
     return int(value * base**power)
 
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float32 on CPU, bfloat16 on CUDA
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # HF folder or .gguf file; None: the embedded SmolLM2 GGUF
@@ -53,7 +56,7 @@ class EngineConfig:
             f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
         )
         need(
-            self.dtype in ("auto", "float32", "float16", "bfloat16"),
+            self.dtype in DTYPES,
             f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
         )
 

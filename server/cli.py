@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from scheduler.config import EngineConfig, parse_size
+from scheduler.config import DTYPES, EngineConfig, parse_size
 from server.app import ServerConfig
 
 logger = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--block-size", type=_positive, default=16)
     s.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1)
-    s.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    s.add_argument("--dtype", choices=DTYPES, default="auto")
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
