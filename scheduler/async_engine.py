@@ -27,7 +27,8 @@ class AsyncEngine:
     asyncio.Queue through `loop.call_soon_threadsafe`, so the event loop never waits on the model.
     """
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, step_thread: bool = True) -> None:
+        """`step_thread=False`: no thread of ours; the caller steps with `run_forever()`."""
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
@@ -38,7 +39,8 @@ class AsyncEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._listeners: list[StatListener] = []
         self._thread: threading.Thread | None = None  # the thread that steps (ours or a caller's)
-        self._spawn = True  # False after run_forever(): the caller's thread steps
+        self._spawn = step_thread  # False: the caller's thread steps, in run_forever()
+        self._stepping = threading.Lock()  # held by the one thread that steps: never two
         self._loop_done = threading.Event()
         self._stopping = False
         self._closed = False
@@ -49,19 +51,24 @@ class AsyncEngine:
 
     def start(self) -> None:
         """Start the step thread (idempotent; nothing to start when run_forever() steps)."""
-        if self._thread is not None or not self._spawn:
-            return
-        self._thread = threading.Thread(target=self._run, name="tokenmill-step", daemon=True)
+        with self._lock:  # the lifespan and a first request may race to start it
+            if self._thread is not None or not self._spawn:
+                return
+            self._thread = threading.Thread(target=self._run, name="tokenmill-step", daemon=True)
         self._thread.start()
 
     def run_forever(self) -> None:
         """Step on the calling thread until shutdown() or stop(); the server uses its main thread.
 
+        Construct with `step_thread=False`, so that no request or lifespan can start a step
+        thread of ours first (two threads stepping one scheduler would corrupt it).
+
         NOTE: torch's OpenMP kernels run ~15% slower when driven from a non-main thread on these
         CPUs (measured: 35 vs 40 ms a decode step), so `tokenmill serve` steps on the main thread
         and runs uvicorn on another.
         """
-        self._spawn = False
+        if self._spawn:
+            raise RuntimeError("run_forever() needs an AsyncEngine made with step_thread=False")
         self._thread = threading.current_thread()
         self._run()
 
@@ -103,10 +110,13 @@ class AsyncEngine:
     # -- the step thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if not self._stepping.acquire(blocking=False):
+            raise RuntimeError("another thread already steps this engine")
         try:
             self._step_until_stopped()
         finally:
             self._loop_done.set()
+            self._stepping.release()
 
     def _step_until_stopped(self) -> None:
         while True:

@@ -135,7 +135,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     from server.app import build_app
 
     try:
-        engine = AsyncEngine(engine_config)
+        engine = AsyncEngine(engine_config, step_thread=False)
     except (FileNotFoundError, ValueError) as e:
         logger.error("cannot load the model: %s", e)
         return 1

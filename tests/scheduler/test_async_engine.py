@@ -192,3 +192,29 @@ async def test_shutdown_aborts_what_is_left(tiny_checkpoint):
 
 async def _drain(agen) -> list:
     return [o async for o in agen]
+
+
+async def test_caller_thread_steps_and_nothing_else_can(tiny_checkpoint):
+    """`tokenmill serve` steps on its main thread: a request or the lifespan arriving first must
+    not start a second stepping thread (CI once saw two threads corrupt one scheduler)."""
+    eng = AsyncEngine(config(tiny_checkpoint), step_thread=False)
+    eng.start()  # what the lifespan does: a no-op here
+    assert eng._thread is None and not eng.is_healthy()  # not stepping yet
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    first = asyncio.create_task(collect(eng, "m1", list(range(10, 40)), params))
+    await asyncio.sleep(0)  # let it queue; no thread of ours may pick it up
+    assert eng._thread is None
+    stepper = threading.Thread(target=eng.run_forever, name="caller")
+    stepper.start()
+    outs = await asyncio.wait_for(first, 30)
+    assert outs[-1].finished and outs[-1].outputs[-1].num_tokens == 8
+    assert eng._thread is stepper and eng.is_healthy()
+    with pytest.raises(RuntimeError, match="already steps"):
+        eng._run()  # a second stepping loop is refused
+    await eng.shutdown(5.0)
+    stepper.join(10)
+    assert not stepper.is_alive()
+    own = AsyncEngine(config(tiny_checkpoint))  # step_thread=True: its own thread steps
+    with pytest.raises(RuntimeError, match="step_thread=False"):
+        own.run_forever()
+    await own.shutdown(1.0)
