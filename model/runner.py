@@ -13,6 +13,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.inputs import StepInput, StepOutput
 from model.kv_cache import KVCacheSpec, allocate_kv_cache, default_kv_cache_memory
+from model.layers import gemv
 from model.layers.attention import AttentionMetadata
 from model.llama import LlamaForCausalLM
 from model.loader import load_weights
@@ -143,6 +144,8 @@ class ModelRunner:
         with torch.device("meta"):
             net = LlamaForCausalLM(cfg, ctx)
         self.model = materialize(net, self.device, self.dtype).eval()
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            gemv.load()  # the decode GEMV kernel, compiled once per machine (optional)
         load_weights(self.model, stream, progress=ctx.is_first)
         if ctx.size > 1:
             nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

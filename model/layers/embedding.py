@@ -22,8 +22,7 @@ class VocabParallelEmbedding(nn.Module):
         padded = -(-vocab_size // self.ctx.size) * self.ctx.size
         self.vocab_per_rank = padded // self.ctx.size
         self.vocab_start = self.ctx.rank * self.vocab_per_rank
-        # [vocab / tp, hidden], column-major: the LM head GEMV is the largest read of a decode step
-        weight = torch.empty(hidden_size, self.vocab_per_rank).t()
+        weight = torch.empty(self.vocab_per_rank, hidden_size)  # [vocab / tp, hidden]
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 

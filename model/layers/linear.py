@@ -6,29 +6,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.layers import gemv
 from model.parallel import ParallelContext, all_reduce
 
 
 def _param(*shape: int) -> nn.Parameter:
-    """A parameter; 2-D weights are stored column-major ([in, out] in memory, .t() as [out, in]).
-
-    NOTE: MKL's GEMV reads an [in, out] matrix about twice as fast as [out, in], and decode is
-    bound by reading weights. F.linear sees the transposed strides and takes that path.
-    """
-    data = torch.empty(shape[::-1]).t() if len(shape) == 2 else torch.empty(*shape)
-    return nn.Parameter(data, requires_grad=False)
+    """A parameter; 2-D weights are [out, in] row-major: the layout the decode GEMV streams."""
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
 _ONEDNN = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
 
 
 def dense(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """x W^T + b; CPU float32 runs oneDNN on a weight packed once (F.linear is the oracle).
+    """x W^T + b; on CPU float32, decode rows go to gemv.c and larger batches to oneDNN on a
+    weight packed once (F.linear is the oracle).
 
     NOTE: on these CPUs oneDNN with a prepacked weight beats MKL's sgemm/sgemv by 15-35% at
-    every batch size. The packed copy lives on `owner` (not in its state_dict) and is rebuilt
-    when the weight moves (data_ptr) or a weight_loader writes it (drop_packed).
+    every batch size, and gemv.c beats oneDNN by ~50% for 1-4 rows. The packed copy lives on
+    `owner` (not in its state_dict) and is rebuilt when the weight moves (data_ptr) or a
+    weight_loader writes it (drop_packed).
     """
+    if gemv.usable(x, weight, bias):
+        return gemv.gemv(x, weight, bias)
     if not _ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
         return F.linear(x, weight, bias)
     cache = owner.__dict__.get("_packed")
