@@ -48,7 +48,7 @@ def test_key_required_on_v1(guarded) -> None:
 def test_503_with_retry_after_past_max_waiting(guarded) -> None:
     url, auth = guarded.url, {"Authorization": f"Bearer {KEY}"}
     wait_for(lambda: engine_stats(url)["num_running"] == 0, 30, "an idle engine")
-    body = {"prompt": "long", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {"prompt": "long", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     stop = threading.Event()
 
     def hold() -> None:

@@ -64,7 +64,7 @@ def test_stream_disconnect_aborts_and_frees_blocks(
     url = tiny_server.url
     wait_for(lambda: _pool_free(url), 30, "an idle engine")
     aborts = _abort_count(url)
-    body = {"prompt": prompt, "n": n, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    body = {"prompt": prompt, "n": n, "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as resp:
         events = (line for line in resp.iter_lines() if line)  # events are blank-line separated
         for _ in range(3):
@@ -72,7 +72,7 @@ def test_stream_disconnect_aborts_and_frees_blocks(
         busy = engine_stats(url)
         assert busy["num_running"] == samples
         assert busy["num_free_blocks"] < busy["num_total_blocks"]
-    # the connection is closed here, long before 400 tokens could be generated
+    # the connection is closed here, long before 4000 tokens could be generated
     wait_for(lambda: _abort_count(url) == aborts + samples, 20, "the engine to abort every sample")
     wait_for(lambda: _pool_free(url), 20, "every KV block back in the pool")
 
@@ -82,7 +82,7 @@ def test_non_streaming_disconnect_aborts(tiny_server) -> None:
     url = tiny_server.url
     wait_for(lambda: _pool_free(url), 30, "an idle engine")
     aborts = _abort_count(url)
-    body = {"prompt": "Keep talking", "max_tokens": 480, "ignore_eos": True}
+    body = {"prompt": "Keep talking", "max_tokens": 4000, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
     wait_for(lambda: _abort_count(url) == aborts + 1, 20, "the engine to abort the request")

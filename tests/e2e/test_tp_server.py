@@ -41,7 +41,7 @@ def test_tp2_server_matches_tp1_then_survives_nothing(tiny_server, launch_server
     body = {
         "model": TINY_NAME,
         "prompt": "Once upon a time",
-        "max_tokens": 480,
+        "max_tokens": 4000,
         "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
