@@ -113,3 +113,16 @@ def test_no_compiler_falls_back(tmp_path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["True", "[[8.0, 8.0, 8.0, 8.0]]"]
+
+
+def test_unwritable_cache_falls_back(tmp_path) -> None:
+    """A read-only cache directory (a locked-down container) costs the speed-up, not the start."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    code = "from model.layers import gemv; print(gemv.load() is None)"
+    env = {"TOKENMILL_CACHE_DIR": str(blocker / "sub"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
