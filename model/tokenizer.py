@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from model.disk_cache import cache_dir
+
 logger = logging.getLogger(__name__)
 
 # End-of-turn markers of common chat templates; added to the stop ids when the template uses them.
@@ -146,14 +148,12 @@ def _load_folder(folder: str) -> Tokenizer:
 
 def _cache_dir(path: str) -> Path | None:
     """Per-file cache of the converted tokenizer, keyed by name, size and mtime; '' disables it."""
-    base = os.environ.get("TOKENMILL_CACHE_DIR")
-    if base == "":
+    root = cache_dir("tokenizers")
+    if root is None:
         return None
-    if base is None:
-        base = os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "tokenmill")
     st = os.stat(path)
     stem = os.path.basename(path).removesuffix(".gguf")
-    return Path(os.path.expanduser(base)) / "tokenizers" / f"{stem}-{st.st_size}-{st.st_mtime_ns}"
+    return root / f"{stem}-{st.st_size}-{st.st_mtime_ns}"
 
 
 def _gguf_eos_ids(path: str) -> list[int]:

@@ -35,7 +35,7 @@ class AsyncEngine:
         self.model_name = self.engine.model_name
         self.model_config = self.engine.model_config
         self._cond = threading.Condition()  # wakes the step thread; notified after every step
-        self._lock = threading.Lock()  # guards _streams and _error
+        self._lock = threading.Lock()  # guards _streams, _error and starting the step thread
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._listeners: list[StatListener] = []
         self._thread: threading.Thread | None = None  # the thread that steps (ours or a caller's)

@@ -73,12 +73,13 @@ static float dot1(const float *restrict r, const float *restrict x, long in) {
 DOT_ROWS(2)
 
 /* the largest m gemv() takes: from 3 rows on, oneDNN's GEMM is as fast or faster (measured) */
-int gemv_max_rows(void) { return 2; }
+#define MAX_ROWS 2
+int gemv_max_rows(void) { return MAX_ROWS; }
 
 /* x: [m, in] rows ldx apart; w: [out, in] contiguous; y: [m, out] rows ldy apart; bias or NULL */
 int gemv(const float *x, long ldx, const float *w, const float *bias, float *y, long ldy,
          long m, long in, long out, int nthreads) {
-    if (m < 1 || m > 2 || in < 1 || out < 1) return -1;
+    if (m < 1 || m > MAX_ROWS || in < 1 || out < 1) return -1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long o = 0; o < out; o++) {
         const float *r = w + o * in;

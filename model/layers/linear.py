@@ -23,7 +23,7 @@ def dense(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     weight packed once (F.linear is the oracle).
 
     NOTE: on these CPUs oneDNN with a prepacked weight beats MKL's sgemm/sgemv by 15-35% at
-    every batch size, and gemv.c beats oneDNN by ~50% for 1-4 rows. The packed copy lives on
+    every batch size, and gemv.c beats oneDNN by ~50% for 1-2 rows. The packed copy lives on
     `owner` (not in its state_dict) and is rebuilt when the weight moves (data_ptr) or a
     weight_loader writes it (drop_packed).
     """

@@ -126,3 +126,18 @@ def test_unwritable_cache_falls_back(tmp_path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True"]
+
+
+def test_cache_disabled_still_builds(tmp_path) -> None:
+    """TOKENMILL_CACHE_DIR='' disables caching, not the kernel: it is built for this process
+    in a temporary folder, which is removed once the library is loaded."""
+    code = (
+        "import glob, tempfile; from model.layers import gemv; print(gemv.load() is not None);"
+        "print(glob.glob(tempfile.gettempdir() + '/tokenmill-kernels-*'))"
+    )
+    env = {"TOKENMILL_CACHE_DIR": "", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["True", "[]"]
