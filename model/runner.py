@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from model.llama import LlamaForCausalLM
 from model.loader import load_weights
 from model.parallel import ParallelContext, all_reduce
 from model.worker import WorkerGroup, check_tensor_parallel, worker_device
+
+if TYPE_CHECKING:
+    from model.constraints import ConstraintBatch
 
 logger = logging.getLogger(__name__)
 
@@ -253,11 +257,13 @@ class ModelRunner:
         self.last_timings = timings
         return logits
 
-    def execute(self, step: StepInput) -> StepOutput:
+    def execute(self, step: StepInput, constraints: ConstraintBatch | None = None) -> StepOutput:
         """One step for every scheduled token.
 
         Args:
             step: token ids, positions, slots, block tables, and which sequences sample.
+            constraints: grammar masks for some sampling rows (rank 0 only; filled while the
+                forward runs), or None.
         Returns:
             StepOutput with one sampled token (and optional logprobs) per entry of sample_indices.
         Raises:
@@ -283,7 +289,7 @@ class ModelRunner:
                 from model.sampler import Sampler
 
                 self._sampler = Sampler(self.seed)
-            out = self._sampler(logits, step.sampling)
+            out = self._sampler(logits, step.sampling, constraints)
         self.last_timings["sample"] = time.perf_counter() - t0
         return out
 

@@ -1,8 +1,9 @@
 """Sampler: logits → token ids (+ logprobs) for one step, batched over rows, in vLLM's order.
 
-Order: repetition/presence/frequency penalties → logit_bias → banned ids → greedy argmax →
-temperature → top-k → top-p → min-p → sample. Every stage is one tensor op over the rows that
-need it; per-row parameters become tensors once per call (mini-sglang's `prepare` idea).
+Order: grammar masks (constrained rows) → repetition/presence/frequency penalties → logit_bias →
+banned ids → greedy argmax → temperature → top-k → top-p → min-p → sample. Every stage is one
+tensor op over the rows that need it; per-row parameters become tensors once per call
+(mini-sglang's `prepare` idea).
 """
 
 from __future__ import annotations
@@ -10,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from model.inputs import SamplingRow, StepOutput, TokenLogprob
+
+if TYPE_CHECKING:
+    from model.constraints import ConstraintBatch
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +82,16 @@ class Sampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> StepOutput:
-        """Sample one token per row of `logits` [num_rows, vocab]; logprobs come from raw logits."""
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        constraints: ConstraintBatch | None = None,
+    ) -> StepOutput:
+        """Sample one token per row of `logits` [num_rows, vocab]; logprobs come from raw logits.
+
+        `constraints` masks its rows to the tokens their grammars allow, before anything else.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match {len(rows)} sampling rows"
@@ -90,15 +103,19 @@ class Sampler:
         greedy = [_is_greedy(r) for r in rows]
         wants_lp = any(r.num_logprobs is not None for r in rows)
         modifies = any(_has_penalty(r) or r.logit_bias or r.banned_token_ids for r in rows)
-        if all(greedy) and not modifies and not wants_lp:
+        if all(greedy) and not modifies and not wants_lp and constraints is None:
             # NOTE: fast path; torch.argmax breaks ties at the lowest index, like transformers
             return StepOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=[None] * n)
 
         work = logits
-        if modifies:
+        if modifies or constraints is not None:
             work = logits.clone()  # keep the raw logits for logprobs
-            self._apply_penalties(work, rows)
-            self._apply_bias_and_bans(work, rows)
+            allowed = constraints.apply(work) if constraints is not None else None
+            if modifies:
+                self._apply_penalties(work, rows)
+                self._apply_bias_and_bans(work, rows)
+                if constraints is not None:
+                    self._unban_dead_ends(work, logits, constraints, allowed)
 
         device = logits.device
         greedy_idx = [i for i, g in enumerate(greedy) if g]
@@ -116,6 +133,20 @@ class Sampler:
 
         logprobs = self._logprobs(logits, token_ids, rows) if wants_lp else [None] * n
         return StepOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    @staticmethod
+    def _unban_dead_ends(
+        work: torch.Tensor,
+        logits: torch.Tensor,
+        constraints: ConstraintBatch,
+        allowed: torch.Tensor,
+    ) -> None:
+        """A grammar row whose bans (min_tokens) forbid every allowed token keeps the grammar's."""
+        rows_t = torch.tensor(constraints.rows, device=work.device)
+        dead = torch.isneginf(work[rows_t].amax(dim=-1))  # [c]
+        if bool(dead.any()):
+            r = rows_t[dead]
+            work[r] = logits[r].masked_fill(~allowed[dead], float("-inf"))
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         """HF repetition penalty over prompt + output, then OpenAI presence/frequency on output."""

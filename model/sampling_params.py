@@ -13,6 +13,38 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+_KINDS = {
+    "json": "JSON schema",
+    "json_object": "JSON object",
+    "regex": "regular expression",
+    "choice": "choice",
+    "grammar": "grammar",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputsParams:
+    """A decoding constraint as plain text (picklable, hashable: the compile cache key).
+
+    kind: json (spec: the schema as JSON text), json_object (spec ""), regex, choice (spec: a JSON
+    list of strings), grammar (Lark, or GBNF with ::=). `param` names the request field in errors.
+    """
+
+    kind: str
+    spec: str
+    param: str = field(default="structured_outputs", compare=False)
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise SamplingParamsError(
+                f"constraint kind must be one of {sorted(_KINDS)}, got {self.kind!r}", self.param
+            )
+
+    @property
+    def what(self) -> str:
+        return _KINDS[self.kind]
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """vLLM's names and defaults; validated at construction so the engine never sees bad values."""
@@ -35,6 +67,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; 0: the sampled token's; k: plus the top k
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # decoding constrained to this
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

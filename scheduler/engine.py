@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from model.constraints import ConstraintCompiler
 from model.detokenizer import IncrementalDetokenizer
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams, SamplingParamsError
@@ -71,6 +72,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             eos_token_ids=self.tokenizer.eos_token_ids,
         )
+        self.constraints: ConstraintCompiler | None = None  # made by the first constrained request
         self.requests: dict[str, Request] = {}
         self._lock = threading.Lock()  # guards the two inboxes below (filled from other threads)
         self._new: list[Request] = []
@@ -89,11 +91,15 @@ class LLMEngine:
         """Validate and queue a request; it joins the scheduler at the next step."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         max_tokens = self._validate(ids, params)
+        spec = params.structured_outputs
+        compiler = self._constraint_compiler() if spec is not None else None
         metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
         seqs: list[Sequence] = []
         for i in range(params.n):
             seq = Sequence(request_id, list(ids), params, sample_index=i, max_tokens=max_tokens)
             seq.leader = seqs[0] if seqs else None
+            if compiler is not None:
+                seq.matcher = compiler.matcher(spec)
             seq.metrics = metrics
             seq.detokenizer = IncrementalDetokenizer(
                 self.tokenizer,
@@ -107,6 +113,14 @@ class LLMEngine:
             if request_id in self.requests or any(r.request_id == request_id for r in self._new):
                 raise ValueError(f"request id {request_id!r} is already running")
             self._new.append(Request(request_id, ids, params, seqs, metrics))
+
+    def _constraint_compiler(self) -> ConstraintCompiler:
+        with self._lock:
+            if self.constraints is None:
+                self.constraints = ConstraintCompiler(
+                    self.tokenizer.hf, self.model_config.vocab_size, self.tokenizer.eos_token_ids
+                )
+            return self.constraints
 
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
         """Returns the effective max_tokens (None becomes max_model_len - prompt length)."""
@@ -168,7 +182,10 @@ class LLMEngine:
             for seq in batch.seqs:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
-            step_output = self.runner.execute(batch.step_input)
+            constraints = None
+            if self.constraints is not None:  # NOTE: unconstrained servers skip even this
+                constraints = self.constraints.batch([s.matcher for s in batch.sampling_seqs])
+            step_output = self.runner.execute(batch.step_input, constraints)
             t2 = time.perf_counter()
             sampled = self.scheduler.update(batch, step_output)
             t3 = time.perf_counter()
@@ -176,6 +193,8 @@ class LLMEngine:
             t4 = time.perf_counter()
             split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
             split.update(self.runner.last_timings)  # prepare / forward / sample (+ comm under TP)
+            if constraints is not None:
+                split["mask"] = constraints.fill_time  # on its thread, during the forward
         self._last_step = SchedulerStats(
             step_duration=time.perf_counter() - t0,
             step_num_seqs=len(batch.seqs) if batch else 0,
@@ -194,7 +213,12 @@ class LLMEngine:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
             metrics.last_token_time = now
-            stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED
+            # a grammar that completes also stops, but its last token is text, not a stop token
+            stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED and (
+                seq.matcher is None
+                or st.token_id in params.stop_token_ids
+                or st.token_id in self.tokenizer.eos_token_ids
+            )
             hidden = stopped_by_token and not (
                 params.include_stop_str_in_output and st.token_id in params.stop_token_ids
             )
@@ -310,4 +334,6 @@ class LLMEngine:
         return self.runner.dead_reason
 
     def shutdown(self) -> None:
+        if self.constraints is not None:
+            self.constraints.shutdown()
         self.runner.shutdown()

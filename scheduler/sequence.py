@@ -62,6 +62,7 @@ class Sequence:
     stop_reason: int | str | None = None
     leader: Sequence | None = None  # sample 0 of the request, for samples 1..n-1 (shares blocks)
     detokenizer: Any = None  # model.detokenizer.IncrementalDetokenizer, set by the engine
+    matcher: Any = None  # model.constraints.Matcher when decoding is constrained (rank 0 state)
     metrics: RequestMetrics | None = None
     output_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per output token
 

@@ -1,0 +1,229 @@
+"""Constrained decoding: grammars (JSON schema, regex, choice, Lark) → per-step token bitmasks.
+
+Built on llguidance (chosen over xgrammar by measurement, see README "Structured outputs"). Each
+distinct constraint is compiled once into a template matcher (bounded LRU); every sequence gets a
+deep copy that advances with its accepted tokens. Matchers live on rank 0 only: the step contract
+carries nothing of them, and TP workers never see them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from model.sampling_params import SamplingParamsError, StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+# the field each kind of constraint came from, for 400s that name it
+_PARAM = {
+    "json": "response_format",
+    "json_object": "response_format",
+    "regex": "guided_regex",
+    "choice": "guided_choice",
+    "grammar": "guided_grammar",
+}
+
+
+class ConstraintError(SamplingParamsError):
+    """An invalid schema, regex, choice list or grammar; the message says what is wrong."""
+
+
+def _lark_string(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)
+
+
+def grammar_of(spec: StructuredOutputsParams) -> str:
+    """The llguidance grammar (JSON-encoded) for one constraint spec; no tokenizer needed."""
+    import llguidance
+
+    M = llguidance.LLMatcher
+    if spec.kind == "json":
+        try:
+            schema = json.loads(spec.spec)
+        except ValueError as e:
+            raise ConstraintError(f"the JSON schema is not valid JSON: {e}", spec.param) from e
+        if not isinstance(schema, dict):
+            raise ConstraintError("the JSON schema must be an object", spec.param)
+        return M.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    if spec.kind == "json_object":
+        return M.grammar_from_json_schema({"type": "object"})
+    if spec.kind == "regex":
+        return M.grammar_from_regex(spec.spec)
+    if spec.kind == "choice":
+        choices = json.loads(spec.spec)
+        return M.grammar_from_lark("start: " + " | ".join(_lark_string(c) for c in choices))
+    if spec.kind == "grammar":
+        text = spec.spec
+        if "::=" in text:  # GBNF / EBNF as llama.cpp writes it
+            try:
+                text = llguidance.gbnf_to_lark(text)
+            except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions
+                raise ConstraintError(f"invalid grammar: {e}", spec.param) from e
+        return M.grammar_from_lark(text)
+    raise ConstraintError(f"unknown constraint kind {spec.kind!r}", spec.param)
+
+
+class ConstraintCompiler:
+    """Compiles constraints against one tokenizer; keeps the last `cache_size` compiled ones."""
+
+    def __init__(
+        self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256
+    ) -> None:
+        self.hf_tokenizer = hf_tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = list(eos_token_ids)
+        self.cache_size = cache_size
+        self.words = (vocab_size + 31) // 32  # int32 words per bitmask row
+        self._ll_tokenizer: Any = None
+        self._lock = threading.Lock()  # add_request may run on several threads
+        self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
+        self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-mask")
+        self._executor: Any = None
+        self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
+
+    def _tokenizer(self) -> Any:
+        if self._ll_tokenizer is None:
+            import llguidance
+            import llguidance.hf
+
+            # NOTE: ~1 s once, on the first constrained request (not at start-up: most never ask)
+            self._ll_tokenizer = llguidance.hf.from_tokenizer(
+                self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
+            )
+            self._executor = llguidance.LLExecutor()
+        return self._ll_tokenizer
+
+    def compile(self, spec: StructuredOutputsParams) -> Any:
+        """A template matcher for `spec` (cached); raises ConstraintError naming the field."""
+        import time
+
+        import llguidance
+
+        with self._lock:
+            hit = self._cache.get(spec)
+            if hit is not None:
+                self._cache.move_to_end(spec)
+                return hit
+            tok = self._tokenizer()
+        t0 = time.perf_counter()
+        grammar = grammar_of(spec)
+        matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
+        if matcher.is_error():
+            raise ConstraintError(f"invalid {spec.what}: {matcher.get_error()}", spec.param)
+        elapsed = time.perf_counter() - t0
+        with self._lock:
+            self.compile_times = (self.compile_times + [elapsed])[-100:]
+            self._cache[spec] = matcher
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return matcher
+
+    def matcher(self, spec: StructuredOutputsParams) -> Matcher:
+        """A fresh matcher for one sequence (a copy of the cached template)."""
+        return Matcher(self.compile(spec).deep_copy(), self.eos_token_ids)
+
+    def batch(self, matchers: Sequence[Matcher | None]) -> ConstraintBatch | None:
+        """The constrained rows of one step, their masks filling on a thread; None if none."""
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return None
+        batch = ConstraintBatch(rows, [matchers[i] for i in rows], self.words)
+        batch.start(self._fill_thread, self._executor)
+        return batch
+
+    def shutdown(self) -> None:
+        self._fill_thread.shutdown(wait=False)
+
+
+class Matcher:
+    """One sequence's position in its grammar; advanced by every accepted token."""
+
+    __slots__ = ("ll", "eos_token_ids", "num_tokens")
+
+    def __init__(self, ll: Any, eos_token_ids: list[int]) -> None:
+        self.ll = ll
+        self.eos_token_ids = eos_token_ids
+        self.num_tokens = 0  # tokens accepted (a sequence's output length while it matches)
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by one sampled token; an EOS at an accepting state ends the grammar."""
+        self.num_tokens += 1
+        if token_id in self.eos_token_ids and self.ll.is_accepting():
+            return True
+        ok = self.ll.consume_token(token_id)
+        if not ok:
+            logger.warning("constraint rejected token %d: %s", token_id, self.ll.get_error())
+        return ok
+
+    @property
+    def is_finished(self) -> bool:
+        """Nothing but EOS may follow (or the matcher failed): the sequence ends here."""
+        return self.ll.is_stopped()
+
+
+class ConstraintBatch:
+    """One step's constrained rows: their matchers, and the bitmask filled for them."""
+
+    def __init__(self, rows: list[int], matchers: list[Matcher], words: int) -> None:
+        self.rows = rows  # indices into the step's sampling rows
+        self.matchers = matchers
+        self.bitmask = torch.zeros(len(rows), words, dtype=torch.int32)  # [rows, words]
+        self.fill_time = 0.0  # seconds the fill took (on its thread)
+        self._future: Future | None = None
+
+    def start(self, thread: ThreadPoolExecutor | None, executor: Any) -> None:
+        """Fill the masks on `thread` (overlapping the forward pass), or now if there is none."""
+        if thread is None:
+            self._fill(executor)
+        else:
+            self._future = thread.submit(self._fill, executor)
+
+    def _fill(self, executor: Any) -> None:
+        import time
+
+        t0 = time.perf_counter()
+        ptr, words = self.bitmask.data_ptr(), self.bitmask.shape[1]
+        pairs = [(m.ll, j) for j, m in enumerate(self.matchers)]
+        # NOTE: llguidance drops the GIL and spreads the rows over its own threads
+        executor.unsafe_compute_mask_ptr(pairs, ptr, words * 4, len(pairs))
+        for j, m in enumerate(self.matchers):
+            if m.ll.is_accepting():  # every end-of-turn id ends it, not only the tokenizer's EOS
+                for t in m.eos_token_ids:
+                    self.bitmask[j, t // 32] |= _bit(t % 32)
+        self.fill_time = time.perf_counter() - t0
+
+    def wait(self) -> None:
+        if self._future is not None:
+            self._future.result()
+            self._future = None
+
+    def allowed(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """Bool mask [rows, vocab] of the tokens each constrained row may sample."""
+        self.wait()
+        shifts = torch.arange(32, dtype=torch.int32)
+        bits = (self.bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
+        allowed = bits.view(len(self.rows), -1)[:, :vocab].bool()  # [rows, vocab]
+        if allowed.shape[1] < vocab:  # a padded LM head: the padding is never allowed
+            pad = torch.zeros(len(self.rows), vocab - allowed.shape[1], dtype=torch.bool)
+            allowed = torch.cat([allowed, pad], dim=1)
+        return allowed.to(device)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mask forbidden tokens of the constrained rows to -inf in place; returns the mask."""
+        allowed = self.allowed(logits.shape[1], logits.device)
+        rows_t = torch.tensor(self.rows, device=logits.device)
+        logits[rows_t] = logits[rows_t].masked_fill(~allowed, float("-inf"))
+        return allowed
+
+
+def _bit(i: int) -> int:
+    """Bit i of an int32 word as a Python int that fits in int32 (bit 31 is negative)."""
+    return (1 << i) - (1 << 32) if i == 31 else 1 << i
