@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -21,15 +22,6 @@ import torch
 from model.sampling_params import SamplingParamsError, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
-
-# the field each kind of constraint came from, for 400s that name it
-_PARAM = {
-    "json": "response_format",
-    "json_object": "response_format",
-    "regex": "guided_regex",
-    "choice": "guided_choice",
-    "grammar": "guided_grammar",
-}
 
 
 class ConstraintError(SamplingParamsError):
@@ -62,7 +54,7 @@ def grammar_of(spec: StructuredOutputsParams) -> str:
         return M.grammar_from_lark("start: " + " | ".join(_lark_string(c) for c in choices))
     if spec.kind == "grammar":
         text = spec.spec
-        if "::=" in text:  # GBNF / EBNF as llama.cpp writes it
+        if "::=" in text and not re.search(r"^\s*start\s*:", text, re.M):  # GBNF (llama.cpp)
             try:
                 text = llguidance.gbnf_to_lark(text)
             except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions
@@ -216,12 +208,16 @@ class ConstraintBatch:
             allowed = torch.cat([allowed, pad], dim=1)
         return allowed.to(device)
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        """Mask forbidden tokens of the constrained rows to -inf in place; returns the mask."""
+    def apply(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits with each constrained row's forbidden tokens at -inf (a new tensor), and the
+        allowed mask [rows, vocab]."""
         allowed = self.allowed(logits.shape[1], logits.device)
+        if len(self.rows) == logits.shape[0]:
+            return logits.masked_fill(~allowed, float("-inf")), allowed
         rows_t = torch.tensor(self.rows, device=logits.device)
-        logits[rows_t] = logits[rows_t].masked_fill(~allowed, float("-inf"))
-        return allowed
+        out = logits.clone()
+        out[rows_t] = logits[rows_t].masked_fill(~allowed, float("-inf"))
+        return out, allowed
 
 
 def _bit(i: int) -> int:

@@ -107,15 +107,16 @@ class Sampler:
             # NOTE: fast path; torch.argmax breaks ties at the lowest index, like transformers
             return StepOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=[None] * n)
 
-        work = logits
-        if modifies or constraints is not None:
-            work = logits.clone()  # keep the raw logits for logprobs
-            allowed = constraints.apply(work) if constraints is not None else None
-            if modifies:
-                self._apply_penalties(work, rows)
-                self._apply_bias_and_bans(work, rows)
-                if constraints is not None:
-                    self._unban_dead_ends(work, logits, constraints, allowed)
+        work, allowed = logits, None
+        if constraints is not None:
+            work, allowed = constraints.apply(logits)  # a new tensor: logprobs read the raw one
+        if modifies:
+            if work is logits:
+                work = logits.clone()  # keep the raw logits for logprobs
+            self._apply_penalties(work, rows)
+            self._apply_bias_and_bans(work, rows)
+            if constraints is not None:
+                self._unban_dead_ends(work, logits, constraints, allowed)
 
         device = logits.device
         greedy_idx = [i for i, g in enumerate(greedy) if g]

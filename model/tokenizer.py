@@ -89,16 +89,41 @@ class Tokenizer:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
     ) -> list[int]:
-        """Render the chat template to token ids (the template writes its own special tokens)."""
-        if not self.hf.chat_template:
+        """Render the chat template to token ids (the template writes its own special tokens).
+
+        `chat_template` overrides the model's; `template_kwargs` reach the template as variables.
+        """
+        template = chat_template or self.hf.chat_template
+        if not template:
             raise ValueError("this model has no chat template: use /v1/completions with a prompt")
         msgs = [dict(m, content=_join_text(m.get("content"), i)) for i, m in enumerate(messages)]
-        text = self.hf.apply_chat_template(
-            msgs, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            text = self.hf.apply_chat_template(
+                msgs,
+                tools=tools,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **template_kwargs,
+            )
+        except Exception as e:  # noqa: BLE001 - jinja errors of a user's template or kwargs
+            raise ValueError(f"{type(e).__name__}: {e}") from e
         return self.encode(text, add_special_tokens=False)
+
+    def template_takes(self, name: str, chat_template: str | None = None) -> bool:
+        """Whether the chat template reads a variable or key, e.g. "tools" or "tool_calls"."""
+        template = chat_template or self.hf.chat_template
+        return isinstance(template, str) and name in template
 
     def id_to_token(self, token_id: int) -> str:
         """Token text as OpenAI logprobs show it: 'Ġthe' → ' the', partial UTF-8 → 'bytes:\\xe6'."""

@@ -214,10 +214,13 @@ class Scheduler:
             logprob = output.logprobs[k] if output.logprobs else None
             seq.token_ids.append(token)
             sampled.append(SampledToken(seq, token, logprob))
-            matched = seq.matcher is None or seq.matcher.accept(token)
-            self._check_stop(seq, token)
-            if not seq.is_finished and (not matched or seq.matcher.is_finished):
-                seq.status = SequenceStatus.FINISHED_STOPPED  # the grammar is complete
+            if seq.matcher is None:
+                self._check_stop(seq, token)
+            else:
+                matched = seq.matcher.accept(token)
+                self._check_stop(seq, token)
+                if not seq.is_finished and (not matched or seq.matcher.is_finished):
+                    seq.status = SequenceStatus.FINISHED_STOPPED  # the grammar is complete
         for seq in batch.seqs:
             if not seq.is_finished:
                 bm.cache_full_blocks(seq)

@@ -45,6 +45,7 @@ class ServerConfig:
     max_waiting: int | None = None  # 503 + Retry-After once this many requests wait
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
     model_path: str | None = None  # shown as `root` in /v1/models
+    chat_template: str | None = None  # --chat-template: replaces the model's template
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -92,7 +93,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     limits = ServingLimits(max_waiting=cfg.max_waiting)
     completion = OpenAIServingCompletion(engine, limits)
-    chat = OpenAIServingChat(engine, limits)
+    chat = OpenAIServingChat(engine, limits, cfg.chat_template)
     models = OpenAIServingModels(engine, cfg.model_path)
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:

@@ -90,6 +90,11 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     s.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template file that replaces the model's",
+    )
+    s.add_argument(
         "--shutdown-timeout",
         type=float,
         default=10.0,
@@ -123,8 +128,20 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         max_waiting=args.max_waiting,
         shutdown_timeout=args.shutdown_timeout,
         model_path=args.model,
+        chat_template=_read_template(args.chat_template),
     )
     return engine_config, server_config
+
+
+def _read_template(path: str | None) -> str | None:
+    """--chat-template FILE → its text; an unreadable file stops start-up with its name."""
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise SystemExit(f"--chat-template: cannot read {path}: {e.strerror}") from e
 
 
 def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -18,7 +19,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from model.sampling_params import SamplingParams, SamplingParamsError
+from model.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -27,21 +28,17 @@ logger = logging.getLogger(__name__)
 # a silently different answer (their neutral values pass). Any other unknown field is ignored with
 # a warning, as vLLM does, so SDKs that add optional fields keep working.
 UNSUPPORTED = {
-    "tools": "tool calling",
-    "tool_choice": "tool calling",
-    "functions": "function calling",
-    "function_call": "function calling",
-    "response_format": "structured output",
+    "functions": "function calling (the legacy `functions`: use `tools`)",
+    "function_call": "function calling (the legacy `function_call`: use `tool_choice`)",
     "best_of": "best_of > 1",
     "prompt_logprobs": "prompt logprobs",
-    "guided_json": "guided decoding",
-    "guided_regex": "guided decoding",
-    "guided_choice": "guided decoding",
-    "guided_grammar": "guided decoding",
     "modalities": "non-text output",
     "audio": "audio output",
 }
-NEUTRAL = {"tool_choice": ("none",), "best_of": (1,), "modalities": (["text"],)}
+NEUTRAL = {"best_of": (1,), "modalities": (["text"],)}
+# vLLM's guided-decoding fields and their `structured_outputs` keys → constraint kinds
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
+_GUIDED["guided_grammar"] = "grammar"
 
 
 class _Request(BaseModel):
@@ -81,19 +78,20 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = 0
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     best_of: Any = None
     prompt_logprobs: Any = None
-    guided_json: Any = None
-    guided_regex: Any = None
-    guided_choice: Any = None
-    guided_grammar: Any = None
     modalities: Any = None
     audio: Any = None
+    response_format: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    include_stop_str_in_output: StrictBool = False
+    skip_special_tokens: StrictBool = True
 
     @field_validator(*UNSUPPORTED, mode="before")
     @classmethod
@@ -112,6 +110,55 @@ class _SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The one decoding constraint asked for (response_format, guided_*, structured_outputs)."""
+        found: list[StructuredOutputsParams] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                found.append(StructuredOutputsParams("json_object", "", "response_format"))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
+                if not isinstance(schema, dict):
+                    raise SamplingParamsError(
+                        "response_format json_schema needs json_schema.schema (an object)",
+                        "response_format",
+                    )
+                found.append(StructuredOutputsParams("json", json.dumps(schema), "response_format"))
+            elif kind != "text":
+                raise SamplingParamsError(
+                    "response_format type must be 'text', 'json_object' or 'json_schema', "
+                    f"got {kind!r}",
+                    "response_format",
+                )
+        for name, kind in _GUIDED.items():
+            value = getattr(self, name)
+            if value is not None:
+                found.append(_constraint(kind, value, name))
+        so = self.structured_outputs or {}
+        for key, value in so.items():
+            if value is None or value is False:
+                continue
+            if key == "json_object":
+                found.append(StructuredOutputsParams("json_object", "", "structured_outputs"))
+            elif key in ("json", "regex", "choice", "grammar"):
+                found.append(_constraint(key, value, "structured_outputs"))
+            else:
+                raise SamplingParamsError(
+                    f"structured_outputs.{key} is not supported: use json, json_object, regex, "
+                    "choice or grammar",
+                    "structured_outputs",
+                )
+        if len(found) > 1:
+            raise SamplingParamsError(
+                "only one constraint may be given, got "
+                + ", ".join(f"{c.param} ({c.kind})" for c in found),
+                found[1].param,
+            )
+        return found[0] if found else None
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Build and validate SamplingParams; raises SamplingParamsError with .param."""
@@ -148,8 +195,37 @@ class _SamplingRequest(_Request):
             ignore_eos=self.ignore_eos,
             logit_bias=bias,
             logprobs=logprobs,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self.structured(),
             **{k: v for k, v in given.items() if v is not None},
         )
+
+
+def _constraint(kind: str, value: Any, param: str) -> StructuredOutputsParams:
+    """A guided_* / structured_outputs value → a constraint spec, checked for its shape."""
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise SamplingParamsError(f"{param} is not valid JSON: {e}", param) from e
+        if not isinstance(value, dict):
+            raise SamplingParamsError(f"{param} must be a JSON schema object", param)
+        return StructuredOutputsParams("json", json.dumps(value), param)
+    if kind == "choice":
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(c, str) and c for c in value)
+        ):
+            raise SamplingParamsError(
+                f"{param} must be a non-empty list of non-empty strings", param
+            )
+        return StructuredOutputsParams("choice", json.dumps(value), param)
+    if not isinstance(value, str) or not value:
+        raise SamplingParamsError(f"{param} must be a non-empty string", param)
+    return StructuredOutputsParams(kind, value, param)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -178,10 +254,23 @@ class TextPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallMessage(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -195,13 +284,55 @@ class ChatMessage(_Request):
                 )
         return content
 
-    def to_template(self) -> dict[str, str]:
-        """The dict the chat template expects: text parts joined by newlines, developer → system."""
+    def to_template(self) -> dict[str, Any]:
+        """The dict the chat template expects: text parts joined by newlines, developer → system;
+        tool calls with their arguments as objects (as Hugging Face templates expect)."""
         content = self.content
         if isinstance(content, list):
             content = "\n".join(part.text for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        msg: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args: Any = json.loads(c.function.arguments)
+                except ValueError:
+                    args = c.function.arguments
+                calls.append(
+                    {
+                        "id": c.id,
+                        "type": "function",
+                        "function": {"name": c.function.name, "arguments": args},
+                    }
+                )
+            msg["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.name is not None and role == "tool":
+            msg["name"] = self.name
+        return msg
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class ToolDefinition(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -210,8 +341,30 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+
+    @property
+    def tool_mode(self) -> str:
+        """none (no tools or tool_choice none), auto, required, or named."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
 
     def to_sampling_params(self) -> SamplingParams:
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise SamplingParamsError("tool_choice needs tools", "tool_choice")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise SamplingParamsError(
+                "continue_final_message and add_generation_prompt cannot both be true",
+                "continue_final_message",
+            )
         if not self.messages:
             raise SamplingParamsError("messages must not be empty", "messages")
         if self.top_logprobs is not None and not self.logprobs:
@@ -295,9 +448,29 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class ResponseFunction(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunction
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_no_calls(self, handler: Any) -> dict:
+        """tool_calls only when there are some, as OpenAI sends it."""
+        out = handler(self)
+        if not out.get("tool_calls"):
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
@@ -316,9 +489,30 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _drop_none(self, handler: Any) -> dict:

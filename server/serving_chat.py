@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
+from typing import Any
 
 from model.inputs import TokenLogprob
 from server.errors import APIError
@@ -16,33 +19,88 @@ from server.protocol import (
     ChatResponseMessage,
     ChatStreamChoice,
     ChatTokenLogprob,
+    DeltaFunction,
     DeltaMessage,
+    DeltaToolCall,
+    ResponseFunction,
+    ResponseToolCall,
     TopLogprob,
     UsageInfo,
 )
-from server.serving_engine import OpenAIServing
+from server.serving_engine import OpenAIServing, ServingLimits
+from server.tool_calls import (
+    CALL_CLOSE,
+    CALL_OPEN,
+    ToolCall,
+    ToolCallStreamer,
+    parse_tool_calls,
+    preamble,
+    tool_call_constraint,
+)
+
+_ARG_PIECE = 16  # streamed tool-call arguments arrive in pieces of this many characters
 
 
 class OpenAIServingChat(OpenAIServing):
     prefix = "chatcmpl"
+
+    def __init__(self, engine: Any, limits: ServingLimits, chat_template: str | None = None):
+        super().__init__(engine, limits)
+        self.chat_template = chat_template  # --chat-template: overrides the model's
 
     async def create(
         self, req: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator | APIError:
         return await self.run(lambda: self._create(req))
 
-    def render(self, req_messages: list, add_generation_prompt: bool = True) -> list[int]:
-        """Chat template → token ids; a model without a template is a 400."""
+    def render(
+        self, req_messages: list, add_generation_prompt: bool = True, req: Any = None
+    ) -> list[int]:
+        """Chat template → token ids; tools via the template or the built-in preamble; 400s."""
         messages = [m.to_template() for m in req_messages]
+        tok, template = self.engine.tokenizer, self.chat_template
+        kwargs: dict[str, Any] = dict((req.chat_template_kwargs or {}) if req else {})
+        tools = None
+        if req is not None and req.tool_mode != "none":
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            if not tok.template_takes("tools", template):
+                messages = _with_preamble(messages, preamble(tools))
+                tools = None
+        if not tok.template_takes("tool_calls", template):
+            messages = [_calls_as_text(m) for m in messages]
+        continue_final = bool(req and req.continue_final_message)
         try:
-            return list(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt))
+            return list(
+                tok.apply_chat_template(
+                    messages,
+                    add_generation_prompt,
+                    tools=tools,
+                    chat_template=template,
+                    continue_final_message=continue_final,
+                    **kwargs,
+                )
+            )
         except ValueError as e:
-            raise APIError(f"cannot apply the chat template: {e}", 400, param="messages") from e
+            param = "chat_template_kwargs" if kwargs else "messages"
+            raise APIError(f"cannot apply the chat template: {e}", 400, param=param) from e
 
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
         self.check_model(req.model)
         params = req.to_sampling_params()
-        prompt = self.render(req.messages)
+        mode = req.tool_mode
+        if mode in ("required", "named"):
+            if params.structured_outputs is not None:
+                raise APIError(
+                    f"tool_choice {mode!r} cannot be combined with "
+                    f"{params.structured_outputs.param}",
+                    400,
+                    param="tool_choice",
+                )
+            name = req.tool_choice.function.name if mode == "named" else None
+            tools = [t.model_dump(exclude_none=True) for t in req.tools]
+            constraint = tool_call_constraint(tools, name, req.parallel_tool_calls)
+            params = replace(params, structured_outputs=constraint)
+        prompt = self.render(req.messages, req.add_generation_prompt, req)
         params = self.fit_params(len(prompt), params, "messages")
         request_id = self.new_request_id()
         created = self.now()
@@ -68,15 +126,22 @@ class OpenAIServingChat(OpenAIServing):
                         )
         usage.completion_tokens = sum(counts)
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        choices = [
-            ChatChoice(
-                index=i,
-                message=ChatResponseMessage(content=texts[i]),
-                logprobs=ChatLogprobs(content=logprobs[i] or []) if req.logprobs else None,
-                finish_reason=finish[i],
+        choices = []
+        for i in range(params.n):
+            message = ChatResponseMessage(content=texts[i])
+            if mode != "none":
+                content, calls = parse_tool_calls(texts[i])
+                if calls:
+                    message = ChatResponseMessage(content=content, tool_calls=_response(calls))
+                    finish[i] = "tool_calls" if finish[i] == "stop" else finish[i]
+            choices.append(
+                ChatChoice(
+                    index=i,
+                    message=message,
+                    logprobs=ChatLogprobs(content=logprobs[i] or []) if req.logprobs else None,
+                    finish_reason=finish[i],
+                )
             )
-            for i in range(params.n)
-        ]
         return ChatCompletionResponse(
             id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
         )
@@ -90,6 +155,7 @@ class OpenAIServingChat(OpenAIServing):
             )
 
         counts = [0] * n
+        parsers = [ToolCallStreamer() for _ in range(n)] if req.tool_mode != "none" else None
         async with aclosing(stream):
             for i in range(n):
                 role = DeltaMessage(role="assistant", content="")
@@ -102,11 +168,21 @@ class OpenAIServingChat(OpenAIServing):
                     lps = None
                     if co.logprobs is not None and req.logprobs:
                         lps = ChatLogprobs(content=self._logprobs(co.logprobs))
-                    if not co.text and co.finish_reason is None and lps is None:
-                        continue
-                    delta = DeltaMessage(content=co.text or None)
+                    finish = co.finish_reason
+                    if parsers is not None:
+                        for delta in _tool_deltas(parsers[co.index], co.text, finish is not None):
+                            yield chunk([ChatStreamChoice(index=co.index, delta=delta)])
+                        if finish == "stop" and parsers[co.index].num_calls:
+                            finish = "tool_calls"
+                        if finish is None and lps is None:
+                            continue
+                        delta = DeltaMessage()
+                    else:
+                        if not co.text and finish is None and lps is None:
+                            continue
+                        delta = DeltaMessage(content=co.text or None)
                     choice = ChatStreamChoice(
-                        index=co.index, delta=delta, logprobs=lps, finish_reason=co.finish_reason
+                        index=co.index, delta=delta, logprobs=lps, finish_reason=finish
                     )
                     yield chunk([choice])
         if req.include_usage:
@@ -134,3 +210,57 @@ class OpenAIServingChat(OpenAIServing):
                 )
             )
         return out
+
+
+def _response(calls: list[ToolCall]) -> list[ResponseToolCall]:
+    return [
+        ResponseToolCall(id=c.id, function=ResponseFunction(name=c.name, arguments=c.arguments))
+        for c in calls
+    ]
+
+
+def _tool_deltas(parser: ToolCallStreamer, text: str, last: bool) -> list[DeltaMessage]:
+    """Content as it comes; each call as OpenAI streams it: index, id and name, then arguments."""
+    before = parser.num_calls
+    content, calls = parser.feed(text)
+    if last:
+        rest, more = parser.flush()
+        content, calls = content + rest, calls + more
+    out = []
+    if content and not (calls and not content.strip()):
+        out.append(DeltaMessage(content=content))
+    for k, call in enumerate(calls):
+        index = before + k
+        head = DeltaFunction(name=call.name, arguments="")
+        out.append(
+            DeltaMessage(
+                tool_calls=[DeltaToolCall(index=index, id=call.id, type="function", function=head)]
+            )
+        )
+        args = call.arguments
+        for j in range(0, len(args), _ARG_PIECE):
+            piece = DeltaFunction(arguments=args[j : j + _ARG_PIECE])
+            out.append(DeltaMessage(tool_calls=[DeltaToolCall(index=index, function=piece)]))
+    return out
+
+
+def _with_preamble(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """Put the tool preamble into the system message (a new one if there is none)."""
+    if messages and messages[0]["role"] == "system":
+        first = dict(messages[0], content=f"{messages[0]['content']}\n\n{text}".strip())
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """For templates that know no tool_calls: an assistant's calls written as the model would."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    lines = [message["content"]] if message["content"] else []
+    for c in calls:
+        body = {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+        lines.append(f"{CALL_OPEN}{json.dumps(body)}{CALL_CLOSE}")
+    out = {k: v for k, v in message.items() if k != "tool_calls"}
+    out["content"] = "\n".join(lines)
+    return out
