@@ -57,7 +57,7 @@ def workload() -> dict[str, tuple]:
     for i, extra in enumerate([1, 3, 5, 8, 13, 17, 21, 26]):
         prompt = prefix + [rng.randrange(100, 40000) for _ in range(extra)]
         spec = SPECS[i % len(SPECS)] if i != 7 else None
-        common = dict(max_tokens=60, structured_outputs=spec, ignore_eos=spec is None)
+        common = dict(max_tokens=48 if spec else 12, structured_outputs=spec, ignore_eos=not spec)
         if i % 2:
             params = SamplingParams(
                 temperature=1.0, seed=200 + i, n=2 if i == 3 else 1, logprobs=2, **common

@@ -1,0 +1,328 @@
+"""Structured outputs and tool calls from the default SmolLM2-135M: valid every time, by grammar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+from pydantic import BaseModel
+
+from tests.e2e.structured_schemas import SCHEMAS
+
+MODEL = "SmolLM2-135M-Instruct"
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Current time in a timezone",
+        "parameters": {
+            "type": "object",
+            "properties": {"tz": {"type": "string", "maxLength": 20}},
+            "required": ["tz"],
+        },
+    },
+}
+TOOLS = [WEATHER, TIME]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+
+
+@pytest.fixture(scope="module")
+def server(launch_server, smollm2_gguf: str):
+    return launch_server(["--log-level", "warning"])
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=150)
+
+
+def _json_request(i: int, desc: str, schema: dict, temperature: float) -> dict:
+    return dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": f"Describe {desc} as JSON."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": f"s{i}", "schema": schema, "strict": True},
+        },
+        temperature=temperature,
+        seed=i,
+        max_tokens=200,
+    )
+
+
+@pytest.mark.timeout(300)
+def test_32_schemas_greedy_and_sampled_all_validate(server):
+    """64 concurrent requests (32 schemas x greedy, sampled) against one server."""
+
+    async def main() -> list:
+        aclient = openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=280
+        )
+        reqs = [
+            _json_request(i, desc, schema, temp)
+            for temp in (0.0, 1.0)
+            for i, (desc, schema) in enumerate(SCHEMAS)
+        ]
+        try:
+            return await asyncio.gather(*(aclient.chat.completions.create(**r) for r in reqs))
+        finally:
+            await aclient.close()
+
+    replies = asyncio.run(main())
+    assert len(replies) == 2 * len(SCHEMAS) >= 64
+    for k, reply in enumerate(replies):
+        desc, schema = SCHEMAS[k % len(SCHEMAS)]
+        choice = reply.choices[0]
+        assert choice.finish_reason == "stop", (desc, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+@pytest.mark.timeout(180)
+def test_parse_with_pydantic_and_stream_equals_non_stream(client):
+    class Person(BaseModel):
+        name: str
+        age: int
+
+    messages = [{"role": "user", "content": "Give me a person as JSON with name and age."}]
+    parsed = client.chat.completions.parse(
+        model=MODEL, messages=messages, response_format=Person, temperature=0, max_tokens=60
+    )
+    person = parsed.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name
+    rf = {"type": "json_object"}
+    full = client.chat.completions.create(
+        model=MODEL, messages=messages, response_format=rf, temperature=0, max_tokens=100
+    )
+    streamed = client.chat.completions.create(
+        model=MODEL, messages=messages, response_format=rf, temperature=0, max_tokens=100,
+        stream=True,
+    )  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert text == full.choices[0].message.content
+    assert isinstance(json.loads(text), dict)
+
+
+@pytest.mark.timeout(180)
+def test_regex_and_choice_on_both_endpoints(client):
+    for temperature in (0.0, 1.0):
+        out = client.completions.create(
+            model=MODEL,
+            prompt="My phone number is",
+            temperature=temperature,
+            seed=3,
+            max_tokens=20,
+            extra_body={"guided_regex": r" [0-9]{3}-[0-9]{4}"},
+        )
+        assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", out.choices[0].text)
+        assert out.choices[0].finish_reason == "stop"
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Is the sky blue?"}],
+            temperature=temperature,
+            seed=3,
+            n=2,
+            extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe not"]}},
+        )
+        assert all(c.message.content in ("yes", "no", "maybe not") for c in reply.choices)
+        out = client.completions.create(
+            model=MODEL,
+            prompt="A JSON point:",
+            temperature=temperature,
+            max_tokens=60,
+            extra_body={"guided_json": {"type": "object", "properties": {"x": {"type": "integer"}},
+                                        "required": ["x"], "additionalProperties": False}},
+        )  # fmt: skip
+        assert isinstance(json.loads(out.choices[0].text)["x"], int)
+        grammar = 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Some numbers in brackets."}],
+            temperature=temperature,
+            max_tokens=40,
+            extra_body={"guided_grammar": grammar},
+        )
+        assert re.fullmatch(r"\([0-9]{1,2}(,[0-9]{1,2})*\)", reply.choices[0].message.content)
+
+
+PROMPTS = [
+    "What is the weather in Paris?",
+    "Tell me the weather in Tokyo in fahrenheit.",
+    "What time is it in Berlin?",
+    "I need the time in UTC.",
+]
+
+
+def _check_calls(message, names: set[str]) -> list[tuple[str, str]]:
+    assert message.tool_calls, message
+    out = []
+    for call in message.tool_calls:
+        assert call.type == "function" and call.id.startswith("call_")
+        assert call.function.name in names
+        jsonschema.validate(json.loads(call.function.arguments), PARAMS[call.function.name])
+        out.append((call.function.name, call.function.arguments))
+    return out
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("choice", ["required", "named"])
+def test_tool_calls_required_and_named_validate_stream_equal(client, choice):
+    tool_choice = (
+        "required"
+        if choice == "required"
+        else {"type": "function", "function": {"name": "get_time"}}
+    )
+    names = {"get_weather", "get_time"} if choice == "required" else {"get_time"}
+    for temperature in (0.0, 1.0):
+        for prompt in PROMPTS:
+            kw = dict(
+                model=MODEL,
+                messages=[{"role": "user", "content": prompt}],
+                tools=TOOLS,
+                tool_choice=tool_choice,
+                temperature=temperature,
+                seed=7,
+                max_tokens=150,
+            )
+            reply = client.chat.completions.create(**kw)
+            assert reply.choices[0].finish_reason == "tool_calls"
+            calls = _check_calls(reply.choices[0].message, names)
+            if temperature:
+                continue
+            streamed = client.chat.completions.create(**kw, stream=True)
+            acc: dict[int, dict] = {}
+            finish = None
+            for chunk in streamed:
+                for c in chunk.choices:
+                    finish = c.finish_reason or finish
+                    for d in c.delta.tool_calls or []:
+                        slot = acc.setdefault(d.index, {"name": None, "args": ""})
+                        if d.id is not None:  # id and name come first, arguments after
+                            assert slot["name"] is None and d.function.name
+                            slot["name"] = d.function.name
+                        slot["args"] += d.function.arguments or ""
+            assert finish == "tool_calls"
+            assert [(s["name"], s["args"]) for _, s in sorted(acc.items())] == calls
+
+
+@pytest.mark.timeout(120)
+def test_tool_history_renders_and_auto_answers(client):
+    messages = [
+        {"role": "user", "content": "What is the weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "arguments": '{"city": "Paris", "unit": "celsius"}',
+                    },
+                }
+            ],
+        },  # fmt: skip
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=40
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "tool_calls", "length")
+    if choice.message.tool_calls:
+        _check_calls(choice.message, set(PARAMS))
+    else:
+        assert choice.message.content
+    # tool_choice none: plain text, no calls parsed
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages[:1], tools=TOOLS, tool_choice="none", temperature=0,
+        max_tokens=30,
+    )  # fmt: skip
+    assert reply.choices[0].message.tool_calls is None
+
+
+@pytest.mark.timeout(120)
+def test_bad_constraints_are_400s_naming_the_field(server, client):
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(f"{server.url}{path}", json={"model": MODEL, **body}, timeout=60)
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+    cases = [
+        ("/v1/completions", {"prompt": "x", "guided_regex": "[a-"}, "guided_regex", "regex"),
+        ("/v1/chat/completions", {**chat, "guided_choice": []}, "guided_choice", "list"),
+        (
+            "/v1/chat/completions",
+            {**chat, "guided_grammar": "start: undefined_rule"},
+            "guided_grammar",
+            "grammar",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {
+                **chat,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "array", "uniqueItems": True}},
+                },
+            },
+            "response_format",
+            "uniqueItems",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {**chat, "response_format": {"type": "xml"}},
+            "response_format",
+            "xml",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {
+                **chat,
+                "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            "tool_choice",
+            "nope",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {**chat, "guided_regex": "a", "guided_choice": ["b"]},
+            "guided_choice",
+            "only one",
+        ),  # fmt: skip
+        (
+            "/v1/chat/completions",
+            {**chat, "structured_outputs": {"json": "{not json"}},
+            "structured_outputs",
+            "JSON",
+        ),  # fmt: skip
+    ]
+    for path, body, param, words in cases:
+        r = post(path, body)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"], (body, err)
+    # the server is unharmed: a normal request right after still works
+    ok = client.chat.completions.create(model=MODEL, messages=chat["messages"], max_tokens=3)
+    assert ok.choices[0].finish_reason in ("stop", "length")

@@ -1,0 +1,95 @@
+"""Grammar matchers and masks on SmolLM2's tokenizer: EOS only when complete, masks before all."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.constraints import ConstraintCompiler, ConstraintError
+from model.inputs import SamplingRow
+from model.sampler import Sampler
+from model.sampling_params import StructuredOutputsParams
+from model.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_gguf):
+    return load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def compiler(tok):
+    c = ConstraintCompiler(tok.hf, 49152, tok.eos_token_ids, cache_size=2)
+    yield c
+    c.shutdown()
+
+
+def _allowed(compiler, matchers) -> torch.Tensor:
+    batch = compiler.batch(matchers)
+    return batch.allowed(49152, torch.device("cpu"))
+
+
+def test_choice_walk_eos_only_at_the_end(compiler, tok):
+    spec = StructuredOutputsParams("choice", json.dumps(["yes", "no"]))
+    m = compiler.matcher(spec)
+    (allowed,) = _allowed(compiler, [m])
+    eos = tok.eos_token_ids[0]
+    assert not allowed[eos]  # nothing written yet: EOS forbidden
+    ids = tok.encode("yes", add_special_tokens=False)
+    assert allowed[ids[0]] and int(allowed.sum()) < 100
+    for t in ids:
+        assert m.accept(t)
+    assert m.is_finished  # complete: the scheduler ends the sequence here
+    (allowed,) = _allowed(compiler, [m])
+    assert allowed[eos] and int(allowed.sum()) == len(set(tok.eos_token_ids))
+
+
+def test_batch_of_rows_and_unconstrained_rows(compiler, tok):
+    """Rows without a matcher are untouched; a batch of none is None (pays nothing)."""
+    assert compiler.batch([None, None]) is None
+    regex = compiler.matcher(StructuredOutputsParams("regex", "[0-9]+"))
+    batch = compiler.batch([None, regex])
+    assert batch.rows == [1]
+    logits = torch.zeros(2, 49152)
+    masked, allowed = batch.apply(logits)
+    assert torch.equal(masked[0], logits[0])
+    digits = tok.encode("7", add_special_tokens=False)[0]
+    letter = tok.encode("a", add_special_tokens=False)[0]
+    assert masked[1, digits] == 0 and masked[1, letter] == float("-inf")
+    assert bool(torch.isinf(logits).any()) is False  # the raw logits stay raw
+
+
+def test_sampler_masks_first_and_logprobs_stay_raw(compiler, tok):
+    m = compiler.matcher(StructuredOutputsParams("choice", json.dumps(["no"])))
+    no = tok.encode("no", add_special_tokens=False)[0]
+    logits = torch.zeros(1, 49152)
+    logits[0, 5] = 10.0  # the raw argmax is not allowed
+    rows = [SamplingRow(temperature=0.0, num_logprobs=1, logit_bias={no: -50.0})]
+    out = Sampler(0)(logits, rows, compiler.batch([m]))
+    assert out.token_ids == [no]  # even a -50 bias cannot push out the only allowed token
+    lp = out.logprobs[0]
+    assert lp.top[0][0] == 5 and lp.rank > 1
+    assert lp.logprob == pytest.approx(float(logits.log_softmax(-1)[0, no]))
+    sampled = Sampler(0)(logits, [SamplingRow(temperature=1.0, seed=3)], compiler.batch([m]))
+    assert sampled.token_ids == [no]
+
+
+def test_errors_name_the_field_and_cache_is_bounded(compiler):
+    with pytest.raises(ConstraintError, match="uniqueItems") as e:
+        compiler.compile(
+            StructuredOutputsParams("json", '{"type":"array","uniqueItems":true}', "guided_json")
+        )
+    assert e.value.param == "guided_json"
+    with pytest.raises(ConstraintError, match="regular expression"):
+        compiler.compile(StructuredOutputsParams("regex", "(", "guided_regex"))
+    with pytest.raises(ConstraintError, match="not valid JSON"):
+        compiler.compile(StructuredOutputsParams("json", "{", "guided_json"))
+    specs = [StructuredOutputsParams("regex", f"a{{{i}}}") for i in range(1, 5)]
+    for s in specs:
+        compiler.compile(s)
+    assert list(compiler._cache) == specs[-2:]  # LRU of size 2
+    assert compiler.compile(specs[-1]) is compiler.compile(specs[-1])  # a hit is the same object
