@@ -123,46 +123,62 @@ def test_parse_with_pydantic_and_stream_equals_non_stream(client):
     assert isinstance(json.loads(text), dict)
 
 
-@pytest.mark.timeout(180)
-def test_regex_and_choice_on_both_endpoints(client):
-    for temperature in (0.0, 1.0):
-        out = client.completions.create(
-            model=MODEL,
-            prompt="My phone number is",
-            temperature=temperature,
-            seed=3,
-            max_tokens=20,
-            extra_body={"guided_regex": r" [0-9]{3}-[0-9]{4}"},
+def run_all(server, calls: list) -> list:
+    """Send every (method path, kwargs) at once with the async SDK; results in order."""
+
+    async def main() -> list:
+        aclient = openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=280
         )
-        assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", out.choices[0].text)
-        assert out.choices[0].finish_reason == "stop"
-        reply = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Is the sky blue?"}],
-            temperature=temperature,
-            seed=3,
-            n=2,
-            extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe not"]}},
-        )
-        assert all(c.message.content in ("yes", "no", "maybe not") for c in reply.choices)
-        out = client.completions.create(
-            model=MODEL,
-            prompt="A JSON point:",
-            temperature=temperature,
-            max_tokens=60,
-            extra_body={"guided_json": {"type": "object", "properties": {"x": {"type": "integer"}},
-                                        "required": ["x"], "additionalProperties": False}},
-        )  # fmt: skip
-        assert isinstance(json.loads(out.choices[0].text)["x"], int)
-        grammar = 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'
-        reply = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Some numbers in brackets."}],
-            temperature=temperature,
-            max_tokens=40,
-            extra_body={"guided_grammar": grammar},
-        )
-        assert re.fullmatch(r"\([0-9]{1,2}(,[0-9]{1,2})*\)", reply.choices[0].message.content)
+        try:
+            jobs = []
+            for kind, kw in calls:
+                api = aclient.completions if kind == "completions" else aclient.chat.completions
+                jobs.append(_collect(api.create(**kw)) if kw.get("stream") else api.create(**kw))
+            return await asyncio.gather(*jobs)
+        finally:
+            await aclient.close()
+
+    return asyncio.run(main())
+
+
+async def _collect(stream_coro) -> list:
+    return [chunk async for chunk in await stream_coro]
+
+
+GRAMMAR = 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'
+POINT = {
+    "type": "object",
+    "properties": {"x": {"type": "integer", "minimum": -99, "maximum": 99}},
+    "required": ["x"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.timeout(240)
+def test_regex_choice_grammar_on_both_endpoints(server):
+    calls = []
+    for t in (0.0, 1.0):
+        common = dict(model=MODEL, temperature=t, seed=3)
+        calls += [
+            ("completions", dict(common, prompt="My phone number is", max_tokens=20,
+                                 extra_body={"guided_regex": r" [0-9]{3}-[0-9]{4}"})),
+            ("chat", dict(common, messages=[{"role": "user", "content": "Is the sky blue?"}], n=2,
+                          extra_body={"structured_outputs": {"choice": ["yes", "no", "maybe"]}})),
+            ("completions", dict(common, prompt="A JSON point:", max_tokens=40,
+                                 extra_body={"guided_json": POINT})),
+            ("chat", dict(common, messages=[{"role": "user", "content": "Numbers in brackets."}],
+                          max_tokens=40, extra_body={"guided_grammar": GRAMMAR})),
+        ]  # fmt: skip
+    replies = run_all(server, calls)
+    for k in (0, 4):
+        phone, choice, point, grammar = replies[k : k + 4]
+        assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", phone.choices[0].text)
+        assert phone.choices[0].finish_reason == "stop"
+        assert all(c.message.content in ("yes", "no", "maybe") for c in choice.choices)
+        jsonschema.validate(json.loads(point.choices[0].text), POINT)
+        text = grammar.choices[0].message.content
+        assert re.fullmatch(r"\([0-9]{1,2}(,[0-9]{1,2})*\)", text), text
 
 
 PROMPTS = [
@@ -184,45 +200,46 @@ def _check_calls(message, names: set[str]) -> list[tuple[str, str]]:
     return out
 
 
+def _streamed_calls(chunks: list) -> tuple[list[tuple[str, str]], str | None]:
+    """Join streamed tool-call deltas: id and name must come first, then argument pieces."""
+    acc: dict[int, dict] = {}
+    finish = None
+    for chunk in chunks:
+        for c in chunk.choices:
+            finish = c.finish_reason or finish
+            for d in c.delta.tool_calls or []:
+                slot = acc.setdefault(d.index, {"name": None, "args": ""})
+                if d.id is not None:
+                    assert slot["name"] is None and d.function.name
+                    slot["name"] = d.function.name
+                slot["args"] += d.function.arguments or ""
+    return [(s["name"], s["args"]) for _, s in sorted(acc.items())], finish
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("choice", ["required", "named"])
-def test_tool_calls_required_and_named_validate_stream_equal(client, choice):
-    tool_choice = (
-        "required"
-        if choice == "required"
-        else {"type": "function", "function": {"name": "get_time"}}
-    )
-    names = {"get_weather", "get_time"} if choice == "required" else {"get_time"}
-    for temperature in (0.0, 1.0):
-        for prompt in PROMPTS:
-            kw = dict(
-                model=MODEL,
-                messages=[{"role": "user", "content": prompt}],
-                tools=TOOLS,
-                tool_choice=tool_choice,
-                temperature=temperature,
-                seed=7,
-                max_tokens=150,
-            )
-            reply = client.chat.completions.create(**kw)
+def test_tool_calls_required_and_named_validate_stream_equal(server):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    calls, expect = [], []
+    for tool_choice, names in (("required", set(PARAMS)), (named, {"get_time"})):
+        for t in (0.0, 1.0):
+            for prompt in PROMPTS:
+                messages = [{"role": "user", "content": prompt}]
+                kw = dict(model=MODEL, messages=messages, tools=TOOLS, tool_choice=tool_choice,
+                          temperature=t, seed=7, max_tokens=80)  # fmt: skip
+                calls.append(("chat", kw))
+                expect.append((names, None))
+                if t == 0.0:
+                    calls.append(("chat", dict(kw, stream=True)))
+                    expect.append((names, len(calls) - 2))  # equals the reply just before
+    replies = run_all(server, calls)
+    for reply, (names, same_as) in zip(replies, expect, strict=True):
+        if same_as is None:
             assert reply.choices[0].finish_reason == "tool_calls"
-            calls = _check_calls(reply.choices[0].message, names)
-            if temperature:
-                continue
-            streamed = client.chat.completions.create(**kw, stream=True)
-            acc: dict[int, dict] = {}
-            finish = None
-            for chunk in streamed:
-                for c in chunk.choices:
-                    finish = c.finish_reason or finish
-                    for d in c.delta.tool_calls or []:
-                        slot = acc.setdefault(d.index, {"name": None, "args": ""})
-                        if d.id is not None:  # id and name come first, arguments after
-                            assert slot["name"] is None and d.function.name
-                            slot["name"] = d.function.name
-                        slot["args"] += d.function.arguments or ""
+            _check_calls(reply.choices[0].message, names)
+        else:
+            got, finish = _streamed_calls(reply)
             assert finish == "tool_calls"
-            assert [(s["name"], s["args"]) for _, s in sorted(acc.items())] == calls
+            assert got == _check_calls(replies[same_as].choices[0].message, names)
 
 
 @pytest.mark.timeout(120)
