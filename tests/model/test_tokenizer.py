@@ -72,6 +72,26 @@ def test_chat_template_renders_turns(smollm2_tokenizer):
     assert "You are a helpful AI assistant named SmolLM" in tok.decode(default_system)
 
 
+def test_chat_template_override_kwargs_tools_and_continue(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    template = (
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+        "{% if tools %}<tools:{{ tools | length }}>{% endif %}{{ greeting | default('') }}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hel"}]
+    ids = tok.apply_chat_template(
+        msgs, False, tools=[{"type": "function"}], chat_template=template, greeting="!"
+    )
+    assert tok.decode(ids) == "[user]hi[assistant]Hel<tools:1>!"
+    assert tok.template_takes("tools", template) and not tok.template_takes("tools")
+    # continue_final_message: the reply is left open for the model to go on
+    cont = tok.decode(tok.apply_chat_template(msgs, False, continue_final_message=True))
+    assert cont.endswith("Hel") and not cont.endswith("<|im_end|>\n")
+    with pytest.raises(ValueError, match="TypeError|Error"):
+        tok.apply_chat_template(msgs, chat_template=template, tokenize=True)
+
+
 def test_chat_template_rejects_non_text_parts(smollm2_tokenizer):
     image = {"type": "image_url", "image_url": {"url": "http://x/y.png"}}
     with pytest.raises(ValueError, match="image_url"):

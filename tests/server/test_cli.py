@@ -76,3 +76,13 @@ def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> Non
         make_parser().parse_args(["serve", *argv])
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_chat_template_file(tmp_path) -> None:
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ messages[0].content }}")
+    _, server = parse("--chat-template", str(path))
+    assert server.chat_template == "{{ messages[0].content }}"
+    assert parse()[1].chat_template is None
+    with pytest.raises(SystemExit, match="missing.jinja"):
+        parse("--chat-template", str(tmp_path / "missing.jinja"))
