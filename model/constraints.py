@@ -78,6 +78,7 @@ class ConstraintCompiler:
         self._lock = threading.Lock()  # add_request may run on several threads
         self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
         self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-mask")
+        self.overlap = True  # fill masks on a thread during the forward (False: before it)
         self._executor: Any = None
         self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
 
@@ -128,7 +129,7 @@ class ConstraintCompiler:
         if not rows:
             return None
         batch = ConstraintBatch(rows, [matchers[i] for i in rows], self.words)
-        batch.start(self._fill_thread, self._executor)
+        batch.start(self._fill_thread if self.overlap else None, self._executor)
         return batch
 
     def shutdown(self) -> None:

@@ -39,6 +39,8 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
         "properties": {"name": {"const": function["name"]}, "arguments": params},
         "required": ["name", "arguments"],
         "additionalProperties": False,
+        # compact JSON: with free whitespace small models can emit newlines for ever
+        "x-guidance": {"whitespace_flexible": False},
     }
 
 
