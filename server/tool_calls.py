@@ -32,8 +32,21 @@ def preamble(tools: list[dict[str, Any]]) -> str:
     return PREAMBLE.format(tools="\n".join(json.dumps(t["function"]) for t in tools))
 
 
+def _closed(schema: Any) -> Any:
+    """Objects with `properties` and no `additionalProperties` get `false`: the arguments still
+    validate against the tool's schema, and a small model cannot invent keys for ever."""
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if "properties" in schema and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
-    params = function.get("parameters") or {"type": "object", "properties": {}}
+    params = _closed(function.get("parameters") or {"type": "object", "properties": {}})
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, "arguments": params},
