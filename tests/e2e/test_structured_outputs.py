@@ -99,7 +99,7 @@ def test_32_schemas_greedy_and_sampled_all_validate(server):
 
 
 @pytest.mark.timeout(180)
-def test_parse_with_pydantic_and_stream_equals_non_stream(client):
+def test_parse_with_pydantic_and_stream_equals_non_stream(server, client):
     class Person(BaseModel):
         name: str
         age: int
@@ -111,14 +111,9 @@ def test_parse_with_pydantic_and_stream_equals_non_stream(client):
     person = parsed.choices[0].message.parsed
     assert isinstance(person, Person) and person.name
     rf = {"type": "json_object"}
-    full = client.chat.completions.create(
-        model=MODEL, messages=messages, response_format=rf, temperature=0, max_tokens=100
-    )
-    streamed = client.chat.completions.create(
-        model=MODEL, messages=messages, response_format=rf, temperature=0, max_tokens=100,
-        stream=True,
-    )  # fmt: skip
-    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    kw = dict(model=MODEL, messages=messages, response_format=rf, temperature=0, max_tokens=100)
+    full, chunks = run_all(server, [("chat", kw), ("chat", dict(kw, stream=True))])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
     assert isinstance(json.loads(text), dict)
 
@@ -243,7 +238,7 @@ def test_tool_calls_required_and_named_validate_stream_equal(server):
 
 
 @pytest.mark.timeout(120)
-def test_tool_history_renders_and_auto_answers(client):
+def test_tool_history_renders_and_auto_answers(server):
     messages = [
         {"role": "user", "content": "What is the weather in Paris?"},
         {
@@ -262,21 +257,22 @@ def test_tool_history_renders_and_auto_answers(client):
         },  # fmt: skip
         {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
     ]
-    reply = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=40
-    )
-    choice = reply.choices[0]
+    auto, none = run_all(
+        server,
+        [
+            ("chat", dict(model=MODEL, messages=messages, tools=TOOLS, temperature=0,
+                          max_tokens=30)),
+            ("chat", dict(model=MODEL, messages=messages[:1], tools=TOOLS, tool_choice="none",
+                          temperature=0, max_tokens=20)),
+        ],
+    )  # fmt: skip
+    choice = auto.choices[0]
     assert choice.finish_reason in ("stop", "tool_calls", "length")
     if choice.message.tool_calls:
         _check_calls(choice.message, set(PARAMS))
     else:
         assert choice.message.content
-    # tool_choice none: plain text, no calls parsed
-    reply = client.chat.completions.create(
-        model=MODEL, messages=messages[:1], tools=TOOLS, tool_choice="none", temperature=0,
-        max_tokens=30,
-    )  # fmt: skip
-    assert reply.choices[0].message.tool_calls is None
+    assert none.choices[0].message.tool_calls is None  # tool_choice none: text, no calls parsed
 
 
 @pytest.mark.timeout(120)

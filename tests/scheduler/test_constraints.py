@@ -62,8 +62,9 @@ def workload() -> dict[str, tuple]:
             params = SamplingParams(
                 temperature=1.0, seed=200 + i, n=2 if i == 3 else 1, logprobs=2, **common
             )
-        else:
-            params = SamplingParams(temperature=0.0, **common)
+        else:  # r4 also has penalties and a logit bias: they apply after the grammar's mask
+            extra = dict(repetition_penalty=1.2, logit_bias={90: 5.0}) if i == 4 else {}
+            params = SamplingParams(temperature=0.0, **common, **extra)
         reqs[f"r{i}"] = (prompt, params)
     return reqs
 
