@@ -15,6 +15,7 @@ from model.inputs import StepInput, StepOutput
 from model.kv_cache import KVCacheSpec, allocate_kv_cache, default_kv_cache_memory
 from model.layers import gemv
 from model.layers.attention import AttentionMetadata
+from model.layers.fused_decode import FusedDecode
 from model.layers.linear import packed_nbytes
 from model.layers.quant import QUANTIZATIONS, quantize_rtn
 from model.llama import LlamaForCausalLM
@@ -126,6 +127,7 @@ class ModelRunner:
         self.workers: WorkerGroup | None = None
         self.last_timings: dict[str, float] = {}
         self._sampler = None
+        self.fused: FusedDecode | None = None
 
         config, stream = open_checkpoint(model, quantization)
         self.model_config = cfg = ModelConfig.from_hf_dict(config)
@@ -217,6 +219,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(spec, self.num_kv_blocks, self.device)
         for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
             layer.bind_kv_cache(k, v)
+        self.fused = FusedDecode.build(self.model, block_size)  # None: torch serves every step
         if ctx.is_first:
             logger.info(
                 "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB per rank, %s); "
@@ -260,14 +263,6 @@ class ModelRunner:
         t0 = start if start is not None else time.perf_counter()
         self.parallel.timer.reset()
         dev = self.device
-        meta = AttentionMetadata.build(
-            step.query_lens,
-            step.context_lens,
-            step.block_tables,
-            step.slot_mapping,
-            self.block_size,
-            dev,
-        )
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)  # [T]
         positions = torch.tensor(step.positions, dtype=torch.long, device=dev)  # [T]
         ends, end = [], 0
@@ -275,8 +270,22 @@ class ModelRunner:
             end += q
             ends.append(end - 1)
         rows = [ends[i] for i in step.sample_indices]
-        t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        if self.fused is not None and FusedDecode.takes(step.query_lens):
+            t1 = time.perf_counter()
+            hidden = self.fused(  # [T, hidden]: every layer in one decode.c call
+                input_ids, positions, step.slot_mapping, step.context_lens, step.block_tables
+            )
+        else:
+            meta = AttentionMetadata.build(
+                step.query_lens,
+                step.context_lens,
+                step.block_tables,
+                step.slot_mapping,
+                self.block_size,
+                dev,
+            )
+            t1 = time.perf_counter()
+            hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         if rows != list(range(step.num_tokens)):
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
         logits = self.model.compute_logits(hidden)  # [num_sample_rows, vocab] (rank 0)
