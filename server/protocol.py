@@ -234,6 +234,18 @@ class CompletionRequest(_SamplingRequest):
     logprobs: StrictInt | None = None
     echo: StrictBool = False
     suffix: str | None = None
+    tools: Any = None
+    tool_choice: Any = None
+
+    @field_validator("tools", "tool_choice", mode="before")
+    @classmethod
+    def _chat_only(cls, value: Any, info: ValidationInfo) -> Any:
+        """Tool calling needs a chat: a 400 here, not a silently tool-less completion."""
+        if value not in (None, [], "none"):
+            raise PydanticCustomError(
+                "unsupported", f"{info.field_name} is only supported on /v1/chat/completions"
+            )
+        return value
 
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix is not None:

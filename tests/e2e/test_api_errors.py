@@ -34,7 +34,7 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "tools": [{"type": "function"}]}, 400, "tools"),
     (
         "/v1/chat/completions",
-        {"messages": CHAT, "response_format": {"type": "json_object"}},
+        {"messages": CHAT, "response_format": {"type": "xml"}},
         400,
         "response_format",
     ),

@@ -139,7 +139,7 @@ def test_chat_top_logprobs_needs_logprobs() -> None:
         ({"prompt": "x", "max_tokens": 1.5}, "max_tokens"),
         ({"prompt": "x", "stream": "yes"}, "stream"),
         ({"prompt": "x", "tools": [{"type": "function"}]}, "tools"),  # unsupported: a 400
-        ({"prompt": "x", "response_format": {"type": "json_object"}}, "response_format"),
+        ({"prompt": "x", "response_format": "json"}, "response_format"),
         ({"prompt": 5}, "prompt"),
         ({}, "prompt"),
     ],
@@ -154,7 +154,7 @@ def test_wrong_types_become_400_with_param(body: dict, param: str) -> None:
 def test_chat_rejects_images_and_unknown_roles() -> None:
     for msg in (
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-        {"role": "tool", "content": "x"},
+        {"role": "robot", "content": "x"},
     ):
         with pytest.raises(ValidationError) as info:
             ChatCompletionRequest.model_validate({"messages": [msg]})
