@@ -5,8 +5,9 @@
 At each stream count S, S requests run together (greedy, ignore_eos) once with every request
 constrained to a JSON schema (an object holding a list of strings: long enough to fill max_tokens)
 and once without; each run is timed from the first step to the last. The schema differs per request
-(a distinct `title`) so every request compiles its own grammar. Per-step mask time is the fill on
-its thread (overlapped with the forward pass) and the sample time includes applying the mask.
+(a distinct `title`) so every request compiles its own grammar. Per-step mask time is the bitmask
+fill (before the forward, or with --overlap on a thread during it); the sample time includes
+applying the mask.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model))
     run(engine, 1, 4, True, 10_000)  # warm-up: builds the grammar tokenizer (~1 s, once)
-    engine.constraints.overlap = not args.no_overlap
+    engine.constraints.overlap = args.overlap
     engine.constraints.compile_times.clear()
     print("| streams | unconstrained tok/s | JSON-schema tok/s | ratio | mask fill ms/step "
           "| sample ms/step (constrained / not) |")  # fmt: skip

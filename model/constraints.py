@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from model.sampling_params import SamplingParamsError, StructuredOutputsParams
@@ -78,7 +79,9 @@ class ConstraintCompiler:
         self._lock = threading.Lock()  # add_request may run on several threads
         self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
         self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-mask")
-        self.overlap = True  # fill masks on a thread during the forward (False: before it)
+        # NOTE: False measured better on a 2-core CPU: a fill thread competes with the forward's
+        # OpenMP threads (README, "Structured outputs"); True fills during the forward
+        self.overlap = False
         self._executor: Any = None
         self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
 
@@ -201,9 +204,9 @@ class ConstraintBatch:
     def allowed(self, vocab: int, device: torch.device) -> torch.Tensor:
         """Bool mask [rows, vocab] of the tokens each constrained row may sample."""
         self.wait()
-        shifts = torch.arange(32, dtype=torch.int32)
-        bits = (self.bitmask.unsqueeze(-1) >> shifts) & 1  # [rows, words, 32]
-        allowed = bits.view(len(self.rows), -1)[:, :vocab].bool()  # [rows, vocab]
+        # NOTE: one numpy call, not a chain of small torch ops (each an OpenMP region)
+        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        allowed = torch.from_numpy(bits[:, :vocab]).view(torch.bool)  # [rows, <=vocab]
         if allowed.shape[1] < vocab:  # a padded LM head: the padding is never allowed
             pad = torch.zeros(len(self.rows), vocab - allowed.shape[1], dtype=torch.bool)
             allowed = torch.cat([allowed, pad], dim=1)
@@ -213,11 +216,12 @@ class ConstraintBatch:
         """Logits with each constrained row's forbidden tokens at -inf (a new tensor), and the
         allowed mask [rows, vocab]."""
         allowed = self.allowed(logits.shape[1], logits.device)
+        neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
         if len(self.rows) == logits.shape[0]:
-            return logits.masked_fill(~allowed, float("-inf")), allowed
+            return torch.where(allowed, logits, neg_inf), allowed
         rows_t = torch.tensor(self.rows, device=logits.device)
         out = logits.clone()
-        out[rows_t] = logits[rows_t].masked_fill(~allowed, float("-inf"))
+        out[rows_t] = torch.where(allowed, logits[rows_t], neg_inf)
         return out, allowed
 
 
