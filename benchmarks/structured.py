@@ -72,9 +72,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     ap.add_argument(
-        "--no-overlap",
-        action="store_true",
-        help="fill masks before the forward, not on a thread during it",
+        "--overlap", action="store_true", help="fill masks on a thread during the forward"
     )
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model))

@@ -2,7 +2,8 @@
 
 Built on llguidance (chosen over xgrammar by measurement, see README "Structured outputs"). Each
 distinct constraint is compiled once into a template matcher (bounded LRU); every sequence gets a
-deep copy that advances with its accepted tokens. Matchers live on rank 0 only: the step contract
+deep copy that advances with its accepted tokens. Masks are filled before the forward (or, with
+`overlap`, on a thread during it). Matchers live on rank 0 only: the step contract
 carries nothing of them, and TP workers never see them.
 """
 
@@ -127,7 +128,7 @@ class ConstraintCompiler:
         return Matcher(self.compile(spec).deep_copy(), self.eos_token_ids)
 
     def batch(self, matchers: Sequence[Matcher | None]) -> ConstraintBatch | None:
-        """The constrained rows of one step, their masks filling on a thread; None if none."""
+        """The constrained rows of one step with their masks filled (or filling); None if none."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
@@ -172,7 +173,7 @@ class ConstraintBatch:
         self.rows = rows  # indices into the step's sampling rows
         self.matchers = matchers
         self.bitmask = torch.zeros(len(rows), words, dtype=torch.int32)  # [rows, words]
-        self.fill_time = 0.0  # seconds the fill took (on its thread)
+        self.fill_time = 0.0  # seconds the fill took
         self._future: Future | None = None
 
     def start(self, thread: ThreadPoolExecutor | None, executor: Any) -> None:
