@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/structured.py [--streams 1 16] [--max-tokens 64]
 
 At each stream count S, S requests run together (greedy, ignore_eos) once with every request
-constrained to a JSON schema (an object holding a list of strings: long enough to fill max_tokens)
+constrained to a JSON schema (an object holding at least 24 short strings: enough to fill
+max_tokens)
 and once without; decode tok/s counts the tokens after the prefill step over the time after it
 (a constrained request may end early, when its JSON is complete). The schema differs per request
 (a distinct `title`) so every request compiles its own grammar. Per-step mask time is the bitmask
@@ -30,7 +31,11 @@ def schema(i: int) -> str:
             "type": "object",
             "properties": {
                 "name": {"type": "string", "maxLength": 20},
-                "items": {"type": "array", "items": {"type": "string", "maxLength": 12}},
+                "items": {
+                    "type": "array",
+                    "items": {"type": "string", "maxLength": 8},
+                    "minItems": 24,  # long enough to reach max_tokens, like the free run
+                },
             },
             "required": ["name", "items"],
             "additionalProperties": False,
