@@ -347,7 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the passes, print the table, write the JSON; exit 1 if any request failed."""
+    """Run the passes, print the table, write the JSON; exit 1 on any failed or short request."""
     args = parse_args(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.output or REPO / "benchmarks" / "results" / f"compare-{stamp}.json"
@@ -360,36 +360,39 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     servers = make_servers(args, log_dir)
-    passes: list[dict] = []
+    report = {
+        "model": args.model,
+        "host": host_info(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "passes": [],
+        "complete": False,
+    }
     try:
         for order in orders(args, "peer" in servers):
             results: dict = {"order": [NAMES[n] for n in order]}
+            report["passes"].append(results)
             for name in order:
                 results[name] = measure(servers[name], args)
-            passes.append(results)
+                # NOTE: written after each server, so an interrupted run keeps what it measured.
+                out.write_text(json.dumps(report, indent=1))
     finally:
         for server in servers.values():
             server.stop()
-    text = table(passes, args.concurrency)
+    text = table(report["passes"], args.concurrency)
     print()
     print(f"{Path(args.model).name}: ~{args.prompt_tokens} prompt tokens, {args.max_tokens} out")
     print(text)
     failed = [
-        f"{NAMES[n]} C={r['concurrency']}: {r['errors']} errors {r['error_samples']}"
-        for p in passes
+        f"{NAMES[n]} C={r['concurrency']}: {r['errors']} failed {r['error_samples']}, "
+        f"{r['short_outputs']} with output tokens != --max-tokens {args.max_tokens}"
+        for p in report["passes"]
         for n in ("peer", "tokenmill")
         for r in p.get(n, {}).get("levels", [])
         if r["errors"] or r["short_outputs"]
     ]
     for line in failed:
         print(line)
-    report = {
-        "model": args.model,
-        "host": host_info(),
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "passes": passes,
-        "table": text,
-    }
+    report |= {"table": text, "complete": True}
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out} (server logs in {log_dir})")
     return 1 if failed else 0
