@@ -159,7 +159,7 @@ def test_every_metric_has_help_base_units_and_model_label(metrics: ServerMetrics
 @pytest.mark.timeout(30)
 def test_dashboard_uses_only_exported_metrics(metrics: ServerMetrics) -> None:
     exported = {name for name, _ in samples_of(metrics)}
-    metrics.count_http("/x", 200)
+    metrics.count_http("/x", 200, 0.1)
     exported |= {name for name, _ in samples_of(metrics)}
     used = set(re.findall(r"tokenmill_\w+", DASHBOARD.read_text()))
     assert used and used <= exported, used - exported
