@@ -79,7 +79,7 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionResponse(
             id=request_id,
             created=created,
-            model=self.model_name,
+            model=req.model or self.model_name,
             choices=choices,
             usage=acct.usage(sum(counts)),
             timings=acct.timings(sum(counts)) if req.timings_per_token else None,
@@ -92,7 +92,7 @@ class OpenAIServingChat(OpenAIServing):
             return ChatCompletionChunk(
                 id=request_id,
                 created=created,
-                model=self.model_name,
+                model=req.model or self.model_name,
                 choices=choices,
                 usage=acct.usage(sum(counts)) if usage else None,
                 timings=acct.timings(sum(counts)) if req.timings_per_token else None,

@@ -72,7 +72,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return CompletionResponse(
             id=request_id,
             created=created,
-            model=self.model_name,
+            model=req.model or self.model_name,
             choices=[
                 CompletionChoice(
                     index=i,
@@ -116,7 +116,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     yield CompletionResponse(
                         id=request_id,
                         created=created,
-                        model=self.model_name,
+                        model=req.model or self.model_name,
                         choices=[choice],
                         timings=timings,
                     )
@@ -125,7 +125,7 @@ class OpenAIServingCompletion(OpenAIServing):
             yield CompletionResponse(
                 id=request_id,
                 created=created,
-                model=self.model_name,
+                model=req.model or self.model_name,
                 choices=[],
                 usage=acct.usage(num_generated),
                 timings=acct.timings(num_generated) if req.timings_per_token else None,

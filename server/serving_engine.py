@@ -61,6 +61,7 @@ class OpenAIServing:
 
     @property
     def model_name(self) -> str:
+        """The first served name; responses echo the name a request sent, as vLLM does."""
         return self.engine.model_name
 
     async def run(self, make: Callable[[], Any]) -> Any:

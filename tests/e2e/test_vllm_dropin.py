@@ -79,7 +79,7 @@ def test_repo_id_tokenizer_and_every_name(dropin: ServerProcess) -> None:
         assert client.models.retrieve(name).id == name
         out = client.completions.create(model=name, prompt="Hello", max_tokens=2,
                                         extra_body={"ignore_eos": True})  # fmt: skip
-        assert out.usage.completion_tokens == 2
+        assert out.usage.completion_tokens == 2 and out.model == name  # echoed, as vLLM does
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("gpt-4")
     raw = httpx.get(
@@ -138,7 +138,9 @@ def test_root_path_sdk_auth_and_openapi(dropin: ServerProcess) -> None:
             model=NAMES[1], messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
             stream=True, extra_body={"ignore_eos": True},
         )  # fmt: skip
-        assert sum(1 for c in stream if c.choices and c.choices[0].delta.content is not None)
+        chunks = list(stream)
+        assert any(c.choices and c.choices[0].delta.content is not None for c in chunks)
+        assert {c.model for c in chunks} == {NAMES[1]}
     for path in ("/api/v1/models", "/v1/models", "/api/v1/models/tiny-a"):
         assert httpx.get(dropin.url + path).status_code == 401, path  # the key check holds
     spec = httpx.get(dropin.url + "/api/openapi.json").json()
