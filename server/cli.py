@@ -142,10 +142,13 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
 
 
 def serve(
-    engine_config: EngineConfig, server_config: ServerConfig, log_level: str, uvicorn: dict
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    log_level: str,
+    uvicorn_kwargs: dict | None = None,
 ) -> int:
     """Load the model (progress bar), start uvicorn, print one ready line; returns the exit code."""
-    import uvicorn as uv
+    import uvicorn
 
     from scheduler.async_engine import AsyncEngine
     from server.app import build_app
@@ -158,7 +161,8 @@ def serve(
     app = build_app(engine, server_config)
     stats = engine.get_stats()
     kv_tokens = stats.num_total_blocks * engine_config.block_size
-    scheme = "https" if uvicorn.get("ssl_certfile") else "http"
+    kwargs = dict(uvicorn_kwargs or {})  # TLS and logging flags (server/cli_vllm.py)
+    scheme = "https" if kwargs.get("ssl_certfile") else "http"
     root = "/" + server_config.root_path.strip("/") if server_config.root_path else ""
     ready = (
         f"tokenmill: serving {engine.model_name} at "
@@ -166,20 +170,19 @@ def serve(
         f"(KV cache {kv_tokens} tokens, max_model_len {engine.max_model_len})"
     )
 
-    class Server(uv.Server):
+    class Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets=sockets)
             if self.started:
                 print(ready, flush=True)
 
-    uvicorn = dict(uvicorn)
-    config = uv.Config(
+    config = uvicorn.Config(
         app,
         host=server_config.host,
         port=server_config.port,
-        log_level=uvicorn.pop("log_level", None) or log_level,
+        log_level=kwargs.pop("log_level", None) or log_level,
         timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout) + 2,
-        **uvicorn,
+        **kwargs,
     )
     server = Server(config)
     # NOTE: the engine steps on this (main) thread, where torch's kernels run fastest, and uvicorn
@@ -210,11 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         engine_config, server_config = configs(args)
-        uvicorn = uvicorn_settings(args)
+        uvicorn_kwargs = uvicorn_settings(args)
     except ValueError as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2
-    return serve(engine_config, server_config, args.log_level, uvicorn)
+    return serve(engine_config, server_config, args.log_level, uvicorn_kwargs)
 
 
 if __name__ == "__main__":
