@@ -57,6 +57,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             tensor_parallel_size=config.tensor_parallel_size,
             seed=config.seed,
+            quantization=config.quantization,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         tokenizer_path = path
         if config.tokenizer is not None:
