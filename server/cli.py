@@ -10,8 +10,9 @@ import signal
 import sys
 import threading
 
-from scheduler.config import DTYPES, EngineConfig, parse_size
+from scheduler.config import DTYPES, QUANTIZATIONS, EngineConfig, parse_size
 from server.app import ServerConfig
+from server.cli_vllm import add_vllm_flags, http_settings, uvicorn_settings
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +50,19 @@ def make_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         default=None,
-        help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+        help="Hugging Face folder, .gguf file, or a repo id already in the local Hugging Face "
+        "cache (default: embedded SmolLM2-135M-Instruct)",
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
         "--served-model-name",
+        nargs="+",
         default=None,
-        help="model name in the API (default: the model's folder or file name)",
+        help="model names in the API, all listed and accepted; the first names metrics "
+        "(default: the repo id, or the model's folder or file name)",
     )
+    add_vllm_flags(s)
     s.add_argument(
         "--api-key",
         default=None,
@@ -80,6 +85,20 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=_positive, default=16)
     s.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1)
     s.add_argument("--dtype", choices=DTYPES, default="auto")
+    s.add_argument(
+        "--quantization",
+        "-q",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="none: dequantize a GGUF to float (the reference path); int8/int4: pack float "
+        "weights at load (group 32). Default: a GGUF's own quantization, float for HF folders",
+    )
+    s.add_argument(
+        "--kv-cache-dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype the KV cache is stored in (auto: the model's dtype)",
+    )
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
@@ -101,9 +120,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     """Parsed flags → the two configs; the API key falls back to $TOKENMILL_API_KEY."""
+    names = tuple(dict.fromkeys(args.served_model_name or ()))
     engine_config = EngineConfig(
         model=args.model,
-        served_model_name=args.served_model_name,
+        served_model_name=names[0] if names else None,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        tokenizer_revision=args.tokenizer_revision,
+        download_dir=args.download_dir,
+        generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
         dtype=args.dtype,
         device=args.device,
         block_size=args.block_size,
@@ -114,6 +140,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
         seed=args.seed,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_waiting=args.max_waiting,
     )
     server_config = ServerConfig(
@@ -123,11 +151,18 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         max_waiting=args.max_waiting,
         shutdown_timeout=args.shutdown_timeout,
         model_path=args.model,
+        **http_settings(args),
+        served_model_names=names,
     )
     return engine_config, server_config
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
+def serve(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    log_level: str,
+    uvicorn_kwargs: dict | None = None,
+) -> int:
     """Load the model (progress bar), start uvicorn, print one ready line; returns the exit code."""
     import uvicorn
 
@@ -142,9 +177,12 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     app = build_app(engine, server_config)
     stats = engine.get_stats()
     kv_tokens = stats.num_total_blocks * engine_config.block_size
+    kwargs = dict(uvicorn_kwargs or {})  # TLS and logging flags (server/cli_vllm.py)
+    scheme = "https" if kwargs.get("ssl_certfile") else "http"
+    root = "/" + server_config.root_path.strip("/") if server_config.root_path else ""
     ready = (
         f"tokenmill: serving {engine.model_name} at "
-        f"http://{server_config.host}:{server_config.port} "
+        f"{scheme}://{server_config.host}:{server_config.port}{root} "
         f"(KV cache {kv_tokens} tokens, max_model_len {engine.max_model_len})"
     )
 
@@ -158,8 +196,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
         app,
         host=server_config.host,
         port=server_config.port,
-        log_level=log_level,
+        log_level=kwargs.pop("log_level", None) or log_level,
         timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout) + 2,
+        **kwargs,
     )
     server = Server(config)
     # NOTE: the engine steps on this (main) thread, where torch's kernels run fastest, and uvicorn
@@ -190,10 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         engine_config, server_config = configs(args)
+        uvicorn_kwargs = uvicorn_settings(args)
     except ValueError as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2
-    return serve(engine_config, server_config, args.log_level)
+    return serve(engine_config, server_config, args.log_level, uvicorn_kwargs)
 
 
 if __name__ == "__main__":
