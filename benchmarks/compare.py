@@ -7,7 +7,7 @@ MODEL defaults to the SmolLM2 GGUF that `tokenmill serve` loads. Each server is 
 127.0.0.1, measured with `serving.py`'s closed-loop streaming load (temperature 0, ignore_eos, the
 same seeded prompts for both), and stopped before the other one starts: the two never share the
 CPUs or the memory, so neither's idle threads, page cache pressure or resident weights weigh on
-the other (on a 2-core host with a 1B model both resident at once would also need ~13 GB).
+the other.
 `--order both` runs two passes in opposite orders (peer first, then tokenmill first) and prints each
 cell as the range over the passes, so a drift of the host shows up as a range, not as a ratio.
 
