@@ -25,7 +25,6 @@ from server.protocol import (
     ResponseFunction,
     ResponseToolCall,
     TopLogprob,
-    UsageInfo,
 )
 from server.serving_engine import OpenAIServing, ServingLimits
 from server.tool_calls import (
@@ -37,6 +36,7 @@ from server.tool_calls import (
     preamble,
     tool_call_constraint,
 )
+from server.usage import RequestAccounting
 
 _ARG_PIECE = 16  # streamed tool-call arguments arrive in pieces of this many characters
 
@@ -44,8 +44,15 @@ _ARG_PIECE = 16  # streamed tool-call arguments arrive in pieces of this many ch
 class OpenAIServingChat(OpenAIServing):
     prefix = "chatcmpl"
 
-    def __init__(self, engine: Any, limits: ServingLimits, chat_template: str | None = None):
-        super().__init__(engine, limits)
+    def __init__(
+        self,
+        engine: Any,
+        limits: ServingLimits,
+        model_names: tuple[str, ...] = (),
+        request_logger: Any = None,
+        chat_template: str | None = None,
+    ) -> None:
+        super().__init__(engine, limits, model_names, request_logger)
         self.chat_template = chat_template  # --chat-template: overrides the model's
 
     async def create(
@@ -86,7 +93,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
         self.check_model(req.model)
-        params = req.to_sampling_params()
+        params = self.sampling_params(req)
         mode = req.tool_mode
         if mode in ("required", "named"):
             if params.structured_outputs is not None:
@@ -105,9 +112,9 @@ class OpenAIServingChat(OpenAIServing):
         request_id = self.new_request_id()
         created = self.now()
         stream = await self.generate(request_id, [prompt], [params])
-        usage = UsageInfo(prompt_tokens=len(prompt))
+        acct = RequestAccounting([len(prompt)])
         if req.stream:
-            return self._stream(req, request_id, created, stream, params.n, usage)
+            return self._stream(req, request_id, created, stream, params.n, acct)
         texts = [""] * params.n
         logprobs: list[list[ChatTokenLogprob] | None] = [None] * params.n
         finish: list[str | None] = [None] * params.n
@@ -116,6 +123,7 @@ class OpenAIServingChat(OpenAIServing):
             async for _, out in stream:
                 if out.error:
                     raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                acct.add(0, out)
                 for co in out.outputs:
                     texts[co.index] += co.text
                     counts[co.index] = co.num_tokens
@@ -124,8 +132,6 @@ class OpenAIServingChat(OpenAIServing):
                         logprobs[co.index] = (logprobs[co.index] or []) + self._logprobs(
                             co.logprobs
                         )
-        usage.completion_tokens = sum(counts)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         choices = []
         for i in range(params.n):
             message = ChatResponseMessage(content=texts[i])
@@ -143,15 +149,25 @@ class OpenAIServingChat(OpenAIServing):
                 )
             )
         return ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+            id=request_id,
+            created=created,
+            model=req.model or self.model_name,
+            choices=choices,
+            usage=acct.usage(sum(counts)),
+            timings=acct.timings(sum(counts)) if req.timings_per_token else None,
         )
 
-    async def _stream(self, req, request_id, created, stream, n, usage):
+    async def _stream(self, req, request_id, created, stream, n, acct):
         """First chunk per choice carries role: assistant; then content deltas; usage chunk last."""
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None):
+        def chunk(choices: list[ChatStreamChoice], usage: bool = False):
             return ChatCompletionChunk(
-                id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+                id=request_id,
+                created=created,
+                model=req.model or self.model_name,
+                choices=choices,
+                usage=acct.usage(sum(counts)) if usage else None,
+                timings=acct.timings(sum(counts)) if req.timings_per_token else None,
             )
 
         counts = [0] * n
@@ -163,6 +179,7 @@ class OpenAIServingChat(OpenAIServing):
             async for _, out in stream:
                 if out.error:
                     raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                acct.add(0, out)
                 for co in out.outputs:
                     counts[co.index] = co.num_tokens
                     lps = None
@@ -186,9 +203,7 @@ class OpenAIServingChat(OpenAIServing):
                     )
                     yield chunk([choice])
         if req.include_usage:
-            usage.completion_tokens = sum(counts)
-            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-            yield chunk([], usage)
+            yield chunk([], usage=True)
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
         """New shape: token, logprob, bytes, top_logprobs."""
