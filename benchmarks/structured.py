@@ -4,11 +4,10 @@
 
 At each stream count S, S requests run together (greedy, ignore_eos) once with every request
 constrained to a JSON schema (an object holding at least 24 short strings: enough to fill
-max_tokens) and once without; decode tok/s counts the tokens after the prefill step over the
-time after it (a constrained request may end early, when its JSON is complete). The schema
-differs per request (a distinct `title`) so every request compiles its own grammar. Per-step mask time is the bitmask
-fill (before the forward, or with --overlap on a thread during it); the sample time includes
-applying the mask.
+max_tokens) and once without. Decode tok/s counts the tokens after the prefill step over the
+time after it. The schema differs per request (a distinct `title`), so every request compiles
+its own grammar. Per-step mask time is the bitmask fill (before the forward, or with --overlap
+on a thread during it); the sample time includes applying the mask.
 """
 
 from __future__ import annotations
