@@ -24,6 +24,14 @@ class PromptTooLongError(ValueError):
     """The prompt plus the tokens to generate do not fit in max_model_len."""
 
 
+class EngineFatalError(RuntimeError):
+    """A step failed in a way that leaves the engine unusable (dead worker, repeated faults)."""
+
+
+# Failed steps in a row after which a fault counts as persistent (the device, not one batch).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """A request's n sequences plus what its outputs repeat (prompt ids, metrics)."""
@@ -74,8 +82,9 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._lock = threading.Lock()  # guards the two inboxes below (filled from other threads)
         self._new: list[Request] = []
-        self._aborts: list[str] = []
+        self._aborts: list[tuple[str, str | None]] = []  # (request id, error or None)
         self._last_step = SchedulerStats()
+        self._failed_steps = 0  # consecutive
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -135,17 +144,21 @@ class LLMEngine:
             )
         return max_tokens
 
-    def abort_request(self, request_id: str) -> None:
-        """Mark for abort; the next step frees its blocks and reports finish_reason "abort"."""
+    def abort_request(self, request_id: str, error: str | None = None) -> None:
+        """Mark for abort; the next step frees its blocks and reports finish_reason "abort"
+        (with `error` on the final output when the server cut the request off)."""
         with self._lock:
-            self._aborts.append(request_id)
+            self._aborts.append((request_id, error))
 
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return bool(self.requests or self._new or self._aborts)
 
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self._new)
+        """Sequences not yet running: queued in the scheduler or not yet admitted (n each)."""
+        with self._lock:
+            new = sum(len(r.seqs) for r in self._new)
+        return len(self.scheduler.waiting) + new
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -159,7 +172,9 @@ class LLMEngine:
             self.requests[req.request_id] = req
             for seq in req.seqs:
                 self.scheduler.add(seq)
-        outputs = [out for rid in aborts if (out := self._finish_request(rid)) is not None]
+        outputs = [
+            out for rid, err in aborts if (out := self._finish_request(rid, error=err)) is not None
+        ]
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         split = {"schedule": t1 - t0, "execute": 0.0, "update": 0.0, "detokenize": 0.0}
@@ -168,12 +183,18 @@ class LLMEngine:
             for seq in batch.seqs:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
-            step_output = self.runner.execute(batch.step_input)
-            t2 = time.perf_counter()
-            sampled = self.scheduler.update(batch, step_output)
-            t3 = time.perf_counter()
-            outputs.extend(self._outputs(sampled))
-            t4 = time.perf_counter()
+            try:
+                step_output = self.runner.execute(batch.step_input)
+                t2 = time.perf_counter()
+                sampled = self.scheduler.update(batch, step_output)
+                t3 = time.perf_counter()
+                outputs.extend(self._outputs(sampled))
+                t4 = time.perf_counter()
+            except Exception as exc:
+                outputs.extend(self._fail_step(batch.seqs, exc))
+                t2 = t3 = t4 = time.perf_counter()
+            else:
+                self._failed_steps = 0
             split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
             split.update(self.runner.last_timings)  # prepare / forward / sample (+ comm under TP)
         self._last_step = SchedulerStats(
@@ -207,14 +228,20 @@ class LLMEngine:
                     self.scheduler.finish([seq], SequenceStatus.FINISHED_STOPPED)
             elif seq.is_finished:
                 text += seq.detokenizer.flush()
+            logprobs = None
             if params.logprobs is not None:
+                # NOTE: report only tokens whose text was returned: none held back for a possible
+                # stop string, none past a stop string, no hidden stop token
                 seq.output_logprobs.append(st.logprob)
+                end = min(seq.detokenizer.num_returned_tokens, len(seq.output_logprobs))
+                logprobs = seq.output_logprobs[seq.num_logprobs_reported : end] or None
+                seq.num_logprobs_reported = max(end, seq.num_logprobs_reported)
             changed.setdefault(seq.request_id, []).append(
                 CompletionOutput(
                     index=seq.sample_index,
                     text=text,
                     token_ids=[st.token_id],
-                    logprobs=[st.logprob] if params.logprobs is not None else None,
+                    logprobs=logprobs,
                     num_tokens=seq.num_output_tokens,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
@@ -261,6 +288,26 @@ class LLMEngine:
             for s in live
         ]
         return self._request_output(req, outs, True, error)
+
+    def _fail_step(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
+        """A step raised: end only the requests it ran (finish_reason "error", blocks freed) and
+        keep serving the rest, unless the fault is persistent or a worker died (re-raised)."""
+        self._failed_steps += 1
+        if not self.runner.is_healthy():
+            raise EngineFatalError(f"engine step failed: {self.runner.dead_reason}") from exc
+        message = f"engine step failed: {type(exc).__name__}: {exc}"
+        if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineFatalError(f"{message} ({self._failed_steps} steps in a row)") from exc
+        logger.exception("%s; failing the %d sequences of this step", message, len(seqs))
+        outputs = []
+        for rid in dict.fromkeys(seq.request_id for seq in seqs):
+            out = self._finish_request(rid, SequenceStatus.FINISHED_ERROR, message)
+            if out is None:  # it finished inside the failed step, but its output was lost
+                out = RequestOutput(
+                    rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=message
+                )
+            outputs.append(out)
+        return outputs
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """After a failed step: finish every request with finish_reason "error" and free blocks."""

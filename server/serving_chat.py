@@ -34,6 +34,7 @@ class OpenAIServingChat(OpenAIServing):
     def render(self, req_messages: list, add_generation_prompt: bool = True) -> list[int]:
         """Chat template → token ids; a model without a template is a 400."""
         messages = [m.to_template() for m in req_messages]
+        self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
         try:
             return list(self.engine.tokenizer.apply_chat_template(messages, add_generation_prompt))
         except ValueError as e:
@@ -41,12 +42,13 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
         self.check_model(req.model)
+        self.limits.check(req)
         params = req.to_sampling_params()
-        prompt = self.render(req.messages)
+        prompt = await self.offload(self.render, req.messages)  # NOTE: templating is heavy
         params = self.fit_params(len(prompt), params, "messages")
         request_id = self.new_request_id()
         created = self.now()
-        stream = await self.generate(request_id, [prompt], [params])
+        stream = self.generate(request_id, [prompt], [params])
         usage = UsageInfo(prompt_tokens=len(prompt))
         if req.stream:
             return self._stream(req, request_id, created, stream, params.n, usage)
@@ -119,8 +121,8 @@ class OpenAIServingChat(OpenAIServing):
         tok = self.engine.tokenizer
 
         def top(token_id: int, logprob: float) -> TopLogprob:
-            s = tok.id_to_token(token_id)
-            return TopLogprob(token=s, logprob=max(logprob, -9999.0), bytes=list(s.encode("utf-8")))
+            s, raw = tok.id_to_token(token_id), tok.token_bytes(token_id)
+            return TopLogprob(token=s, logprob=max(logprob, -9999.0), bytes=list(raw))
 
         out = []
         for lp in lps:

@@ -1,31 +1,24 @@
-"""What the two generation endpoints share: model check, admission, length check, streams."""
+"""What the two generation endpoints share: model check, limits, admission, length, streams."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from model.sampling_params import SamplingParams
 from server.errors import APIError, from_exception
+from server.limits import ServingLimits, check_text_length
+from server.offload import Offload
 
 if TYPE_CHECKING:
-    from scheduler.async_engine import AsyncEngine
+    from scheduler.async_engine import AsyncEngine, RequestStream
     from scheduler.outputs import RequestOutput
 
 _END = object()
-
-
-@dataclass(frozen=True, slots=True)
-class ServingLimits:
-    """Server-side admission knobs (from the CLI)."""
-
-    max_waiting: int | None = None  # reject with 503 once this many requests wait
-    retry_after_s: int = 1
 
 
 class OpenAIServing:
@@ -33,9 +26,12 @@ class OpenAIServing:
 
     prefix = "cmpl"
 
-    def __init__(self, engine: AsyncEngine, limits: ServingLimits) -> None:
+    def __init__(
+        self, engine: AsyncEngine, limits: ServingLimits, offload: Offload | None = None
+    ) -> None:
         self.engine = engine
         self.limits = limits
+        self.offload = offload or Offload()
 
     @property
     def model_name(self) -> str:
@@ -57,19 +53,8 @@ class OpenAIServing:
                 code="model_not_found",
             )
 
-    def check_admission(self) -> None:
-        """503 + Retry-After when the engine's queue is already at --max-waiting."""
-        limit = self.limits.max_waiting
-        if limit is None:
-            return
-        waiting = self.engine.num_waiting()
-        if waiting >= limit:
-            raise APIError(
-                f"server overloaded: {waiting} requests waiting (max_waiting {limit}); retry later",
-                503,
-                code="server_overloaded",
-                headers={"Retry-After": str(self.limits.retry_after_s)},
-            )
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        check_text_length(self.engine, num_chars, param)
 
     def fit_params(self, prompt_len: int, params: SamplingParams, param: str) -> SamplingParams:
         """Length check naming both numbers; no max_tokens means 'the rest of the context'."""
@@ -103,67 +88,58 @@ class OpenAIServing:
     def now() -> int:
         return int(time.time())
 
-    async def generate(
+    def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Submit every prompt and wait for each first output, so bad input fails before streaming.
+        """Admit and queue every prompt now; bad input raises here, before any response starts.
 
         Returns an iterator of (prompt index, RequestOutput); closing it aborts every request.
+        NOTE: no `await` from the admission check to the last engine.generate: on the one event
+        loop, concurrent requests cannot all pass the check before any of them is counted.
         """
-        self.check_admission()
+        self.limits.check_admission(self.engine.num_waiting(), sum(sp.n for sp in params))
         ids = [
             request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
         ]
-        gens = [
-            self.engine.generate(rid, p, sp)
-            for rid, p, sp in zip(ids, prompts, params, strict=True)
-        ]
-        firsts = await asyncio.gather(*(_first(g) for g in gens), return_exceptions=True)
-        errors = [f for f in firsts if isinstance(f, BaseException)]
-        if errors:
-            for g in gens:
-                with contextlib.suppress(Exception):
-                    await g.aclose()
-            raise errors[0]
-        if len(gens) == 1:
-            return _chain_one(firsts[0], gens[0])
-        return _merge(firsts, gens)
-
-
-async def _first(gen: AsyncIterator[Any]) -> Any:
-    try:
-        return await gen.__anext__()
-    except StopAsyncIteration:
-        return _END
-
-
-async def _chain_one(first: Any, gen: Any) -> AsyncIterator[tuple[int, Any]]:
-    try:
-        if first is not _END:
-            yield 0, first
-            async for out in gen:
-                yield 0, out
-    finally:
-        await gen.aclose()
-
-
-async def _merge(firsts: list[Any], gens: list[Any]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine iterators; closing the merge cancels (= aborts) all of them."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int, gen: Any) -> None:
+        streams: list[RequestStream] = []
         try:
-            async for out in gen:
-                queue.put_nowait((i, out))
-        except Exception as e:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait((i, e))
-        finally:
-            queue.put_nowait((i, _END))
+            for rid, p, sp in zip(ids, prompts, params, strict=True):
+                streams.append(self.engine.generate(rid, p, sp))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        if len(streams) == 1:
+            return _chain_one(streams[0])
+        return _merge(streams)
 
-    for i, first in enumerate(firsts):
-        if first is not _END:
-            queue.put_nowait((i, first))
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+
+async def _chain_one(stream: RequestStream) -> AsyncIterator[tuple[int, Any]]:
+    try:
+        async for out in stream:
+            yield 0, out
+    finally:
+        stream.close()
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several engine streams; closing the merge closes (= aborts) all of them.
+
+    NOTE: the queue is bounded, so a slow consumer leaves outputs in the engine's per-request
+    queues, where AsyncEngine's max_pending_outputs cuts it off (no unbounded copy here).
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=len(streams))
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -177,3 +153,5 @@ async def _merge(firsts: list[Any], gens: list[Any]) -> AsyncIterator[tuple[int,
     finally:
         for t in tasks:
             t.cancel()
+        for stream in streams:
+            stream.close()

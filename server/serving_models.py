@@ -10,6 +10,8 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from server.errors import APIError
+from server.limits import check_text_length
+from server.offload import Offload
 from server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -54,8 +56,11 @@ class FinishedCounter:
 class OpenAIServingModels:
     """Answers from the engine's tokenizer and config; no generation."""
 
-    def __init__(self, engine: AsyncEngine, model_path: str | None = None) -> None:
+    def __init__(
+        self, engine: AsyncEngine, model_path: str | None = None, offload: Offload | None = None
+    ) -> None:
         self.engine = engine
+        self.offload = offload or Offload()
         self.model_path = model_path
         self.created = int(time.time())
         self.finished = FinishedCounter()
@@ -80,22 +85,32 @@ class OpenAIServingModels:
         )
         return ModelList(data=[card])
 
-    def tokenize(
+    async def tokenize(
         self, req: TokenizeCompletionRequest | TokenizeChatRequest, render
     ) -> TokenizeResponse:
+        """Tokenize off the event loop (inputs are up to --max-request-body-size)."""
         self.check_model(req.model)
+        return await self.offload(self._tokenize, req, render)
+
+    def _tokenize(
+        self, req: TokenizeCompletionRequest | TokenizeChatRequest, render
+    ) -> TokenizeResponse:
         tok = self.engine.tokenizer
         if isinstance(req, TokenizeChatRequest):
             ids = render(req.messages, req.add_generation_prompt)
         else:
+            check_text_length(self.engine, len(req.prompt), "prompt")
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         strs = [tok.id_to_token(i) for i in ids] if req.return_token_strs else None
         return TokenizeResponse(
             count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids, token_strs=strs
         )
 
-    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(req.model)
+        return await self.offload(self._detokenize, req)
+
+    def _detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         vocab = getattr(self.engine.tokenizer, "vocab_size", None)
         bad = [t for t in req.tokens if t < 0 or (vocab is not None and t >= vocab)]
         if bad:
