@@ -18,7 +18,7 @@ from server.auth import APIKeyMiddleware
 from server.errors import APIError, error_response, install_error_handlers
 from server.limits import BodySizeLimitMiddleware, ServingLimits, default_max_waiting
 from server.metrics import ServerMetrics
-from server.offload import Offload
+from server.offload import Offload, offloaded_json_route
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -87,10 +87,12 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             logger.info("shutting down the engine (timeout %.1f s)", cfg.shutdown_timeout)
             await engine.shutdown(cfg.shutdown_timeout)
 
+    offload = Offload()
     docs = {} if not cfg.disable_fastapi_docs else dict(docs_url=None, redoc_url=None)
     if cfg.disable_fastapi_docs:
         docs["openapi_url"] = None
     app = FastAPI(title="tokenmill", version=version(), lifespan=lifespan, **docs)
+    app.router.route_class = offloaded_json_route(offload)
     install_error_handlers(app)
     # NOTE: middleware added later wraps earlier: metrics (outermost, counts 401s and 413s) →
     # API key (no body is read for a caller without the key) → body size → routes.
@@ -106,7 +108,6 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
         stats = engine.get_stats()
         max_waiting = default_max_waiting(stats.num_total_blocks, engine.max_num_seqs)
     limits = replace(cfg.limits, max_waiting=max_waiting)
-    offload = Offload()
     completion = OpenAIServingCompletion(engine, limits, offload)
     chat = OpenAIServingChat(engine, limits, offload)
     models = OpenAIServingModels(engine, cfg.model_path, offload)

@@ -177,6 +177,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
         finally:
             engine.stop()  # the lifespan stopped it already, unless uvicorn never started
 
+    # NOTE: the step thread holds the GIL between kernels; a 1 ms switch interval (5 ms default)
+    # lets the event loop take it back sooner, keeping /health and stream latency low.
+    sys.setswitchinterval(0.001)
     http = threading.Thread(target=run_server, name="tokenmill-http")
     http.start()
     engine.run_forever()
