@@ -28,8 +28,8 @@ class EngineFatalError(RuntimeError):
     """A step failed in a way that leaves the engine unusable (dead worker, repeated faults)."""
 
 
-# Failed steps in a row after which a fault counts as persistent (the device, not one batch).
-MAX_CONSECUTIVE_STEP_FAILURES = 3
+# Errors after which the device cannot be trusted again (a later step would fail or be wrong).
+FATAL_MARKERS = ("CUDA error", "device-side assert", "NCCL error", "CUBLAS_STATUS")
 
 
 @dataclass(slots=True, eq=False)
@@ -84,7 +84,6 @@ class LLMEngine:
         self._new: list[Request] = []
         self._aborts: list[tuple[str, str | None]] = []  # (request id, error or None)
         self._last_step = SchedulerStats()
-        self._failed_steps = 0  # consecutive
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -193,8 +192,6 @@ class LLMEngine:
             except Exception as exc:
                 outputs.extend(self._fail_step(batch.seqs, exc))
                 t2 = t3 = t4 = time.perf_counter()
-            else:
-                self._failed_steps = 0
             split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
             split.update(self.runner.last_timings)  # prepare / forward / sample (+ comm under TP)
         self._last_step = SchedulerStats(
@@ -291,13 +288,13 @@ class LLMEngine:
 
     def _fail_step(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
         """A step raised: end only the requests it ran (finish_reason "error", blocks freed) and
-        keep serving the rest, unless the fault is persistent or a worker died (re-raised)."""
-        self._failed_steps += 1
+        keep serving the rest, unless a worker died or the device is broken (re-raised)."""
         if not self.runner.is_healthy():
             raise EngineFatalError(f"engine step failed: {self.runner.dead_reason}") from exc
         message = f"engine step failed: {type(exc).__name__}: {exc}"
-        if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
-            raise EngineFatalError(f"{message} ({self._failed_steps} steps in a row)") from exc
+        # NOTE: no "N failures in a row" rule: N bad requests in a row would kill the server
+        if any(marker in str(exc) for marker in FATAL_MARKERS):
+            raise EngineFatalError(message) from exc
         logger.exception("%s; failing the %d sequences of this step", message, len(seqs))
         outputs = []
         for rid in dict.fromkeys(seq.request_id for seq in seqs):

@@ -25,7 +25,7 @@ class ServingLimits:
 
     max_waiting: int | None = None  # sequences (prompts x n) queued before 503 + Retry-After
     retry_after_s: int = 1
-    max_request_body_size: int = 8 * MiB  # bytes; 413 past it
+    max_request_body_size: int = 4 * MiB  # bytes; 413 past it
     max_prompts_per_request: int = 256  # /v1/completions batched prompts
     max_n: int = 16
     max_stop_strings: int = 16
@@ -68,6 +68,8 @@ class ServingLimits:
                 f"--max-logit-bias {self.max_logit_bias}",
             )
         for field in ("max_tokens", "max_completion_tokens"):
+            if field not in req.model_fields_set:  # a default (completions' 16) is capped instead
+                continue
             value = getattr(req, field, None)
             limit = self.max_tokens_limit
             if isinstance(value, int) and limit is not None and value > limit:
@@ -231,7 +233,7 @@ def add_limit_args(parser: argparse.ArgumentParser) -> None:
         "--max-request-body-size",
         type=size,
         default=d.max_request_body_size,
-        help="largest request body, e.g. 8MiB (default 8MiB); 413 past it",
+        help="largest request body, e.g. 16MiB (default 4MiB); 413 past it",
     )
     g.add_argument("--max-prompts-per-request", type=positive, default=d.max_prompts_per_request)
     g.add_argument("--max-n", type=positive, default=d.max_n, help="largest n (samples)")

@@ -57,8 +57,9 @@ class OpenAIServing:
         check_text_length(self.engine, num_chars, param)
 
     def fit_params(self, prompt_len: int, params: SamplingParams, param: str) -> SamplingParams:
-        """Length check naming both numbers; no max_tokens means 'the rest of the context'."""
-        max_len = self.engine.max_model_len
+        """Length check naming both numbers; no max_tokens means 'the rest of the context'
+        (at most --max-tokens-limit, which also caps a default such as completions' 16)."""
+        max_len, limit = self.engine.max_model_len, self.limits.max_tokens_limit
         if params.max_tokens is None:
             room = max_len - prompt_len
             if room < 1:
@@ -69,7 +70,10 @@ class OpenAIServing:
                     param=param,
                     code="context_length_exceeded",
                 )
+            room = room if limit is None else min(room, limit)
             return replace(params, max_tokens=max(room, params.min_tokens))
+        if limit is not None and params.max_tokens > limit:  # a default: explicit ones got a 400
+            params = replace(params, max_tokens=max(limit, params.min_tokens))
         if prompt_len + params.max_tokens > max_len:
             raise APIError(
                 f"prompt has {prompt_len} tokens + max_tokens {params.max_tokens} = "
