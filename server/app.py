@@ -67,6 +67,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # NOTE: cancel() only asks: until the task has run its cancellation, it has neither
+            # a result nor cancelled() (task.result() raised InvalidStateError: a 500)
+            await asyncio.wait({task})
     if task.cancelled():
         return APIError("client disconnected", 499)
     return task.result()
