@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.layers.quant import PACKED_TYPES, QuantTensor, from_gguf_blocks, permute_rows
+
 logger = logging.getLogger(__name__)
 
 # general.architecture → (HF architectures entry, HF model_type)
@@ -244,26 +246,39 @@ class GGUFCheckpoint:
         """HF names of every weight tensor, in file order."""
         return list(self._by_hf_name)
 
-    def get(self, name: str) -> torch.Tensor:
-        """One tensor by HF name: dequantized to float32 and (llama Q/K) un-permuted."""
+    def get(self, name: str, packed: bool = False) -> torch.Tensor | QuantTensor:
+        """One tensor by HF name, (llama Q/K) un-permuted: dequantized to float32, or with
+        packed=True a quantized tensor kept in its packed layout (model/layers/quant.py)."""
         import gguf
 
         t = self._by_hf_name.get(name)
         if t is None:
             raise KeyError(f"no tensor {name!r} in {self.path}")
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
-        out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        kind = t.tensor_type.name
+        out: torch.Tensor | QuantTensor
+        if packed and kind in PACKED_TYPES and len(t.shape) == 2:
+            cols, rows = (int(n) for n in t.shape)  # GGUF lists the fastest dimension first
+            out = from_gguf_blocks(kind, t.data, rows, cols)
+        else:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
+            out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         if self.config["model_type"] == "llama":
+            heads = None
             if ".self_attn.q_proj." in name:
-                out = unpermute_qk(out, self.config["num_attention_heads"])
+                heads = self.config["num_attention_heads"]
             elif ".self_attn.k_proj." in name:
-                out = unpermute_qk(out, self.config["num_key_value_heads"])
+                heads = self.config["num_key_value_heads"]
+            if heads is not None and isinstance(out, QuantTensor):
+                out = permute_rows(out, lambda rows, h=heads: unpermute_qk(rows, h))
+            elif heads is not None:
+                out = unpermute_qk(out, heads)
         return out
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, float32 tensor) one at a time; a tied model has no lm_head.weight."""
+    def tensors(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
+        """Yield (hf_name, tensor) one at a time (packed: quantized types stay packed); a tied
+        model has no lm_head.weight."""
         for name in self._by_hf_name:
-            yield name, self.get(name)
+            yield name, self.get(name, packed)
 
 
 def load_gguf(path: str) -> GGUFCheckpoint:

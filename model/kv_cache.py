@@ -6,12 +6,13 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
 GiB = 1024**3
-CPU_DEFAULT_CAP = 2 * GiB
+CPU_DEFAULT_TOKENS = 32768  # twice llama-server's reference 16 x 1024 context: room for 64 streams
 CPU_RAM_FRACTION = 0.25  # of the RAM available when the cache is sized
 GPU_MEMORY_FRACTION = 0.9  # of the free memory left after the weights
 
@@ -50,12 +51,18 @@ def available_cpu_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def default_kv_cache_memory(device: torch.device) -> int:
-    """CPU: min(2 GiB, a quarter of available RAM); CUDA: 90% of the free memory after weights."""
+def default_kv_cache_memory(
+    device: torch.device, spec: KVCacheSpec, max_model_len: int | None = None
+) -> int:
+    """CUDA: 90% of the free memory after weights. CPU: what this model needs for
+    max(32k tokens, max_model_len) of context, capped at a quarter of the available RAM; pages
+    are touched only as blocks are used (allocate_kv_cache), so an idle cache costs no RSS."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * GPU_MEMORY_FRACTION)
-    return int(min(CPU_DEFAULT_CAP, available_cpu_memory() * CPU_RAM_FRACTION))
+    tokens = max(CPU_DEFAULT_TOKENS, max_model_len or 0)
+    want = -(-tokens // spec.block_size) * spec.bytes_per_block
+    return int(min(want, available_cpu_memory() * CPU_RAM_FRACTION))
 
 
 def allocate_kv_cache(
@@ -65,13 +72,17 @@ def allocate_kv_cache(
 
     Heads outermost: gathering a batch's blocks gives [kv_heads, B, L, head_dim] with no transpose.
 
-    NOTE: zeros, not empty: masked slots get probability 0, and 0 * NaN (garbage) = NaN.
+    NOTE: zeros, not empty: masked slots get probability 0, and 0 * NaN (garbage) = NaN. On
+    CPU the zeros come from calloc (numpy), whose large blocks are fresh zero pages that become
+    resident only when a block is first written: RSS follows the KV actually used.
     """
     shape = (spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
-    return [
-        (
-            torch.zeros(shape, dtype=spec.dtype, device=device),
-            torch.zeros(shape, dtype=spec.dtype, device=device),
-        )
-        for _ in range(spec.num_layers)
-    ]
+
+    def zeros() -> torch.Tensor:
+        if device.type != "cpu":
+            return torch.zeros(shape, dtype=spec.dtype, device=device)
+        elem = torch.empty((), dtype=spec.dtype).element_size()
+        raw = torch.from_numpy(np.zeros(shape[:-1] + (shape[-1] * elem,), dtype=np.uint8))
+        return raw.view(spec.dtype)
+
+    return [(zeros(), zeros()) for _ in range(spec.num_layers)]

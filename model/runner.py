@@ -15,6 +15,9 @@ from model.inputs import StepInput, StepOutput
 from model.kv_cache import KVCacheSpec, allocate_kv_cache, default_kv_cache_memory
 from model.layers import gemv
 from model.layers.attention import AttentionMetadata
+from model.layers.fused_decode import FusedDecode
+from model.layers.linear import packed_nbytes
+from model.layers.quant import QUANTIZATIONS, quantize_rtn
 from model.llama import LlamaForCausalLM
 from model.loader import load_weights
 from model.parallel import ParallelContext, all_reduce
@@ -40,20 +43,41 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def open_checkpoint(path: str):
-    """(config dict, weight stream) for an HF folder or a .gguf file."""
+def open_checkpoint(path: str, quantization: str | None = None):
+    """(config dict, weight stream) for an HF folder or a .gguf file.
+
+    quantization None keeps a GGUF's quantized tensors packed and an HF checkpoint float;
+    "none" dequantizes everything to float (the reference path); "int8"/"int4" also pack the
+    float 2-D weights (round to nearest, group 32).
+    """
+    if quantization not in (None, *QUANTIZATIONS):
+        raise ValueError(
+            f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
+        )
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
         from model.gguf_weights import load_gguf
 
         ckpt = load_gguf(path)
-        return ckpt.config, ckpt.tensors()
-    from model.hf_weights import iterate_hf_weights, load_hf_config, safetensors_files
+        config, stream = ckpt.config, ckpt.tensors(packed=quantization != "none")
+    else:
+        from model.hf_weights import iterate_hf_weights, load_hf_config, safetensors_files
 
-    config = load_hf_config(path)
-    safetensors_files(path)  # fail early, before the model is built
-    return config, iterate_hf_weights(path)
+        config = load_hf_config(path)
+        safetensors_files(path)  # fail early, before the model is built
+        stream = iterate_hf_weights(path)
+    if quantization in ("int8", "int4"):
+        stream = _quantize_stream(stream, 8 if quantization == "int8" else 4)
+    return config, stream
+
+
+def _quantize_stream(stream, bits: int):
+    """Pack every float 2-D weight whose rows split into whole groups; the rest pass through."""
+    for name, tensor in stream:
+        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
+            tensor = quantize_rtn(tensor, bits)
+        yield name, tensor
 
 
 def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -88,6 +112,8 @@ class ModelRunner:
         max_num_seqs: int = 256,
         tensor_parallel_size: int = 1,
         seed: int = 0,
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
         parallel: ParallelContext | None = None,
     ) -> None:
         if block_size < 1:
@@ -101,8 +127,9 @@ class ModelRunner:
         self.workers: WorkerGroup | None = None
         self.last_timings: dict[str, float] = {}
         self._sampler = None
+        self.fused: FusedDecode | None = None
 
-        config, stream = open_checkpoint(model)
+        config, stream = open_checkpoint(model, quantization)
         self.model_config = cfg = ModelConfig.from_hf_dict(config)
         check_tensor_parallel(cfg, tensor_parallel_size)
         if parallel is None and tensor_parallel_size > 1:
@@ -116,12 +143,14 @@ class ModelRunner:
                 max_num_seqs=max_num_seqs,
                 tensor_parallel_size=tensor_parallel_size,
                 seed=seed,
+                quantization=quantization,
+                kv_cache_dtype=kv_cache_dtype,
             )
             self.workers = WorkerGroup(model, kwargs, tensor_parallel_size)
             parallel = self.workers.parallel
         self.parallel = parallel or ParallelContext()
         try:
-            self._build(stream, dtype, device, kv_cache_memory, max_model_len)
+            self._build(stream, dtype, device, kv_cache_memory, max_model_len, kv_cache_dtype)
         except BaseException as e:
             reason = self.workers.wait_for_death(2.0) if self.workers is not None else None
             self.shutdown()
@@ -136,6 +165,7 @@ class ModelRunner:
         device: str,
         kv_cache_memory: int | None,
         max_model_len: int | None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """Build this rank's shard, load its weights, size (same on all ranks) and bind the KV."""
         cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
@@ -147,19 +177,24 @@ class ModelRunner:
         if self.device.type == "cpu" and self.dtype == torch.float32:
             gemv.load()  # the decode GEMV kernel, compiled once per machine (optional)
         load_weights(self.model, stream, progress=ctx.is_first)
-        if ctx.size > 1:
-            nbytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-            logger.info(
-                "tensor-parallel rank %d holds %.1f MiB of weights", ctx.rank, nbytes / 2**20
-            )
+        self.weight_bytes = packed_nbytes(self.model) + sum(
+            p.numel() * p.element_size() for p in self.model.parameters()
+        )
+        logger.info(
+            "rank %d holds %.1f MiB of weights (%.1f MiB packed)",
+            ctx.rank,
+            self.weight_bytes / 2**20,
+            packed_nbytes(self.model) / 2**20,
+        )
 
         attn = self.model.attention_layers()[0]
+        self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else DTYPES[kv_cache_dtype]
         spec = KVCacheSpec(
-            cfg.num_hidden_layers, attn.num_kv_heads, cfg.head_dim, block_size, self.dtype
+            cfg.num_hidden_layers, attn.num_kv_heads, cfg.head_dim, block_size, self.kv_cache_dtype
         )
         memory = kv_cache_memory
         if memory is None:
-            memory = default_kv_cache_memory(self.device)
+            memory = default_kv_cache_memory(self.device, spec, max_model_len)
             memory //= ctx.size if self.device.type == "cpu" else 1
         blocks = torch.tensor([spec.num_blocks(memory)], dtype=torch.long, device=self.device)
         self.num_kv_blocks = int(all_reduce(blocks, ctx, op="min").item())  # the same on all
@@ -184,6 +219,7 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(spec, self.num_kv_blocks, self.device)
         for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
             layer.bind_kv_cache(k, v)
+        self.fused = FusedDecode.build(self.model, block_size)  # None: torch serves every step
         if ctx.is_first:
             logger.info(
                 "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB per rank, %s); "
@@ -192,7 +228,7 @@ class ModelRunner:
                 block_size,
                 capacity,
                 self.num_kv_blocks * spec.bytes_per_block / 1024**3,
-                str(self.dtype).removeprefix("torch."),
+                str(self.kv_cache_dtype).removeprefix("torch."),
                 self.max_model_len,
             )
 
@@ -227,14 +263,6 @@ class ModelRunner:
         t0 = start if start is not None else time.perf_counter()
         self.parallel.timer.reset()
         dev = self.device
-        meta = AttentionMetadata.build(
-            step.query_lens,
-            step.context_lens,
-            step.block_tables,
-            step.slot_mapping,
-            self.block_size,
-            dev,
-        )
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)  # [T]
         positions = torch.tensor(step.positions, dtype=torch.long, device=dev)  # [T]
         ends, end = [], 0
@@ -242,8 +270,22 @@ class ModelRunner:
             end += q
             ends.append(end - 1)
         rows = [ends[i] for i in step.sample_indices]
-        t1 = time.perf_counter()
-        hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        if self.fused is not None and FusedDecode.takes(step.query_lens):
+            t1 = time.perf_counter()
+            hidden = self.fused(  # [T, hidden]: every layer in one decode.c call
+                input_ids, positions, step.slot_mapping, step.context_lens, step.block_tables
+            )
+        else:
+            meta = AttentionMetadata.build(
+                step.query_lens,
+                step.context_lens,
+                step.block_tables,
+                step.slot_mapping,
+                self.block_size,
+                dev,
+            )
+            t1 = time.perf_counter()
+            hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         if rows != list(range(step.num_tokens)):
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
         logits = self.model.compute_logits(hidden)  # [num_sample_rows, vocab] (rank 0)

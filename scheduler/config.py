@@ -26,6 +26,7 @@ def parse_size(text: str | int | None) -> int | None:
 DEFAULT_MAX_PENDING_OUTPUTS = 1024
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float32 on CPU, bfloat16 on CUDA
+QUANTIZATIONS = ("none", "int8", "int4")  # None (no flag): a GGUF's own, float for HF folders
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     seed: int = 0
+    quantization: str | None = None  # None: GGUF weights stay packed, HF weights float
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype
     max_waiting: int | None = None  # None: unbounded queue (server answers 503 past it)
 
     def __post_init__(self) -> None:
@@ -62,6 +65,15 @@ class EngineConfig:
         need(
             self.dtype in DTYPES,
             f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
+        )
+        need(
+            self.kv_cache_dtype in DTYPES,
+            "kv_cache_dtype must be auto, float32, float16 or bfloat16, "
+            f"got {self.kv_cache_dtype!r}",
+        )
+        need(
+            self.quantization is None or self.quantization in QUANTIZATIONS,
+            f"quantization must be none, int8 or int4, got {self.quantization!r}",
         )
 
 

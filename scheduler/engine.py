@@ -64,6 +64,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             tensor_parallel_size=config.tensor_parallel_size,
             seed=config.seed,
+            quantization=config.quantization,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         self.tokenizer = load_tokenizer(path)
         self.model_config = self.runner.model_config

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 
-from scheduler.config import DTYPES, EngineConfig, parse_size
+from scheduler.config import DTYPES, QUANTIZATIONS, EngineConfig, parse_size
 from server.app import ServerConfig
 from server.limits import add_limit_args, limits_from_args
 
@@ -80,6 +80,20 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-size", type=_positive, default=16)
     s.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1)
     s.add_argument("--dtype", choices=DTYPES, default="auto")
+    s.add_argument(
+        "--quantization",
+        "-q",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="none: dequantize a GGUF to float (the reference path); int8/int4: pack float "
+        "weights at load (group 32). Default: a GGUF's own quantization, float for HF folders",
+    )
+    s.add_argument(
+        "--kv-cache-dtype",
+        choices=DTYPES,
+        default="auto",
+        help="dtype the KV cache is stored in (auto: the model's dtype)",
+    )
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
@@ -109,6 +123,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
         seed=args.seed,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_waiting=args.max_waiting,
     )
     server_config = ServerConfig(

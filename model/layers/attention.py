@@ -228,6 +228,7 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
         values = v_cache.index_select(1, group.block_tables).view(num_kv, b, span, head_dim)
     if span != group.span:  # one row: its exact context
         keys, values = keys[:, :, : group.span], values[:, :, : group.span]
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # no-op unless the cache is narrower
     o = F.scaled_dot_product_attention(
         q.view(b, num_kv, num_heads // num_kv, head_dim),
         keys.transpose(0, 1),
@@ -264,8 +265,8 @@ def _prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -
     else:
         qp = q
     qp = qp.view(p, max_q, num_heads, head_dim).transpose(1, 2)  # [P, H, max_q, D]
-    keys = _gather(k_cache, meta.prefill_block_tables).transpose(0, 1)  # [P, kv_heads, L, D]
-    values = _gather(v_cache, meta.prefill_block_tables).transpose(0, 1)
+    keys = _gather(k_cache, meta.prefill_block_tables).transpose(0, 1).to(q.dtype)  # [P, kv, L, D]
+    values = _gather(v_cache, meta.prefill_block_tables).transpose(0, 1).to(q.dtype)
     o = F.scaled_dot_product_attention(
         qp, keys, values, attn_mask=meta.prefill_mask, scale=scale, enable_gqa=True
     )  # [P, H, max_q, D]
@@ -333,7 +334,8 @@ class Attention(nn.Module):
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("attention has no KV cache bound: call bind_kv_cache first")
         nkv, d = self.num_kv_heads, self.head_dim
-        self.k_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, k.transpose(0, 1))
-        self.v_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, v.transpose(0, 1))
+        dt = self.k_cache.dtype  # --kv-cache-dtype may store narrower than the activations
+        self.k_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(dt))
+        self.v_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(dt))
         o = BACKENDS[self.backend](q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return o.reshape(q.shape[0], self.num_heads * self.head_dim)

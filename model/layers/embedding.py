@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers.linear import dense, drop_packed
+from model.layers.linear import dense, drop_packed, install_packed, keeps_packed
+from model.layers.quant import QuantTensor, pad_rows
 from model.parallel import ParallelContext, all_reduce, gather_to_first
 
 
@@ -25,26 +26,39 @@ class VocabParallelEmbedding(nn.Module):
         weight = torch.empty(self.vocab_per_rank, hidden_size)  # [vocab / tp, hidden]
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        self.quant: QuantTensor | None = None  # packed rows (a quantized GGUF / --quantization)
 
     def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+        self, param: nn.Parameter, loaded: torch.Tensor | QuantTensor, shard_id=None
     ) -> None:
         drop_packed(self)
-        if loaded.shape[0] != self.vocab_size or loaded.shape[1:] != param.shape[1:]:
+        shape = tuple(loaded.shape)
+        if shape[0] != self.vocab_size or shape[1:] != tuple(param.shape[1:]):
             raise ValueError(
                 f"{type(self).__name__}: expected shape ({self.vocab_size}, {param.shape[1]}), "
-                f"got {tuple(loaded.shape)}"
+                f"got {shape}"
             )
         rows = max(0, min(self.vocab_per_rank, self.vocab_size - self.vocab_start))
+        if isinstance(loaded, QuantTensor):
+            part = pad_rows(loaded.narrow_rows(self.vocab_start, rows), self.vocab_per_rank)
+            if keeps_packed(param):
+                return install_packed(self, part, type(self).__name__)
+            param.data.copy_(part.dequantize())
+            return
         param.data[rows:].zero_()
         param.data[:rows].copy_(loaded.narrow(0, self.vocab_start, rows))
 
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.take_rows(ids)  # [num_tokens, hidden], dequantized rows
+        return F.embedding(ids, self.weight)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.ctx.size == 1:
-            return F.embedding(input_ids, self.weight)  # [num_tokens, hidden]
+            return self._lookup(input_ids)  # [num_tokens, hidden]
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.vocab_per_rank)
-        h = F.embedding(local.masked_fill(outside, 0), self.weight)
+        h = self._lookup(local.masked_fill(outside, 0))
         h = h.masked_fill(outside.unsqueeze(-1), 0.0)
         return all_reduce(h, self.ctx)  # [num_tokens, hidden]
 

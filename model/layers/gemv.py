@@ -23,7 +23,7 @@ from model.disk_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv.c")
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "quant.c", "decode.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lib: ctypes.CDLL | None = None
@@ -50,7 +50,7 @@ def _build() -> Path | None:
     if cc is None:
         logger.info("no C compiler found: CPU decode uses oneDNN's GEMV (slower)")
         return None
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in SOURCES)
     key = hashlib.sha256(source + " ".join([cc, *FLAGS, _cpu_id()]).encode()).hexdigest()[:16]
     root = cache_dir("kernels")
     if root is None:  # caching disabled: build afresh for this process
@@ -67,14 +67,17 @@ def _build() -> Path | None:
         return None
     try:
         subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120
+            [cc, *FLAGS, *map(str, SOURCES), "-o", tmp],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as e:
         detail = getattr(e, "stderr", b"") or b""
         logger.info(
             "could not compile %s (%s %s): CPU decode uses oneDNN",
-            SOURCE.name,
+            "+".join(p.name for p in SOURCES),
             e,
             detail.decode(errors="replace")[-500:],
         )

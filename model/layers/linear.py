@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import gemv
+from model.layers.quant import QuantTensor, cat_rows, qlinear
 from model.parallel import ParallelContext, all_reduce
 
 
@@ -27,6 +28,9 @@ def dense(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     `owner` (not in its state_dict) and is rebuilt when the weight moves (data_ptr) or a
     weight_loader writes it (drop_packed).
     """
+    packed = owner.__dict__.get("quant")
+    if packed is not None:
+        return qlinear(x, packed, bias)
     if gemv.usable(x, weight, bias):
         return gemv.gemv(x, weight, bias)
     if not _ONEDNN or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2:
@@ -49,6 +53,26 @@ def _copy(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
     param.data.copy_(loaded)
 
 
+def keeps_packed(param: torch.Tensor | None) -> bool:
+    """Packed weights serve CPU float32 models; other dtypes/devices get dequantized copies."""
+    return param is not None and param.device.type == "cpu" and param.dtype == torch.float32
+
+
+def install_packed(owner: nn.Module, packed: QuantTensor, name: str) -> None:
+    """Make `owner` compute with `packed`: its float weight is dropped, not kept beside it."""
+    weight = owner.weight
+    if weight is not None and tuple(weight.shape) != packed.shape:
+        raise ValueError(f"{name}: expected shape {tuple(weight.shape)}, got {packed.shape}")
+    drop_packed(owner)
+    owner.quant = packed
+    owner.weight = None
+
+
+def packed_nbytes(model: nn.Module) -> int:
+    """Bytes of every packed weight in `model` (float parameters are counted separately)."""
+    return sum(m.quant.nbytes for m in model.modules() if getattr(m, "quant", None) is not None)
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W split by output rows; each rank yields its slice of y."""
 
@@ -69,13 +93,23 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _param(self.output_size_per_rank) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
+        self.quant: QuantTensor | None = None
 
     def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+        self, param: nn.Parameter, loaded: torch.Tensor | QuantTensor, shard_id=None
     ) -> None:
         drop_packed(self)
-        rows = param.shape[0]
-        _copy(param, loaded.narrow(0, self.ctx.rank * rows, rows), type(self).__name__)
+        rows = self.output_size_per_rank if param is self.weight else param.shape[0]
+        part = (
+            loaded.narrow_rows(self.ctx.rank * rows, rows)
+            if isinstance(loaded, QuantTensor)
+            else loaded.narrow(0, self.ctx.rank * rows, rows)
+        )
+        if isinstance(part, QuantTensor):
+            if keeps_packed(param):
+                return install_packed(self, part, type(self).__name__)
+            part = part.dequantize()
+        _copy(param, part, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense(self, x, self.weight, self.bias)
@@ -108,16 +142,41 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         return self.ctx.rank * rows
 
     def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+        self, param: nn.Parameter, loaded: torch.Tensor | QuantTensor, shard_id=None
     ) -> None:
         drop_packed(self)
         if shard_id is None:  # an already-merged tensor (e.g. a saved gate_up_proj)
             return super().weight_loader(param, loaded)
         if shard_id not in self.shard_names:
             raise ValueError(f"{type(self).__name__}: unknown shard {shard_id!r}")
+        name = f"{type(self).__name__}[{shard_id}]"
         offset, rows = self._offsets(shard_id)
-        part = loaded.narrow(0, self._source_rows(shard_id, rows), rows)
-        _copy(param.data.narrow(0, offset, rows), part, f"{type(self).__name__}[{shard_id}]")
+        start = self._source_rows(shard_id, rows)
+        if isinstance(loaded, QuantTensor):
+            return self._stash(param, shard_id, loaded.narrow_rows(start, rows), name)
+        if param is self.weight:
+            self._float_parts.add(shard_id)
+        _copy(param.data.narrow(0, offset, rows), loaded.narrow(0, start, rows), name)
+
+    def _stash(self, param: nn.Parameter, shard_id, part: QuantTensor, name: str) -> None:
+        """Packed parts wait until all arrived, then merge in their widest common format; any
+        float part (or a dtype that is not packed) makes them dequantize into the float weight."""
+        if part.shape[1] != self.input_size:
+            raise ValueError(f"{name}: expected {self.input_size} columns, got {part.shape[1]}")
+        parts = self.__dict__.setdefault("_parts", {})
+        parts[shard_id] = part
+        if len(parts) < len(self.shard_names):
+            return
+        del self.__dict__["_parts"]
+        if keeps_packed(param) and not self._float_parts:
+            return install_packed(self, cat_rows([parts[k] for k in self.shard_names]), name)
+        for k, p in parts.items():
+            offset, rows = self._offsets(k)
+            _copy(param.data.narrow(0, offset, rows), p.dequantize(), name)
+
+    @property
+    def _float_parts(self) -> set:
+        return self.__dict__.setdefault("_float_part_ids", set())
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -178,15 +237,23 @@ class RowParallelLinear(nn.Module):
         self.bias = _param(output_size) if bias else None
         if self.bias is not None:
             self.bias.weight_loader = self.weight_loader
+        self.quant: QuantTensor | None = None
 
     def weight_loader(
-        self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int | str | None = None
+        self, param: nn.Parameter, loaded: torch.Tensor | QuantTensor, shard_id=None
     ) -> None:
         drop_packed(self)
-        if param.dim() == 2:
-            cols = param.shape[1]
+        name = type(self).__name__
+        if isinstance(loaded, QuantTensor):
+            cols = self.input_size_per_rank
+            part = loaded.narrow_cols(self.ctx.rank * cols, cols)
+            if part is not None and keeps_packed(param):
+                return install_packed(self, part, name)
+            loaded = loaded.dequantize()  # a shard that splits groups: float for this layer
+        if loaded.dim() == 2:
+            cols = self.input_size_per_rank
             loaded = loaded.narrow(1, self.ctx.rank * cols, cols)
-        _copy(param, loaded, type(self).__name__)
+        _copy(param, loaded, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ctx.size == 1:

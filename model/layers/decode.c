@@ -1,0 +1,200 @@
+/* A whole decode step's decoder layers in one call: for B sequences with one new token each,
+ *   residual += h; x = RMSNorm(residual); qkv = x Wqkv^T (+b); RoPE(q, k); K/V -> paged cache;
+ *   a = softmax(q K^T / sqrt(d)) V over each sequence's blocks; h = a Wo^T;
+ *   residual += h; x = RMSNorm(residual); h = (silu(x Wg^T) * x Wu^T) Wd^T
+ * for every layer, with the packed weights of quant.c. At one stream the step is ~30 layers x
+ * ~60 small torch ops, and their dispatch (~3 us each) costs more than reading the 4-bit
+ * weights; here it is one ctypes call. The torch modules (model/llama.py) stay the reference
+ * and serve every other step (prefill chunks, mixed batches, tensor parallelism, float weights);
+ * tests/model/test_decode_kernel.py compares the two. Built with quant.c by gemv.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+static int thread_num(void) { return omp_get_thread_num(); }
+#else
+static int thread_num(void) { return 0; }
+#endif
+
+int qgemm(const float *x, long ldx, const uint8_t *q, const void *scales, const void *mins,
+          int bits, int group, int f32, const float *bias, float *y, long ldy, long m, long in,
+          long out, int nthreads);
+
+typedef struct { /* one packed linear: quant.py's QuantTensor */
+    const uint8_t *q;
+    const void *scales, *mins;
+    const float *bias;
+    int bits, group, f32;
+    long in, out;
+} dlin;
+
+typedef struct {
+    dlin qkv, o, gate_up, down;
+    const float *in_norm, *post_norm; /* [hidden] */
+    float *k_cache, *v_cache;         /* [kv_heads, num_blocks, block_size, head_dim] */
+} dlayer;
+
+typedef struct {
+    int hidden, heads, kv_heads, head_dim, inter;
+    float eps;
+    long num_blocks;
+    int block_size;
+} dshape;
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static float dot(const float *a, const float *b, int n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    float s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+static float dot(const float *a, const float *b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    s0 = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s0), _mm256_extractf128_ps(s0, 1));
+    h = _mm_hadd_ps(h, h);
+    h = _mm_hadd_ps(h, h);
+    float s = _mm_cvtss_f32(h);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+#else
+static float dot(const float *a, const float *b, int n) {
+    float acc[8] = {0};
+    int i = 0;
+    for (; i + 8 <= n; i += 8)
+        for (int k = 0; k < 8; k++) acc[k] += a[i + k] * b[i + k];
+    float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+#endif
+
+static int lin(const dlin *l, const float *x, float *y, long m, int nt) {
+    return qgemm(x, l->in, l->q, l->scales, l->mins, l->bits, l->group, l->f32, l->bias, y, l->out,
+                 m, l->in, l->out, nt);
+}
+
+/* residual += h (or = h for the first layer), x = residual / rms(residual) * w, one row */
+static void add_norm(float *residual, const float *h, int add, float *x, const float *w, int n,
+                     float eps) {
+    for (int i = 0; i < n; i++) residual[i] = add ? residual[i] + h[i] : h[i];
+    float ss = dot(residual, residual, n);
+    float r = 1.0f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) x[i] = w[i] * (residual[i] * r);
+}
+
+/* x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]; cos, sin as RotaryEmbedding.cos_sin gives
+ * them: [c, c] and [-s, s] */
+static void rope(float *x, const float *cos, const float *sin, int d) {
+    int half = d / 2;
+    for (int i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        x[i] = x1 * cos[i] + x2 * sin[i];
+        x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+    }
+}
+
+
+/* one query head against its sequence's context through the block table; scores: [ctx] */
+static void attend(const float *q, const float *kc, const float *vc, const int *table, int ctx, int bs, int d, float scale, float *scores,
+                   float *out) {
+    float mx = -INFINITY;
+    for (int t = 0; t < ctx; t++) {
+        long slot = (long)table[t / bs] * bs + t % bs;
+        float s = dot(q, kc + slot * d, d) * scale;
+        scores[t] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = 0.0f;
+    for (int t = 0; t < ctx; t++) {
+        scores[t] = expf(scores[t] - mx);
+        sum += scores[t];
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < d; i++) out[i] = 0.0f;
+    for (int t = 0; t < ctx; t++) {
+        long slot = (long)table[t / bs] * bs + t % bs;
+        const float *v = vc + slot * d;
+        float p = scores[t] * inv;
+        for (int i = 0; i < d; i++) out[i] += p * v[i];
+    }
+}
+
+/* scratch floats decode_layers needs for B rows and contexts up to max_ctx */
+long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
+    long qkv = (long)(s->heads + 2 * s->kv_heads) * s->head_dim;
+    return B * (s->hidden + qkv + (long)s->heads * s->head_dim + 3L * s->inter) +
+           (long)nthreads * max_ctx;
+}
+
+/* h [B, hidden]: in, the embeddings; out, the last layer's down_proj output (partial: the final
+ * ResidualRMSNorm adds residual). residual [B, hidden]: out. cos/sin [B, head_dim]. slots [B].
+ * ctx_lens [B] (including this token). tables [B, max_blocks]. 0 on success, -1 on bad sizes. */
+int decode_layers(int n_layers, const dlayer *layers, const dshape *s, float *h, float *residual,
+                  long B, const float *cos, const float *sin, const long *slots,
+                  const int *ctx_lens, const int *tables, int max_blocks, float *scratch,
+                  long max_ctx, int nthreads) {
+    const int d = s->head_dim, nh = s->heads, nkv = s->kv_heads, H = s->hidden;
+    const long qkv_n = (long)(nh + 2 * nkv) * d;
+    float *x = scratch, *qkv = x + B * H, *att = qkv + B * qkv_n, *gu = att + B * (long)nh * d;
+    float *act = gu + B * 2L * s->inter, *scores = act + B * (long)s->inter;
+    const float scale = 1.0f / sqrtf((float)d);
+    const long cache_head = s->num_blocks * s->block_size * d; /* floats per KV head */
+    for (long b = 0; b < B; b++)
+        if (ctx_lens[b] < 1 || ctx_lens[b] > max_ctx ||
+            ctx_lens[b] > (long)max_blocks * s->block_size)
+            return -1;
+    for (int li = 0; li < n_layers; li++) {
+        const dlayer *L = &layers[li];
+        for (long b = 0; b < B; b++)
+            add_norm(residual + b * H, h + b * H, li > 0, x + b * H, L->in_norm, H, s->eps);
+        if (lin(&L->qkv, x, qkv, B, nthreads)) return -1;
+        for (long b = 0; b < B; b++) {
+            float *row = qkv + b * qkv_n;
+            for (int hh = 0; hh < nh + nkv; hh++) rope(row + hh * d, cos + b * d, sin + b * d, d);
+            for (int kh = 0; kh < nkv; kh++) {
+                long at = kh * cache_head + slots[b] * d;
+                memcpy(L->k_cache + at, row + (nh + kh) * d, d * sizeof(float));
+                memcpy(L->v_cache + at, row + (nh + nkv + kh) * d, d * sizeof(float));
+            }
+        }
+        const int group = nh / nkv;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+        for (long bh = 0; bh < B * nh; bh++) {
+            long b = bh / nh;
+            int hh = (int)(bh % nh), kh = hh / group;
+            float *sc = scores + (long)thread_num() * max_ctx;
+            attend(qkv + b * qkv_n + hh * d, L->k_cache + kh * cache_head,
+                   L->v_cache + kh * cache_head, tables + b * max_blocks, ctx_lens[b],
+                   s->block_size, d, scale, sc, att + b * (long)nh * d + hh * d);
+        }
+        if (lin(&L->o, att, h, B, nthreads)) return -1;
+        for (long b = 0; b < B; b++)
+            add_norm(residual + b * H, h + b * H, 1, x + b * H, L->post_norm, H, s->eps);
+        if (lin(&L->gate_up, x, gu, B, nthreads)) return -1;
+        for (long b = 0; b < B; b++) {
+            const float *g = gu + b * 2L * s->inter, *u = g + s->inter;
+            float *a = act + b * (long)s->inter;
+            for (int i = 0; i < s->inter; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        if (lin(&L->down, act, h, B, nthreads)) return -1;
+    }
+    return 0;
+}

@@ -1,0 +1,184 @@
+"""Decode steps through decode.c: every decoder layer of a Llama-family model in one C call.
+
+Used when a step only decodes (one token per sequence), at tensor_parallel_size 1, on CPU in
+float32 with packed weights and a float32 KV cache. Everything else (prefill chunks, mixed
+batches, TP, float checkpoints) runs the torch modules, which are the reference
+(tests/model/test_fused_decode.py compares both on the same steps).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+from torch import nn
+
+from model.layers import gemv
+from model.layers.quant import KERNEL_MAX_ROWS, QuantTensor
+
+_p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [
+        ("q", _p),
+        ("scales", _p),
+        ("mins", _p),
+        ("bias", _p),
+        ("bits", _i),
+        ("group", _i),
+        ("f32", _i),
+        ("n_in", _l),
+        ("n_out", _l),
+    ]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", _Lin),
+        ("o", _Lin),
+        ("gate_up", _Lin),
+        ("down", _Lin),
+        ("in_norm", _p),
+        ("post_norm", _p),
+        ("k_cache", _p),
+        ("v_cache", _p),
+    ]
+
+
+class _Shape(ctypes.Structure):
+    _fields_ = [
+        ("hidden", _i),
+        ("heads", _i),
+        ("kv_heads", _i),
+        ("head_dim", _i),
+        ("inter", _i),
+        ("eps", _f),
+        ("num_blocks", _l),
+        ("block_size", _i),
+    ]
+
+
+def _lin(module: nn.Module) -> _Lin:
+    t: QuantTensor = module.quant
+    rows, n_in = t.shape
+    bias = module.bias.data_ptr() if module.bias is not None else None
+    mins = t.mins.data_ptr() if t.mins is not None else None
+    f32 = int(t.fmt.scale_dtype == torch.float32)
+    return _Lin(
+        t.qweight.data_ptr(), t.scales.data_ptr(), mins, bias, t.fmt.bits, t.fmt.group, f32, n_in,
+        rows,
+    )  # fmt: skip
+
+
+def _lib() -> ctypes.CDLL | None:
+    lib = gemv.load()
+    if lib is not None and lib.decode_layers.argtypes is None:
+        lib.decode_layers.argtypes = [_i, _p, _p, _p, _p, _l, _p, _p, _p, _p, _p, _i, _p, _l, _i]
+        lib.decode_layers.restype = _i
+        lib.decode_scratch.argtypes = [_p, _l, _l, _i]
+        lib.decode_scratch.restype = _l
+    return lib
+
+
+class FusedDecode:
+    """Binds one model's packed weights and KV cache to decode.c (built when the model fits)."""
+
+    enabled = os.environ.get("TOKENMILL_FUSED_DECODE", "1") != "0"
+
+    def __init__(self, model: nn.Module, block_size: int) -> None:
+        inner = model.model
+        layers = inner.layers
+        attn0 = layers[0].self_attn
+        self.model, self.block_size = model, block_size
+        self.shape = _Shape(
+            model.config.hidden_size,
+            attn0.num_heads,
+            attn0.num_kv_heads,
+            attn0.head_dim,
+            model.config.intermediate_size,
+            inner.norm.eps,
+            attn0.attn.k_cache.shape[1],
+            block_size,
+        )
+        table = []
+        for layer in layers:
+            a, m = layer.self_attn, layer.mlp
+            table.append(
+                _Layer(
+                    _lin(a.qkv_proj),
+                    _lin(a.o_proj),
+                    _lin(m.gate_up_proj),
+                    _lin(m.down_proj),
+                    layer.input_layernorm.weight.data_ptr(),
+                    layer.post_attention_layernorm.weight.data_ptr(),
+                    a.attn.k_cache.data_ptr(),
+                    a.attn.v_cache.data_ptr(),
+                )
+            )
+        self.layers = (_Layer * len(table))(*table)
+        self.scratch = torch.empty(0)
+
+    @staticmethod
+    def build(model: nn.Module, block_size: int) -> FusedDecode | None:
+        """A FusedDecode when every piece fits decode.c, else None (the torch path serves)."""
+        inner = getattr(model, "model", None)
+        if not FusedDecode.enabled or inner is None or _lib() is None:
+            return None
+        for layer in inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
+            if any(getattr(x, "quant", None) is None for x in linears):
+                return None
+            if a.o_proj.ctx.size != 1 or a.attn.backend != "sdpa" or a.attn.k_cache is None:
+                return None
+            if a.attn.k_cache.dtype != torch.float32 or a.attn.k_cache.device.type != "cpu":
+                return None
+            if any(x.bias is not None for x in (a.o_proj, m.gate_up_proj, m.down_proj)):
+                return None
+        return FusedDecode(model, block_size)
+
+    @staticmethod
+    def takes(query_lens: list[int]) -> bool:
+        """Decode-only steps of up to KERNEL_MAX_ROWS sequences."""
+        return 0 < len(query_lens) <= KERNEL_MAX_ROWS and all(q == 1 for q in query_lens)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+    ) -> torch.Tensor:
+        """input_ids, positions [B] -> final-normed hidden states [B, hidden]."""
+        inner = self.model.model
+        b = input_ids.shape[0]
+        h = inner.embed_tokens(input_ids).contiguous()  # [B, hidden]
+        cos, sin = inner.rotary_emb.cos_sin(positions, torch.float32)  # [B, 1, D] each
+        residual = torch.empty_like(h)
+        max_blocks = max(len(t) for t in block_tables)
+        tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32
+        )  # [B, max_blocks]
+        slots = torch.tensor(slot_mapping, dtype=torch.long)
+        ctx = torch.tensor(context_lens, dtype=torch.int32)
+        max_ctx = max(context_lens)
+        threads = torch.get_num_threads()
+        lib = _lib()
+        need = lib.decode_scratch(ctypes.byref(self.shape), b, max_ctx, threads)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need)
+        rc = lib.decode_layers(
+            len(self.layers), self.layers, ctypes.byref(self.shape), h.data_ptr(),
+            residual.data_ptr(), b, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+            ctx.data_ptr(), tables.data_ptr(), max_blocks, self.scratch.data_ptr(), max_ctx,
+            threads,
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(
+                f"decode_layers refused the step: {b} rows, contexts {context_lens}, "
+                f"{max_blocks} blocks of {self.block_size}"
+            )
+        return inner.norm(h, residual)[0]

@@ -1,0 +1,289 @@
+/* Quantized-weight products for CPU: y[m][o] = sum_i x[m][i] * w[o][i] (+ bias[o]), with w kept
+ * in one of tokenmill's packed formats (model/layers/quant.py) and x, y in float32.
+ *
+ * A weight row o holds in / group groups. Each group has a scale s and optionally a min mn, and
+ * w = s * q + mn exactly as the GGUF dequantization computes it (q * s is exact in float32 for
+ * every source format, so one fused multiply-add rounds once, as numpy's (d * q) + m does):
+ *   bits 4: q in 0..15, two per byte; in a group of 32, byte k holds q[k] (low) and q[k + 16]
+ *           (high nibble), GGML's own Q4_0/Q4_1 order;
+ *   bits 8: q in -128..127 (int8), one per byte; groups of 32 or 16 (Q6_K);
+ *   scales and mins are float16 (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1: the file's own values) or float32
+ *   (K-quants, whose super-block scale times sub-block scale needs up to 19 bits).
+ * Weights are dequantized in registers, never in memory: decode streams ~5-9 bits a weight
+ * instead of 32. Activations stay float32 (no activation quantization): the oracle is
+ * dequantize-then-F.linear (quant.py's reference), which the tests compare against.
+ *
+ * Built at run time by model/layers/gemv.py together with gemv.c (-O3 -march=native): the
+ * AVX-512 path, else AVX2+FMA, else plain C; the CPU the kernel was compiled on decides.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline float h2f(uint16_t h) { return _cvtsh_ss(h); }
+#else
+static inline float h2f(uint16_t h) { /* IEEE half -> float, subnormals included */
+    uint32_t s = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, f = h & 0x3ff, u;
+    if (e == 0) {
+        if (f == 0) u = s;
+        else { e = 113; while (!(f & 0x400)) { f <<= 1; e--; } u = s | (e << 23) | ((f & 0x3ff) << 13); }
+    } else if (e == 31) u = s | 0x7f800000 | (f << 13);
+    else u = s | ((e + 112) << 23) | (f << 13);
+    float out; memcpy(&out, &u, 4); return out;
+}
+#endif
+
+typedef struct {
+    const uint8_t *q;  /* [out, in * bits / 8] */
+    const void *scales; /* [out, in / group], float16 or float32 */
+    const void *mins;   /* same shape, or NULL (mn = 0) */
+    int bits, group, f32;
+    long in, row_bytes, groups;
+} qfmt;
+
+static inline float ld_scale(const void *p, int f32, long i) {
+    return f32 ? ((const float *)p)[i] : h2f(((const uint16_t *)p)[i]);
+}
+
+/* Group g of weight row o, dequantized into wg[group]: the reference the vector paths match. */
+static void dequant_group(const qfmt *f, long o, long g, float *wg) {
+    const uint8_t *q = f->q + o * f->row_bytes;
+    float s = ld_scale(f->scales, f->f32, o * f->groups + g);
+    float mn = f->mins ? ld_scale(f->mins, f->f32, o * f->groups + g) : 0.0f;
+    if (f->bits == 4) {
+        const uint8_t *b = q + g * 16;
+        for (int k = 0; k < 16; k++) {
+            wg[k] = __builtin_fmaf((float)(b[k] & 15), s, mn);
+            wg[k + 16] = __builtin_fmaf((float)(b[k] >> 4), s, mn);
+        }
+    } else {
+        const int8_t *b = (const int8_t *)q + g * f->group;
+        for (int k = 0; k < f->group; k++) wg[k] = __builtin_fmaf((float)b[k], s, mn);
+    }
+}
+
+#define MAX_MR 8 /* activation rows that share one pass over a weight row */
+#define MAX_GROUPS 4096 /* groups in one weight row: in <= 65536 (16-groups) */
+
+/* A row's scales (and mins) as float32: float16 ones are converted once per row into the
+ * buffers, so the inner loop broadcasts them straight from memory (no shuffle-port work). */
+static inline void row_scales(const qfmt *f, long o, float *sbuf, float *mbuf, const float **sc,
+                              const float **mn) {
+    long base = o * f->groups;
+    if (f->f32) {
+        *sc = (const float *)f->scales + base;
+        *mn = f->mins ? (const float *)f->mins + base : 0;
+        return;
+    }
+    const uint16_t *s16 = (const uint16_t *)f->scales + base;
+    const uint16_t *m16 = f->mins ? (const uint16_t *)f->mins + base : 0;
+    long g = 0;
+#if defined(__AVX512F__)
+    for (; g + 16 <= f->groups; g += 16) {
+        _mm512_storeu_ps(sbuf + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s16 + g))));
+        if (m16)
+            _mm512_storeu_ps(mbuf + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m16 + g))));
+    }
+#elif defined(__F16C__)
+    for (; g + 8 <= f->groups; g += 8) {
+        _mm256_storeu_ps(sbuf + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + g))));
+        if (m16) _mm256_storeu_ps(mbuf + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m16 + g))));
+    }
+#endif
+    for (; g < f->groups; g++) {
+        sbuf[g] = h2f(s16[g]);
+        if (m16) mbuf[g] = h2f(m16[g]);
+    }
+    *sc = sbuf;
+    *mn = m16 ? mbuf : 0;
+}
+
+#if defined(__AVX512F__)
+/* ---- AVX-512: 16 lanes; a 4-bit group is two vectors, looked up in a 16-entry table ---- */
+#define W 16
+typedef __m512 vf;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(v) _mm512_reduce_add_ps(v)
+
+/* dequantized lanes [c*W, (c+1)*W) of group g of row q; nchunks = group / W */
+static inline __attribute__((always_inline)) void dq_group(const int BITS, const int GROUP,
+                                                          const uint8_t *q, long g, float s,
+                                                          float mn, vf *out) {
+    if (BITS == 4) {
+        const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512 tab = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(mn));
+        __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * 16)));
+        out[0] = _mm512_permutexvar_ps(v, tab); /* uses the low 4 bits of each lane */
+        out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
+    } else {
+        const int8_t *b = (const int8_t *)q + g * GROUP;
+        __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(mn);
+        for (int c = 0; c < GROUP / W; c++) {
+            __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + c * W)));
+            out[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), vs, vm);
+        }
+    }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* ---- AVX2: 8 lanes; nibbles masked and converted ---- */
+#define W 8
+typedef __m256 vf;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+static inline float VSUM(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+static inline __attribute__((always_inline)) void dq_group(const int BITS, const int GROUP,
+                                                          const uint8_t *q, long g, float s,
+                                                          float mn, vf *out) {
+    __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(mn);
+    if (BITS == 4) {
+        const __m256i lo4 = _mm256_set1_epi32(15);
+        for (int c = 0; c < 2; c++) { /* bytes 8c..8c+7: elements 8c.. (low), 16+8c.. (high) */
+            __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + g * 16 + 8 * c)));
+            out[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, lo4)), vs, vm);
+            out[c + 2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), vs, vm);
+        }
+    } else {
+        const int8_t *b = (const int8_t *)q + g * GROUP;
+        for (int c = 0; c < GROUP / W; c++) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + c * W)));
+            out[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), vs, vm);
+        }
+    }
+}
+#endif
+
+#ifdef W
+/* MR activation rows times weight row o, for one format (BITS, GROUP). Every size is a literal
+ * at the call, so the loops unroll and acc[][] lives in registers: nc independent FMA chains
+ * per activation row hide the FMA latency. */
+static inline __attribute__((always_inline)) void row_mr(const int MR, const int BITS,
+                                                        const int GROUP, const qfmt *f, long o,
+                                                        const float *x, long ldx, float *y,
+                                                        long ldy, const float *bias,
+                                                        float *sbuf, float *mbuf) {
+    const int NC = (BITS == 4 ? 32 : GROUP) / W;
+    const uint8_t *q = f->q + o * f->row_bytes;
+    vf acc[MAX_MR][32 / W];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NC; c++) acc[r][c] = VZERO();
+    const float *sc, *mn;
+    row_scales(f, o, sbuf, mbuf, &sc, &mn);
+    for (long g = 0; g < f->groups; g++) {
+        float s = sc[g], m0 = mn ? mn[g] : 0.0f;
+        vf w[32 / W];
+        dq_group(BITS, GROUP, q, g, s, m0, w);
+        const long i = g * GROUP;
+        for (int c = 0; c < NC; c++)
+            for (int r = 0; r < MR; r++)
+                acc[r][c] = VFMA(w[c], VLOAD(x + r * ldx + i + c * W), acc[r][c]);
+    }
+    for (int r = 0; r < MR; r++) {
+        vf a = acc[r][0];
+        for (int c = 1; c < NC; c++) a = a + acc[r][c];
+        y[r * ldy + o] = VSUM(a) + (bias ? bias[o] : 0.0f);
+    }
+}
+#else
+/* ---- plain C: one group at a time through a small buffer ---- */
+static void row_mr(const int MR, const int BITS, const int GROUP, const qfmt *f, long o,
+                   const float *x, long ldx, float *y, long ldy, const float *bias, float *sbuf,
+                   float *mbuf) {
+    float acc[MAX_MR] = {0}, w[32];
+    (void)BITS, (void)GROUP, (void)sbuf, (void)mbuf;
+    for (long g = 0; g < f->groups; g++) {
+        dequant_group(f, o, g, w);
+        for (int r = 0; r < MR; r++)
+            for (int k = 0; k < f->group; k++) acc[r] += w[k] * x[r * ldx + g * f->group + k];
+    }
+    for (int r = 0; r < MR; r++) y[r * ldy + o] = acc[r] + (bias ? bias[o] : 0.0f);
+}
+#endif
+
+/* one function per (format, MR): the only runtime switch is here, outside the loops */
+#define ROWS_FN(BITS, GROUP, MR)                                                                   \
+    static void rows_##BITS##_##GROUP##_##MR(const qfmt *f, long o0, long o1, const float *x,     \
+                                             long ldx, float *y, long ldy, const float *bias) {   \
+        float sbuf[MAX_GROUPS], mbuf[MAX_GROUPS];                                                  \
+        for (long o = o0; o < o1; o++)                                                             \
+            row_mr(MR, BITS, GROUP, f, o, x, ldx, y, ldy, bias, sbuf, mbuf);                       \
+    }
+#define ROWS_FMT(BITS, GROUP)                                                                      \
+    ROWS_FN(BITS, GROUP, 1) ROWS_FN(BITS, GROUP, 2) ROWS_FN(BITS, GROUP, 3) ROWS_FN(BITS, GROUP, 4) \
+    ROWS_FN(BITS, GROUP, 5) ROWS_FN(BITS, GROUP, 6) ROWS_FN(BITS, GROUP, 7) ROWS_FN(BITS, GROUP, 8)
+ROWS_FMT(4, 32)
+ROWS_FMT(8, 32)
+ROWS_FMT(8, 16)
+
+typedef void (*rows_fn)(const qfmt *, long, long, const float *, long, float *, long, const float *);
+#define TABLE(BITS, GROUP)                                                                         \
+    {rows_##BITS##_##GROUP##_1, rows_##BITS##_##GROUP##_2, rows_##BITS##_##GROUP##_3,              \
+     rows_##BITS##_##GROUP##_4, rows_##BITS##_##GROUP##_5, rows_##BITS##_##GROUP##_6,              \
+     rows_##BITS##_##GROUP##_7, rows_##BITS##_##GROUP##_8}
+static const rows_fn ROWS[3][MAX_MR] = {TABLE(4, 32), TABLE(8, 32), TABLE(8, 16)};
+
+static void rows_mr(int mr, const qfmt *f, long o0, long o1, const float *x, long ldx, float *y,
+                    long ldy, const float *bias) {
+    int k = f->bits == 4 ? 0 : f->group == 32 ? 1 : 2;
+    ROWS[k][mr - 1](f, o0, o1, x, ldx, y, ldy, bias);
+}
+
+static int check(int bits, int group, long in) {
+    if (bits == 4 && group != 32) return -1;
+    if (bits != 4 && bits != 8) return -1;
+    if (group != 16 && group != 32) return -1;
+    if (in < group || in % group || in / group > MAX_GROUPS) return -1;
+    return 0;
+}
+
+static qfmt make(const uint8_t *q, const void *scales, const void *mins, int bits, int group,
+                 int f32, long in) {
+    qfmt f = {q, scales, mins, bits, group, f32, in, in * bits / 8, in / group};
+    return f;
+}
+
+int qgemm_max_mr(void) { return MAX_MR; }
+
+/* x: [m, in] rows ldx apart; y: [m, out] rows ldy apart; bias or NULL. 0, or -1 for a format or
+ * size it does not take. Threads split the output rows in tiles whose packed bytes stay in L1
+ * while every block of MAX_MR activation rows passes over them. */
+int qgemm(const float *x, long ldx, const uint8_t *q, const void *scales, const void *mins,
+          int bits, int group, int f32, const float *bias, float *y, long ldy, long m, long in,
+          long out, int nthreads) {
+    if (m < 1 || out < 1 || check(bits, group, in)) return -1;
+    qfmt f = make(q, scales, mins, bits, group, f32, in);
+    long per_row = f.row_bytes + f.groups * (f32 ? 4 : 2) * (mins ? 2 : 1);
+    long tile = 16384 / per_row;
+    if (tile < 1) tile = 1;
+    if (tile * nthreads > out) tile = (out + nthreads - 1) / nthreads;
+    long ntiles = (out + tile - 1) / tile;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long t = 0; t < ntiles; t++) {
+        long o0 = t * tile, o1 = o0 + tile < out ? o0 + tile : out;
+        for (long r0 = 0; r0 < m; r0 += MAX_MR) {
+            int mr = m - r0 < MAX_MR ? (int)(m - r0) : MAX_MR;
+            rows_mr(mr, &f, o0, o1, x + r0 * ldx, ldx, y + r0 * ldy, ldy, bias);
+        }
+    }
+    return 0;
+}
+
+/* Rows [0, rows) dequantized into w [rows, in] float32: the prefill path hands w to a float GEMM. */
+int qdequant(const uint8_t *q, const void *scales, const void *mins, int bits, int group, int f32,
+             float *w, long rows, long in, int nthreads) {
+    if (rows < 1 || check(bits, group, in)) return -1;
+    qfmt f = make(q, scales, mins, bits, group, f32, in);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long o = 0; o < rows; o++)
+        for (long g = 0; g < f.groups; g++) dequant_group(&f, o, g, w + o * in + g * group);
+    return 0;
+}

@@ -1,0 +1,77 @@
+"""decode.c (every decoder layer of a decode step in one call) against the torch modules it
+replaces, on the same steps and the same KV cache; and that serving really takes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.inputs import StepInput
+from model.layers.fused_decode import FusedDecode
+from model.runner import ModelRunner
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def decode_steps(runner: ModelRunner, prompts: list[list[int]], steps: int):
+    """Prefill each prompt (torch path), then decode all rows together for `steps` steps; at each
+    step the logits come from decode.c and from the torch modules (same slots rewritten)."""
+    bs, fused = runner.block_size, runner.fused
+    assert fused is not None
+    tables = [[i * 8 + j for j in range(8)] for i in range(len(prompts))]
+    lens = [len(p) for p in prompts]
+    for i, p in enumerate(prompts):
+        slots = [tables[i][t // bs] * bs + t % bs for t in range(len(p))]
+        runner.fused = None
+        runner.compute_logits(StepInput(p, list(range(len(p))), slots, [len(p)], [len(p)],
+                                        [tables[i]], [0]))  # fmt: skip
+    token = [p[-1] for p in prompts]
+    for _ in range(steps):
+        pos = lens[:]
+        slots = [tables[i][t // bs] * bs + t % bs for i, t in enumerate(pos)]
+        lens = [n + 1 for n in lens]
+        step = StepInput(token, pos, slots, [1] * len(prompts), lens, tables,
+                         list(range(len(prompts))))  # fmt: skip
+        runner.fused = None
+        ref = runner.compute_logits(step)
+        runner.fused = fused
+        got = runner.compute_logits(step)
+        yield got, ref
+        token = [int(t) for t in ref.argmax(-1)]
+
+
+@pytest.mark.parametrize(
+    "arch,tie,quantization",
+    [("llama", False, "int4"), ("qwen2", True, "int8"), ("llama3", True, "int4")],
+)
+def test_fused_decode_matches_torch_layers(tiny_checkpoint, arch, tie, quantization) -> None:
+    runner = ModelRunner(
+        str(tiny_checkpoint(arch, tie)), quantization=quantization, kv_cache_memory=1 << 22
+    )
+    assert runner.fused is not None, "packed CPU float32 model at tp=1: decode.c must serve it"
+    prompts = [list(range(100, 137)), list(range(500, 503)), [7]]
+    for got, ref in decode_steps(runner, prompts, steps=24):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    runner.shutdown()
+
+
+def test_fused_decode_on_the_smollm2_gguf(smollm2_gguf) -> None:
+    runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 26)
+    assert runner.fused is not None
+    prompts = [list(range(1000, 1100)), [1, 2, 3]]
+    for got, ref in decode_steps(runner, prompts, steps=8):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
+    runner.shutdown()
+
+
+def test_fused_decode_only_where_it_fits(tiny_checkpoint, monkeypatch) -> None:
+    folder = str(tiny_checkpoint("llama"))
+    assert ModelRunner(folder, kv_cache_memory=1 << 20).fused is None  # float weights: torch
+    assert ModelRunner(folder, quantization="int8", kv_cache_dtype="bfloat16",
+                       kv_cache_memory=1 << 20).fused is None  # fmt: skip
+    monkeypatch.setattr(FusedDecode, "enabled", False)
+    assert ModelRunner(folder, quantization="int8", kv_cache_memory=1 << 20).fused is None
+    assert (
+        FusedDecode.takes([1, 1, 1]) and not FusedDecode.takes([1, 2]) and not FusedDecode.takes([])
+    )
