@@ -1,7 +1,7 @@
 """Soak test: mixed, partly hostile traffic against a live server, then a strict accounting.
 
     .venv/bin/python benchmarks/soak.py --url http://127.0.0.1:8000 --duration 600 \
-        [--concurrency 8] [--api-key KEY] [--seed 0] [--max-n 16]
+        [--concurrency 8] [--api-key KEY] [--seed 0] [--max-n 16] [--warmup 120]
 
 Traffic: completions and chat, streamed and not, random prompt lengths and max_tokens, n > 1,
 batched prompts, ~10% clients that vanish (mid-stream, or before a non-streamed answer), ~5% bad
