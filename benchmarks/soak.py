@@ -263,9 +263,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--max-n", type=int, default=16, help="the server's --max-n")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds of traffic before the RSS baseline (default: 20%% of --duration, <= 30)",
+    )
     args = ap.parse_args(argv)
     report = run_soak(
-        args.url, args.duration, args.concurrency, args.seed, args.api_key, args.max_n
+        args.url, args.duration, args.concurrency, args.seed, args.api_key, args.max_n, args.warmup
     )
     print(json.dumps(report.summary(), indent=2))
     return 1 if report.problems else 0
