@@ -85,10 +85,11 @@ async def count_tokens(client: httpx.AsyncClient, root: str, model: str, text: s
             return None
         if r.status_code == 200:
             data = r.json()
-            if "count" in data:
-                return int(data["count"])
-            if "tokens" in data:
-                return len(data["tokens"])
+            count = data.get("count", len(data.get("tokens") or []))
+            # NOTE: llama-server answers the vLLM shape with 200 and no tokens (it reads only
+            # "content"), so an empty count means "wrong shape", not "empty text".
+            if count:
+                return int(count)
     return None
 
 

@@ -1,7 +1,8 @@
-"""GGUF file → (hf_name, float32 tensor) stream plus an HF-style config dict: the GGUF adapter.
+"""GGUF file → (hf_name, tensor) stream plus an HF-style config dict: the GGUF adapter.
 
-Tensors are memory-mapped by `gguf.GGUFReader` and dequantized one at a time, so a tensor-parallel
-rank can read only the tensors (and later slice only the shard) it keeps.
+Tensors are memory-mapped by `gguf.GGUFReader` and converted one at a time: quantized types into
+packed QuantTensors (model/layers/quant.py, no re-rounding), or dequantized to float32 with
+quantization "none". Each rank converts a whole tensor and keeps only its shard's rows/columns.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -31,8 +32,14 @@ QUANTIZATIONS = ("none", "int8", "int4")  # None (no flag): a GGUF's own, float 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: str | None = None  # HF folder or .gguf file; None: the embedded SmolLM2 GGUF
+    model: str | None = None  # HF folder, .gguf file or cached repo id; None: embedded SmolLM2
     served_model_name: str | None = None
+    tokenizer: str | None = None  # folder, .gguf or cached repo id; None: the model's
+    revision: str | None = None  # of a repo id model; None: the cache's refs/main
+    tokenizer_revision: str | None = None
+    download_dir: str | None = None  # hub cache to look in; None: $HF_HUB_CACHE / $HF_HOME/hub
+    generation_config: str = "auto"  # auto: the model's generation_config.json; vllm: none; path
+    override_generation_config: dict[str, Any] | None = None  # merged over those values
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
     device: str = "auto"  # auto: cuda if available else cpu
     block_size: int = 16
@@ -101,9 +108,15 @@ def default_model_path() -> str:
     return path
 
 
-def resolve_model(model: str | None) -> str:
-    """None means the embedded default model."""
-    return default_model_path() if model is None else model
+def resolve_model(
+    model: str | None, revision: str | None = None, download_dir: str | None = None
+) -> str:
+    """None means the embedded default model; a repo id means its snapshot in the local HF cache."""
+    if model is None:
+        return default_model_path()
+    from model.hub import resolve_model_path
+
+    return resolve_model_path(model, revision, download_dir)
 
 
 def served_model_name(model: str | None, served_name: str | None = None) -> str:
@@ -112,7 +125,11 @@ def served_model_name(model: str | None, served_name: str | None = None) -> str:
 
     if served_name:
         return served_name
+    from model.hub import is_local_path
+
     if model is None:
         return DEFAULT_MODEL_NAME
+    if not is_local_path(model):
+        return model  # a repo id is served under its own name, as vLLM does
     name = os.path.basename(os.path.normpath(model))
     return name.removesuffix(".gguf") or name

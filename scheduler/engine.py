@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 
 from model.detokenizer import IncrementalDetokenizer
+from model.generation_config import generation_defaults
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
@@ -52,7 +53,7 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        path = resolve_model(config.model)
+        path = resolve_model(config.model, config.revision, config.download_dir)
         self.runner = ModelRunner(
             path,
             dtype=config.dtype,
@@ -67,7 +68,13 @@ class LLMEngine:
             quantization=config.quantization,
             kv_cache_dtype=config.kv_cache_dtype,
         )
-        self.tokenizer = load_tokenizer(path)
+        tokenizer_path = path
+        if config.tokenizer is not None:
+            revision = config.tokenizer_revision
+            tokenizer_path = resolve_model(config.tokenizer, revision, config.download_dir)
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.model_path = path
+        self.default_sampling_params = self._generation_defaults(path)
         self.model_config = self.runner.model_config
         self.max_model_len: int = self.runner.max_model_len
         self.model_name = served_model_name(config.model, config.served_model_name)
@@ -86,6 +93,25 @@ class LLMEngine:
         self._new: list[Request] = []
         self._aborts: list[tuple[str, str | None]] = []  # (request id, error or None)
         self._last_step = SchedulerStats()
+        self.num_steps = 0
+        self.prompt_tokens_total = 0  # vLLM's counting: a request's prompt at its first token
+        self.generation_tokens_total = 0
+
+    def _generation_defaults(self, path: str) -> dict:
+        """Request defaults from generation_config.json, validated now and logged once."""
+        cfg = self.config
+        defaults = generation_defaults(cfg.generation_config, path, cfg.override_generation_config)
+        try:
+            SamplingParams(**defaults)
+        except (TypeError, SamplingParamsError) as e:
+            raise ValueError(f"generation config defaults {defaults} are invalid: {e}") from None
+        if defaults:
+            logger.warning(
+                "default sampling parameters from the model's generation config (used when a "
+                "request omits them; --generation-config vllm to ignore it): %s",
+                defaults,
+            )
+        return defaults
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -179,7 +205,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         split = {"schedule": t1 - t0, "execute": 0.0, "update": 0.0, "detokenize": 0.0}
+        gaps: list[float] = []
         if batch is not None:
+            self.num_steps += 1
             now = time.monotonic()
             for seq in batch.seqs:
                 if seq.metrics.first_scheduled_time is None:
@@ -189,7 +217,7 @@ class LLMEngine:
                 t2 = time.perf_counter()
                 sampled = self.scheduler.update(batch, step_output)
                 t3 = time.perf_counter()
-                outputs.extend(self._outputs(sampled))
+                outputs.extend(self._outputs(sampled, gaps))
                 t4 = time.perf_counter()
             except Exception as exc:
                 outputs.extend(self._fail_step(batch.seqs, exc))
@@ -201,18 +229,27 @@ class LLMEngine:
             step_num_seqs=len(batch.seqs) if batch else 0,
             step_num_tokens=batch.step_input.num_tokens if batch else 0,
             step_time_split=split,
+            step_inter_token_latencies=gaps,
         )
         return outputs
 
-    def _outputs(self, sampled: list[SampledToken]) -> list[RequestOutput]:
-        """Detokenize the new tokens (stop strings may finish a sequence) and group per request."""
+    def _outputs(self, sampled: list[SampledToken], gaps: list[float]) -> list[RequestOutput]:
+        """Detokenize the new tokens (stop strings may finish a sequence) and group per request.
+
+        Appends to `gaps` one inter-token latency per request that already had a token.
+        """
         now = time.monotonic()
         changed: dict[str, list[CompletionOutput]] = {}
+        self.generation_tokens_total += len(sampled)
         for st in sampled:
             seq, params = st.seq, st.seq.params
             metrics = seq.metrics
-            if metrics.first_token_time is None:
-                metrics.first_token_time = now
+            if seq.request_id not in changed:  # the request's first token of this step
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = now
+                    self.prompt_tokens_total += seq.num_prompt_tokens
+                else:
+                    gaps.append(now - metrics.last_token_time)
             metrics.last_token_time = now
             stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED
             hidden = stopped_by_token and not (
@@ -345,6 +382,10 @@ class LLMEngine:
             step_num_seqs=last.step_num_seqs,
             step_num_tokens=last.step_num_tokens,
             step_time_split=dict(last.step_time_split),
+            num_steps_total=self.num_steps,
+            prompt_tokens_total=self.prompt_tokens_total,
+            generation_tokens_total=self.generation_tokens_total,
+            step_inter_token_latencies=list(last.step_inter_token_latencies),
         )
 
     def is_healthy(self) -> bool:

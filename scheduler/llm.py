@@ -58,6 +58,10 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._counter = 0
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation-config defaults (vLLM's LLM method)."""
+        return SamplingParams(**self.engine.default_sampling_params)
+
     def generate(
         self,
         prompts: Prompt | SequenceABC[Prompt],
@@ -66,7 +70,7 @@ class LLM:
         """Run every prompt to completion together; results in prompt order."""
         plist = _as_prompt_list(prompts)
         if params is None or isinstance(params, SamplingParams):
-            param_list = [params or SamplingParams()] * len(plist)
+            param_list = [params or self.get_default_sampling_params()] * len(plist)
         else:
             param_list = list(params)
             if len(param_list) != len(plist):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
 from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS
@@ -26,10 +27,13 @@ from server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from server.request_logger import RequestLogger
+from server.root_path import RootPathMiddleware
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
 from server.serving_models import OpenAIServingModels, version
 from server.sse import sse_response
+from server.stats_logger import StatsLogger
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
@@ -50,6 +54,15 @@ class ServerConfig:
     disable_fastapi_docs: bool = False  # no /docs, /redoc, /openapi.json
     limits: ServingLimits = field(default_factory=ServingLimits)  # its max_waiting is ignored
     max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS  # AsyncEngine's, set by the CLI
+    served_model_names: tuple[str, ...] = ()  # every name clients may send; () → the engine's
+    allowed_origins: tuple[str, ...] = ()  # CORS; () sends no CORS headers (vLLM's default is *)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
+    root_path: str = ""  # path prefix of a proxy in front (FastAPI's root_path)
+    enable_log_requests: bool = False  # log each request's prompt (user data) at info level
+    max_log_len: int | None = None  # prompt characters / token ids a logged request shows
+    log_stats: bool = True  # the 10 s throughput summary (--disable-log-stats turns it off)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -102,18 +115,32 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     app.add_middleware(BodySizeLimitMiddleware, max_size=cfg.limits.max_request_body_size)
     if cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
+    if cfg.allowed_origins:  # outside the key check: 401s carry CORS headers too
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cfg.allowed_origins),
+            allow_methods=list(cfg.allowed_methods),
+            allow_headers=list(cfg.allowed_headers),
+            allow_credentials=cfg.allow_credentials,
+        )
     metrics = ServerMetrics(engine.model_name)
     engine.add_stat_listener(metrics.stat_listener)
-    metrics.install(app)
+    metrics.install(app)  # outermost but for the root path, so it also counts 401s
+    if cfg.root_path:
+        app.add_middleware(RootPathMiddleware, root_path=cfg.root_path)
+    if cfg.log_stats:
+        engine.add_stat_listener(StatsLogger())
 
     max_waiting = cfg.max_waiting
     if max_waiting is None:
         stats = engine.get_stats()
         max_waiting = default_max_waiting(stats.num_total_blocks, engine.max_num_seqs)
     limits = replace(cfg.limits, max_waiting=max_waiting)
-    completion = OpenAIServingCompletion(engine, limits, offload)
-    chat = OpenAIServingChat(engine, limits, offload)
-    models = OpenAIServingModels(engine, cfg.model_path, offload)
+    names = cfg.served_model_names or (engine.model_name,)
+    logs = RequestLogger(engine.tokenizer, cfg.max_log_len) if cfg.enable_log_requests else None
+    completion = OpenAIServingCompletion(engine, limits, names, logs, offload)
+    chat = OpenAIServingChat(engine, limits, names, logs, offload)
+    models = OpenAIServingModels(engine, cfg.model_path, names, offload)
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:
         """The three-way return: error → JSON with its code, model → JSON, iterator → SSE."""
@@ -135,6 +162,14 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     @app.get("/v1/models")
     async def list_models() -> Response:
         return Response(models.models().model_dump_json(), media_type="application/json")
+
+    @app.get("/v1/models/{model_id:path}")
+    async def retrieve_model(model_id: str) -> Response:
+        try:
+            card = models.model(model_id)
+        except APIError as e:
+            return error_response(e)
+        return Response(card.model_dump_json(), media_type="application/json")
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:

@@ -12,6 +12,7 @@ import threading
 
 from scheduler.config import DTYPES, QUANTIZATIONS, EngineConfig, parse_size
 from server.app import ServerConfig
+from server.cli_vllm import add_vllm_flags, http_settings, uvicorn_settings
 from server.limits import add_limit_args, limits_from_args
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,19 @@ def make_parser() -> argparse.ArgumentParser:
         "model",
         nargs="?",
         default=None,
-        help="Hugging Face folder or .gguf file (default: embedded SmolLM2-135M-Instruct)",
+        help="Hugging Face folder, .gguf file, or a repo id already in the local Hugging Face "
+        "cache (default: embedded SmolLM2-135M-Instruct)",
     )
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument(
         "--served-model-name",
+        nargs="+",
         default=None,
-        help="model name in the API (default: the model's folder or file name)",
+        help="model names in the API, all listed and accepted; the first names metrics "
+        "(default: the repo id, or the model's folder or file name)",
     )
+    add_vllm_flags(s)
     s.add_argument(
         "--api-key",
         default=None,
@@ -110,9 +115,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     """Parsed flags → the two configs; the API key falls back to $TOKENMILL_API_KEY."""
+    names = tuple(dict.fromkeys(args.served_model_name or ()))
     engine_config = EngineConfig(
         model=args.model,
-        served_model_name=args.served_model_name,
+        served_model_name=names[0] if names else None,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        tokenizer_revision=args.tokenizer_revision,
+        download_dir=args.download_dir,
+        generation_config=args.generation_config,
+        override_generation_config=args.override_generation_config,
         dtype=args.dtype,
         device=args.device,
         block_size=args.block_size,
@@ -137,11 +149,18 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         disable_fastapi_docs=args.disable_fastapi_docs,
         limits=limits_from_args(args),
         max_pending_outputs=args.max_pending_outputs,
+        **http_settings(args),
+        served_model_names=names,
     )
     return engine_config, server_config
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: str) -> int:
+def serve(
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    log_level: str,
+    uvicorn_kwargs: dict | None = None,
+) -> int:
     """Load the model (progress bar), start uvicorn, print one ready line; returns the exit code."""
     import uvicorn
 
@@ -160,9 +179,12 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
     app = build_app(engine, server_config)
     stats = engine.get_stats()
     kv_tokens = stats.num_total_blocks * engine_config.block_size
+    kwargs = dict(uvicorn_kwargs or {})  # TLS and logging flags (server/cli_vllm.py)
+    scheme = "https" if kwargs.get("ssl_certfile") else "http"
+    root = "/" + server_config.root_path.strip("/") if server_config.root_path else ""
     ready = (
         f"tokenmill: serving {engine.model_name} at "
-        f"http://{server_config.host}:{server_config.port} "
+        f"{scheme}://{server_config.host}:{server_config.port}{root} "
         f"(KV cache {kv_tokens} tokens, max_model_len {engine.max_model_len})"
     )
 
@@ -176,8 +198,9 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, log_level: s
         app,
         host=server_config.host,
         port=server_config.port,
-        log_level=log_level,
+        log_level=kwargs.pop("log_level", None) or log_level,
         timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout) + 2,
+        **kwargs,
     )
     server = Server(config)
     # NOTE: the engine steps on this (main) thread, where torch's kernels run fastest, and uvicorn
@@ -220,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         engine_config, server_config = configs(args)
+        uvicorn_kwargs = uvicorn_settings(args)
     except ValueError as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2
-    return serve(engine_config, server_config, args.log_level)
+    return serve(engine_config, server_config, args.log_level, uvicorn_kwargs)
 
 
 if __name__ == "__main__":

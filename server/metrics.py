@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -91,11 +92,13 @@ class ServerMetrics:
         )
         self.prompt_tokens = counter(
             "tokenmill_prompt_tokens",
-            "Prompt tokens of finished requests (once per request, as usage.prompt_tokens).",
+            "Prompt tokens, counted once per request when its first token is generated "
+            "(as usage.prompt_tokens; vLLM's counting).",
         )
         self.generation_tokens = counter(
             "tokenmill_generation_tokens",
-            "Generated tokens of finished requests, all samples (as usage.completion_tokens).",
+            "Generated tokens, all samples, counted every engine step "
+            "(as usage.completion_tokens).",
         )
         finished = Counter(
             "tokenmill_requests_finished",
@@ -120,6 +123,14 @@ class ServerMetrics:
             ["model_name", "route", "status"],
             **m,
         )
+        self.http_duration = Histogram(
+            "tokenmill_http_request_duration_seconds",
+            "Seconds from request start to the end of the response body (streams included), "
+            "by route template and status code.",
+            ["model_name", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            **m,
+        )
         self.time_to_first_token = histogram(
             "tokenmill_time_to_first_token_seconds",
             "Seconds from arrival to the first generated token, per request.",
@@ -127,8 +138,8 @@ class ServerMetrics:
         )
         self.inter_token_latency = histogram(
             "tokenmill_inter_token_latency_seconds",
-            "Mean seconds between generated tokens, once per finished request with >= 2 tokens: "
-            "(last_token - first_token) / (tokens of its longest sample - 1).",
+            "Seconds between consecutive generated tokens of a request, one observation per gap "
+            "(per engine step that gave the request tokens after its first).",
             ITL_BUCKETS,
         )
         self.e2e_latency = histogram(
@@ -159,7 +170,8 @@ class ServerMetrics:
             "tokenmill_step_batch_size", "Sequences in the batch, per engine step.", BATCH_BUCKETS
         )
         # The engine reports cumulative totals; counters advance by the difference.
-        self._last_totals = [0, 0, 0]
+        self._last_totals = [0, 0, 0, 0, 0]
+        self._last_step = 0  # num_steps_total of the last step whose per-step values we observed
         # Per-request tokens of the samples that finished in an earlier delta (n > 1).
         self._sample_tokens: dict[str, dict[int, int]] = {}
 
@@ -174,8 +186,16 @@ class ServerMetrics:
             stats.num_preemptions_total,
             stats.prefix_cache_queries_total,
             stats.prefix_cache_hits_total,
+            stats.prompt_tokens_total,
+            stats.generation_tokens_total,
         )
-        counters = (self.preemptions, self.prefix_cache_queries, self.prefix_cache_hits)
+        counters = (
+            self.preemptions,
+            self.prefix_cache_queries,
+            self.prefix_cache_hits,
+            self.prompt_tokens,
+            self.generation_tokens,
+        )
         for i, (total, counter) in enumerate(zip(totals, counters, strict=True)):
             if total > self._last_totals[i]:
                 counter.inc(total - self._last_totals[i])
@@ -183,6 +203,10 @@ class ServerMetrics:
         if stats.step_num_seqs > 0:
             self.step_duration.observe(stats.step_duration)
             self.step_batch_size.observe(stats.step_num_seqs)
+        if stats.num_steps_total != self._last_step:  # a new step (not a repeated snapshot)
+            self._last_step = stats.num_steps_total
+            for gap in stats.step_inter_token_latencies:
+                self.inter_token_latency.observe(gap)
         for out in finished:
             self._observe_request(out)
 
@@ -198,8 +222,6 @@ class ServerMetrics:
         samples.update((c.index, c.num_tokens) for c in out.outputs)
         num_generated = sum(samples.values())
         num_prompt = len(out.prompt_token_ids)
-        self.prompt_tokens.inc(num_prompt)
-        self.generation_tokens.inc(num_generated)
         self.prompt_length.observe(num_prompt)
         self.generation_length.observe(num_generated)
         reason = "error" if out.error else _request_reason(out)
@@ -211,16 +233,14 @@ class ServerMetrics:
             self.queue_time.observe(m.first_scheduled_time - m.arrival_time)
         if m.first_token_time is not None:
             self.time_to_first_token.observe(m.first_token_time - m.arrival_time)
-            longest = max(samples.values(), default=0)
-            if m.last_token_time is not None and longest >= 2:
-                itl = (m.last_token_time - m.first_token_time) / (longest - 1)
-                self.inter_token_latency.observe(itl)
         end = m.finished_time if m.finished_time is not None else m.last_token_time
         if end is not None:
             self.e2e_latency.observe(end - m.arrival_time)
 
-    def count_http(self, route: str, status: int) -> None:
+    def count_http(self, route: str, status: int, seconds: float | None = None) -> None:
         self.http_requests.labels(self.model_name, route, str(status)).inc()
+        if seconds is not None:
+            self.http_duration.labels(self.model_name, route, str(status)).observe(seconds)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for (text 0.0.4 or OpenMetrics)."""
@@ -267,6 +287,7 @@ class HTTPMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500  # an exception before the response started is a 500 to the client
+        start = time.perf_counter()
 
         async def send_wrapper(message: MutableMapping[str, Any]) -> None:
             nonlocal status
@@ -277,4 +298,5 @@ class HTTPMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.count_http(self.route_template(scope), status)
+            elapsed = time.perf_counter() - start
+            self.metrics.count_http(self.route_template(scope), status, elapsed)

@@ -81,6 +81,7 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[StrictInt] | None = None
     ignore_eos: StrictBool = False
     min_tokens: StrictInt = 0
+    timings_per_token: StrictBool = False  # llama-server's opt-in: a `timings` object (ms, tok/s)
     tools: Any = None
     tool_choice: Any = None
     functions: Any = None
@@ -252,10 +253,43 @@ class DetokenizeRequest(_Request):
 # ---- responses (serialised with model_dump(); None fields stay as JSON null, as OpenAI sends) ----
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class Timings(BaseModel):
+    """llama-server's per-request `timings` (its names), plus queue_ms; only when asked for."""
+
+    queue_ms: float  # arrival → first scheduled
+    cache_n: int  # prompt tokens served from the prefix cache
+    prompt_n: int  # prompt tokens computed (prompt_tokens - cache_n)
+    prompt_ms: float  # first scheduled → first token (prefill)
+    prompt_per_token_ms: float | None
+    prompt_per_second: float | None
+    predicted_n: int  # generated tokens so far, all samples
+    predicted_ms: float  # first token → latest token (decode)
+    predicted_per_token_ms: float | None
+    predicted_per_second: float | None
+
+
+class _WithTimings(BaseModel):
+    """Responses that carry `timings` only when the request opted in (no null field otherwise)."""
+
+    timings: Timings | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_absent_timings(self, handler: Any) -> dict:
+        data = handler(self)
+        if data.get("timings") is None:
+            data.pop("timings", None)
+        return data
 
 
 class CompletionLogProbs(BaseModel):
@@ -272,7 +306,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(_WithTimings):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -307,7 +341,7 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(_WithTimings):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -333,7 +367,7 @@ class ChatStreamChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_WithTimings):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int

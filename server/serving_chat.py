@@ -18,9 +18,9 @@ from server.protocol import (
     ChatTokenLogprob,
     DeltaMessage,
     TopLogprob,
-    UsageInfo,
 )
 from server.serving_engine import OpenAIServing
+from server.usage import RequestAccounting
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -43,15 +43,15 @@ class OpenAIServingChat(OpenAIServing):
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
         self.check_model(req.model)
         self.limits.check(req)
-        params = req.to_sampling_params()
+        params = self.sampling_params(req)
         prompt = await self.offload(self.render, req.messages)  # NOTE: templating is heavy
         params = self.fit_params(len(prompt), params, "messages")
         request_id = self.new_request_id()
         created = self.now()
         stream = self.generate(request_id, [prompt], [params])
-        usage = UsageInfo(prompt_tokens=len(prompt))
+        acct = RequestAccounting([len(prompt)])
         if req.stream:
-            return self._stream(req, request_id, created, stream, params.n, usage)
+            return self._stream(req, request_id, created, stream, params.n, acct)
         texts = [""] * params.n
         logprobs: list[list[ChatTokenLogprob] | None] = [None] * params.n
         finish: list[str | None] = [None] * params.n
@@ -60,6 +60,7 @@ class OpenAIServingChat(OpenAIServing):
             async for _, out in stream:
                 if out.error:
                     raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                acct.add(0, out)
                 for co in out.outputs:
                     texts[co.index] += co.text
                     counts[co.index] = co.num_tokens
@@ -68,8 +69,6 @@ class OpenAIServingChat(OpenAIServing):
                         logprobs[co.index] = (logprobs[co.index] or []) + self._logprobs(
                             co.logprobs
                         )
-        usage.completion_tokens = sum(counts)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         choices = [
             ChatChoice(
                 index=i,
@@ -80,15 +79,25 @@ class OpenAIServingChat(OpenAIServing):
             for i in range(params.n)
         ]
         return ChatCompletionResponse(
-            id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+            id=request_id,
+            created=created,
+            model=req.model or self.model_name,
+            choices=choices,
+            usage=acct.usage(sum(counts)),
+            timings=acct.timings(sum(counts)) if req.timings_per_token else None,
         )
 
-    async def _stream(self, req, request_id, created, stream, n, usage):
+    async def _stream(self, req, request_id, created, stream, n, acct):
         """First chunk per choice carries role: assistant; then content deltas; usage chunk last."""
 
-        def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None):
+        def chunk(choices: list[ChatStreamChoice], usage: bool = False):
             return ChatCompletionChunk(
-                id=request_id, created=created, model=self.model_name, choices=choices, usage=usage
+                id=request_id,
+                created=created,
+                model=req.model or self.model_name,
+                choices=choices,
+                usage=acct.usage(sum(counts)) if usage else None,
+                timings=acct.timings(sum(counts)) if req.timings_per_token else None,
             )
 
         counts = [0] * n
@@ -99,6 +108,7 @@ class OpenAIServingChat(OpenAIServing):
             async for _, out in stream:
                 if out.error:
                     raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                acct.add(0, out)
                 for co in out.outputs:
                     counts[co.index] = co.num_tokens
                     lps = None
@@ -112,9 +122,7 @@ class OpenAIServingChat(OpenAIServing):
                     )
                     yield chunk([choice])
         if req.include_usage:
-            usage.completion_tokens = sum(counts)
-            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-            yield chunk([], usage)
+            yield chunk([], usage=True)
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
         """New shape: token, logprob, bytes, top_logprobs."""

@@ -15,9 +15,9 @@ from server.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
-    UsageInfo,
 )
 from server.serving_engine import OpenAIServing
+from server.usage import RequestAccounting
 
 _UTF8 = codecs.getincrementaldecoder("utf-8")
 
@@ -45,7 +45,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def _create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator:
         self.check_model(req.model)
         self.limits.check(req)
-        base = req.to_sampling_params()
+        base = self.sampling_params(req)
         prompts = await self.offload(self._prompt_ids, req.prompt)  # NOTE: tokenizing is heavy
         params = [self.fit_params(len(p), base, "prompt") for p in prompts]
         echo_texts = [""] * len(prompts)
@@ -58,13 +58,14 @@ class OpenAIServingCompletion(OpenAIServing):
         choices = [_Choice() for _ in range(len(prompts) * n)]
         for i, choice in enumerate(choices):
             choice.offset = len(echo_texts[i // n])
-        usage = UsageInfo(prompt_tokens=sum(len(p) for p in prompts))
+        acct = RequestAccounting([len(p) for p in prompts])
         if req.stream:
-            return self._stream(req, request_id, created, stream, choices, echo_texts, usage)
+            return self._stream(req, request_id, created, stream, choices, echo_texts, acct)
         async with aclosing(stream):
             async for p, out in stream:
                 if out.error:
                     raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                acct.add(p, out)
                 for co in out.outputs:
                     c = choices[p * n + co.index]
                     c.text += co.text
@@ -72,12 +73,11 @@ class OpenAIServingCompletion(OpenAIServing):
                     c.finish_reason = co.finish_reason or c.finish_reason
                     if co.logprobs is not None:
                         c.logprobs = self._add_logprobs(c, co.logprobs, c.logprobs)
-        usage.completion_tokens = sum(c.num_tokens for c in choices)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        num_generated = sum(c.num_tokens for c in choices)
         return CompletionResponse(
             id=request_id,
             created=created,
-            model=self.model_name,
+            model=req.model or self.model_name,
             choices=[
                 CompletionChoice(
                     index=i,
@@ -87,16 +87,18 @@ class OpenAIServingCompletion(OpenAIServing):
                 )
                 for i, c in enumerate(choices)
             ],
-            usage=usage,
+            usage=acct.usage(num_generated),
+            timings=acct.timings(num_generated) if req.timings_per_token else None,
         )
 
-    async def _stream(self, req, request_id, created, stream, choices, echo_texts, usage):
+    async def _stream(self, req, request_id, created, stream, choices, echo_texts, acct):
         """One chunk per changed choice; the usage chunk (choices: []) last if asked."""
         n = len(choices) // len(echo_texts)
         async with aclosing(stream):
             async for p, out in stream:
                 if out.error:
                     raise APIError(f"request {out.request_id} failed: {out.error}", 500)
+                acct.add(p, out)
                 for co in out.outputs:
                     index = p * n + co.index
                     c = choices[index]
@@ -113,14 +115,25 @@ class OpenAIServingCompletion(OpenAIServing):
                     choice = CompletionChoice(
                         index=index, text=text, logprobs=logprobs, finish_reason=co.finish_reason
                     )
+                    timings = None
+                    if req.timings_per_token:
+                        timings = acct.timings(sum(c.num_tokens for c in choices))
                     yield CompletionResponse(
-                        id=request_id, created=created, model=self.model_name, choices=[choice]
+                        id=request_id,
+                        created=created,
+                        model=req.model or self.model_name,
+                        choices=[choice],
+                        timings=timings,
                     )
         if req.include_usage:
-            usage.completion_tokens = sum(c.num_tokens for c in choices)
-            usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+            num_generated = sum(c.num_tokens for c in choices)
             yield CompletionResponse(
-                id=request_id, created=created, model=self.model_name, choices=[], usage=usage
+                id=request_id,
+                created=created,
+                model=req.model or self.model_name,
+                choices=[],
+                usage=acct.usage(num_generated),
+                timings=acct.timings(num_generated) if req.timings_per_token else None,
             )
 
     def _prompt_ids(self, prompt: str | list) -> list[list[int]]:

@@ -17,8 +17,21 @@ from server.offload import Offload
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine, RequestStream
     from scheduler.outputs import RequestOutput
+    from server.request_logger import RequestLogger
 
 _END = object()
+
+
+def check_model_name(model: str | None, names: tuple[str, ...]) -> None:
+    """OpenAI's 404 for a model this server does not serve (None: the default model)."""
+    if model is not None and model not in names:
+        served = ", ".join(f"`{n}`" for n in names)
+        raise APIError(
+            f"The model `{model}` does not exist; this server serves {served}",
+            404,
+            param="model",
+            code="model_not_found",
+        )
 
 
 class OpenAIServing:
@@ -27,14 +40,23 @@ class OpenAIServing:
     prefix = "cmpl"
 
     def __init__(
-        self, engine: AsyncEngine, limits: ServingLimits, offload: Offload | None = None
+        self,
+        engine: AsyncEngine,
+        limits: ServingLimits,
+        model_names: tuple[str, ...] = (),
+        request_logger: RequestLogger | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits
+        self.model_names = model_names or (engine.model_name,)  # --served-model-name a b ...
+        self.request_logger = request_logger  # --enable-log-requests
+        self.defaults: dict[str, Any] = dict(engine.default_sampling_params)
         self.offload = offload or Offload()
 
     @property
     def model_name(self) -> str:
+        """The first served name; responses echo the name a request sent, as vLLM does."""
         return self.engine.model_name
 
     async def run(self, make: Callable[[], Any]) -> Any:
@@ -45,13 +67,17 @@ class OpenAIServing:
             return from_exception(e)
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(
-                f"The model `{model}` does not exist; this server serves `{self.model_name}`",
-                404,
-                param="model",
-                code="model_not_found",
-            )
+        check_model_name(model, self.model_names)
+
+    def sampling_params(self, req: Any) -> SamplingParams:
+        """The request's SamplingParams, with generation-config defaults for fields it omitted."""
+        params = req.to_sampling_params()
+        omitted = {
+            k: v
+            for k, v in self.defaults.items()
+            if k != "max_tokens" and getattr(req, k, None) is None
+        }
+        return replace(params, **omitted) if omitted else params
 
     def check_text_length(self, num_chars: int, param: str) -> None:
         check_text_length(self.engine, num_chars, param)
@@ -61,7 +87,7 @@ class OpenAIServing:
         (at most --max-tokens-limit, which also caps a default such as completions' 16)."""
         max_len, limit = self.engine.max_model_len, self.limits.max_tokens_limit
         if params.max_tokens is None:
-            room = max_len - prompt_len
+            room = min(max_len - prompt_len, self.defaults.get("max_tokens", max_len))
             if room < 1:
                 raise APIError(
                     f"prompt has {prompt_len} tokens, which leaves no room to generate within "
@@ -102,6 +128,8 @@ class OpenAIServing:
         loop, concurrent requests cannot all pass the check before any of them is counted.
         """
         self.limits.check_admission(self.engine.num_waiting(), sum(sp.n for sp in params))
+        if self.request_logger is not None:
+            self.request_logger.log(request_id, prompts, params)
         ids = [
             request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
         ]

@@ -21,6 +21,7 @@ from server.protocol import (
     TokenizeCompletionRequest,
     TokenizeResponse,
 )
+from server.serving_engine import check_model_name
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
@@ -57,33 +58,40 @@ class OpenAIServingModels:
     """Answers from the engine's tokenizer and config; no generation."""
 
     def __init__(
-        self, engine: AsyncEngine, model_path: str | None = None, offload: Offload | None = None
+        self,
+        engine: AsyncEngine,
+        model_path: str | None = None,
+        model_names: tuple[str, ...] = (),
+        offload: Offload | None = None,
     ) -> None:
         self.engine = engine
         self.offload = offload or Offload()
         self.model_path = model_path
+        self.model_names = model_names or (engine.model_name,)
         self.created = int(time.time())
         self.finished = FinishedCounter()
         engine.add_stat_listener(self.finished)
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.engine.model_name:
-            raise APIError(
-                f"The model `{model}` does not exist; this server serves "
-                f"`{self.engine.model_name}`",
-                404,
-                param="model",
-                code="model_not_found",
-            )
+        check_model_name(model, self.model_names)
 
-    def models(self) -> ModelList:
-        card = ModelCard(
-            id=self.engine.model_name,
+    def card(self, name: str) -> ModelCard:
+        return ModelCard(
+            id=name,
             created=self.created,
             root=self.model_path,
             max_model_len=self.engine.max_model_len,
         )
-        return ModelList(data=[card])
+
+    def models(self) -> ModelList:
+        """Every --served-model-name, as vLLM lists them."""
+        return ModelList(data=[self.card(name) for name in self.model_names])
+
+    def model(self, model_id: str) -> ModelCard:
+        """GET /v1/models/{id}: the card, or OpenAI's 404 (param null, code model_not_found)."""
+        if model_id not in self.model_names:
+            raise APIError(f"The model `{model_id}` does not exist", 404, code="model_not_found")
+        return self.card(model_id)
 
     async def tokenize(
         self, req: TokenizeCompletionRequest | TokenizeChatRequest, render

@@ -99,3 +99,20 @@ def smollm2_hf_reference(smollm2_gguf: str):
         os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
     )
     return model.eval()
+
+
+def build_hf_cache(
+    hf_home: Path, repo_id: str, source: Path, commit: str = "a" * 40, ref: str | None = "main"
+) -> Path:
+    """Lay `source`'s files out as huggingface_hub caches a download, under $HF_HOME/hub:
+    models--org--name/snapshots/<commit>/... (links) and refs/<ref> holding the commit."""
+    repo = hf_home / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for f in Path(source).iterdir():
+        if not (snapshot / f.name).exists():
+            (snapshot / f.name).symlink_to(f.resolve())
+    if ref is not None:
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot

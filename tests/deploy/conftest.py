@@ -16,6 +16,7 @@ from tests.deploy.deploy_helpers import (
     MAX_MODEL_LEN,
     MODEL_NAME,
     REPO,
+    VLLM_RULES,
     Proc,
     free_port,
     in_ci,
@@ -67,6 +68,7 @@ def prometheus(tokenmill_server: Proc, tmp_path_factory: pytest.TempPathFactory)
     tmp = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(VLLM_RULES)],  # vLLM's names recorded from ours, as deployed
         "scrape_configs": [
             {
                 "job_name": "tokenmill",

@@ -23,6 +23,7 @@ MODEL_NAME = "tiny"
 # 2 (K, V) x 2 layers x 16 x 2 KV heads x 16 head_dim x 4 bytes = 8 KiB, so 24 blocks.
 KV_CACHE_MEMORY = "192KiB"
 MAX_MODEL_LEN = 256
+VLLM_RULES = REPO / "deploy" / "prometheus" / "rules" / "vllm-compat.yml"
 
 
 def in_ci() -> bool:
@@ -116,6 +117,8 @@ class LoadResult:
     completion_tokens: int = 0
     num_requests: int = 0  # requests the engine ran to completion
     num_multi_token: int = 0  # of those, requests whose longest sample has >= 2 tokens
+    min_gaps: int = 0  # inter-token gaps if every request's samples step together
+    max_gaps: int = 0  # ... if they never do (one gap per token after each request's first)
     finish_reasons: dict[str, int] = field(default_factory=dict)  # one per request (worst)
     http: dict[tuple[str, str], int] = field(default_factory=dict)  # (route, status) → count
 
@@ -124,6 +127,8 @@ class LoadResult:
         self.prompt_tokens += usage["prompt_tokens"]
         self.completion_tokens += usage["completion_tokens"]
         self.num_multi_token += longest >= 2
+        self.min_gaps += max(longest - 1, 0)
+        self.max_gaps += max(usage["completion_tokens"] - 1, 0)
         worst = "length" if "length" in reasons else "stop"
         self.finish_reasons[worst] = self.finish_reasons.get(worst, 0) + 1
 

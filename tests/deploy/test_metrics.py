@@ -75,12 +75,14 @@ def test_listener_counts_tokens_reasons_and_latencies(metrics: ServerMetrics) ->
     ]
     done[2].metrics.first_token_time = done[2].metrics.last_token_time = None  # aborted in queue
     metrics.stat_listener(stats(num_preemptions_total=2, prefix_cache_queries_total=20,
-                                prefix_cache_hits_total=16), done)  # fmt: skip
+                                prefix_cache_hits_total=16, prompt_tokens_total=12,
+                                generation_tokens_total=4), done)  # fmt: skip
     # Cumulative engine totals turn into counter increments; a repeated total adds nothing.
     metrics.stat_listener(stats(num_preemptions_total=3, prefix_cache_queries_total=20,
-                                prefix_cache_hits_total=16), [])  # fmt: skip
+                                prefix_cache_hits_total=16, prompt_tokens_total=17,
+                                generation_tokens_total=6), [])  # fmt: skip
     s = samples_of(metrics)
-    assert value(s, "tokenmill_prompt_tokens_total") == 20
+    assert value(s, "tokenmill_prompt_tokens_total") == 17
     assert value(s, "tokenmill_generation_tokens_total") == 6
     assert value(s, "tokenmill_num_preemptions_total") == 3
     assert value(s, "tokenmill_prefix_cache_queries_total") == 20
@@ -91,12 +93,24 @@ def test_listener_counts_tokens_reasons_and_latencies(metrics: ServerMetrics) ->
     assert value(s, "tokenmill_time_to_first_token_seconds_sum") == pytest.approx(2.0)
     assert value(s, "tokenmill_e2e_request_latency_seconds_count") == 3
     assert value(s, "tokenmill_request_queue_time_seconds_sum") == pytest.approx(1.5)
-    # ITL: only "a" has >= 2 tokens; (last - first) / (5 - 1) = 0.25 s.
-    assert value(s, "tokenmill_inter_token_latency_seconds_count") == 1
-    assert value(s, "tokenmill_inter_token_latency_seconds_sum") == pytest.approx(0.25)
     assert value(s, "tokenmill_request_generation_tokens_sum") == 6
+    assert value(s, "tokenmill_request_prompt_tokens_sum") == 20
     assert value(s, "tokenmill_step_duration_seconds_count") == 3
     assert value(s, "tokenmill_step_batch_size_sum") == 6
+
+
+@pytest.mark.timeout(30)
+def test_inter_token_latency_is_one_observation_per_gap(metrics: ServerMetrics) -> None:
+    """Each step's gaps are observed once: a repeated snapshot of the same step adds nothing."""
+    metrics.stat_listener(stats(num_steps_total=1, step_inter_token_latencies=[]), [])
+    step = stats(num_steps_total=2, step_inter_token_latencies=[0.25, 0.5, 0.01])
+    metrics.stat_listener(step, [])
+    metrics.stat_listener(step, [])  # e.g. the listeners' call after a failed step
+    metrics.stat_listener(stats(num_steps_total=3, step_inter_token_latencies=[0.03]), [])
+    s = samples_of(metrics)
+    assert value(s, "tokenmill_inter_token_latency_seconds_count") == 4
+    assert value(s, "tokenmill_inter_token_latency_seconds_sum") == pytest.approx(0.79)
+    assert value(s, "tokenmill_inter_token_latency_seconds_bucket", le="0.01") == 1
 
 
 @pytest.mark.timeout(30)
@@ -114,8 +128,8 @@ def test_multi_sample_and_error_requests(metrics: ServerMetrics) -> None:
     assert set(metrics._sample_tokens) == {"n2"}
     metrics.stat_listener(stats(), [last, err])
     s = samples_of(metrics)
-    assert value(s, "tokenmill_prompt_tokens_total") == 9
-    assert value(s, "tokenmill_generation_tokens_total") == 3 + 9 + 2
+    assert value(s, "tokenmill_request_prompt_tokens_sum") == 9
+    assert value(s, "tokenmill_request_generation_tokens_sum") == 3 + 9 + 2
     assert value(s, "tokenmill_requests_finished_total", finished_reason="length") == 1
     assert value(s, "tokenmill_requests_finished_total", finished_reason="error") == 1
     assert value(s, "tokenmill_time_to_first_token_seconds_count") == 2
@@ -127,7 +141,7 @@ def test_every_metric_has_help_base_units_and_model_label(metrics: ServerMetrics
     body, _ = metrics.render(None)
     text = body.decode()
     names = set(re.findall(r"^# TYPE (tokenmill_\w+) (\w+)", text, re.M))
-    assert len(names) == 20, sorted(names)
+    assert len(names) == 21, sorted(names)
     for name, kind in names:
         help_line = re.search(rf"^# HELP {name} (.+)$", text, re.M)
         assert help_line and len(help_line.group(1)) > 20, name
@@ -145,7 +159,7 @@ def test_every_metric_has_help_base_units_and_model_label(metrics: ServerMetrics
 @pytest.mark.timeout(30)
 def test_dashboard_uses_only_exported_metrics(metrics: ServerMetrics) -> None:
     exported = {name for name, _ in samples_of(metrics)}
-    metrics.count_http("/x", 200)
+    metrics.count_http("/x", 200, 0.1)
     exported |= {name for name, _ in samples_of(metrics)}
     used = set(re.findall(r"tokenmill_\w+", DASHBOARD.read_text()))
     assert used and used <= exported, used - exported
@@ -211,13 +225,21 @@ def test_http_middleware_counts_by_route_template(metrics: ServerMetrics) -> Non
         for (n, ls), v in s.items()
         if n == "tokenmill_http_requests_total"
     }
-    assert http == {
+    expected = {
         ("/v1/models/{model_id}", "200"): 3,
         ("/teapot", "418"): 1,
         ("/boom", "500"): 1,
         ("<unmatched>", "404"): 2,
         ("/secret/{name}", "401"): 1,
     }
+    assert http == expected
+    durations = {
+        (dict(ls)["route"], dict(ls)["status"]): v
+        for (n, ls), v in s.items()
+        if n == "tokenmill_http_request_duration_seconds_count"
+    }
+    assert durations == expected
+    assert value(s, "tokenmill_http_request_duration_seconds_sum") > 0
     om = client.get("/metrics", headers={"Accept": "application/openmetrics-text"})
     assert om.headers["content-type"].startswith("application/openmetrics-text")
     assert om.text.rstrip().endswith("# EOF")
@@ -272,7 +294,10 @@ def test_live_metrics_move_with_load(tokenmill_server) -> None:
         "tokenmill_request_prompt_tokens_count",
     ):
         assert delta(name) == n, name
-    assert delta("tokenmill_inter_token_latency_seconds_count") == res.num_multi_token
+    # One gap per step that gave a request tokens after its first: tokens - 1 for n=1; for
+    # n=2 between the longest sample's and both samples' gaps (they may run in other steps).
+    gaps = delta("tokenmill_inter_token_latency_seconds_count")
+    assert res.min_gaps <= gaps <= res.max_gaps, (gaps, res.min_gaps, res.max_gaps)
     assert delta("tokenmill_time_to_first_token_seconds_sum") > 0
     for reason in FINISHED_REASONS:
         got = delta("tokenmill_requests_finished_total", finished_reason=reason)
@@ -286,6 +311,8 @@ def test_live_metrics_move_with_load(tokenmill_server) -> None:
     assert batched > 0, "no step ran more than one sequence"
     for (route, status), count in res.http.items():
         got = delta("tokenmill_http_requests_total", route=route, status=status)
+        assert got == count, (route, status)
+        got = delta("tokenmill_http_request_duration_seconds_count", route=route, status=status)
         assert got == count, (route, status)
     # Everything returns to idle: blocks freed (cached prefix blocks count as free).
     assert value(after, "tokenmill_kv_cache_usage_ratio") == idle_usage

@@ -13,7 +13,14 @@ import httpx
 import pytest
 import yaml
 
-from tests.deploy.deploy_helpers import MODEL_NAME, REPO, Proc, require_tool, run_load
+from tests.deploy.deploy_helpers import (
+    MODEL_NAME,
+    REPO,
+    VLLM_RULES,
+    Proc,
+    require_tool,
+    run_load,
+)
 
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "tokenmill.json"
 PROMETHEUS_CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
@@ -107,3 +114,86 @@ def test_every_dashboard_query_returns_data(prometheus: Proc, tokenmill_server: 
     # The load is visible through Prometheus, not just present as zeros.
     gen = _query(prometheus, queries[0][1])
     assert re.search("generation_tokens", queries[0][1]) and gen[0] > 0
+
+
+# --- vLLM's metric names as recording rules -------------------------------------------------
+
+K8S_RULES = REPO / "deploy" / "k8s" / "prometheus-operator" / "prometheusrule.yaml"
+# What dashboards, KEDA/HPA rules and inference gateways written for vLLM query.
+VLLM_NAMES = {
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+    "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+    "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+} | {
+    f"vllm:{h}{suffix}"
+    for h in ("time_to_first_token_seconds", "inter_token_latency_seconds",
+              "e2e_request_latency_seconds", "request_queue_time_seconds",
+              "request_prompt_tokens", "request_generation_tokens")
+    for suffix in ("_bucket", "_sum", "_count")
+}  # fmt: skip
+
+
+def vllm_rules() -> list[dict]:
+    (group,) = yaml.safe_load(VLLM_RULES.read_text())["groups"]
+    return group["rules"]
+
+
+@pytest.mark.timeout(60)
+def test_promtool_checks_vllm_rules(tmp_path: Path) -> None:
+    r = promtool("check", "rules", str(VLLM_RULES))
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()
+    assert f"{len(vllm_rules())} rules found" in r.stdout.decode()
+    broken = tmp_path / "broken.yml"
+    broken.write_text(
+        VLLM_RULES.read_text().replace("expr: tokenmill_", "expr: rate(tokenmill_", 1)
+    )
+    assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+@pytest.mark.timeout(30)
+def test_vllm_rules_cover_vllm_names_from_exported_metrics() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from server.metrics import ServerMetrics
+    from tests.deploy.deploy_helpers import parse_samples
+
+    metrics = ServerMetrics("m", registry=CollectorRegistry())
+    metrics.count_http("/x", 200, 0.1)
+    exported = {name for name, _ in parse_samples(metrics.render(None)[0].decode())}
+    rules = vllm_rules()
+    assert VLLM_NAMES <= {r["record"] for r in rules}
+    for rule in rules:
+        assert rule["expr"] in exported, rule
+    # The operator's PrometheusRule holds the same rules; compose's config loads the file.
+    k8s = yaml.safe_load(K8S_RULES.read_text())
+    assert k8s["spec"] == yaml.safe_load(VLLM_RULES.read_text())
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    assert config["rule_files"] == ["rules/*.yml"]
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    volumes = compose["services"]["prometheus"]["volumes"]
+    assert "./deploy/prometheus/rules:/etc/prometheus/rules:ro" in volumes
+
+
+@pytest.mark.timeout(180)
+def test_vllm_names_evaluate_to_tokenmill_values(prometheus: Proc, tokenmill_server: Proc) -> None:
+    """After a load, every recorded vllm: series equals its source in the real Prometheus."""
+    run_load(tokenmill_server.url, concurrency=2, max_tokens=8)
+    pairs = [(f"sum({r['record']})", f"sum({r['expr']})") for r in vllm_rules()]
+
+    def differing() -> list[str]:
+        out = []
+        for record, source in pairs:
+            got, want = _query(prometheus, record), _query(prometheus, source)
+            if not got or got != want:
+                out.append(f"{record} = {got}, {source} = {want}")
+        return out
+
+    deadline = time.monotonic() + 60
+    while (left := differing()) and time.monotonic() < deadline:
+        time.sleep(1.0)  # rule evaluation every 1 s, bounded by the deadline
+    assert not left, "recorded vLLM series that do not match:\n" + "\n".join(left)
+    assert _query(prometheus, 'sum(vllm:generation_tokens_total{model_name="tiny"})')[0] > 0
+    # What a KEDA trigger and a latency panel written for vLLM would ask.
+    assert _query(prometheus, f'sum(vllm:num_requests_waiting{{model_name="{MODEL_NAME}"}})')
+    p90 = "histogram_quantile(0.9, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket[1m])))"
+    assert all(math.isfinite(v) for v in _query(prometheus, p90))

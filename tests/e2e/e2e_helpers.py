@@ -45,3 +45,14 @@ def assert_error(resp: httpx.Response, status: int, param: str | None = "any") -
     if param != "any":
         assert err["param"] == param, err
     return err
+
+
+def without_cached(usage: dict, block_size: int = 16) -> dict:
+    """`usage` minus prompt_tokens_details, after checking its cached_tokens: whole KV blocks,
+    fewer than the prompt (the last prompt token is always computed)."""
+    usage = dict(usage)
+    details = usage.pop("prompt_tokens_details")
+    assert set(details) == {"cached_tokens"}, details
+    cached = details["cached_tokens"]
+    assert cached % block_size == 0 and 0 <= cached < usage["prompt_tokens"], usage
+    return usage

@@ -29,3 +29,17 @@ def test_half_precision_generates_like_float32(tiny_checkpoint, fp32_logits_and_
     # the tiny model's logits are peaky (initializer_range 0.1): the first greedy tokens survive
     # half precision; later ones may drift after a near-tie, so only the first three must agree
     assert out.token_ids[:3] == fp32_tokens[:3]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_narrow_kv_cache_generates_like_float32(tiny_checkpoint, fp32_logits_and_tokens, kv_dtype):
+    """--kv-cache-dtype stores K/V narrower (half the bytes a block) with float32 activations."""
+    prompt_ids, fp32_tokens = fp32_logits_and_tokens
+    llm = LLM(str(tiny_checkpoint("llama")), kv_cache_dtype=kv_dtype, kv_cache_memory=1 << 20)
+    runner = llm.engine.runner
+    assert runner.dtype == torch.float32 and runner.kv_cache[0][0].dtype == getattr(torch, kv_dtype)
+    assert runner.num_kv_blocks == 256  # 1 MiB: twice the float32 blocks (8 KiB -> 4 KiB each)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    out = llm.generate([prompt_ids], params)[0].outputs[0]
+    assert out.token_ids[:3] == fp32_tokens[:3]

@@ -329,3 +329,38 @@ def test_offline_llm_generate(tiny_checkpoint):
     with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
         llm.generate(["a", "b"], [params])
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_total_blocks
+
+
+def test_token_counters_and_inter_token_gaps_move_every_step(make_engine, assert_pool_free):
+    """vLLM's counting: prompt tokens at a request's first token, generated ones every step,
+    one inter-token gap per request per step after its first token (n samples share it)."""
+    engine = make_engine()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    engine.add_request("a", [5] * 20, params)
+    engine.add_request("b", [6] * 7, SamplingParams(temperature=0.8, max_tokens=4, ignore_eos=True,
+                                                    n=2, seed=1))  # fmt: skip
+    seen = []
+    while engine.has_unfinished_requests():
+        engine.step()
+        s = engine.get_stats()
+        seen.append((s.prompt_tokens_total, s.generation_tokens_total,
+                     len(s.step_inter_token_latencies), s.num_steps_total))  # fmt: skip
+    assert seen[0] == (27, 3, 0, 1)  # both prefills in one step: 1 + 2 first tokens, no gaps
+    assert seen[1] == (27, 6, 2, 2)  # one gap for "a", one for "b" (its 2 samples together)
+    assert seen[-1][:3] == (27, 12, 2) and seen[-1][3] == len(seen) == 4
+    assert all(0 <= g < 60 for g in engine.get_stats().step_inter_token_latencies)
+    assert_pool_free(engine)
+
+
+def test_generation_config_defaults(make_engine, caplog):
+    engine = make_engine(generation_config="vllm",
+                         override_generation_config={"max_new_tokens": 3, "top_k": 5})  # fmt: skip
+    assert engine.default_sampling_params == {"top_k": 5, "max_tokens": 3}
+    assert "default sampling parameters" in caplog.text and "'top_k': 5" in caplog.text
+    assert make_engine().default_sampling_params == {}  # the tiny checkpoint sets no sampling
+    with pytest.raises(ValueError, match="generation config defaults .* are invalid: top_p"):
+        make_engine(generation_config="vllm", override_generation_config={"top_p": 0.0})
+    llm = LLM(engine.config.model, dtype="float32", device="cpu",
+              kv_cache_memory=64 * BLOCK_BYTES, generation_config="vllm",
+              override_generation_config={"max_new_tokens": 2, "temperature": 0.0})  # fmt: skip
+    assert llm.get_default_sampling_params() == SamplingParams(max_tokens=2, temperature=0.0)

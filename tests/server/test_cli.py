@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.cli import configs, make_parser
+from server.cli import configs, main, make_parser
+from server.cli_vllm import uvicorn_settings
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -76,3 +77,83 @@ def test_bad_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> Non
         make_parser().parse_args(["serve", *argv])
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_vllm_flags(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.delenv("TOKENMILL_API_KEY", raising=False)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("k")
+    cert.write_text("c")
+    args = make_parser().parse_args([
+        "serve", "org/model", "--served-model-name", "a", "b", "a",
+        "--tokenizer", "org/tok", "--revision", "v1", "--tokenizer-revision", "v2",
+        "--download-dir", "/hub", "--generation-config", "vllm",
+        "--override-generation-config", '{"temperature": 0.5}',
+        "--allowed-origins", '["https://a.example"]', "--allowed-methods", '["GET", "POST"]',
+        "--allowed-headers", '["authorization"]', "--allow-credentials",
+        "--ssl-keyfile", str(key), "--ssl-certfile", str(cert), "--root-path", "/api",
+        "--uvicorn-log-level", "trace", "--disable-uvicorn-access-log", "--disable-log-stats",
+        "--enable-log-requests", "--max-log-len", "40", "--enable-prompt-tokens-details",
+    ])  # fmt: skip
+    engine, server = configs(args)
+    assert (engine.model, engine.served_model_name, server.served_model_names) == (
+        "org/model", "a", ("a", "b"),
+    )  # fmt: skip
+    assert (engine.tokenizer, engine.revision, engine.tokenizer_revision) == ("org/tok", "v1", "v2")
+    assert engine.download_dir == "/hub" and engine.generation_config == "vllm"
+    assert engine.override_generation_config == {"temperature": 0.5}
+    assert server.allowed_origins == ("https://a.example",)
+    assert server.allowed_methods == ("GET", "POST")
+    assert server.allowed_headers == ("authorization",)
+    assert server.allow_credentials and server.root_path == "/api"
+    assert server.enable_log_requests and server.max_log_len == 40 and not server.log_stats
+    assert uvicorn_settings(args) == {
+        "log_level": "trace", "access_log": False, "ssl_keyfile": str(key),
+        "ssl_certfile": str(cert), "ssl_ca_certs": None, "ssl_cert_reqs": 0,
+    }  # fmt: skip
+
+
+def test_vllm_flag_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENMILL_API_KEY", raising=False)
+    args = make_parser().parse_args(["serve"])
+    engine, server = configs(args)
+    assert engine.generation_config == "auto" and engine.tokenizer is None
+    assert server.allowed_origins == () and server.root_path == "" and server.log_stats
+    assert not server.enable_log_requests and server.served_model_names == ()
+    assert uvicorn_settings(args) == {"log_level": None, "access_log": True}
+
+
+@pytest.mark.parametrize(
+    "argv, named",
+    [
+        (["--allowed-origins", "https://a.example"], "--allowed-origins"),
+        (["--allowed-methods", '{"GET": 1}'], "--allowed-methods"),
+        (["--generation-config", "/no/such/folder"], "--generation-config"),
+        (["--override-generation-config", "[1]"], "--override-generation-config"),
+        (["--ssl-certfile", "/no/such.pem"], "--ssl-certfile"),
+        (["--ssl-cert-reqs", "3"], "--ssl-cert-reqs"),
+        (["--uvicorn-log-level", "loud"], "--uvicorn-log-level"),
+        (["--max-log-len", "0"], "--max-log-len"),
+        (["--served-model-name"], "--served-model-name"),
+    ],
+)
+def test_bad_vllm_flags_exit_2_naming_them(argv, named, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        make_parser().parse_args(["serve", *argv])
+    assert info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ssl-certfile", __file__], "both --ssl-keyfile and --ssl-certfile"),
+        (["--ssl-keyfile", __file__, "--ssl-certfile", __file__, "--ssl-cert-reqs", "2"],
+         "--ssl-ca-certs"),
+        (["--allow-credentials", "--allowed-origins", '["*"]'], "--allow-credentials"),
+        (["--enable-log-requests", "--disable-log-requests"], "contradict"),
+    ],
+)  # fmt: skip
+def test_contradictory_vllm_flags_exit_2(argv, message, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", *argv]) == 2
+    assert message in capsys.readouterr().err
