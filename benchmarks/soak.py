@@ -130,7 +130,12 @@ def _send(http: httpx.Client, url: str, route: str, body: dict, kind: str) -> in
     resp = http.post(f"{url}{route}", json=body)
     if body.get("stream") and resp.status_code == 200:
         events = [ln[6:] for ln in resp.text.splitlines() if ln.startswith("data: ")]
-        if not events or events[-1] != "[DONE]" or any('"error"' in e for e in events[:-1]):
+        # NOTE: parsed, not grepped: a generated token may well be the word "error"
+        if (
+            not events
+            or events[-1] != "[DONE]"
+            or any("error" in json.loads(e) for e in events[:-1])
+        ):
             raise AssertionError(f"bad stream: {resp.text[-300:]}")
     elif resp.status_code != 200:
         err = resp.json().get("error", {})
