@@ -64,6 +64,8 @@ class QuantTensor:
 
     def narrow_rows(self, start: int, length: int) -> QuantTensor:
         """Output rows [start, start + length), copied so the full tensor can be freed."""
+        if start == 0 and length == self.shape[0]:
+            return self
         m = None if self.mins is None else self.mins.narrow(0, start, length).clone()
         return QuantTensor(
             self.fmt,
@@ -274,8 +276,8 @@ def from_gguf_blocks(kind: str, data: np.ndarray, rows: int, cols: int) -> Quant
     np_sdt = np.float16 if sdt == torch.float16 else np.float32
 
     def t(a: np.ndarray, dtype=None) -> torch.Tensor:
-        a = np.ascontiguousarray(a if dtype is None else a.astype(dtype))
-        return torch.from_numpy(a.copy())
+        """One copy out of the memory-mapped file (it must not outlive the mapping)."""
+        return torch.from_numpy(np.array(a, dtype=dtype, copy=True, order="C"))
 
     qweight = t(q.view(np.uint8).reshape(rows, -1))
     sc = t(scales.reshape(rows, cols // group), np_sdt)
