@@ -8,7 +8,7 @@ PORT   ?= 8000
 # torch is pinned to the CPU build that pip finds without pulling CUDA; override for GPU machines.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install install-dev serve test lint bench clean
+.PHONY: install install-dev serve test fuzz soak lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ serve: install
 test: install-dev
 	bash scripts/install-prometheus.sh
 	$(VENV)/bin/pytest -q -p no:cacheprovider
+
+# schemathesis: 2,000 generated requests per endpoint (make test runs 250)
+fuzz: install-dev
+	TOKENMILL_FUZZ_EXAMPLES=2000 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_api_fuzz.py
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

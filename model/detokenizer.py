@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Protocol
 
@@ -48,6 +49,11 @@ class IncrementalDetokenizer:
         self._held = ""
         self.output_text = ""
         self.stopped: str | None = None  # the stop string that matched, once one has
+        # per stepped token, the length of all decoded text once its text is decoded: the token
+        # is fully returned when that end is within output_text (not held back, not past a stop)
+        self._token_ends: list[int] = []
+        self._decoded_chars = 0
+        self._undecoded = 0  # stepped tokens still in the window (e.g. half a UTF-8 char)
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
@@ -82,14 +88,28 @@ class IncrementalDetokenizer:
         text = []
         for tok in new_token_ids:
             self._ids.append(tok)
-            text.append(self._window_delta())
+            self._undecoded += 1
+            text.append(self._decoded(self._window_delta()))
         return self._release("".join(text))
+
+    def _decoded(self, delta: str) -> str:
+        """Record where the window's tokens end once their text is decoded."""
+        self._decoded_chars += len(delta)
+        if self._read == len(self._ids) and self._undecoded:
+            self._token_ends.extend([self._decoded_chars] * self._undecoded)
+            self._undecoded = 0
+        return delta
+
+    @property
+    def num_returned_tokens(self) -> int:
+        """Stepped tokens whose whole text is in output_text (what logprobs may report)."""
+        return bisect.bisect_right(self._token_ends, len(self.output_text))
 
     def flush(self) -> str:
         """Release what is held back (stop-string prefix, partial bytes) when the sequence ends."""
         if self.stopped is not None:
             return ""
-        text, _ = self._release(self._window_delta(force=True), final=True)
+        text, _ = self._release(self._decoded(self._window_delta(force=True)), final=True)
         return text
 
     def _release(self, text: str, final: bool = False) -> tuple[str, str | None]:

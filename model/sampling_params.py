@@ -94,8 +94,9 @@ class SamplingParams:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise bad("frequency_penalty", "must be in [-2, 2]")
-        if not 0.0 < self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "must be in (0, 2]")
+        # NOTE: not (0, 2]: logits / 1e-300 overflow to inf, and NaN probabilities sample -1
+        if not 0.01 <= self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", "must be in [0.01, 2]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise bad("max_tokens", "must be at least 1")
         if self.min_tokens < 0:

@@ -81,6 +81,10 @@ class Tokenizer:
         backend = getattr(hf, "backend_tokenizer", None)
         self._byte_level = backend is not None and "ByteLevel" in str(backend.decoder)
         self._byte_decoder = _byte_decoder()
+        # NOTE: a vocab piece is at least as long as the text it decodes to (byte-level pieces
+        # spell one char per byte; SentencePiece's byte pieces are longer), so text of N chars
+        # has at least N / max_token_chars tokens.
+        self.max_token_chars: int = max((len(p) for p in hf.get_vocab()), default=1)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
@@ -125,23 +129,32 @@ class Tokenizer:
         template = chat_template or self.hf.chat_template
         return isinstance(template, str) and name in template
 
-    def id_to_token(self, token_id: int) -> str:
-        """Token text as OpenAI logprobs show it: 'Ġthe' → ' the', partial UTF-8 → 'bytes:\\xe6'."""
+    def is_special(self, token_id: int) -> bool:
+        return token_id in self._special_ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The token's raw bytes (OpenAI's logprob `bytes`): byte-level pieces mapped back to
+        bytes, SentencePiece byte pieces as their byte, special tokens as their UTF-8 text."""
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token id {token_id} out of range [0, {self.vocab_size})")
         piece = self.hf.convert_ids_to_tokens(token_id)
-        if piece is None or token_id in self._special_ids:
-            return piece or ""
+        if piece is None:
+            return b""
+        if token_id in self._special_ids:
+            return piece.encode("utf-8")
         if self._byte_level:
             try:
-                raw = bytes(self._byte_decoder[c] for c in piece)
+                return bytes(self._byte_decoder[c] for c in piece)
             except KeyError:
-                return piece
-        else:
-            m = _SP_BYTE.match(piece)
-            if m is None:
-                return piece.replace("\u2581", " ")
-            raw = bytes([int(m.group(1), 16)])
+                return piece.encode("utf-8")
+        m = _SP_BYTE.match(piece)
+        if m is not None:
+            return bytes([int(m.group(1), 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+    def id_to_token(self, token_id: int) -> str:
+        """Token text as OpenAI logprobs show it: 'Ġthe' → ' the', partial UTF-8 → 'bytes:\\xe6'."""
+        raw = self.token_bytes(token_id)
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:

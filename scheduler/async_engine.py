@@ -6,11 +6,11 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from model.sampling_params import SamplingParams
-from scheduler.config import EngineConfig
-from scheduler.engine import LLMEngine
+from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS, EngineConfig
+from scheduler.engine import EngineFatalError, LLMEngine
 from scheduler.outputs import CompletionOutput, RequestOutput, SchedulerStats
 
 logger = logging.getLogger(__name__)
@@ -22,18 +22,68 @@ class EngineDeadError(RuntimeError):
     """A step failed earlier (or the engine is shut down): no new requests are accepted."""
 
 
+class RequestStream:
+    """Async iterator over one queued request's outputs; closing it early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._queue = queue
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finished:
+            self._finished = True
+            self._close()
+        return out
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop consuming; a request that is still running is aborted."""
+        self._close()
+
+    def _close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._release(self.request_id, self._finished)
+
+    def __del__(self) -> None:
+        # NOTE: a stream dropped unconsumed (its handler failed before iterating) must not keep
+        # generating: abort_request only appends to a locked list, safe from the collector.
+        if not getattr(self, "_closed", True):
+            self._close()
+
+
 class AsyncEngine:
     """The step thread sleeps on a Condition while idle; outputs reach each request's
     asyncio.Queue through `loop.call_soon_threadsafe`, so the event loop never waits on the model.
     """
 
-    def __init__(self, config: EngineConfig, step_thread: bool = True) -> None:
-        """`step_thread=False`: no thread of ours; the caller steps with `run_forever()`."""
+    def __init__(
+        self,
+        config: EngineConfig,
+        step_thread: bool = True,
+        max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS,
+    ) -> None:
+        """`step_thread=False`: no thread of ours; the caller steps with `run_forever()`.
+
+        `max_pending_outputs`: outputs a consumer may leave unread before its request is aborted.
+        """
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.engine.model_name
         self.model_config = self.engine.model_config
+        self.max_num_seqs = config.max_num_seqs
         self.default_sampling_params = self.engine.default_sampling_params  # generation config
         self._cond = threading.Condition()  # wakes the step thread; notified after every step
         self._lock = threading.Lock()  # guards _streams, _error and starting the step thread
@@ -46,6 +96,8 @@ class AsyncEngine:
         self._stopping = False
         self._closed = False
         self._error: str | None = None
+        self.max_pending_outputs = max_pending_outputs
+        self._overflowed: set[str] = set()  # requests aborted because their consumer lagged
         self.engine.runner.on_worker_death(self._on_worker_death)
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -122,15 +174,29 @@ class AsyncEngine:
     def _step_until_stopped(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self.engine.has_unfinished_requests())
+                self._cond.wait_for(
+                    lambda: (
+                        self._stopping
+                        or self._error is not None
+                        or self.engine.has_unfinished_requests()
+                    )
+                )
                 if self._stopping:
                     return
+            if self._error is not None:  # a TP worker died while we were idle
+                self._fail(self._error)
+                return
             try:
-                outputs = self.engine.step()
+                outputs = self.engine.step()  # NOTE: a fault in one batch fails only that batch
                 stats = self.engine.get_stats()
             except Exception as exc:
-                logger.exception("engine step failed; failing every in-flight request")
-                self._fail(f"engine step failed: {type(exc).__name__}: {exc}")
+                logger.exception("engine step failed fatally; failing every in-flight request")
+                message = (
+                    str(exc)
+                    if isinstance(exc, EngineFatalError)
+                    else (f"engine step failed: {type(exc).__name__}: {exc}")
+                )
+                self._fail(message)
                 return
             # outputs in which any sample finished (n > 1 samples may finish in different steps)
             self._notify(outputs, stats)  # NOTE: before delivery, so metrics lead what clients see
@@ -158,10 +224,25 @@ class AsyncEngine:
             if stream is None:
                 continue  # the consumer is gone (its abort is on the way)
             loop, queue = stream
+            if queue.qsize() >= self.max_pending_outputs and not out.finished:
+                self._cut_off(out.request_id)
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, out)
             except RuntimeError:  # its event loop is closed
                 logger.debug("dropping output of %s: event loop closed", out.request_id)
+
+    def _cut_off(self, request_id: str) -> None:
+        """Abort a request whose consumer left `max_pending_outputs` outputs unread."""
+        with self._lock:
+            if request_id in self._overflowed:
+                return
+            self._overflowed.add(request_id)
+        reason = (
+            f"client too slow: {self.max_pending_outputs} outputs unread "
+            "(--max-pending-outputs); request aborted"
+        )
+        logger.warning("aborting %s: %s", request_id, reason)
+        self.engine.abort_request(request_id, error=reason)
 
     def _fail(self, message: str) -> None:
         """Mark unhealthy, then end every request with finish_reason "error" (none may hang)."""
@@ -203,18 +284,20 @@ class AsyncEngine:
 
     # -- requests ---------------------------------------------------------------------------------
 
-    async def generate(
+    def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's RequestOutput deltas; the last one has `finished=True`.
+    ) -> RequestStream:
+        """Queue a request now and return the stream of its RequestOutput deltas (the last one has
+        `finished=True`), so a server can start its response as soon as the request is admitted.
 
         Args:
             request_id: unique among running requests (ValueError otherwise).
-            prompt: text (tokenized here) or token ids.
+            prompt: text (tokenized here, on the caller's thread) or token ids.
             params: validated sampling parameters.
-        Raises (from the first `__anext__`, before anything is yielded): ValueError subclasses for
-        invalid input (PromptTooLongError, ...), EngineDeadError once the engine failed or closed.
-        Closing or cancelling the iterator aborts the request; its blocks are freed next step.
+        Raises (here, before anything is queued): ValueError subclasses for invalid input
+        (PromptTooLongError, ...), EngineDeadError once the engine failed or closed.
+        Closing the stream (`aclose()`, or dropping it) aborts the request; its blocks are freed
+        at the next step.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -234,18 +317,16 @@ class AsyncEngine:
             raise
         self.start()
         self._wake()
-        finished = False
-        try:
-            while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self.engine.abort_request(request_id)
-                self._wake()
+        return RequestStream(self, request_id, queue)
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        """The consumer is done with a stream: forget it, and abort the request if it runs."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+            self._overflowed.discard(request_id)
+        if not finished:
+            self.engine.abort_request(request_id)
+            self._wake()
 
     async def abort(self, request_id: str) -> None:
         """Abort at the next step; the request's stream ends with finish_reason "abort"."""
@@ -256,6 +337,12 @@ class AsyncEngine:
 
     def is_healthy(self) -> bool:
         return self.dead_reason is None
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the engine can no longer serve (failed steps, dead worker); None after a clean
+        shutdown. `tokenmill serve` exits non-zero when this is set, so a supervisor restarts it."""
+        return self._error
 
     @property
     def dead_reason(self) -> str | None:

@@ -2,26 +2,37 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from array import array
 from dataclasses import dataclass
 
 from scheduler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-_ROOT_HASH = 0x9E3779B97F4A7C15  # parent hash of a sequence's first block
+_ROOT_HASH = b"tokenmill-prefix-cache-v1"  # parent of a sequence's first block
 
 
-def hash_block(parent_hash: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
-    """Chained hash: a block matches only if its tokens AND every block before it match."""
-    return hash((_ROOT_HASH if parent_hash is None else parent_hash, tuple(token_ids)))
+def hash_block(parent_hash: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """Chained sha256: a block matches only if its tokens AND every block before it match.
+
+    NOTE: cryptographic on purpose: with Python's hash() a crafted prompt could collide with
+    another tenant's block and be served its KV (the class of vLLM's CVE-2025-25183). Hits are
+    also checked token by token (get_computed_blocks), so even a collision cannot be reused.
+    """
+    h = hashlib.sha256(_ROOT_HASH if parent_hash is None else parent_hash)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 @dataclass(slots=True)
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None  # set while the block is registered in the prefix cache
+    hash: bytes | None = None  # set while the block is registered in the prefix cache
+    parent_hash: bytes | None = None  # the key of the block before it (None: first block)
+    token_ids: tuple[int, ...] | None = None  # its tokens, compared on every hit
 
 
 class BlockManager:
@@ -43,7 +54,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: dict[int, None] = dict.fromkeys(range(num_blocks))
         self.evictable: dict[int, None] = {}
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[bytes, int] = {}  # block hash -> block id
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # prompt tokens found
 
@@ -67,7 +78,7 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _hashes(self, seq: Sequence, num_blocks: int) -> list[int]:
+    def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """Extend `seq.block_hashes` to cover its first `num_blocks` full blocks."""
         bs, hashes = self.block_size, seq.block_hashes
         for i in range(len(hashes), num_blocks):
@@ -84,11 +95,18 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.num_computed_tokens > 0:
             return [], 0
-        num_full = (seq.num_tokens - 1) // self.block_size
+        bs, num_full = self.block_size, (seq.num_tokens - 1) // self.block_size
         hit: list[int] = []
-        for h in self._hashes(seq, num_full):
+        hashes = self._hashes(seq, num_full)
+        for i, h in enumerate(hashes):
             block_id = self.cached.get(h)
             if block_id is None:
+                break
+            block = self.blocks[block_id]
+            parent = hashes[i - 1] if i else None
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            if block.token_ids != tokens or block.parent_hash != parent:
+                logger.warning("prefix cache key collision on block %d: not reused", block_id)
                 break
             hit.append(block_id)
         return hit, len(hit) * self.block_size
@@ -140,7 +158,7 @@ class BlockManager:
             del self.evictable[b]
             block = self.blocks[b]
             del self.cached[block.hash]
-            block.hash = None
+            block.hash = block.parent_hash = block.token_ids = None
         self.blocks[b].ref_count = 1
         return b
 
@@ -151,12 +169,14 @@ class BlockManager:
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
         if num_full <= seq.num_hashed_blocks:
             return
-        hashes = self._hashes(seq, num_full)
+        bs, hashes = self.block_size, self._hashes(seq, num_full)
         for i in range(seq.num_hashed_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             # NOTE: a block whose hash another block already holds stays uncached (no duplicates)
             if block.hash is None and hashes[i] not in self.cached:
                 block.hash = hashes[i]
+                block.parent_hash = hashes[i - 1] if i else None
+                block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
                 self.cached[hashes[i]] = block.block_id
         seq.num_hashed_blocks = num_full
 
@@ -180,7 +200,7 @@ class BlockManager:
         for b in list(self.evictable):
             block = self.blocks[b]
             del self.cached[block.hash]
-            block.hash = None
+            block.hash = block.parent_hash = block.token_ids = None
             self.free[b] = None
         self.evictable.clear()
 

@@ -22,6 +22,10 @@ def parse_size(text: str | int | None) -> int | None:
     return int(value * base**power)
 
 
+# Each stream output is one step's delta (~a token per sample); past this many unread, a slow or
+# stuck client's request is aborted rather than buffering its whole generation in memory.
+DEFAULT_MAX_PENDING_OUTPUTS = 1024
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float32 on CPU, bfloat16 on CUDA
 QUANTIZATIONS = ("none", "int8", "int4")  # None (no flag): a GGUF's own, float for HF folders
 

@@ -26,6 +26,14 @@ class PromptTooLongError(ValueError):
     """The prompt plus the tokens to generate do not fit in max_model_len."""
 
 
+class EngineFatalError(RuntimeError):
+    """A step failed in a way that leaves the engine unusable (dead worker, repeated faults)."""
+
+
+# Errors after which the device cannot be trusted again (a later step would fail or be wrong).
+FATAL_MARKERS = ("CUDA error", "device-side assert", "NCCL error", "CUBLAS_STATUS")
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """A request's n sequences plus what its outputs repeat (prompt ids, metrics)."""
@@ -85,7 +93,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._lock = threading.Lock()  # guards the two inboxes below (filled from other threads)
         self._new: list[Request] = []
-        self._aborts: list[str] = []
+        self._aborts: list[tuple[str, str | None]] = []  # (request id, error or None)
         self._last_step = SchedulerStats()
         self.num_steps = 0
         self.prompt_tokens_total = 0  # vLLM's counting: a request's prompt at its first token
@@ -177,17 +185,21 @@ class LLMEngine:
             )
         return max_tokens
 
-    def abort_request(self, request_id: str) -> None:
-        """Mark for abort; the next step frees its blocks and reports finish_reason "abort"."""
+    def abort_request(self, request_id: str, error: str | None = None) -> None:
+        """Mark for abort; the next step frees its blocks and reports finish_reason "abort"
+        (with `error` on the final output when the server cut the request off)."""
         with self._lock:
-            self._aborts.append(request_id)
+            self._aborts.append((request_id, error))
 
     def has_unfinished_requests(self) -> bool:
         with self._lock:
             return bool(self.requests or self._new or self._aborts)
 
     def num_waiting(self) -> int:
-        return len(self.scheduler.waiting) + len(self._new)
+        """Sequences not yet running: queued in the scheduler or not yet admitted (n each)."""
+        with self._lock:
+            new = sum(len(r.seqs) for r in self._new)
+        return len(self.scheduler.waiting) + new
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -201,7 +213,9 @@ class LLMEngine:
             self.requests[req.request_id] = req
             for seq in req.seqs:
                 self.scheduler.add(seq)
-        outputs = [out for rid in aborts if (out := self._finish_request(rid)) is not None]
+        outputs = [
+            out for rid, err in aborts if (out := self._finish_request(rid, error=err)) is not None
+        ]
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         split = {"schedule": t1 - t0, "execute": 0.0, "update": 0.0, "detokenize": 0.0}
@@ -213,18 +227,22 @@ class LLMEngine:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
             constraints = None
-            if self.constraints is not None:  # NOTE: unconstrained servers skip even this
-                constraints = self.constraints.batch([s.matcher for s in batch.sampling_seqs])
-            step_output = self.runner.execute(batch.step_input, constraints)
-            t2 = time.perf_counter()
-            sampled = self.scheduler.update(batch, step_output)
-            t3 = time.perf_counter()
-            outputs.extend(self._outputs(sampled, gaps))
-            t4 = time.perf_counter()
+            try:
+                if self.constraints is not None:  # NOTE: unconstrained servers skip even this
+                    constraints = self.constraints.batch([s.matcher for s in batch.sampling_seqs])
+                step_output = self.runner.execute(batch.step_input, constraints)
+                t2 = time.perf_counter()
+                sampled = self.scheduler.update(batch, step_output)
+                t3 = time.perf_counter()
+                outputs.extend(self._outputs(sampled, gaps))
+                t4 = time.perf_counter()
+            except Exception as exc:
+                outputs.extend(self._fail_step(batch.seqs, exc))
+                t2 = t3 = t4 = time.perf_counter()
             split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
             split.update(self.runner.last_timings)  # prepare / forward / sample (+ comm under TP)
             if constraints is not None:
-                split["mask"] = constraints.fill_time  # on its thread, during the forward
+                split["mask"] = constraints.fill_time
         self._last_step = SchedulerStats(
             step_duration=time.perf_counter() - t0,
             step_num_seqs=len(batch.seqs) if batch else 0,
@@ -270,14 +288,20 @@ class LLMEngine:
                     self.scheduler.finish([seq], SequenceStatus.FINISHED_STOPPED)
             elif seq.is_finished:
                 text += seq.detokenizer.flush()
+            logprobs = None
             if params.logprobs is not None:
+                # NOTE: report only tokens whose text was returned: none held back for a possible
+                # stop string, none past a stop string, no hidden stop token
                 seq.output_logprobs.append(st.logprob)
+                end = min(seq.detokenizer.num_returned_tokens, len(seq.output_logprobs))
+                logprobs = seq.output_logprobs[seq.num_logprobs_reported : end] or None
+                seq.num_logprobs_reported = max(end, seq.num_logprobs_reported)
             changed.setdefault(seq.request_id, []).append(
                 CompletionOutput(
                     index=seq.sample_index,
                     text=text,
                     token_ids=[st.token_id],
-                    logprobs=[st.logprob] if params.logprobs is not None else None,
+                    logprobs=logprobs,
                     num_tokens=seq.num_output_tokens,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
@@ -324,6 +348,26 @@ class LLMEngine:
             for s in live
         ]
         return self._request_output(req, outs, True, error)
+
+    def _fail_step(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
+        """A step raised: end only the requests it ran (finish_reason "error", blocks freed) and
+        keep serving the rest, unless a worker died or the device is broken (re-raised)."""
+        if not self.runner.is_healthy():
+            raise EngineFatalError(f"engine step failed: {self.runner.dead_reason}") from exc
+        message = f"engine step failed: {type(exc).__name__}: {exc}"
+        # NOTE: no "N failures in a row" rule: N bad requests in a row would kill the server
+        if any(marker in str(exc) for marker in FATAL_MARKERS):
+            raise EngineFatalError(message) from exc
+        logger.exception("%s; failing the %d sequences of this step", message, len(seqs))
+        outputs = []
+        for rid in dict.fromkeys(seq.request_id for seq in seqs):
+            out = self._finish_request(rid, SequenceStatus.FINISHED_ERROR, message)
+            if out is None:  # it finished inside the failed step, but its output was lost
+                out = RequestOutput(
+                    rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=message
+                )
+            outputs.append(out)
+        return outputs
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """After a failed step: finish every request with finish_reason "error" and free blocks."""

@@ -55,7 +55,7 @@ class Sequence:
     num_prompt_tokens: int = -1  # -1: len(token_ids) at construction
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chained hash of each full block
+    block_hashes: list[bytes] = field(default_factory=list)  # chained sha256 of each full block
     num_hashed_blocks: int = 0  # leading blocks of block_table registered in the prefix cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
     status: SequenceStatus = SequenceStatus.WAITING
@@ -65,6 +65,7 @@ class Sequence:
     matcher: Any = None  # model.constraints.Matcher when decoding is constrained (rank 0 state)
     metrics: RequestMetrics | None = None
     output_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per output token
+    num_logprobs_reported: int = 0  # output_logprobs already sent (their text was returned)
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

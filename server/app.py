@@ -7,16 +7,19 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
+from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS
 from server.auth import APIKeyMiddleware
 from server.errors import APIError, error_response, install_error_handlers
+from server.limits import BodySizeLimitMiddleware, ServingLimits, default_max_waiting
 from server.metrics import ServerMetrics
+from server.offload import Offload, offloaded_json_route
 from server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -28,7 +31,6 @@ from server.request_logger import RequestLogger
 from server.root_path import RootPathMiddleware
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
-from server.serving_engine import ServingLimits
 from server.serving_models import OpenAIServingModels, version
 from server.sse import sse_response
 from server.stats_logger import StatsLogger
@@ -46,10 +48,13 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # None: no auth
-    max_waiting: int | None = None  # 503 + Retry-After once this many requests wait
+    max_waiting: int | None = None  # sequences; None: derived from the KV cache size
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
     model_path: str | None = None  # shown as `root` in /v1/models
     chat_template: str | None = None  # --chat-template: replaces the model's template
+    disable_fastapi_docs: bool = False  # no /docs, /redoc, /openapi.json
+    limits: ServingLimits = field(default_factory=ServingLimits)  # its max_waiting is ignored
+    max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS  # AsyncEngine's, set by the CLI
     served_model_names: tuple[str, ...] = ()  # every name clients may send; () → the engine's
     allowed_origins: tuple[str, ...] = ()  # CORS; () sends no CORS headers (vLLM's default is *)
     allowed_methods: tuple[str, ...] = ("*",)
@@ -76,6 +81,9 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # NOTE: cancel() only asks: until the task has run its cancellation, it has neither
+            # a result nor cancelled() (task.result() raised InvalidStateError: a 500)
+            await asyncio.wait({task})
     if task.cancelled():
         return APIError("client disconnected", 499)
     return task.result()
@@ -96,8 +104,16 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             logger.info("shutting down the engine (timeout %.1f s)", cfg.shutdown_timeout)
             await engine.shutdown(cfg.shutdown_timeout)
 
-    app = FastAPI(title="tokenmill", version=version(), lifespan=lifespan)
+    offload = Offload()
+    docs = {} if not cfg.disable_fastapi_docs else dict(docs_url=None, redoc_url=None)
+    if cfg.disable_fastapi_docs:
+        docs["openapi_url"] = None
+    app = FastAPI(title="tokenmill", version=version(), lifespan=lifespan, **docs)
+    app.router.route_class = offloaded_json_route(offload)
     install_error_handlers(app)
+    # NOTE: middleware added later wraps earlier: metrics (outermost, counts 401s and 413s) →
+    # API key (no body is read for a caller without the key) → body size → routes.
+    app.add_middleware(BodySizeLimitMiddleware, max_size=cfg.limits.max_request_body_size)
     if cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
     if cfg.allowed_origins:  # outside the key check: 401s carry CORS headers too
@@ -116,12 +132,16 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     if cfg.log_stats:
         engine.add_stat_listener(StatsLogger())
 
-    limits = ServingLimits(max_waiting=cfg.max_waiting)
+    max_waiting = cfg.max_waiting
+    if max_waiting is None:
+        stats = engine.get_stats()
+        max_waiting = default_max_waiting(stats.num_total_blocks, engine.max_num_seqs)
+    limits = replace(cfg.limits, max_waiting=max_waiting)
     names = cfg.served_model_names or (engine.model_name,)
     logs = RequestLogger(engine.tokenizer, cfg.max_log_len) if cfg.enable_log_requests else None
-    completion = OpenAIServingCompletion(engine, limits, names, logs)
-    chat = OpenAIServingChat(engine, limits, names, logs, cfg.chat_template)
-    models = OpenAIServingModels(engine, cfg.model_path, names)
+    completion = OpenAIServingCompletion(engine, limits, names, logs, offload)
+    chat = OpenAIServingChat(engine, limits, names, logs, offload, cfg.chat_template)
+    models = OpenAIServingModels(engine, cfg.model_path, names, offload)
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:
         """The three-way return: error → JSON with its code, model → JSON, iterator → SSE."""
@@ -154,12 +174,13 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
-        result = models.tokenize(body, chat.render)
+        result = await models.tokenize(body, chat.render)
         return Response(result.model_dump_json(), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
-        return Response(models.detokenize(body).model_dump_json(), media_type="application/json")
+        result = await models.detokenize(body)
+        return Response(result.model_dump_json(), media_type="application/json")
 
     @app.get("/health")
     async def health() -> Response:

@@ -1,4 +1,4 @@
-"""API key check: `Authorization: Bearer KEY` on /v1/*, compared in constant time."""
+"""API key check: `Authorization: Bearer KEY` on every route but the operational ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import APIError, error_response
 
-PROTECTED_PREFIX = "/v1"
+# Probes and scrapers carry no key; everything else (incl. /docs, /tokenize, /stats, unknown
+# paths, so route names do not leak) needs it.
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 
 
 def key_matches(header: str | None, api_key: str) -> bool:
@@ -21,6 +23,10 @@ def key_matches(header: str | None, api_key: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
+def is_protected(path: str) -> bool:
+    return path.rstrip("/") not in OPEN_PATHS or path == "/"
+
+
 class APIKeyMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware): it must not buffer or delay SSE streams."""
 
@@ -28,10 +34,11 @@ class APIKeyMiddleware:
         self.app = app
         self.api_key = api_key
 
+    def __repr__(self) -> str:  # NOTE: never the key, whatever logs the middleware stack
+        return "APIKeyMiddleware(api_key=<redacted>)"
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        protected = path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
-        if scope["type"] != "http" or not protected or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http" or not is_protected(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         header = None

@@ -13,6 +13,7 @@ import threading
 from scheduler.config import DTYPES, QUANTIZATIONS, EngineConfig, parse_size
 from server.app import ServerConfig
 from server.cli_vllm import add_vllm_flags, http_settings, uvicorn_settings
+from server.limits import add_limit_args, limits_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +31,6 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -66,7 +60,13 @@ def make_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--api-key",
         default=None,
-        help="require `Authorization: Bearer KEY` on /v1/* (or set TOKENMILL_API_KEY)",
+        help="require `Authorization: Bearer KEY` on every route but /health, /metrics and "
+        "/version (or set TOKENMILL_API_KEY)",
+    )
+    s.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="serve no /docs, /redoc or /openapi.json",
     )
     s.add_argument(
         "--max-model-len",
@@ -101,12 +101,6 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument(
-        "--max-waiting",
-        type=_non_negative,
-        default=None,
-        help="answer 503 + Retry-After once this many requests wait (default: no limit)",
-    )
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     s.add_argument(
         "--chat-template",
@@ -120,6 +114,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish on SIGTERM before they are aborted",
     )
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    add_limit_args(s)
     return parser
 
 
@@ -157,6 +152,9 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         shutdown_timeout=args.shutdown_timeout,
         model_path=args.model,
         chat_template=_read_template(args.chat_template),
+        disable_fastapi_docs=args.disable_fastapi_docs,
+        limits=limits_from_args(args),
+        max_pending_outputs=args.max_pending_outputs,
         **http_settings(args),
         served_model_names=names,
     )
@@ -187,7 +185,11 @@ def serve(
     from server.app import build_app
 
     try:
-        engine = AsyncEngine(engine_config, step_thread=False)
+        engine = AsyncEngine(
+            engine_config,
+            step_thread=False,
+            max_pending_outputs=server_config.max_pending_outputs,
+        )
     except (FileNotFoundError, ValueError) as e:
         logger.error("cannot load the model: %s", e)
         return 1
@@ -231,11 +233,23 @@ def serve(
         finally:
             engine.stop()  # the lifespan stopped it already, unless uvicorn never started
 
+    # NOTE: the step thread holds the GIL between kernels; a 1 ms switch interval (5 ms default)
+    # lets the event loop take it back sooner, keeping /health and stream latency low.
+    sys.setswitchinterval(0.001)
     http = threading.Thread(target=run_server, name="tokenmill-http")
     http.start()
     engine.run_forever()
-    while http.is_alive():  # a failed step ends run_forever early: keep serving 503s till a signal
+    if engine.fatal_error is not None:
+        # NOTE: the engine cannot serve again (dead TP worker, persistent step failures): every
+        # request in flight got its error; shut the HTTP side down the graceful way (so those
+        # error bodies and events reach their clients) and exit non-zero, so that Docker's
+        # restart policy or Kubernetes restarts the process.
+        logger.error("exiting: the engine failed: %s", engine.fatal_error)
+        server.should_exit = True
+    while http.is_alive():
         http.join(0.5)
+    if engine.fatal_error is not None:
+        return 1
     return 0 if server.started else 1
 
 

@@ -113,7 +113,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"route {request.method} {request.url.path} not found"
-        return error_response(APIError(message, exc.status_code, headers=exc.headers))
+        code = getattr(exc, "code", None)
+        return error_response(APIError(message, exc.status_code, code=code, headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -50,9 +50,10 @@ class OpenAIServingChat(OpenAIServing):
         limits: ServingLimits,
         model_names: tuple[str, ...] = (),
         request_logger: Any = None,
+        offload: Any = None,
         chat_template: str | None = None,
     ) -> None:
-        super().__init__(engine, limits, model_names, request_logger)
+        super().__init__(engine, limits, model_names, request_logger, offload)
         self.chat_template = chat_template  # --chat-template: overrides the model's
 
     async def create(
@@ -65,6 +66,7 @@ class OpenAIServingChat(OpenAIServing):
     ) -> list[int]:
         """Chat template → token ids; tools via the template or the built-in preamble; 400s."""
         messages = [m.to_template() for m in req_messages]
+        self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
         tok, template = self.engine.tokenizer, self.chat_template
         kwargs: dict[str, Any] = dict((req.chat_template_kwargs or {}) if req else {})
         tools = None
@@ -93,6 +95,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
         self.check_model(req.model)
+        self.limits.check(req)
         params = self.sampling_params(req)
         mode = req.tool_mode
         if mode in ("required", "named"):
@@ -107,11 +110,12 @@ class OpenAIServingChat(OpenAIServing):
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
             constraint = tool_call_constraint(tools, name, req.parallel_tool_calls)
             params = replace(params, structured_outputs=constraint)
-        prompt = self.render(req.messages, req.add_generation_prompt, req)
+        # NOTE: templating is heavy: off the event loop
+        prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
         params = self.fit_params(len(prompt), params, "messages")
         request_id = self.new_request_id()
         created = self.now()
-        stream = await self.generate(request_id, [prompt], [params])
+        stream = self.generate(request_id, [prompt], [params])
         acct = RequestAccounting([len(prompt)])
         if req.stream:
             return self._stream(req, request_id, created, stream, params.n, acct)
@@ -210,8 +214,8 @@ class OpenAIServingChat(OpenAIServing):
         tok = self.engine.tokenizer
 
         def top(token_id: int, logprob: float) -> TopLogprob:
-            s = tok.id_to_token(token_id)
-            return TopLogprob(token=s, logprob=max(logprob, -9999.0), bytes=list(s.encode("utf-8")))
+            s, raw = tok.id_to_token(token_id), tok.token_bytes(token_id)
+            return TopLogprob(token=s, logprob=max(logprob, -9999.0), bytes=list(raw))
 
         out = []
         for lp in lps:

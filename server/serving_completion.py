@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from server.protocol import (
 from server.serving_engine import OpenAIServing
 from server.usage import RequestAccounting
 
+_UTF8 = codecs.getincrementaldecoder("utf-8")
+
 
 @dataclass(slots=True)
 class _Choice:
@@ -29,7 +32,8 @@ class _Choice:
     finish_reason: str | None = None
     num_tokens: int = 0
     started: bool = False
-    token_strs: list[str] = field(default_factory=list)
+    # the token bytes decoded so far: text_offset advances by the characters a token completes
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: _UTF8(errors="replace"))
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -40,15 +44,16 @@ class OpenAIServingCompletion(OpenAIServing):
 
     async def _create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator:
         self.check_model(req.model)
+        self.limits.check(req)
         base = self.sampling_params(req)
-        prompts = self._prompt_ids(req.prompt)
+        prompts = await self.offload(self._prompt_ids, req.prompt)  # NOTE: tokenizing is heavy
         params = [self.fit_params(len(p), base, "prompt") for p in prompts]
-        echo_texts = [
-            self._echo_text(req.prompt, i, p) if req.echo else "" for i, p in enumerate(prompts)
-        ]
+        echo_texts = [""] * len(prompts)
+        if req.echo:
+            echo_texts = await self.offload(self._echo_texts, req.prompt, prompts)
         request_id = self.new_request_id()
         created = self.now()
-        stream = await self.generate(request_id, prompts, params)
+        stream = self.generate(request_id, prompts, params)
         n = base.n
         choices = [_Choice() for _ in range(len(prompts) * n)]
         for i, choice in enumerate(choices):
@@ -132,7 +137,11 @@ class OpenAIServingCompletion(OpenAIServing):
             )
 
     def _prompt_ids(self, prompt: str | list) -> list[list[int]]:
+        """Token ids per prompt (runs off the event loop); ids outside the vocabulary are a 400."""
         tok = self.engine.tokenizer
+        texts = [prompt] if isinstance(prompt, str) else [x for x in prompt if isinstance(x, str)]
+        for text in texts:
+            self.check_text_length(len(text), "prompt")
         if isinstance(prompt, str):
             prompts = [tok.encode(prompt)]
         elif all(isinstance(x, int) for x in prompt):
@@ -141,19 +150,31 @@ class OpenAIServingCompletion(OpenAIServing):
             prompts = [tok.encode(x) if isinstance(x, str) else list(x) for x in prompt]
         if any(not p for p in prompts):
             raise SamplingParamsError("prompt must not be empty", "prompt")
+        vocab = self.engine.model_config.vocab_size
+        for p in prompts:
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:  # NOTE: before echo decodes them (huge ids overflow the decoder)
+                raise SamplingParamsError(
+                    f"prompt token id {bad} is out of vocabulary [0, {vocab})", "prompt"
+                )
         return prompts
 
-    def _echo_text(self, prompt: str | list, i: int, ids: list[int]) -> str:
+    def _echo_texts(self, prompt: str | list, prompts: list[list[int]]) -> list[str]:
         if isinstance(prompt, str):
-            return prompt
+            return [prompt]
         if isinstance(prompt[0], str):
-            return prompt[i]
-        return self.engine.tokenizer.decode(ids)
+            return list(prompt)
+        return [self.engine.tokenizer.decode(ids) for ids in prompts]
 
     def _add_logprobs(
         self, c: _Choice, lps: list[TokenLogprob], into: CompletionLogProbs | None
     ) -> CompletionLogProbs:
-        """Legacy shape: tokens, token_logprobs, top_logprobs (dicts incl. the sampled token)."""
+        """Legacy shape: tokens, token_logprobs, top_logprobs (dicts incl. the sampled token).
+
+        text_offset is where each token's text starts in the choice's text: a token that holds
+        part of a UTF-8 character starts at that character and advances past it only once the
+        character is complete (the engine reports only tokens whose text it returned).
+        """
         tok = self.engine.tokenizer
         into = into or CompletionLogProbs()
         for lp in lps:
@@ -164,5 +185,6 @@ class OpenAIServingCompletion(OpenAIServing):
             into.token_logprobs.append(max(lp.logprob, -9999.0))
             into.top_logprobs.append(top)
             into.text_offset.append(c.offset)
-            c.offset += len(s)
+            if not tok.is_special(lp.token_id):  # NOTE: special tokens add no text (skipped)
+                c.offset += len(c.utf8.decode(tok.token_bytes(lp.token_id)))
         return into

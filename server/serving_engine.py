@@ -1,20 +1,21 @@
-"""What the two generation endpoints share: model check, admission, length check, streams."""
+"""What the two generation endpoints share: model check, limits, admission, length, streams."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from model.sampling_params import SamplingParams
 from server.errors import APIError, from_exception
+from server.limits import ServingLimits, check_text_length
+from server.offload import Offload
 
 if TYPE_CHECKING:
-    from scheduler.async_engine import AsyncEngine
+    from scheduler.async_engine import AsyncEngine, RequestStream
     from scheduler.outputs import RequestOutput
     from server.request_logger import RequestLogger
 
@@ -33,14 +34,6 @@ def check_model_name(model: str | None, names: tuple[str, ...]) -> None:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class ServingLimits:
-    """Server-side admission knobs (from the CLI)."""
-
-    max_waiting: int | None = None  # reject with 503 once this many requests wait
-    retry_after_s: int = 1
-
-
 class OpenAIServing:
     """Base of the generation endpoints: requests → engine iterators, errors → 4xx."""
 
@@ -52,12 +45,14 @@ class OpenAIServing:
         limits: ServingLimits,
         model_names: tuple[str, ...] = (),
         request_logger: RequestLogger | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits
         self.model_names = model_names or (engine.model_name,)  # --served-model-name a b ...
         self.request_logger = request_logger  # --enable-log-requests
         self.defaults: dict[str, Any] = dict(engine.default_sampling_params)
+        self.offload = offload or Offload()
 
     @property
     def model_name(self) -> str:
@@ -84,23 +79,13 @@ class OpenAIServing:
         }
         return replace(params, **omitted) if omitted else params
 
-    def check_admission(self) -> None:
-        """503 + Retry-After when the engine's queue is already at --max-waiting."""
-        limit = self.limits.max_waiting
-        if limit is None:
-            return
-        waiting = self.engine.num_waiting()
-        if waiting >= limit:
-            raise APIError(
-                f"server overloaded: {waiting} requests waiting (max_waiting {limit}); retry later",
-                503,
-                code="server_overloaded",
-                headers={"Retry-After": str(self.limits.retry_after_s)},
-            )
+    def check_text_length(self, num_chars: int, param: str) -> None:
+        check_text_length(self.engine, num_chars, param)
 
     def fit_params(self, prompt_len: int, params: SamplingParams, param: str) -> SamplingParams:
-        """Length check naming both numbers; no max_tokens means 'the rest of the context'."""
-        max_len = self.engine.max_model_len
+        """Length check naming both numbers; no max_tokens means 'the rest of the context'
+        (at most --max-tokens-limit, which also caps a default such as completions' 16)."""
+        max_len, limit = self.engine.max_model_len, self.limits.max_tokens_limit
         if params.max_tokens is None:
             room = min(max_len - prompt_len, self.defaults.get("max_tokens", max_len))
             if room < 1:
@@ -111,7 +96,10 @@ class OpenAIServing:
                     param=param,
                     code="context_length_exceeded",
                 )
+            room = room if limit is None else min(room, limit)
             return replace(params, max_tokens=max(room, params.min_tokens))
+        if limit is not None and params.max_tokens > limit:  # a default: explicit ones got a 400
+            params = replace(params, max_tokens=max(limit, params.min_tokens))
         if prompt_len + params.max_tokens > max_len:
             raise APIError(
                 f"prompt has {prompt_len} tokens + max_tokens {params.max_tokens} = "
@@ -130,69 +118,60 @@ class OpenAIServing:
     def now() -> int:
         return int(time.time())
 
-    async def generate(
+    def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
     ) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Submit every prompt and wait for each first output, so bad input fails before streaming.
+        """Admit and queue every prompt now; bad input raises here, before any response starts.
 
         Returns an iterator of (prompt index, RequestOutput); closing it aborts every request.
+        NOTE: no `await` from the admission check to the last engine.generate: on the one event
+        loop, concurrent requests cannot all pass the check before any of them is counted.
         """
-        self.check_admission()
+        self.limits.check_admission(self.engine.num_waiting(), sum(sp.n for sp in params))
         if self.request_logger is not None:
             self.request_logger.log(request_id, prompts, params)
         ids = [
             request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
         ]
-        gens = [
-            self.engine.generate(rid, p, sp)
-            for rid, p, sp in zip(ids, prompts, params, strict=True)
-        ]
-        firsts = await asyncio.gather(*(_first(g) for g in gens), return_exceptions=True)
-        errors = [f for f in firsts if isinstance(f, BaseException)]
-        if errors:
-            for g in gens:
-                with contextlib.suppress(Exception):
-                    await g.aclose()
-            raise errors[0]
-        if len(gens) == 1:
-            return _chain_one(firsts[0], gens[0])
-        return _merge(firsts, gens)
-
-
-async def _first(gen: AsyncIterator[Any]) -> Any:
-    try:
-        return await gen.__anext__()
-    except StopAsyncIteration:
-        return _END
-
-
-async def _chain_one(first: Any, gen: Any) -> AsyncIterator[tuple[int, Any]]:
-    try:
-        if first is not _END:
-            yield 0, first
-            async for out in gen:
-                yield 0, out
-    finally:
-        await gen.aclose()
-
-
-async def _merge(firsts: list[Any], gens: list[Any]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine iterators; closing the merge cancels (= aborts) all of them."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int, gen: Any) -> None:
+        streams: list[RequestStream] = []
         try:
-            async for out in gen:
-                queue.put_nowait((i, out))
-        except Exception as e:  # noqa: BLE001 - forwarded to the consumer
-            queue.put_nowait((i, e))
-        finally:
-            queue.put_nowait((i, _END))
+            for rid, p, sp in zip(ids, prompts, params, strict=True):
+                streams.append(self.engine.generate(rid, p, sp))
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        if len(streams) == 1:
+            return _chain_one(streams[0])
+        return _merge(streams)
 
-    for i, first in enumerate(firsts):
-        if first is not _END:
-            queue.put_nowait((i, first))
-    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+
+async def _chain_one(stream: RequestStream) -> AsyncIterator[tuple[int, Any]]:
+    try:
+        async for out in stream:
+            yield 0, out
+    finally:
+        stream.close()
+
+
+async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several engine streams; closing the merge closes (= aborts) all of them.
+
+    NOTE: the queue is bounded, so a slow consumer leaves outputs in the engine's per-request
+    queues, where AsyncEngine's max_pending_outputs cuts it off (no unbounded copy here).
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue(maxsize=len(streams))
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as e:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, _END))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(tasks)
         while remaining:
@@ -206,3 +185,5 @@ async def _merge(firsts: list[Any], gens: list[Any]) -> AsyncIterator[tuple[int,
     finally:
         for t in tasks:
             t.cancel()
+        for stream in streams:
+            stream.close()

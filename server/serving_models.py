@@ -10,6 +10,8 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from server.errors import APIError
+from server.limits import check_text_length
+from server.offload import Offload
 from server.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -60,8 +62,10 @@ class OpenAIServingModels:
         engine: AsyncEngine,
         model_path: str | None = None,
         model_names: tuple[str, ...] = (),
+        offload: Offload | None = None,
     ) -> None:
         self.engine = engine
+        self.offload = offload or Offload()
         self.model_path = model_path
         self.model_names = model_names or (engine.model_name,)
         self.created = int(time.time())
@@ -89,22 +93,32 @@ class OpenAIServingModels:
             raise APIError(f"The model `{model_id}` does not exist", 404, code="model_not_found")
         return self.card(model_id)
 
-    def tokenize(
+    async def tokenize(
         self, req: TokenizeCompletionRequest | TokenizeChatRequest, render
     ) -> TokenizeResponse:
+        """Tokenize off the event loop (inputs are up to --max-request-body-size)."""
         self.check_model(req.model)
+        return await self.offload(self._tokenize, req, render)
+
+    def _tokenize(
+        self, req: TokenizeCompletionRequest | TokenizeChatRequest, render
+    ) -> TokenizeResponse:
         tok = self.engine.tokenizer
         if isinstance(req, TokenizeChatRequest):
             ids = render(req.messages, req.add_generation_prompt)
         else:
+            check_text_length(self.engine, len(req.prompt), "prompt")
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         strs = [tok.id_to_token(i) for i in ids] if req.return_token_strs else None
         return TokenizeResponse(
             count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids, token_strs=strs
         )
 
-    def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
+    async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(req.model)
+        return await self.offload(self._detokenize, req)
+
+    def _detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
         vocab = getattr(self.engine.tokenizer, "vocab_size", None)
         bad = [t for t in req.tokens if t < 0 or (vocab is not None and t >= vocab)]
         if bad:

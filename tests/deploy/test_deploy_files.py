@@ -250,3 +250,22 @@ def test_server_serves_the_health_and_metrics_paths(tokenmill_server: Proc) -> N
     assert httpx.get(tokenmill_server.url + HEALTH, timeout=10).status_code == 200
     r = httpx.get(tokenmill_server.url + METRICS, timeout=10)
     assert r.status_code == 200 and "tokenmill_num_requests_running" in r.text
+
+
+def _drain_s() -> float:
+    """How long `tokenmill serve` may take to stop on SIGTERM: the drain plus uvicorn's margin."""
+    from server.cli import make_parser
+
+    args = make_parser().parse_args(["serve"])
+    return args.shutdown_timeout + 2 + 10  # + uvicorn's 2 s + up to 10 s stopping the engine
+
+
+@pytest.mark.timeout(30)
+def test_stop_grace_outlasts_the_drain() -> None:
+    """Docker and Kubernetes must not SIGKILL a server that is still draining its requests."""
+    grace = load_yaml("docker-compose.yml")["services"]["tokenmill"]["stop_grace_period"]
+    m = re.fullmatch(r"(\d+)s", str(grace))
+    assert m and int(m.group(1)) > _drain_s(), grace
+    pod = k8s_docs()["Deployment"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > _drain_s()
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

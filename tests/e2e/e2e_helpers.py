@@ -17,9 +17,10 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
-def engine_stats(url: str) -> dict:
+def engine_stats(url: str, api_key: str | None = None) -> dict:
     """GET /stats: the engine's SchedulerStats plus finished_total by finish_reason."""
-    resp = httpx.get(f"{url}/stats", timeout=10)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    resp = httpx.get(f"{url}/stats", headers=headers, timeout=10)
     resp.raise_for_status()
     return resp.json()
 

@@ -23,7 +23,7 @@ def guarded(launch_server, tiny_model: str):
                          model=tiny_model)  # fmt: skip
 
 
-def test_key_required_on_v1(guarded) -> None:
+def test_key_required_on_every_route_but_probes(guarded) -> None:
     url = guarded.url
     body = {"prompt": "hi", "max_tokens": 2}
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
@@ -42,12 +42,39 @@ def test_key_required_on_v1(guarded) -> None:
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
     for path in ("/health", "/version", "/metrics"):
         assert httpx.get(f"{url}{path}", timeout=30).status_code == 200
+    auth = {"Authorization": f"Bearer {KEY}"}
+    for method, path, body in (
+        ("POST", "/tokenize", {"prompt": "hi"}),
+        ("POST", "/detokenize", {"tokens": [1, 2]}),
+        ("GET", "/stats", None),
+        ("GET", "/docs", None),
+        ("GET", "/redoc", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/no-such-route", None),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+        ),
+    ):
+        resp = httpx.request(method, f"{url}{path}", json=body, timeout=30)
+        assert assert_error(resp, 401)["code"] == "invalid_api_key", path
+        ok = httpx.request(method, f"{url}{path}", json=body, headers=auth, timeout=30)
+        assert ok.status_code == (404 if path == "/no-such-route" else 200), (path, ok.text)
+    assert KEY not in guarded.log()  # the key is never logged
     assert guarded.healthy()
+
+
+def test_docs_can_be_turned_off(launch_server, tiny_model: str) -> None:
+    server = launch_server([*TINY_ARGS, "--disable-fastapi-docs"], model=tiny_model)
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert_error(httpx.get(f"{server.url}{path}", timeout=30), 404)
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
 
 
 def test_503_with_retry_after_past_max_waiting(guarded) -> None:
     url, auth = guarded.url, {"Authorization": f"Bearer {KEY}"}
-    wait_for(lambda: engine_stats(url)["num_running"] == 0, 30, "an idle engine")
+    wait_for(lambda: engine_stats(url, KEY)["num_running"] == 0, 30, "an idle engine")
     body = {"prompt": "long", "max_tokens": 4000, "ignore_eos": True, "stream": True}
     stop = threading.Event()
 
@@ -61,10 +88,10 @@ def test_503_with_retry_after_past_max_waiting(guarded) -> None:
 
     running = threading.Thread(target=hold)
     running.start()
-    wait_for(lambda: engine_stats(url)["num_running"] == 1, 30, "the first request to run")
+    wait_for(lambda: engine_stats(url, KEY)["num_running"] == 1, 30, "the first request to run")
     waiting = threading.Thread(target=hold)
     waiting.start()
-    wait_for(lambda: engine_stats(url)["num_waiting"] == 1, 30, "the second request to wait")
+    wait_for(lambda: engine_stats(url, KEY)["num_waiting"] == 1, 30, "the second request to wait")
     try:
         resp = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1},
                           headers=auth, timeout=30)  # fmt: skip
@@ -75,7 +102,47 @@ def test_503_with_retry_after_past_max_waiting(guarded) -> None:
         stop.set()
         running.join(60)
         waiting.join(60)
-    wait_for(lambda: engine_stats(url)["num_running"] == 0, 30, "the streams to be aborted")
+    wait_for(lambda: engine_stats(url, KEY)["num_running"] == 0, 30, "the streams to be aborted")
     resp = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 1},
                       headers=auth, timeout=30)  # fmt: skip
     assert resp.status_code == 200
+
+
+def test_admission_counts_sequences_atomically_and_streams_start_at_once(guarded) -> None:
+    """--max-waiting 1 with one running stream: a queued stream gets its headers before any
+    token; of 12 concurrent requests exactly one more may wait; n=2 can never fit."""
+    url, auth = guarded.url, {"Authorization": f"Bearer {KEY}"}
+    wait_for(lambda: engine_stats(url, KEY)["num_running"] == 0, 30, "an idle engine")
+    resp = httpx.post(f"{url}/v1/completions", headers=auth, timeout=30,
+                      json={"prompt": "x", "max_tokens": 1, "n": 2})  # fmt: skip
+    assert assert_error(resp, 400, "n")["code"] == "too_many_sequences"
+    long = {"prompt": "long", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    with httpx.Client(headers=auth, timeout=60) as http:
+        with http.stream("POST", f"{url}/v1/completions", json=long) as first:
+            assert first.status_code == 200
+            wait_for(lambda: engine_stats(url, KEY)["num_running"] == 1, 30, "one running")
+            with http.stream("POST", f"{url}/v1/completions", json=long) as queued:
+                assert queued.status_code == 200  # headers came while it waits for a slot
+                assert engine_stats(url, KEY)["num_waiting"] == 1
+                assert "text/event-stream" in queued.headers["content-type"]
+            wait_for(lambda: engine_stats(url, KEY)["num_waiting"] == 0, 30, "the abort")
+
+            statuses: list[int] = []
+            hold = threading.Event()
+
+            def one() -> None:
+                with httpx.stream("POST", f"{url}/v1/completions", json=long, headers=auth,
+                                  timeout=60) as resp:  # fmt: skip
+                    statuses.append(resp.status_code)
+                    if resp.status_code == 200:
+                        hold.wait(30)
+
+            threads = [threading.Thread(target=one) for _ in range(12)]
+            for t in threads:
+                t.start()
+            wait_for(lambda: len(statuses) == 12, 60, "12 answers")
+            assert sorted(statuses) == [200] + [503] * 11, statuses
+            hold.set()
+            for t in threads:
+                t.join(60)
+    wait_for(lambda: engine_stats(url, KEY)["num_running"] == 0, 30, "the streams to end")

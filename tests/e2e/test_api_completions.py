@@ -112,8 +112,9 @@ def test_logprobs_legacy_shape(client: openai.OpenAI) -> None:
     out = greedy(client, max_tokens=6, logprobs=3)
     lp = out.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
-    assert "".join(lp.tokens) == out.choices[0].text
-    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    text = out.choices[0].text
+    assert "".join(lp.tokens) == text
+    assert_offsets(text, lp.tokens, lp.text_offset)
     for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
         assert logprob <= 0 and 3 <= len(top) <= 4
         assert max(top.values()) == pytest.approx(logprob, abs=1e-4)  # greedy: the best token
@@ -204,3 +205,59 @@ def test_penalties_and_extras_are_accepted(client: openai.OpenAI) -> None:
     toks = penal.choices[0].logprobs.tokens
     if len(set(plain)) < len(plain):
         assert toks != plain
+
+
+def assert_offsets(text: str, tokens: list[str], offsets: list[int]) -> None:
+    """Each whole-character token sits at its text_offset; offsets never pass the text."""
+    assert offsets == sorted(offsets) and all(0 <= o <= len(text) for o in offsets)
+    for token, offset in zip(tokens, offsets, strict=True):
+        if not token.startswith("bytes:"):
+            assert text[offset : offset + len(token)] == token, (token, offset, text)
+
+
+PARTIAL = 177  # SmolLM2 byte-level token 'æ': the byte 0xe6 alone, the lead byte of '日'
+
+
+def test_logprobs_of_partial_utf8_tokens(tiny_server, client: openai.OpenAI) -> None:
+    """A token that is half a character: bytes are its raw byte, offsets count characters."""
+    bias = {str(PARTIAL): 100}
+    out = greedy(client, max_tokens=4, logprobs=1, logit_bias=bias)
+    lp = out.choices[0].logprobs
+    text = out.choices[0].text
+    assert lp.tokens == ["bytes:\\xe6"] * 4 and text == "\ufffd" * 4
+    assert lp.text_offset == [0, 0, 1, 2]  # each completes (as U+FFFD) when the next arrives
+    got = client.chat.completions.create(
+        model=TINY_NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+        temperature=0.0, logprobs=True, logit_bias=bias,
+    )  # fmt: skip
+    content = got.choices[0].logprobs.content
+    assert [t.bytes for t in content] == [[0xE6]] * 3  # raw bytes, not b"bytes:\\xe6"
+    joined = b"".join(bytes(t.bytes) for t in content)
+    assert joined.decode("utf-8", "replace") == got.choices[0].message.content
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_logprobs_stop_at_a_stop_string(tiny_server, client: openai.OpenAI, stream) -> None:
+    """Only tokens whose text was returned get logprobs: none of the stop string's."""
+    full = greedy(client, max_tokens=12, logprobs=1)
+    text = full.choices[0].text
+    toks = full.choices[0].logprobs.tokens
+    k = len(toks) // 2
+    stop = "".join(toks[k : k + 2])  # two whole tokens in the middle
+    want = text[: text.index(stop)]
+    body = {"model": TINY_NAME, "prompt": PROMPT, "max_tokens": 12, "temperature": 0.0,
+            "ignore_eos": True, "logprobs": 1, "stop": [stop], "stream": stream}  # fmt: skip
+    if stream:
+        chunks = [json.loads(e) for e in sse_events(f"{tiny_server.url}/v1/completions", body)[:-1]]
+        got = "".join(c["choices"][0]["text"] for c in chunks)
+        tokens = [t for c in chunks if c["choices"][0]["logprobs"]
+                  for t in c["choices"][0]["logprobs"]["tokens"]]  # fmt: skip
+        offsets = [o for c in chunks if c["choices"][0]["logprobs"]
+                   for o in c["choices"][0]["logprobs"]["text_offset"]]  # fmt: skip
+    else:
+        resp = httpx.post(f"{tiny_server.url}/v1/completions", json=body, timeout=60).json()
+        got, lp = resp["choices"][0]["text"], resp["choices"][0]["logprobs"]
+        tokens, offsets = lp["tokens"], lp["text_offset"]
+    assert got == want
+    assert "".join(tokens) == want, (tokens, want)
+    assert_offsets(want, tokens, offsets)

@@ -1,20 +1,19 @@
-"""`tokenmill serve --tensor-parallel-size 2`: same completion as TP=1; a killed worker turns
-/health 503 and ends the request in flight with an error; SIGTERM leaves no process behind."""
+"""`tokenmill serve --tensor-parallel-size 2`: same completion as TP=1; a killed worker ends the
+request in flight with an error and the server exits non-zero; SIGTERM leaves no process behind."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import subprocess
 
 import httpx
 import psutil
 import pytest
-from e2e_helpers import TINY_ARGS, TINY_NAME, wait_for
+from e2e_helpers import TINY_ARGS, TINY_NAME
 
 pytestmark = pytest.mark.timeout(240)
-
-HEALTH_DEADLINE_S = 10.0
 
 
 def completion(url: str, prompt: str) -> dict:
@@ -60,24 +59,17 @@ def test_tp2_server_matches_tp1_then_survives_nothing(tiny_server, launch_server
     assert errors and "rank 1" in errors[-1]["message"], events[-3:]
     assert errors[-1]["type"] == "server_error"
 
-    wait_for(
-        lambda: httpx.get(f"{server.url}/health", timeout=5).status_code == 503,
-        HEALTH_DEADLINE_S,
-        "/health to turn 503 after the worker died",
-    )
-    assert "rank 1" in httpx.get(f"{server.url}/health", timeout=5).json()["error"]["message"]
-    resp = httpx.post(
-        f"{server.url}/v1/completions",
-        json={"model": TINY_NAME, "prompt": "Hi", "max_tokens": 4},
-        timeout=30,
-    )
-    assert resp.status_code >= 500, resp.text
+    # the engine cannot serve again: the process drains and exits non-zero (a supervisor restarts)
+    try:
+        code = server.proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"server still running after its worker died:\n{server.log()[-3000:]}")
+    assert code not in (0, None), code
     log = server.log()
     assert (
         f"tensor-parallel worker rank 1 (pid {workers[0].pid}) died: exit code -9 (SIGKILL)" in log
     )
-
-    assert server.stop(30) == 0, server.log()[-3000:]
+    assert "exiting: the engine failed" in log and "rank 1" in log
     gone, alive = psutil.wait_procs(procs, timeout=10)
     assert not alive, [p.pid for p in alive]
 

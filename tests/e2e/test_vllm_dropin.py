@@ -143,9 +143,11 @@ def test_root_path_sdk_auth_and_openapi(dropin: ServerProcess) -> None:
         assert {c.model for c in chunks} == {NAMES[1]}
     for path in ("/api/v1/models", "/v1/models", "/api/v1/models/tiny-a"):
         assert httpx.get(dropin.url + path).status_code == 401, path  # the key check holds
-    spec = httpx.get(dropin.url + "/api/openapi.json").json()
+    assert httpx.get(dropin.url + "/api/openapi.json").status_code == 401  # the docs too
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    spec = httpx.get(dropin.url + "/api/openapi.json", headers=auth).json()
     assert spec["servers"] == [{"url": "/api"}]
-    assert httpx.get(dropin.url + "/apix/v1/models").status_code == 404
+    assert httpx.get(dropin.url + "/apix/v1/models", headers=auth).status_code == 404
 
 
 def test_request_log_cut_to_max_log_len(dropin: ServerProcess) -> None:

@@ -112,6 +112,19 @@ def test_id_to_token_is_readable(smollm2_tokenizer):
         tok.id_to_token(49152)
 
 
+def test_token_bytes_are_raw_even_for_partial_utf8(smollm2_tokenizer):
+    """OpenAI's logprob `bytes`: the token's own bytes, which join to the text's UTF-8."""
+    tok = smollm2_tokenizer
+    text = "Hello the world 日本 🙂!"
+    ids = tok.encode(text)
+    raw = [tok.token_bytes(i) for i in ids]
+    assert b"".join(raw) == text.encode()
+    partial = [r for r in raw if r and r[0] >= 0x80]
+    assert partial and any(_not_utf8(r) for r in partial)  # a token holding half a character
+    assert tok.token_bytes(2) == b"<|im_end|>" and tok.is_special(2)
+    assert tok.max_token_chars >= max(len(tok.decode([i])) for i in range(1000))
+
+
 def test_hf_folder_eos_from_config_and_template(tiny_checkpoint, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(tiny_checkpoint("llama"), folder)
@@ -160,3 +173,11 @@ def test_corrupt_gguf_raises_value_error(tmp_path, monkeypatch):
     w.close()
     with pytest.raises(ValueError, match="no_tokenizer.gguf"):
         load_tokenizer(str(bare))
+
+
+def _not_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False

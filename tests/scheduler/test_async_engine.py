@@ -145,33 +145,85 @@ async def test_abort_ends_stream_with_abort(engine, assert_pool_free):
     assert_pool_free(engine.engine)
 
 
-async def test_validation_raises_before_first_yield(engine):
+async def test_generate_queues_now_and_validates_before_returning(engine):
+    """The request is in the engine when generate() returns (a server can send headers at
+    once); bad input raises from the call itself."""
     with pytest.raises(ValueError, match="prompt is empty"):
-        await engine.generate("v1", [], SamplingParams()).__anext__()
+        engine.generate("v1", [], SamplingParams())
     with pytest.raises(PromptTooLongError, match="prompt has 500 tokens"):
-        await engine.generate("v2", [5] * 500, SamplingParams(max_tokens=20)).__anext__()
+        engine.generate("v2", [5] * 500, SamplingParams(max_tokens=20))
     with pytest.raises(ValueError, match="stop_token_ids token id 999999"):
-        await engine.generate("v3", [5], SamplingParams(stop_token_ids=[999999])).__anext__()
+        engine.generate("v3", [5], SamplingParams(stop_token_ids=[999999]))
     assert not engine.engine.has_unfinished_requests()
+    stream = engine.generate("queued", [5, 6, 7], SamplingParams(max_tokens=2, **GREEDY))
+    assert engine.engine.has_unfinished_requests()  # before any __anext__
+    outs = [o async for o in stream]
+    assert outs[-1].finished and outs[-1].outputs[0].num_tokens == 2
+    dropped = engine.generate("dropped", [5, 6, 7], SamplingParams(max_tokens=400, **GREEDY))
+    del dropped  # never consumed: the request is aborted, not left running
+    await settle(engine)
+    assert not engine.engine.requests
 
 
-async def test_failed_step_fails_every_request_and_marks_unhealthy(tiny_checkpoint):
+async def test_a_failed_step_fails_only_its_requests(tiny_checkpoint):
+    """One step raises: the requests it ran end with an error; a waiting one and new ones run."""
+    eng = AsyncEngine(config(tiny_checkpoint, max_num_seqs=1))
+    eng.start()
+    running = eng.generate("f1", list(range(10, 20)), SamplingParams(max_tokens=300, **GREEDY))
+    first = await running.__anext__()
+    assert not first.finished
+    waiting = eng.generate("f2", list(range(30, 40)), SamplingParams(max_tokens=5, **GREEDY))
+    real = eng.engine.runner.execute
+    calls = []
+
+    def broken_once(step_input):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("bad batch")
+        return real(step_input)
+
+    eng.engine.runner.execute = broken_once  # fault injection at the model boundary
+    try:
+        rest = [o async for o in running]
+        assert rest[-1].finished and rest[-1].error == "engine step failed: RuntimeError: bad batch"
+        assert rest[-1].outputs[0].finish_reason == "error"
+        outs = [o async for o in waiting]
+        assert outs[-1].finished and outs[-1].error is None
+        assert outs[-1].outputs[0].finish_reason == "length" and outs[-1].outputs[0].num_tokens == 5
+        assert eng.is_healthy() and eng.fatal_error is None
+        again = [o async for o in eng.generate("f3", [1, 2], SamplingParams(max_tokens=3))]
+        assert again[-1].outputs[0].num_tokens == 3
+        bm = eng.engine.block_manager
+        assert bm.num_free_blocks == bm.num_total_blocks and bm.check_integrity()
+    finally:
+        eng.engine.runner.execute = real
+        await eng.shutdown(1.0)
+
+
+async def test_a_broken_device_kills_the_engine(tiny_checkpoint):
+    """Bad batches in a row do not (an attacker could send them); a device error does."""
     eng = AsyncEngine(config(tiny_checkpoint))
     eng.start()
-    agen = eng.generate("f1", list(range(10, 20)), SamplingParams(max_tokens=300, **GREEDY))
-    await agen.__anext__()
+    real = eng.engine.runner.execute
+    errors = iter(
+        [RuntimeError("bad batch")] * 5 + [RuntimeError("CUDA error: an illegal memory access")]
+    )
 
     def broken(step_input):
-        raise RuntimeError("device lost")
+        raise next(errors)
 
-    eng.engine.runner.execute = broken  # fault injection at the model boundary
-    rest = [o async for o in agen]
-    assert rest[-1].finished and rest[-1].error == "engine step failed: RuntimeError: device lost"
-    assert rest[-1].outputs[0].finish_reason == "error"
-    assert not eng.is_healthy()
-    with pytest.raises(EngineDeadError, match="device lost"):
-        await eng.generate("f2", [1, 2], SamplingParams()).__anext__()
+    eng.engine.runner.execute = broken
+    for i in range(5):
+        outs = [o async for o in eng.generate(f"p{i}", [1, 2, 3], SamplingParams(max_tokens=9))]
+        assert outs[-1].finished and "bad batch" in outs[-1].error
+        assert eng.is_healthy()
+    outs = [o async for o in eng.generate("p-fatal", [1, 2, 3], SamplingParams(max_tokens=9))]
+    assert outs[-1].finished and "illegal memory access" in outs[-1].error
+    assert not eng.is_healthy() and "CUDA error" in eng.fatal_error
+    with pytest.raises(EngineDeadError, match="CUDA error"):
+        eng.generate("p-late", [1, 2], SamplingParams())
     assert eng.engine.block_manager.num_free_blocks == eng.engine.block_manager.num_total_blocks
+    eng.engine.runner.execute = real
     await eng.shutdown(1.0)
 
 
@@ -187,7 +239,7 @@ async def test_shutdown_aborts_what_is_left(tiny_checkpoint):
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert not eng.is_healthy()
     with pytest.raises(EngineDeadError):
-        await eng.generate("s2", [1], SamplingParams()).__anext__()
+        eng.generate("s2", [1], SamplingParams())
 
 
 async def _drain(agen) -> list:

@@ -157,3 +157,33 @@ def test_prefix_caching_disabled():
 def test_bad_sizes_raise():
     with pytest.raises(ValueError, match="num_blocks must be >= 1, got 0"):
         BlockManager(0, 16)
+
+
+def test_hash_is_sha256_of_parent_and_tokens():
+    import hashlib
+    from array import array
+
+    first = hash_block(None, [1, 2])
+    assert len(first) == 32 and first != hash_block(None, [2, 1])
+    h = hashlib.sha256(first)
+    h.update(array("q", [3, 4]).tobytes())
+    assert hash_block(first, [3, 4]) == h.digest()
+
+
+def test_forced_key_collision_is_never_reused(monkeypatch):
+    """Every block gets the same key: a hit must still match tokens and parent, or it misses."""
+    import scheduler.block_manager as block_manager
+
+    monkeypatch.setattr(block_manager, "hash_block", lambda parent, tokens: b"same key")
+    bm = BlockManager(num_blocks=10, block_size=4)
+    a = seq([1, 2, 3, 4, 5, 6, 7, 8, 9], "a")
+    compute(bm, a, [])
+    assert bm.cached == {b"same key": 0}  # the second full block collides: left uncached
+    other = seq([9, 9, 9, 9, 5, 6, 7, 8, 9], "b")  # different first block, same key
+    assert bm.get_computed_blocks(other) == ([], 0)
+    shifted = seq([1, 2, 3, 4, 1, 2, 3, 4, 9], "c")  # block 1 has block 0's tokens and key
+    assert bm.get_computed_blocks(shifted) == ([0], 4)  # only the true prefix block is reused
+    same = seq([1, 2, 3, 4, 5, 6, 7, 8, 0], "d")
+    assert bm.get_computed_blocks(same) == ([0], 4)
+    bm.deallocate(a)
+    bm.check_integrity()
