@@ -84,11 +84,11 @@ async def test_event_loop_stays_responsive_while_stepping(engine, assert_pool_fr
     inside, gate = threading.Event(), threading.Event()
     real = engine.engine.runner.execute
 
-    def gated(step_input):
+    def gated(step_input, *args, **kwargs):
         inside.set()
         if not gate.wait(10.0):
             raise RuntimeError("the event loop did not run while the model computed")
-        return real(step_input)
+        return real(step_input, *args, **kwargs)
 
     ticks = 0
 
@@ -176,11 +176,11 @@ async def test_a_failed_step_fails_only_its_requests(tiny_checkpoint):
     real = eng.engine.runner.execute
     calls = []
 
-    def broken_once(step_input):
+    def broken_once(step_input, *args, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             raise RuntimeError("bad batch")
-        return real(step_input)
+        return real(step_input, *args, **kwargs)
 
     eng.engine.runner.execute = broken_once  # fault injection at the model boundary
     try:
@@ -209,7 +209,7 @@ async def test_a_broken_device_kills_the_engine(tiny_checkpoint):
         [RuntimeError("bad batch")] * 5 + [RuntimeError("CUDA error: an illegal memory access")]
     )
 
-    def broken(step_input):
+    def broken(step_input, *args, **kwargs):
         raise next(errors)
 
     eng.engine.runner.execute = broken
