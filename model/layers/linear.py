@@ -99,7 +99,7 @@ class ColumnParallelLinear(nn.Module):
         self, param: nn.Parameter, loaded: torch.Tensor | QuantTensor, shard_id=None
     ) -> None:
         drop_packed(self)
-        rows = self.output_size_per_rank if param is self.weight else param.shape[0]
+        rows = self.output_size_per_rank  # weight and bias alike
         part = (
             loaded.narrow_rows(self.ctx.rank * rows, rows)
             if isinstance(loaded, QuantTensor)

@@ -251,8 +251,6 @@ static qfmt make(const uint8_t *q, const void *scales, const void *mins, int bit
     return f;
 }
 
-int qgemm_max_mr(void) { return MAX_MR; }
-
 /* x: [m, in] rows ldx apart; y: [m, out] rows ldy apart; bias or NULL. 0, or -1 for a format or
  * size it does not take. Threads split the output rows in tiles whose packed bytes stay in L1
  * while every block of MAX_MR activation rows passes over them. */
