@@ -415,3 +415,31 @@ def test_autoscaling_queries_answer_from_a_real_prometheus(prometheus: Proc) -> 
     (keda,) = _query(prometheus, queries["keda"])
     for result in (pods, ext, keda):
         assert math.isfinite(float(result["value"][1])) and float(result["value"][1]) >= 0
+
+
+# --- deploy/README.md -------------------------------------------------------------------------
+
+README = REPO / "deploy" / "README.md"
+KUBECTL_KINDS = {
+    "svc": "Service", "hpa": "HorizontalPodAutoscaler", "leaderworkerset": "LeaderWorkerSet",
+    "scaledobject": "ScaledObject", "deployment": "Deployment",
+}  # fmt: skip
+
+
+@pytest.mark.timeout(30)
+def test_readme_commands_name_files_and_objects_that_exist() -> None:
+    text = README.read_text()
+    paths = set(re.findall(r"(?<![\w/.])((?:deploy/)?(?:k8s|prometheus|grafana)/[\w./-]*\w)", text))
+    assert len(paths) >= 10, paths
+    for rel in paths:
+        path = REPO / rel if rel.startswith("deploy/") else REPO / "deploy" / rel
+        assert path.exists(), f"deploy/README.md names {rel}, which does not exist"
+    for name in set(re.findall(r"docker-compose[\w.]*\.yml", text)):
+        assert (REPO / name).is_file(), name
+    # `kubectl get|port-forward KIND NAME` and `kubectl get KIND/NAME` name real objects.
+    for short, name in re.findall(r"kubectl (?:get|port-forward) (\w+)[ /]([\w-]+)", text):
+        manifest(KUBECTL_KINDS[short], name)
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    for profile, names in re.findall(r"--profile (\w+)[ \\\n]+up ([\w -]+)", text):
+        for name in names.split():
+            assert profile in services[name].get("profiles", []), (profile, name)
