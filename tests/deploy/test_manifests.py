@@ -172,6 +172,7 @@ def test_every_pod_keeps_the_security_settings_and_outlasts_the_drain() -> None:
     for where, pod in pods:
         spec = pod["spec"]
         assert spec["terminationGracePeriodSeconds"] > drain_s(), where
+        assert spec["enableServiceLinks"] is False, where  # no MASTER_PORT=tcp://... from a Service
         sc = spec["securityContext"]
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
         assert sc["runAsNonRoot"] is True and sc["runAsUser"] == docker_uid(), where
@@ -182,6 +183,15 @@ def test_every_pod_keeps_the_security_settings_and_outlasts_the_drain() -> None:
             assert {"cpu", "memory"} <= set(c["resources"]["requests"]), where
             for m in c.get("volumeMounts", []):
                 assert m["name"] in volumes, f"{where}: mount of undeclared volume {m['name']}"
+
+
+@pytest.mark.timeout(30)
+def test_single_host_args_parse_with_tokenmill_serve() -> None:
+    (container,) = manifest("Deployment", "tokenmill")["spec"]["template"]["spec"]["containers"]
+    ns = parse_cli(container["args"])
+    assert (ns.command, ns.host, ns.port) == ("serve", "0.0.0.0", PORT)
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["tokenmill"]
+    assert parse_cli(compose["command"]) == ns
 
 
 # --- multi-host: LeaderWorkerSet ----------------------------------------------------------------
