@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+from importlib import resources
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -35,6 +38,25 @@ def command(service: str, env: dict[str, str] | None = None) -> list[str]:
 
 def host_ports(svc: dict) -> set[str]:
     return {p.split(":")[0] for p in svc.get("ports", [])}
+
+
+def compose_spec() -> jsonschema.protocols.Validator:
+    """The Compose Specification's JSON schema, as vendored by check-jsonschema."""
+    path = resources.files("check_jsonschema") / "builtin_schemas" / "vendor" / "compose-spec.json"
+    schema = json.loads(path.read_text())
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+@pytest.mark.timeout(30)
+def test_compose_files_match_the_compose_spec() -> None:
+    spec = compose_spec()
+    for name in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+                  for e in spec.iter_errors(compose(name))]  # fmt: skip
+        assert not errors, f"{name}: " + "\n".join(errors)
+    broken = compose()
+    broken["services"][WORKER]["healthcheck"] = {"disabled": True}  # `disable`, misspelt
+    assert not spec.is_valid(broken)
 
 
 @pytest.mark.timeout(30)
