@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -263,6 +264,7 @@ class GGUFCheckpoint:
         else:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
             out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        _release_pages(self.reader, t)
         if self.config["model_type"] == "llama":
             heads = None
             if ".self_attn.q_proj." in name:
@@ -282,6 +284,25 @@ class GGUFCheckpoint:
             yield name, self.get(name, packed)
 
 
+def _release_pages(reader: Any, t: Any) -> None:
+    """Drop a converted tensor's file pages from this process's RSS (they stay in the page
+    cache): the packed or float copy is what stays resident, not the mapping beside it."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(int(t.data_offset) + int(t.n_bytes), len(mm))
+    mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _drop_vocab_fields(reader: Any) -> None:
+    """Forget the tokenizer's arrays once the config is built (the tokenizer reads the file
+    itself): gguf-py keeps ~100 MB of small numpy objects for a 49k vocabulary."""
+    for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
+        if len(reader.fields[key].data) > 1:
+            del reader.fields[key]
+
+
 def load_gguf(path: str) -> GGUFCheckpoint:
     """Open a GGUF file: validate it, map tensor names, build the HF-style config.
 
@@ -292,6 +313,7 @@ def load_gguf(path: str) -> GGUFCheckpoint:
     reader = _read(path)
     raw = {t.name: t for t in reader.tensors}
     config = _build_config(reader, path, raw)
+    _drop_vocab_fields(reader)
     by_hf: dict[str, Any] = {}
     for name, t in raw.items():
         if name in _CONFIG_TENSORS:

@@ -38,13 +38,26 @@ class Block:
 class BlockManager:
     """Hands out KV blocks to sequences; full computed blocks stay reusable until evicted (LRU).
 
-    Free blocks live in two ordered sets (dicts, oldest first): `free` (never cached, handed out
-    first) and `evictable` (ref count 0 but still in the prefix cache, evicted least recently used
+    Free blocks live in two ordered sets (dicts, oldest first): `free` (not in the prefix cache)
+    and `evictable` (ref count 0 but still in the prefix cache, evicted least recently used
     first). `num_free_blocks` counts both. `allocate_slots` returns None when blocks run out: the
     scheduler's signal to preempt.
+
+    Blocks are first handed out in id order; ids below `num_resident` have been written (on CPU
+    their pages are resident). A new block is, in order: a resident free block (newest first),
+    a fresh one while fewer than `resident_floor` are resident, the least recently used cached
+    block, a fresh one. So the pool's resident memory follows the working set (plus a floor kept
+    for the prefix cache) instead of creeping over the whole preallocated pool; None = the
+    whole pool (GPU, where memory is taken up front anyway).
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        resident_floor: int | None = None,
+    ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         if block_size < 1:
@@ -55,6 +68,8 @@ class BlockManager:
         self.free: dict[int, None] = dict.fromkeys(range(num_blocks))
         self.evictable: dict[int, None] = {}
         self.cached: dict[bytes, int] = {}  # block hash -> block id
+        self.num_resident = 0  # blocks [0, num_resident) have been handed out at least once
+        self.resident_floor = num_blocks if resident_floor is None else resident_floor
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # prompt tokens found
 
@@ -149,10 +164,18 @@ class BlockManager:
         return new_blocks
 
     def _pop_free(self) -> int:
-        """Take a never-cached block if any, else evict the least recently used cached one."""
-        if self.free:
-            b = next(iter(self.free))
+        """A resident uncached block, else a fresh one under the floor, else evict the least
+        recently used cached block, else a fresh one (class docstring)."""
+        newest = next(reversed(self.free), None)
+        if newest is not None and (
+            newest < self.num_resident
+            or not self.evictable
+            or self.num_resident < self.resident_floor
+        ):
+            # NOTE: fresh blocks sit at the front of `free` in id order, resident ones after them
+            b = newest if newest < self.num_resident else next(iter(self.free))
             del self.free[b]
+            self.num_resident = max(self.num_resident, b + 1)
         else:
             b = next(iter(self.evictable))
             del self.evictable[b]

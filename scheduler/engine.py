@@ -79,8 +79,13 @@ class LLMEngine:
         self.model_config = self.runner.model_config
         self.max_model_len: int = self.runner.max_model_len
         self.model_name = served_model_name(config.model, config.served_model_name)
+        num_blocks = self.runner.num_kv_blocks
         self.block_manager = BlockManager(
-            self.runner.num_kv_blocks, self.runner.block_size, config.enable_prefix_caching
+            num_blocks,
+            self.runner.block_size,
+            config.enable_prefix_caching,
+            # CPU: KV pages become resident as blocks are written; keep RSS near the working set
+            resident_floor=num_blocks // 8 if self.runner.device.type == "cpu" else None,
         )
         self.scheduler = Scheduler(
             self.block_manager,

@@ -107,13 +107,33 @@ def test_eviction_prefers_uncached_then_least_recently_used():
     bm.deallocate(c)
     assert list(bm.evictable) == [1, 3, 2, 0]
     assert list(bm.free) == [5, 4]
-    d = seq(range(100, 112))  # 6 blocks: both free ones first, then the LRU cached ones
-    assert bm.allocate_slots(d, 12, []) == [5, 4, 1, 3, 2, 0]
+    d = seq(range(100, 112))  # 6 blocks: both free ones first (newest first), then LRU cached
+    assert bm.allocate_slots(d, 12, []) == [4, 5, 1, 3, 2, 0]
     assert bm.cached == {} and bm.num_free_blocks == 0
     bm.check_integrity([d])
     bm.deallocate(d)
     assert bm.num_free_blocks == 6
     bm.check_integrity()
+
+
+def test_resident_floor_bounds_the_blocks_ever_written():
+    """On CPU a fresh block costs resident memory: past the floor, reuse resident blocks (free
+    ones first, then the least recently used cached one) before touching a fresh block."""
+    bm = BlockManager(num_blocks=8, block_size=2, resident_floor=4)
+    a, b = seq([1, 2, 3, 4, 5]), seq([6, 7, 8, 9])
+    compute(bm, a, [])  # blocks 0, 1 (cached), 2 (partial)
+    assert (a.block_table, bm.num_resident) == ([0, 1, 2], 3)
+    bm.deallocate(a)
+    compute(bm, b, [])  # reuses the resident uncached block 2, then one fresh block (floor 4)
+    assert (b.block_table, bm.num_resident) == ([2, 3], 4)
+    bm.deallocate(b)
+    c = seq([10, 11, 12, 13, 14, 15])  # floor reached, nothing uncached: evict LRU cached ones
+    assert compute(bm, c, []) == [1, 0, 3]  # tails go first: a's blocks, then b's tail; b's head stays
+    assert bm.num_resident == 4 and bm.blocks[2].token_ids == (6, 7)
+    d = seq([20, 21, 22, 23, 24, 25, 26, 27, 28, 29])  # more than the resident pool holds
+    assert compute(bm, d, []) == [2, 4, 5, 6, 7]  # the last cached block, then fresh ones
+    assert bm.num_resident == 8 and bm.num_free_blocks == 0
+    bm.check_integrity([c, d])
 
 
 def test_hit_on_evictable_block_counts_against_free_space():
