@@ -128,7 +128,7 @@ def test_resident_floor_bounds_the_blocks_ever_written():
     assert (b.block_table, bm.num_resident) == ([2, 3], 4)
     bm.deallocate(b)
     c = seq([10, 11, 12, 13, 14, 15])  # floor reached, nothing uncached: evict LRU cached ones
-    assert compute(bm, c, []) == [1, 0, 3]  # tails go first: a's blocks, then b's tail; b's head stays
+    assert compute(bm, c, []) == [1, 0, 3]  # LRU: a's blocks, then b's tail; b's head stays
     assert bm.num_resident == 4 and bm.blocks[2].token_ids == (6, 7)
     d = seq([20, 21, 22, 23, 24, 25, 26, 27, 28, 29])  # more than the resident pool holds
     assert compute(bm, d, []) == [2, 4, 5, 6, 7]  # the last cached block, then fresh ones
