@@ -32,6 +32,7 @@ from model.parallel import (
 )
 from model.runner import ModelRunner, resolve_device
 from model.worker import (
+    STOP_TIMEOUT_S,
     LocalRanks,
     exit_reason,
     fingerprint,
@@ -293,7 +294,7 @@ class DistributedExecutor:
             except RuntimeError as e:
                 logger.warning("could not send stop to every rank: %s", first_line(e))
         if self.local is not None:
-            self.local.stop()
+            self.local.stop(STOP_TIMEOUT_S if healthy else 0.0)  # NOTE: no stop reached them
         for beat in self._beats:
             beat.join(1.0)
         if self.groups is not None:

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 DEFAULT_TIMEOUT_S = 300.0  # a collective waiting this long on a (hung, not dead) peer raises
 DEFAULT_JOIN_TIMEOUT_S = 300.0  # every host joins within this (--distributed-timeout)
+LOCAL_START_TIMEOUT_S = 300.0  # spawn + import torch, for the head's own ranks (slow CI machines)
 HEARTBEAT_INTERVAL_S = 1.0  # rank 0 pings every other rank this often
 HEARTBEAT_TIMEOUT_S = 30.0  # a rank (or head) silent this long is lost; a dead one at once
 
@@ -140,7 +141,7 @@ def connect_store(config: ParallelConfig, is_head: bool, port: int | None = None
 def first_line(e: BaseException) -> str:
     """A c10d/gloo error without its C++ source location and hints."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return re.sub(r"^\[[^\]]*\] ?", "", text)
+    return re.sub(r"^\[[^\]]*\] ?", "", text).split(". This is typically")[0]
 
 
 def join(
@@ -186,20 +187,25 @@ def _gather_fingerprints(
     """Rank 0's half of join(): wait for every rank (bounded), then compare fingerprints."""
     size, timeout = config.tensor_parallel_size, config.distributed_timeout
     pending = list(range(1, size))
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
     while pending:
         check()
         pending = [r for r in pending if not store.check([f"join/{r}"])]
-        if pending and time.monotonic() > deadline:
-            nodes = sorted({config.node_of(r) for r in pending})
+        remote = [r for r in pending if config.node_of(r) != 0]
+        waited = time.monotonic() - start
+        if remote and waited > timeout:
+            nodes = sorted({config.node_of(r) for r in remote})
             raise TimeoutError(
-                f"tensor-parallel ranks {pending} (nodes {nodes}) did not join "
+                f"tensor-parallel ranks {remote} (nodes {nodes}) did not join "
                 f"{config.master_addr}:{config.master_port} within {timeout:g} s "
                 f"(--distributed-timeout): start `tokenmill worker` with --node-rank "
                 f"{', '.join(map(str, nodes))} there"
             )
+        if pending and waited > max(timeout, LOCAL_START_TIMEOUT_S):
+            raise TimeoutError(f"this host's tensor-parallel ranks {pending} did not start in "
+                               f"{max(timeout, LOCAL_START_TIMEOUT_S):g} s")  # fmt: skip
         if pending:
-            time.sleep(0.05)  # NOTE: polling the store, bounded by the deadline above
+            time.sleep(0.05)  # NOTE: polling the store, bounded by the deadlines above
     diffs = []
     for r in range(1, size):
         theirs = json.loads(store.get(f"join/{r}"))

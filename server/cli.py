@@ -18,6 +18,7 @@ from server.limits import add_limit_args, limits_from_args
 logger = logging.getLogger(__name__)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+FATAL_HEALTH_GRACE_S = 2.0  # after a fatal engine error, /health shows 503 this long, then exit
 
 
 def _size(text: str) -> int:
@@ -307,6 +308,9 @@ def serve(
         # error bodies and events reach their clients) and exit non-zero, so that Docker's
         # restart policy or Kubernetes restarts the process.
         logger.error("exiting: the engine failed: %s", engine.fatal_error)
+        # NOTE: /health answers 503 with the reason (e.g. the lost rank) for a moment first,
+        # so that probes and operators see why (SIGTERM/Ctrl-C cut it short)
+        http.join(FATAL_HEALTH_GRACE_S)
         server.should_exit = True
     while http.is_alive():
         http.join(0.5)
