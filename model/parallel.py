@@ -6,6 +6,7 @@ group), so one process can hold several independent groups (tests) and nothing i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -170,6 +171,7 @@ def join(
                 f"(--distributed-timeout): {first_line(e)}"
             ) from e
         verdict = store.get("start").decode()
+        store.set(f"ack/{rank}", "")  # NOTE: the head keeps the store up until we read it
         if verdict != "ok":
             raise ValueError(verdict)
         return
@@ -177,6 +179,10 @@ def join(
         _gather_fingerprints(store, config, fingerprint, check)
     except BaseException as e:
         store.set("start", str(e) or type(e).__name__)
+        joined = [f"ack/{r}" for r in range(1, config.tensor_parallel_size)
+                  if store.check([f"join/{r}"])]  # fmt: skip
+        with contextlib.suppress(RuntimeError):  # they read the verdict (bounded)
+            store.wait(joined, timedelta(seconds=5))
         raise
     store.set("start", "ok")
 
