@@ -42,6 +42,7 @@ from model.parallel import (
     join,
     ping,
 )
+from model.runner import ModelRunner, open_checkpoint, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def fingerprint(
 
 def read_model_config(model: str, runner_kwargs: dict[str, Any]) -> ModelConfig:
     """The model's config alone (no weights read): enough to check the split and fingerprint."""
-    from model.runner import open_checkpoint
-
     config, _ = open_checkpoint(model, runner_kwargs.get("quantization"))
     return ModelConfig.from_hf_dict(config)
 
@@ -238,8 +237,6 @@ def serve_rank(
 
     Raises when the head is lost (its connection breaks, or heartbeats stop).
     """
-    from model.runner import ModelRunner, resolve_device
-
     cfg = read_model_config(model, runner_kwargs)
     config.check_model(cfg)
     local_rank = rank - config.node_rank * config.ranks_per_node
