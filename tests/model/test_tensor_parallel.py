@@ -130,6 +130,30 @@ def test_each_rank_holds_a_third_of_smollm2(smollm2_gguf) -> None:
         assert shard.model.embed_tokens.vocab_per_rank == 16384
 
 
+@pytest.mark.timeout(60)
+def test_each_rank_converts_only_its_gguf_blocks(smollm2_gguf) -> None:
+    """A rank's rows (q: permuted per head, k: one KV head, embeddings) and block-aligned columns
+    (o, down) come from their raw blocks alone, equal to converting the whole tensor first."""
+    from model.gguf_weights import GGUFQuantTensor, load_gguf
+
+    ckpt = load_gguf(smollm2_gguf)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj"]
+    names = [f"model.layers.3.{n}.weight" for n in names] + ["model.embed_tokens.weight"]
+    for name in names:
+        whole = ckpt.get(name, packed=True).whole()
+        rows, cols = whole.shape
+        for rank in (0, 2):  # first and last shard (3 ranks)
+            for how, n in (("narrow_rows", rows), ("narrow_cols", cols)):
+                lazy = ckpt.get(name, packed=True)
+                assert isinstance(lazy, GGUFQuantTensor)
+                got = getattr(lazy, how)(rank * n // 3, n // 3)
+                want = getattr(whole, how)(rank * n // 3, n // 3)
+                assert lazy._whole is None, f"{name} {how}: converted the whole tensor"
+                assert got.fmt == want.fmt and torch.equal(got.qweight, want.qweight), name
+                assert torch.equal(got.scales, want.scales), name
+                assert got.mins is None or torch.equal(got.mins, want.mins), name
+
+
 # -- tiny checkpoints at TP=2 (and TP=4: replicated KV heads) ------------------------------------
 
 
