@@ -133,7 +133,7 @@ def connect_store(config: ParallelConfig, is_head: bool, port: int | None = None
         )  # fmt: skip
     except (RuntimeError, OSError) as e:
         what = "listen on" if is_head else "reach the head at"
-        raise RuntimeError(
+        raise ConnectionError(
             f"cannot {what} {addr}:{port} within {config.distributed_timeout:g} s "
             f"(--master-addr/--master-port, --distributed-timeout): {first_line(e)}"
         ) from e
