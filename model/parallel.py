@@ -29,13 +29,12 @@ HEARTBEAT_TIMEOUT_S = 30.0  # a rank (or head) silent this long is lost; a dead 
 
 @dataclass(slots=True)
 class CommTimer:
-    """Seconds spent in collectives (host-side wall time) and how many ran; rank 0 reads it."""
+    """Seconds spent in collectives (host-side wall time); rank 0 reads it."""
 
     seconds: float = 0.0
-    calls: int = 0
 
     def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
+        self.seconds = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +312,6 @@ def _timed(ctx: ParallelContext, launch: Callable[[], Any]) -> None:
     start = time.perf_counter()
     launch().wait()
     ctx.timer.seconds += time.perf_counter() - start
-    ctx.timer.calls += 1
 
 
 def all_reduce(x: torch.Tensor, ctx: ParallelContext, op: str = "sum") -> torch.Tensor:
