@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_TIMEOUT_S = 300.0  # a collective waiting this long on a (hung, not dead) peer raises
 DEFAULT_JOIN_TIMEOUT_S = 300.0  # every host joins within this (--distributed-timeout)
 LOCAL_START_TIMEOUT_S = 300.0  # spawn + import torch, for the head's own ranks (slow CI machines)
+STEP_WAIT = timedelta(days=365)  # a rank waits this long for rank 0's next step (idle server)
 HEARTBEAT_INTERVAL_S = 1.0  # rank 0 pings every other rank this often
 HEARTBEAT_TIMEOUT_S = 30.0  # a rank (or head) silent this long is lost; a dead one at once
 
@@ -238,8 +239,9 @@ def init_groups(
 ) -> RankGroups:
     """Join the groups through `store` (nccl compute group on CUDA, gloo otherwise).
 
-    The control group never times out on its own (an idle server sends no step for hours): a
-    lost head breaks its connection, and the heartbeats catch a silent one.
+    Every group's rendezvous is bounded by DEFAULT_TIMEOUT_S; waiting for the next step on the
+    control group is not (an idle server sends none for hours): a lost head breaks its
+    connection, and the heartbeats catch a silent one.
     """
     import torch.distributed as dist
 
@@ -251,9 +253,7 @@ def init_groups(
         group = dist.ProcessGroupNCCL(tp_store, rank, size, opts)
     else:
         group = dist.ProcessGroupGloo(tp_store, rank, size, timeout)
-    control = dist.ProcessGroupGloo(
-        dist.PrefixStore("control/", store), rank, size, timedelta(days=365)
-    )
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timeout)
     beat = timedelta(seconds=HEARTBEAT_TIMEOUT_S)
     peers = range(1, size) if rank == 0 else [rank]
     heartbeats = {
@@ -272,6 +272,7 @@ def broadcast_bytes(payload: bytes | None, group: Any) -> bytes:
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
+    opts.timeout = STEP_WAIT  # NOTE: the wait for the next step, not a rendezvous
     header = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long)
     group.broadcast([header], opts).wait()
     n = int(header.item())

@@ -151,6 +151,8 @@ class LocalRanks:
                 return
             rank = min(sentinels[s] for s in ready if s in sentinels)
             self.procs[rank].join(1.0)
+            if self.procs[rank].exitcode == 0:
+                return  # NOTE: a rank exits 0 only after the stop message (a clean shutdown)
             if not self._stopping:
                 on_exit(rank, exit_reason(rank, self.procs[rank]))
 
