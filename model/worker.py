@@ -24,7 +24,7 @@ import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import wait
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -304,27 +304,35 @@ def heartbeat_loop(groups: RankGroups, peer: int, stop: threading.Event, on_lost
         stop.wait(HEARTBEAT_INTERVAL_S)  # NOTE: pacing, not synchronisation
 
 
-def run_node(model: str, runner_kwargs: dict[str, Any], config: ParallelConfig) -> int:
-    """`tokenmill worker`: this host's ranks; 0 when the head stopped them, 1 when it was lost."""
+def run_node(model: str, runner_kwargs: dict[str, Any], config: ParallelConfig) -> NoReturn:
+    """`tokenmill worker`: this host's ranks; exits 0 when the head stopped them, 1 when it (or a
+    rank here) was lost or start-up failed.
+
+    NOTE: ends with os._exit, as spawned ranks do: the heartbeat thread may still be inside a
+    gloo receive, and interpreter teardown under it aborts the process (SIGABRT).
+    """
     if config.node_rank == 0:
         raise ValueError("node rank 0 is the head: run `tokenmill serve` there")
     first, *others = config.local_ranks()
     local = LocalRanks(model, runner_kwargs, config, config.master_port, others)
 
+    def leave(code: int) -> NoReturn:
+        logging.shutdown()
+        os._exit(code)
+
     def died(rank: int, reason: str) -> None:
         logger.error("%s: exiting", reason)
-        logging.shutdown()
-        os._exit(1)
+        leave(1)
 
     try:
         local.watch(died)
         logger.info("node %d: ranks %s, joining %s:%d", config.node_rank,
                     config.local_ranks(), config.master_addr, config.master_port)  # fmt: skip
         serve_rank(model, runner_kwargs, config, first, config.master_port)
-    except (TimeoutError, ConnectionError, ValueError, FileNotFoundError, RuntimeError) as e:
-        logger.error("node %d: %s", config.node_rank, e)
+    except Exception as e:
+        logger.error("node %d: %s: %s", config.node_rank, type(e).__name__, e)
         local.stop(0.0)
-        return 1
+        leave(1)
     local.stop()
     logger.info("node %d: stopped by the head", config.node_rank)
-    return 0
+    leave(0)

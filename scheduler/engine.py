@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 from model.constraints import ConstraintCompiler
 from model.detokenizer import IncrementalDetokenizer
@@ -447,8 +448,9 @@ def parallel_config(config: EngineConfig) -> ParallelConfig:
     )
 
 
-def run_worker(config: EngineConfig) -> int:
-    """`tokenmill worker`: this host's ranks of the head's engine (no scheduler, no HTTP)."""
+def run_worker(config: EngineConfig) -> NoReturn:
+    """`tokenmill worker`: this host's ranks of the head's engine (no scheduler, no HTTP); exits
+    the process (0: stopped by the head, 1: the head or a rank lost, or start-up failed)."""
     from model.worker import run_node
 
     path = resolve_model(config.model, config.revision, config.download_dir)

@@ -225,14 +225,15 @@ def _read_template(path: str | None) -> str | None:
 
 
 def run_worker(engine_config: EngineConfig) -> int:
-    """`tokenmill worker`: this host's ranks until the head stops them (exit 0) or is lost (1)."""
+    """`tokenmill worker`: this host's ranks until the head stops them (the process exits 0) or
+    is lost (1); returns only when the model cannot be found (1)."""
     from scheduler.engine import run_worker as run
 
     try:
-        return run(engine_config)
-    except (FileNotFoundError, ValueError, TimeoutError, ConnectionError) as e:
+        run(engine_config)
+    except (FileNotFoundError, ValueError) as e:
         logger.error("worker: %s", e)
-        return 1
+    return 1
 
 
 def serve(
