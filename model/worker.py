@@ -42,7 +42,7 @@ from model.parallel import (
     join,
     ping,
 )
-from model.runner import ModelRunner, open_checkpoint, resolve_device
+from model.runner import ModelRunner, open_checkpoint, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,14 @@ def fingerprint(
     digest = hashlib.sha256(
         json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
-    keys = ("dtype", "quantization", "kv_cache_dtype", "block_size", "max_model_len", "device")
+    device = resolve_device(runner_kwargs.get("device", "auto"))
+    dtype = resolve_dtype(runner_kwargs.get("dtype", "auto"), device)  # "auto" = its resolution
+    keys = ("quantization", "kv_cache_dtype", "block_size", "max_model_len")
     return {
         "model": os.path.basename(os.path.normpath(model)),
         "model_config": digest,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
         **{k: str(runner_kwargs.get(k)) for k in keys},
         "max_num_batched_tokens": str(runner_kwargs.get("max_num_batched_tokens")),
         "tensor_parallel_size": str(config.tensor_parallel_size),
