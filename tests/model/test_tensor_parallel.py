@@ -111,12 +111,18 @@ def test_sizes_that_do_not_divide_are_refused_before_spawning(tiny_checkpoint) -
     assert children() == before
 
 
-@pytest.mark.timeout(60)
-def test_each_rank_holds_a_third_of_smollm2(smollm2_gguf) -> None:
-    """9 heads / 3 KV heads / 1536 / 49152 all split by 3; only the norms are replicated."""
+@pytest.fixture(scope="module")
+def smollm2_ckpt(smollm2_gguf):
+    """The SmolLM2 GGUF opened once (memory-mapped) for the shard tests."""
     from model.gguf_weights import load_gguf
 
-    cfg = ModelConfig.from_hf_dict(load_gguf(smollm2_gguf).config)
+    return load_gguf(smollm2_gguf)
+
+
+@pytest.mark.timeout(60)
+def test_each_rank_holds_a_third_of_smollm2(smollm2_ckpt) -> None:
+    """9 heads / 3 KV heads / 1536 / 49152 all split by 3; only the norms are replicated."""
+    cfg = ModelConfig.from_hf_dict(smollm2_ckpt.config)
     with torch.device("meta"):
         full = LlamaForCausalLM(cfg)
         shards = [LlamaForCausalLM(cfg, ParallelContext(r, 3)) for r in range(3)]
@@ -131,12 +137,12 @@ def test_each_rank_holds_a_third_of_smollm2(smollm2_gguf) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_each_rank_converts_only_its_gguf_blocks(smollm2_gguf) -> None:
+def test_each_rank_converts_only_its_gguf_blocks(smollm2_ckpt) -> None:
     """A rank's rows (q: permuted per head, k: one KV head) and block-aligned columns
     (o, down) come from their raw blocks alone, equal to converting the whole tensor first."""
-    from model.gguf_weights import GGUFQuantTensor, load_gguf
+    from model.gguf_weights import GGUFQuantTensor
 
-    ckpt = load_gguf(smollm2_gguf)
+    ckpt = smollm2_ckpt
     names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj"]
     names = [f"model.layers.3.{n}.weight" for n in names]
     for name in names:
