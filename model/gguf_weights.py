@@ -2,7 +2,10 @@
 
 Tensors are memory-mapped by `gguf.GGUFReader` and converted one at a time: quantized types into
 packed QuantTensors (model/layers/quant.py, no re-rounding), or dequantized to float32 with
-quantization "none". Each rank converts a whole tensor and keeps only its shard's rows/columns.
+quantization "none". A packed 2-D tensor is a GGUFQuantTensor: the layer's loader narrows it to
+its rank's rows or (whole GGUF blocks of) columns, and only those raw blocks are read and
+converted. Float tensors, and everything under "none" (the reference path), are converted whole
+and then narrowed.
 """
 
 from __future__ import annotations
@@ -235,6 +238,73 @@ def _rope_scaling(
     raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF file {path}")
 
 
+class GGUFQuantTensor(QuantTensor):
+    """A packed GGUF weight read on demand: narrow_rows / narrow_cols convert only the raw blocks
+    of the slice (a tensor-parallel rank's shard); anything else converts the whole tensor once.
+
+    `heads`: llama Q/K rows are stored permuted per head; a slice of whole heads is un-permuted
+    on its own (the permutation never crosses a head).
+    """
+
+    __slots__ = ("kind", "raw", "rows", "cols", "heads", "_whole")
+
+    def __init__(self, kind: str, raw: np.ndarray, rows: int, cols: int, heads: int | None):
+        self.kind, self.raw, self.rows, self.cols, self.heads = kind, raw, rows, cols, heads
+        self._whole: QuantTensor | None = None
+
+    def _convert(self, raw: np.ndarray, rows: int, cols: int) -> QuantTensor:
+        out = from_gguf_blocks(self.kind, raw, rows, cols)
+        if self.heads is not None:
+            heads = self.heads * rows // self.rows
+            out = permute_rows(out, lambda r, h=heads: unpermute_qk(r, h))
+        return QuantTensor(out.fmt, out.qweight, out.scales, out.mins)
+
+    def whole(self) -> QuantTensor:
+        if self._whole is None:
+            self._whole = self._convert(self.raw, self.rows, self.cols)
+        return self._whole
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rows, self.cols
+
+    @property
+    def fmt(self):  # type: ignore[override]
+        return self.whole().fmt
+
+    @property
+    def qweight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.whole().qweight
+
+    @property
+    def scales(self) -> torch.Tensor:  # type: ignore[override]
+        return self.whole().scales
+
+    @property
+    def mins(self) -> torch.Tensor | None:  # type: ignore[override]
+        return self.whole().mins
+
+    def narrow_rows(self, start: int, length: int) -> QuantTensor:
+        """Rows [start, start + length), converted from those rows' raw blocks alone."""
+        head_rows = self.rows // self.heads if self.heads else 1
+        if start % head_rows or length % head_rows:
+            return self.whole().narrow_rows(start, length)
+        return self._convert(self.raw[start : start + length], length, self.cols)
+
+    def narrow_cols(self, start: int, length: int) -> QuantTensor | None:
+        """Columns [start, start + length): whole GGUF blocks are sliced raw, else converted."""
+        import gguf
+
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.kind]]
+        if start % block or length % block:
+            return self.whole().narrow_cols(start, length)
+        raw = self.raw[:, start // block * size : (start + length) // block * size]
+        return self._convert(raw, self.rows, length)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.whole().dequantize()
+
+
 @dataclass(slots=True)
 class GGUFCheckpoint:
     """A memory-mapped GGUF: HF-style config plus tensors read and dequantized on demand."""
@@ -257,31 +327,25 @@ class GGUFCheckpoint:
         if t is None:
             raise KeyError(f"no tensor {name!r} in {self.path}")
         kind = t.tensor_type.name
-        out: torch.Tensor | QuantTensor
-        if packed and kind in PACKED_TYPES and len(t.shape) == 2:
-            cols, rows = (int(n) for n in t.shape)  # GGUF lists the fastest dimension first
-            out = from_gguf_blocks(kind, t.data, rows, cols)
-        else:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
-            out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
-        _release_pages(self.reader, t)
+        heads = None
         if self.config["model_type"] == "llama":
-            heads = None
             if ".self_attn.q_proj." in name:
                 heads = self.config["num_attention_heads"]
             elif ".self_attn.k_proj." in name:
                 heads = self.config["num_key_value_heads"]
-            if heads is not None and isinstance(out, QuantTensor):
-                out = permute_rows(out, lambda rows, h=heads: unpermute_qk(rows, h))
-            elif heads is not None:
-                out = unpermute_qk(out, heads)
-        return out
+        if packed and kind in PACKED_TYPES and len(t.shape) == 2:
+            cols, rows = (int(n) for n in t.shape)  # GGUF lists the fastest dimension first
+            return GGUFQuantTensor(kind, t.data.reshape(rows, -1), rows, cols, heads)
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
+        out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        return unpermute_qk(out, heads) if heads is not None else out
 
     def tensors(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
         """Yield (hf_name, tensor) one at a time (packed: quantized types stay packed); a tied
         model has no lm_head.weight."""
         for name in self._by_hf_name:
             yield name, self.get(name, packed)
+            _release_pages(self.reader, self._by_hf_name[name])  # the consumer has converted it
 
 
 def _release_pages(reader: Any, t: Any) -> None:

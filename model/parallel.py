@@ -6,26 +6,36 @@ group), so one process can hold several independent groups (tests) and nothing i
 
 from __future__ import annotations
 
+import contextlib
+import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from model.config import ModelConfig
+
 DEFAULT_TIMEOUT_S = 300.0  # a collective waiting this long on a (hung, not dead) peer raises
+DEFAULT_JOIN_TIMEOUT_S = 300.0  # every host joins within this (--distributed-timeout)
+LOCAL_START_TIMEOUT_S = 300.0  # spawn + import torch, for the head's own ranks (slow CI machines)
+STEP_WAIT = timedelta(days=365)  # a rank waits this long for rank 0's next step (idle server)
+HEARTBEAT_INTERVAL_S = 1.0  # rank 0 pings every other rank this often
+HEARTBEAT_TIMEOUT_S = 30.0  # a rank (or head) silent this long is lost; a dead one at once
 
 
 @dataclass(slots=True)
 class CommTimer:
-    """Seconds spent in collectives (host-side wall time) and how many ran; rank 0 reads it."""
+    """Seconds spent in collectives (host-side wall time); rank 0 reads it."""
 
     seconds: float = 0.0
-    calls: int = 0
 
     def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
+        self.seconds = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +45,7 @@ class ParallelContext:
     rank: int = 0
     size: int = 1
     group: Any = None  # a torch.distributed ProcessGroup; None at size 1 (or in shard tests)
+    local_size: int = 1  # ranks on this host (they share its RAM)
     timer: CommTimer = field(default_factory=CommTimer, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -52,47 +63,249 @@ class ParallelContext:
         return total // self.size
 
 
-def create_store(size: int, timeout_s: float = 300.0) -> Any:
-    """Rank 0's rendezvous store on a free port of 127.0.0.1 (the OS picks it; read `.port`)."""
+@dataclass(frozen=True, slots=True)
+class ParallelConfig:
+    """Where the ranks of one tensor-parallel group run: `nnodes` hosts, tp/nnodes ranks each."""
+
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port, picked by the head (single node only)
+    distributed_timeout: float = DEFAULT_JOIN_TIMEOUT_S  # seconds for every host to join
+
+    def __post_init__(self) -> None:
+        tp, n = self.tensor_parallel_size, self.nnodes
+        if tp < 1 or n < 1:
+            raise ValueError(f"tensor_parallel_size {tp} and nnodes {n} must be >= 1")
+        if tp % n:
+            raise ValueError(f"tensor_parallel_size {tp} is not divisible by nnodes {n}")
+        if not 0 <= self.node_rank < n:
+            raise ValueError(f"node_rank {self.node_rank} is not in [0, nnodes {n})")
+        if n > 1 and not 0 < self.master_port < 65536:
+            raise ValueError(f"nnodes {n} needs --master-port (1-65535), got {self.master_port}")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"distributed_timeout must be > 0, got {self.distributed_timeout}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.ranks_per_node
+
+    def check_model(self, cfg: ModelConfig) -> None:
+        """Refuse sizes that do not shard evenly, naming every offending size."""
+        size = self.tensor_parallel_size
+        if size == 1:
+            return
+        bad = []
+        if cfg.num_attention_heads % size:
+            bad.append(f"num_attention_heads {cfg.num_attention_heads}")
+        kv = cfg.num_key_value_heads
+        if (kv >= size and kv % size) or (kv < size and size % kv):
+            bad.append(f"num_key_value_heads {kv} (needs a multiple of {size}, or to divide it)")
+        if cfg.intermediate_size % size:
+            bad.append(f"intermediate_size {cfg.intermediate_size}")
+        if bad:
+            raise ValueError(
+                f"tensor_parallel_size {size} does not evenly split the model: {'; '.join(bad)}"
+            )
+
+    def local_ranks(self, node: int | None = None) -> list[int]:
+        """Global ranks on `node` (default: this one), first one is the node's own process."""
+        node = self.node_rank if node is None else node
+        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
+
+
+def connect_store(config: ParallelConfig, is_head: bool, port: int | None = None) -> Any:
+    """The head's TCPStore (bound on master_addr) or a client of it; a client retries connecting
+    for distributed_timeout seconds, then raises naming the address."""
     import torch.distributed as dist
 
-    return dist.TCPStore(
-        "127.0.0.1", 0, size, True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
-    )
+    port = config.master_port if port is None else port
+    addr = config.master_addr
+    timeout = timedelta(seconds=config.distributed_timeout)
+    try:
+        return dist.TCPStore(
+            addr, port, config.tensor_parallel_size, is_head, timeout=timeout,
+            wait_for_workers=False,
+        )  # fmt: skip
+    except (RuntimeError, OSError) as e:
+        what = "listen on" if is_head else "reach the head at"
+        raise ConnectionError(
+            f"cannot {what} {addr}:{port} within {config.distributed_timeout:g} s "
+            f"(--master-addr/--master-port, --distributed-timeout): {first_line(e)}"
+        ) from e
 
 
-def init_parallel(
+def first_line(e: BaseException) -> str:
+    """A c10d/gloo error without its C++ source location and hints."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return re.sub(r"^\[[^\]]*\] ?", "", text).split(". This is typically")[0]
+
+
+def join(
+    store: Any,
+    config: ParallelConfig,
     rank: int,
-    size: int,
-    device: torch.device,
-    port: int,
-    store: Any = None,
-    timeout_s: float = DEFAULT_TIMEOUT_S,
-) -> ParallelContext:
-    """Join the group (nccl on CUDA, gloo on CPU) through the store at 127.0.0.1:port."""
-    if size == 1:
-        return ParallelContext()
+    fingerprint: dict[str, str],
+    check: Callable[[], None] = lambda: None,
+) -> None:
+    """Rendezvous on the store before anything is loaded.
+
+    Every rank posts its fingerprint (model, config, flags). Rank 0 waits for all of them for
+    distributed_timeout seconds (calling `check`, which raises if a local rank died), compares
+    each with its own and posts the verdict; the others wait for it. Raises TimeoutError naming
+    the ranks and nodes that never joined, ValueError naming the fields that differ.
+    """
+    store.set(f"join/{rank}", json.dumps(fingerprint))
+    timeout = config.distributed_timeout
+    where = f"{config.master_addr}:{config.master_port}"
+    if rank != 0:
+        try:
+            store.wait(["start"], timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise TimeoutError(
+                f"the head at {where} did not start the group within {timeout:g} s "
+                f"(--distributed-timeout): {first_line(e)}"
+            ) from e
+        verdict = store.get("start").decode()
+        store.set(f"ack/{rank}", "")  # NOTE: the head keeps the store up until we read it
+        if verdict != "ok":
+            raise ValueError(verdict)
+        return
+    try:
+        _gather_fingerprints(store, config, fingerprint, check)
+    except BaseException as e:
+        store.set("start", str(e) or type(e).__name__)
+        joined = [f"ack/{r}" for r in range(1, config.tensor_parallel_size)
+                  if store.check([f"join/{r}"])]  # fmt: skip
+        with contextlib.suppress(RuntimeError):  # they read the verdict (bounded)
+            store.wait(joined, timedelta(seconds=5))
+        raise
+    store.set("start", "ok")
+
+
+def _gather_fingerprints(
+    store: Any, config: ParallelConfig, mine: dict[str, str], check: Callable[[], None]
+) -> None:
+    """Rank 0's half of join(): wait for every rank (bounded), then compare fingerprints."""
+    size, timeout = config.tensor_parallel_size, config.distributed_timeout
+    pending = list(range(1, size))
+    start = time.monotonic()
+    while pending:
+        check()
+        pending = [r for r in pending if not store.check([f"join/{r}"])]
+        remote = [r for r in pending if config.node_of(r) != 0]
+        waited = time.monotonic() - start
+        if remote and waited > timeout:
+            nodes = sorted({config.node_of(r) for r in remote})
+            raise TimeoutError(
+                f"tensor-parallel ranks {remote} (nodes {nodes}) did not join "
+                f"{config.master_addr}:{config.master_port} within {timeout:g} s "
+                f"(--distributed-timeout): start `tokenmill worker` with --node-rank "
+                f"{', '.join(map(str, nodes))} there"
+            )
+        if pending and waited > max(timeout, LOCAL_START_TIMEOUT_S):
+            raise TimeoutError(f"this host's tensor-parallel ranks {pending} did not start in "
+                               f"{max(timeout, LOCAL_START_TIMEOUT_S):g} s")  # fmt: skip
+        if pending:
+            time.sleep(0.05)  # NOTE: polling the store, bounded by the deadlines above
+    diffs = []
+    for r in range(1, size):
+        theirs = json.loads(store.get(f"join/{r}"))
+        fields = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if fields:
+            diffs.append(f"rank {r} (node {config.node_of(r)}): {', '.join(fields)}")
+    if diffs:
+        raise ValueError(
+            "hosts disagree on the model or flags (theirs vs the head's): " + "; ".join(diffs)
+        )
+
+
+@dataclass(slots=True)
+class RankGroups:
+    """One rank's process groups: compute (the layers' collectives), control (steps from rank 0)
+    and heartbeat (one 2-rank gloo group per peer of rank 0, for liveness)."""
+
+    ctx: ParallelContext
+    control: Any
+    heartbeats: dict[int, Any]  # peer rank → its pair group with rank 0 (rank 0 holds them all)
+
+
+def init_groups(
+    store: Any, rank: int, size: int, local_size: int, device: torch.device
+) -> RankGroups:
+    """Join the groups through `store` (nccl compute group on CUDA, gloo otherwise).
+
+    Every group's rendezvous is bounded by DEFAULT_TIMEOUT_S; waiting for the next step on the
+    control group is not (an idle server sends none for hours): a lost head breaks its
+    connection, and the heartbeats catch a silent one.
+    """
     import torch.distributed as dist
 
-    timeout = timedelta(seconds=timeout_s)
-    if store is None:
-        store = dist.TCPStore("127.0.0.1", port, size, False, timeout=timedelta(seconds=300))
+    timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
+    tp_store = dist.PrefixStore("tp/", store)
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        group = dist.ProcessGroupNCCL(store, rank, size, opts)
+        group = dist.ProcessGroupNCCL(tp_store, rank, size, opts)
     else:
-        group = dist.ProcessGroupGloo(store, rank, size, timeout)
-    return ParallelContext(rank=rank, size=size, group=group)
+        group = dist.ProcessGroupGloo(tp_store, rank, size, timeout)
+    control = dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timeout)
+    beat = timedelta(seconds=HEARTBEAT_TIMEOUT_S)
+    peers = range(1, size) if rank == 0 else [rank]
+    heartbeats = {
+        peer: dist.ProcessGroupGloo(
+            dist.PrefixStore(f"heartbeat/{peer}/", store), int(rank != 0), 2, beat
+        )
+        for peer in peers
+    }
+    ctx = ParallelContext(rank=rank, size=size, group=group, local_size=local_size)
+    return RankGroups(ctx, control, heartbeats)
 
 
-def destroy_parallel(ctx: ParallelContext) -> None:
-    """Release the group's connections (best effort: a dead peer must not block shutdown)."""
-    if ctx.group is not None and hasattr(ctx.group, "shutdown"):
-        try:
-            ctx.group.shutdown()
-        except RuntimeError:
-            pass
+def broadcast_bytes(payload: bytes | None, group: Any) -> bytes:
+    """Rank 0's payload on every rank of `group` (a length, then the bytes)."""
+    import torch.distributed as dist
+
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    opts.timeout = STEP_WAIT  # NOTE: the wait for the next step, not a rendezvous
+    header = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long)
+    group.broadcast([header], opts).wait()
+    n = int(header.item())
+    if n == 0:
+        return b""
+    if payload is not None:
+        data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    else:
+        data = torch.empty(n, dtype=torch.uint8)
+    group.broadcast([data], opts).wait()
+    return payload if payload is not None else data.numpy().tobytes()
+
+
+def ping(group: Any, first: bool) -> None:
+    """One heartbeat round trip on a pair group: rank 0 sends then hears back, the peer the
+    reverse; raises when the other side is gone (at once) or silent (HEARTBEAT_TIMEOUT_S)."""
+    beat = torch.zeros(1)
+    if first:
+        group.send([beat], 1, 0).wait()
+        group.recv([beat], 1, 0).wait()
+    else:
+        group.recv([beat], 0, 0).wait()
+        group.send([beat], 0, 0).wait()
+
+
+def destroy_groups(groups: RankGroups) -> None:
+    """Release every group's connections (best effort: a dead peer must not block shutdown)."""
+    for group in (groups.ctx.group, groups.control, *groups.heartbeats.values()):
+        if hasattr(group, "shutdown"):
+            try:
+                group.shutdown()
+            except RuntimeError:
+                pass
 
 
 def _timed(ctx: ParallelContext, launch: Callable[[], Any]) -> None:
@@ -100,7 +313,6 @@ def _timed(ctx: ParallelContext, launch: Callable[[], Any]) -> None:
     start = time.perf_counter()
     launch().wait()
     ctx.timer.seconds += time.perf_counter() - start
-    ctx.timer.calls += 1
 
 
 def all_reduce(x: torch.Tensor, ctx: ParallelContext, op: str = "sum") -> torch.Tensor:
@@ -131,13 +343,3 @@ def gather_to_first(x: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> tor
         return torch.cat(parts, dim=dim)
     _timed(ctx, lambda: ctx.group.gather([], [x], opts))
     return x.new_empty(*x.shape[:-1], 0) if dim in (-1, x.dim() - 1) else x.new_empty(0)
-
-
-def all_gather(x: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> torch.Tensor:
-    """Concatenate every rank's shard along `dim` on every rank; identity at size 1."""
-    if ctx.size == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(ctx.size)]
-    _timed(ctx, lambda: ctx.group.allgather([parts], [x]))
-    return torch.cat(parts, dim=dim)

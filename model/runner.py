@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -22,7 +21,6 @@ from model.layers.quant import QUANTIZATIONS, quantize_rtn
 from model.llama import LlamaForCausalLM
 from model.loader import load_weights
 from model.parallel import ParallelContext, all_reduce
-from model.worker import WorkerGroup, check_tensor_parallel, worker_device
 
 if TYPE_CHECKING:
     from model.constraints import ConstraintBatch
@@ -32,10 +30,12 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """auto: cuda if available, else cpu; on CUDA each rank of a host takes its own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    return torch.device("cuda", local_rank) if dev.type == "cuda" and local_rank else dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -96,11 +96,11 @@ def materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> n
 
 
 class ModelRunner:
-    """Owns the model, its paged KV cache and the sampler for one tensor-parallel rank.
+    """One tensor-parallel rank: its model shard, its paged KV cache and (rank 0) the sampler.
 
-    At tensor_parallel_size N > 1 the runner built by the engine is rank 0: it spawns ranks
-    1..N-1 (model/worker.py), sends them every step, and alone samples. kv_cache_memory is per
-    rank (as vLLM's per-GPU budget); the CPU default is split among the ranks sharing the RAM.
+    Which ranks exist and how steps reach them is the executor's business (model/executor.py).
+    kv_cache_memory is per rank (as vLLM's per-GPU budget); the CPU default is split among the
+    ranks sharing this host's RAM (`parallel.local_size`).
     """
 
     def __init__(
@@ -114,66 +114,37 @@ class ModelRunner:
         max_model_len: int | None = None,
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
-        tensor_parallel_size: int = 1,
         seed: int = 0,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
         parallel: ParallelContext | None = None,
+        local_rank: int = 0,
     ) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        if tensor_parallel_size < 1:
-            raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.seed = seed
-        self.workers: WorkerGroup | None = None
         self.last_timings: dict[str, float] = {}
         self._sampler = None
         self.fused: FusedDecode | None = None
-
-        config, stream = open_checkpoint(model, quantization)
-        self.model_config = cfg = ModelConfig.from_hf_dict(config)
-        check_tensor_parallel(cfg, tensor_parallel_size)
-        if parallel is None and tensor_parallel_size > 1:
-            kwargs = dict(
-                dtype=dtype,
-                device=device,
-                block_size=block_size,
-                kv_cache_memory=kv_cache_memory,
-                max_model_len=max_model_len,
-                max_num_batched_tokens=max_num_batched_tokens,
-                max_num_seqs=max_num_seqs,
-                tensor_parallel_size=tensor_parallel_size,
-                seed=seed,
-                quantization=quantization,
-                kv_cache_dtype=kv_cache_dtype,
-            )
-            self.workers = WorkerGroup(model, kwargs, tensor_parallel_size)
-            parallel = self.workers.parallel
         self.parallel = parallel or ParallelContext()
-        try:
-            self._build(stream, dtype, device, kv_cache_memory, max_model_len, kv_cache_dtype)
-        except BaseException as e:
-            reason = self.workers.wait_for_death(2.0) if self.workers is not None else None
-            self.shutdown()
-            if reason is not None and not isinstance(e, ValueError):
-                raise RuntimeError(reason) from e
-            raise
+        self.device = resolve_device(device, local_rank)
+        config, stream = open_checkpoint(model, quantization)
+        self.model_config = ModelConfig.from_hf_dict(config)
+        self._build(stream, dtype, kv_cache_memory, max_model_len, kv_cache_dtype)
 
     def _build(
         self,
         stream,
         dtype: str,
-        device: str,
         kv_cache_memory: int | None,
         max_model_len: int | None,
         kv_cache_dtype: str = "auto",
     ) -> None:
         """Build this rank's shard, load its weights, size (same on all ranks) and bind the KV."""
         cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
-        self.device = worker_device(device, ctx.rank) if ctx.size > 1 else resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         with torch.device("meta"):
             net = LlamaForCausalLM(cfg, ctx)
@@ -199,7 +170,7 @@ class ModelRunner:
         memory = kv_cache_memory
         if memory is None:
             memory = default_kv_cache_memory(self.device, spec, max_model_len)
-            memory //= ctx.size if self.device.type == "cpu" else 1
+            memory //= ctx.local_size if self.device.type == "cpu" else 1
         blocks = torch.tensor([spec.num_blocks(memory)], dtype=torch.long, device=self.device)
         self.num_kv_blocks = int(all_reduce(blocks, ctx, op="min").item())  # the same on all
         capacity = spec.capacity_tokens(self.num_kv_blocks)
@@ -236,6 +207,15 @@ class ModelRunner:
                 self.max_model_len,
             )
 
+    def check_step(self, step: StepInput) -> None:
+        """Raise ValueError on a malformed step (before any rank starts on it)."""
+        if self.parallel.is_first and len(step.sampling) != len(step.sample_indices):
+            raise ValueError(
+                f"step has {len(step.sample_indices)} sample_indices but "
+                f"{len(step.sampling)} sampling rows"
+            )
+        self._check(step)
+
     def _check(self, step: StepInput) -> None:
         n = step.num_tokens
         if len(step.positions) != n or len(step.slot_mapping) != n or sum(step.query_lens) != n:
@@ -252,19 +232,16 @@ class ModelRunner:
     def compute_logits(self, step: StepInput) -> torch.Tensor:
         """Run the batched forward (writing K/V) -> [len(sample_indices), vocab] float32 logits.
 
-        Under tensor parallelism rank 0 first sends the step to every worker, which runs the same
-        forward (forward_step) and joins its collectives.
+        Under tensor parallelism every rank runs it on the same step (the executor sends it) and
+        joins the collectives; only rank 0's logits are non-empty.
         """
         self._check(step)
-        start = time.perf_counter()
-        if self.workers is not None:
-            self.workers.send(step)
-        return self.forward_step(step, start)
+        return self.forward_step(step)
 
     @torch.inference_mode()
-    def forward_step(self, step: StepInput, start: float | None = None) -> torch.Tensor:
+    def forward_step(self, step: StepInput) -> torch.Tensor:
         """This rank's part of one step; a worker's logits are empty (only rank 0 gathers them)."""
-        t0 = start if start is not None else time.perf_counter()
+        t0 = time.perf_counter()
         self.parallel.timer.reset()
         dev = self.device
         input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)  # [T]
@@ -300,31 +277,25 @@ class ModelRunner:
         return logits
 
     def execute(self, step: StepInput, constraints: ConstraintBatch | None = None) -> StepOutput:
-        """One step for every scheduled token.
+        """One step for every scheduled token on this rank.
 
         Args:
             step: token ids, positions, slots, block tables, and which sequences sample.
             constraints: grammar masks for some sampling rows (rank 0 only; filled while the
                 forward runs), or None.
         Returns:
-            StepOutput with one sampled token (and optional logprobs) per entry of sample_indices.
-        Raises:
-            RuntimeError naming the rank and exit code once a tensor-parallel worker has died.
+            StepOutput with one sampled token (and optional logprobs) per entry of sample_indices
+            on rank 0; an empty one on the other ranks (they hold no logits and do not sample).
         """
-        if len(step.sampling) != len(step.sample_indices):
-            raise ValueError(
-                f"step has {len(step.sample_indices)} sample_indices but "
-                f"{len(step.sampling)} sampling rows"
-            )
-        try:
-            logits = self.compute_logits(step)
-        except RuntimeError as e:  # a collective on a dead peer: name the rank that died
-            reason = self.workers.wait_for_death(2.0) if self.workers is not None else None
-            if reason is not None and reason != str(e):
-                raise RuntimeError(reason) from e
-            raise
+        self.check_step(step)
+        return self.sample(self.forward_step(step), step, constraints)
+
+    def sample(
+        self, logits: torch.Tensor, step: StepInput, constraints: ConstraintBatch | None = None
+    ) -> StepOutput:
+        """Rank 0: the step's sampling rows from its logits; other ranks return an empty output."""
         t0 = time.perf_counter()
-        if not step.sample_indices:
+        if not step.sample_indices or not self.parallel.is_first:
             out = StepOutput(token_ids=[], logprobs=[])
         else:
             if self._sampler is None:
@@ -335,24 +306,6 @@ class ModelRunner:
         self.last_timings["sample"] = time.perf_counter() - t0
         return out
 
-    # -- health and lifecycle -------------------------------------------------------------------
-
-    @property
-    def dead_reason(self) -> str | None:
-        """Why a tensor-parallel worker died ("... rank R (pid P) died: exit code X"), else None."""
-        return self.workers.dead_reason if self.workers is not None else None
-
-    def is_healthy(self) -> bool:
-        return self.dead_reason is None
-
-    def on_worker_death(self, fn: Callable[[str], None]) -> None:
-        """fn(reason) runs on the monitor thread when a worker dies; never called at tp=1."""
-        if self.workers is not None:
-            self.workers.on_death(fn)
-
     def shutdown(self) -> None:
-        """Stops and joins the TP workers (idempotent); nothing to stop at tp=1."""
+        """Drop the sampler; the executor owns processes and groups (nothing else to stop)."""
         self._sampler = None
-        workers, self.workers = self.workers, None
-        if workers is not None:
-            workers.stop()

@@ -1,8 +1,8 @@
-"""Tensor-parallel workers: rank 0's WorkerGroup (spawn, per-step send, death monitor, stop) and
-the worker process (ranks 1..N-1) that builds its shard and replays every step rank 0 sends.
+"""The ranks that do not schedule: rank processes spawned on a host (LocalRanks) and the loop each
+of them runs (serve_rank): join the group, build the shard, replay every step rank 0 broadcasts.
 
-Each step's StepInput is pickled once on rank 0 (sampling rows stripped) and written to one pipe
-per worker; the pipe also carries start-up errors back and gives workers EOF when rank 0 is gone.
+`run_node` is `tokenmill worker`: a host other than the head spawns its tp/nnodes ranks (its own
+process is the first) and exits when the head stops them, or non-zero when the head is lost.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -21,49 +23,63 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
-from typing import Any
+from multiprocessing.connection import wait
+from typing import Any, NoReturn
 
 import torch
 
 from model.config import ModelConfig
 from model.inputs import StepInput
-from model.parallel import ParallelContext, create_store, destroy_parallel, init_parallel
+from model.parallel import (
+    HEARTBEAT_INTERVAL_S,
+    ParallelConfig,
+    RankGroups,
+    broadcast_bytes,
+    connect_store,
+    destroy_groups,
+    first_line,
+    init_groups,
+    join,
+    ping,
+)
+from model.runner import ModelRunner, open_checkpoint, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-START_TIMEOUT_S = 300.0  # spawn + import torch + join the group, per worker (slow CI machines)
-STOP_TIMEOUT_S = 5.0  # a worker that ignores the stop message is terminated, then killed
+STOP = b"\x00"  # the control message that ends every rank's loop (a pickled step is never this)
+STOP_TIMEOUT_S = 5.0  # a rank that ignores the stop message is terminated, then killed
 PR_SET_PDEATHSIG = 1
 
 
-def check_tensor_parallel(cfg: ModelConfig, size: int) -> None:
-    """Refuse sizes that do not shard evenly, naming every offending size."""
-    if size == 1:
-        return
-    bad = []
-    if cfg.num_attention_heads % size:
-        bad.append(f"num_attention_heads {cfg.num_attention_heads}")
-    kv = cfg.num_key_value_heads
-    if (kv >= size and kv % size) or (kv < size and size % kv):
-        bad.append(f"num_key_value_heads {kv} (needs a multiple of {size}, or to divide it)")
-    if cfg.intermediate_size % size:
-        bad.append(f"intermediate_size {cfg.intermediate_size}")
-    if bad:
-        raise ValueError(
-            f"tensor_parallel_size {size} does not evenly split the model: {'; '.join(bad)}"
-        )
+def fingerprint(
+    model: str, cfg: ModelConfig, runner_kwargs: dict[str, Any], config: ParallelConfig
+) -> dict[str, str]:
+    """What every host must agree on before joining: model, its config and the shaping flags."""
+    digest = hashlib.sha256(
+        json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str).encode()
+    ).hexdigest()[:16]
+    device = resolve_device(runner_kwargs.get("device", "auto"))
+    dtype = resolve_dtype(runner_kwargs.get("dtype", "auto"), device)  # "auto" = its resolution
+    keys = ("quantization", "kv_cache_dtype", "block_size", "max_model_len")
+    return {
+        "model": os.path.basename(os.path.normpath(model)),
+        "model_config": digest,
+        "device": device.type,
+        "dtype": str(dtype).removeprefix("torch."),
+        **{k: str(runner_kwargs.get(k)) for k in keys},
+        "max_num_batched_tokens": str(runner_kwargs.get("max_num_batched_tokens")),
+        "tensor_parallel_size": str(config.tensor_parallel_size),
+        "nnodes": str(config.nnodes),
+    }
 
 
-def worker_device(device: str, rank: int) -> torch.device:
-    """auto/cuda → this rank's own GPU (cuda:rank); cpu stays cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    return torch.device("cuda", rank) if dev.type == "cuda" else dev
+def read_model_config(model: str, runner_kwargs: dict[str, Any]) -> ModelConfig:
+    """The model's config alone (no weights read): enough to check the split and fingerprint."""
+    config, _ = open_checkpoint(model, runner_kwargs.get("quantization"))
+    return ModelConfig.from_hf_dict(config)
 
 
-def _exit_reason(rank: int, proc: multiprocessing.process.BaseProcess, message: str) -> str:
+def exit_reason(rank: int, proc: multiprocessing.process.BaseProcess, message: str = "") -> str:
     code = proc.exitcode
     how = f"exit code {code}"
     if code is not None and code < 0:
@@ -74,189 +90,107 @@ def _exit_reason(rank: int, proc: multiprocessing.process.BaseProcess, message: 
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerArgs:
-    """What a worker needs to rebuild its shard of the runner rank 0 built."""
+class RankArgs:
+    """What a spawned rank needs to join the group and rebuild its shard."""
 
     model: str
     runner_kwargs: dict[str, Any]
-    size: int
-    port: int
+    config: ParallelConfig
+    rank: int
+    port: int  # the head's store port (master_port, or the one it picked)
     parent_pid: int
     pdeathsig: bool  # only valid when the creating thread lives as long as the process
     num_threads: int
     log_level: int
 
 
-class WorkerGroup:
-    """Rank 0's handle on ranks 1..N-1: started with the runner, stopped by runner.shutdown()."""
+class LocalRanks:
+    """Rank processes spawned on this host; a monitor thread reports the first to exit."""
 
-    def __init__(self, model: str, runner_kwargs: dict[str, Any], size: int) -> None:
-        self.size = size
-        self.dead_reason: str | None = None
-        self._callbacks: list[Callable[[str], None]] = []
+    def __init__(
+        self, model: str, runner_kwargs: dict[str, Any], config: ParallelConfig, port: int,
+        ranks: list[int],
+    ) -> None:  # fmt: skip
+        self.ranks = ranks
         self._stopping = False
-        self._store = create_store(size)
-        args = WorkerArgs(
-            model,
-            runner_kwargs,
-            size,
-            self._store.port,
-            os.getpid(),
-            threading.current_thread() is threading.main_thread(),
-            torch.get_num_threads(),
-            logging.getLogger().getEffectiveLevel(),
-        )
         mp = multiprocessing.get_context("spawn")
-        self.procs: list[multiprocessing.process.BaseProcess] = []
-        self.conns: list[Connection] = []
+        self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
         self._stop_r, self._stop_w = os.pipe()
         self._monitor: threading.Thread | None = None
+        pdeathsig = threading.current_thread() is threading.main_thread()
+        level = logging.getLogger().getEffectiveLevel()
         try:
-            for rank in range(1, size):
-                parent_end, child_end = mp.Pipe()
+            for rank in ranks:
+                args = RankArgs(
+                    model, runner_kwargs, config, rank, port, os.getpid(), pdeathsig,
+                    torch.get_num_threads(), level,
+                )  # fmt: skip
                 proc = mp.Process(
-                    target=worker_main,
-                    args=(rank, args, child_end),
+                    target=rank_main,
+                    args=(args,),
                     name=f"tokenmill-tp{rank}",
                     daemon=True,  # NOTE: also terminated by multiprocessing's atexit hook
                 )
                 with _without_main_module():
                     proc.start()
-                child_end.close()
-                self.procs.append(proc)
-                self.conns.append(parent_end)
-            self._wait_hello()
-            device = worker_device(runner_kwargs.get("device", "auto"), 0)
-            self.parallel: ParallelContext = init_parallel(
-                0, size, device, self._store.port, store=self._store
-            )
+                self.procs[rank] = proc
         except BaseException:
             self.stop()
             raise
-        self._monitor = threading.Thread(
-            target=self._watch, name="tokenmill-tp-monitor", daemon=True
-        )
+
+    def exited(self) -> str | None:
+        """The reason of the first rank that has exited, else None (no waiting)."""
+        for rank, proc in self.procs.items():
+            if proc.exitcode is not None:
+                return exit_reason(rank, proc)
+        return None
+
+    def watch(self, on_exit: Callable[[int, str], None]) -> None:
+        """Call on_exit(rank, reason) on a monitor thread when a rank exits outside stop()."""
+
+        def run() -> None:
+            sentinels = {p.sentinel: r for r, p in self.procs.items()}
+            ready = wait([*sentinels, self._stop_r])
+            if self._stop_r in ready or self._stopping:
+                return
+            rank = min(sentinels[s] for s in ready if s in sentinels)
+            self.procs[rank].join(1.0)
+            if self.procs[rank].exitcode == 0:
+                return  # NOTE: a rank exits 0 only after the stop message (a clean shutdown)
+            if not self._stopping:
+                on_exit(rank, exit_reason(rank, self.procs[rank]))
+
+        self._monitor = threading.Thread(target=run, name="tokenmill-tp-monitor", daemon=True)
         self._monitor.start()
-        logger.info("tensor parallel: %d ranks, workers %s", size, [p.pid for p in self.procs])
 
-    def _wait_hello(self) -> None:
-        """Every worker says hello before joining the group, so a crash at import is reported."""
-        pending = dict(enumerate(self.conns, start=1))
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while pending:
-            sentinels = {self.procs[r - 1].sentinel: r for r in pending}
-            ready = wait(list(pending.values()) + list(sentinels), deadline - time.monotonic())
-            if not ready:
-                raise RuntimeError(
-                    f"tensor-parallel workers {sorted(pending)} not started in {START_TIMEOUT_S} s"
-                )
-            for rank, conn in list(pending.items()):
-                if conn in ready:
-                    kind, detail = self._recv(conn)
-                    if kind != "hello":
-                        self.procs[rank - 1].join(STOP_TIMEOUT_S)
-                        raise RuntimeError(_exit_reason(rank, self.procs[rank - 1], detail))
-                    del pending[rank]
-            for sentinel, rank in sentinels.items():
-                if sentinel in ready and rank in pending:
-                    raise RuntimeError(_exit_reason(rank, self.procs[rank - 1], ""))
-
-    @staticmethod
-    def _recv(conn: Connection) -> tuple[str, str]:
-        try:
-            return conn.recv()
-        except (EOFError, OSError):
-            return "eof", ""
-
-    def _watch(self) -> None:
-        """Monitor thread: the first worker to exit (outside stop()) marks the group dead."""
-        sentinels = {p.sentinel: r for r, p in enumerate(self.procs, start=1)}
-        ready = wait([*sentinels, self._stop_r])
-        if self._stop_r in ready or self._stopping:
-            return
-        rank = min(sentinels[s] for s in ready if s in sentinels)
-        proc, conn = self.procs[rank - 1], self.conns[rank - 1]
-        proc.join(1.0)
-        message = ""
-        if conn.poll(0):
-            kind, detail = self._recv(conn)
-            message = detail if kind == "error" else ""
-        if self._stopping:
-            return
-        self.dead_reason = _exit_reason(rank, proc, message)
-        logger.error("%s", self.dead_reason)
-        for fn in list(self._callbacks):
-            try:
-                fn(self.dead_reason)
-            except Exception:
-                logger.exception("worker-death callback %r failed", fn)
-
-    def on_death(self, fn: Callable[[str], None]) -> None:
-        """Call fn(reason) on the monitor thread when a worker dies (at once if one already did)."""
-        self._callbacks.append(fn)
-        if self.dead_reason is not None:
-            fn(self.dead_reason)
-
-    def wait_for_death(self, timeout: float) -> str | None:
-        """After a failed collective: give the monitor `timeout` s to name the dead rank."""
-        if self._monitor is not None:
-            self._monitor.join(timeout)
-        return self.dead_reason
-
-    def send(self, step: StepInput) -> None:
-        """Pickle the step once (without sampling rows: only rank 0 samples), write it to all."""
-        if self.dead_reason is not None:
-            raise RuntimeError(self.dead_reason)
-        payload = pickle.dumps(dataclasses.replace(step, sampling=[]), pickle.HIGHEST_PROTOCOL)
-        for rank, conn in enumerate(self.conns, start=1):
-            try:
-                conn.send_bytes(payload)
-            except OSError as e:
-                raise RuntimeError(
-                    self.wait_for_death(2.0) or f"tensor-parallel worker rank {rank} is gone: {e}"
-                ) from e
-
-    def stop(self) -> None:
-        """Ask every worker to exit, then terminate/kill stragglers and join all (idempotent)."""
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Join every rank (they got the stop message), terminating then killing stragglers."""
         self._stopping = True
-        for conn in self.conns:
-            try:
-                conn.send_bytes(b"")
-            except OSError:
-                pass
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self.procs:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
             proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self.procs:
+        for proc in self.procs.values():
             if proc.is_alive():
-                logger.warning("tensor-parallel worker pid %d did not stop: terminating", proc.pid)
+                logger.warning("tensor-parallel rank pid %d did not stop: terminating", proc.pid)
                 proc.terminate()
                 proc.join(2.0)
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-        try:
+        if self._stop_w >= 0:
             os.write(self._stop_w, b"x")
-        except OSError:
-            pass
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(2.0)
-        for conn in self.conns:
-            conn.close()
-        if hasattr(self, "parallel"):
-            destroy_parallel(self.parallel)
         for fd in (self._stop_r, self._stop_w):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
-        self.conns, self._stop_r, self._stop_w = [], -1, -1
+        self._stop_r = self._stop_w = -1
 
 
 @contextlib.contextmanager
 def _without_main_module() -> Iterator[None]:
-    """Spawn without re-importing the parent's __main__: workers need nothing from it, scripts
-    without an `if __name__ == "__main__"` guard keep working, and workers skip server imports."""
+    """Spawn without re-importing the parent's __main__: ranks need nothing from it, scripts
+    without an `if __name__ == "__main__"` guard keep working, and ranks skip server imports."""
     main = sys.modules["__main__"]
     sys.modules["__main__"] = types.ModuleType("__main__")
     try:
@@ -266,7 +200,8 @@ def _without_main_module() -> Iterator[None]:
 
 
 def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
-    """A worker never outlives rank 0: PR_SET_PDEATHSIG where safe, plus a ppid watchdog."""
+    """A spawned rank never outlives its host's process: PR_SET_PDEATHSIG where safe, plus a
+    ppid watchdog."""
     if pdeathsig and sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
@@ -280,40 +215,128 @@ def _die_with_parent(parent_pid: int, pdeathsig: bool) -> None:
     threading.Thread(target=watchdog, name="tokenmill-tp-watchdog", daemon=True).start()
 
 
-def worker_main(rank: int, args: WorkerArgs, conn: Connection) -> None:
-    """Process entry of ranks 1..N-1: join the group, build the shard, replay steps until stop."""
+def rank_main(args: RankArgs) -> None:
+    """Process entry of a spawned rank: serve it, then exit (non-zero on any failure)."""
     _die_with_parent(args.parent_pid, args.pdeathsig)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 stops us
     logging.basicConfig(
         level=args.log_level,
-        format=f"%(asctime)s %(levelname)s [tp rank {rank}] %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s [tp rank {args.rank}] %(name)s: %(message)s",
     )
     torch.set_num_threads(args.num_threads)
-    ctx = None
     try:
-        conn.send(("hello", str(os.getpid())))
-        from model.runner import ModelRunner
-
-        device = worker_device(args.runner_kwargs.get("device", "auto"), rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        ctx = init_parallel(rank, args.size, device, args.port)
-        runner = ModelRunner(args.model, **args.runner_kwargs, parallel=ctx)
-        while True:
-            payload = conn.recv_bytes()
-            if not payload:
-                break
-            runner.forward_step(pickle.loads(payload))
-    except EOFError:
-        logger.warning("rank 0 is gone: exiting")
+        serve_rank(args.model, args.runner_kwargs, args.config, args.rank, args.port)
+    except BaseException:
+        logger.exception("tensor-parallel rank %d failed", args.rank)
         os._exit(1)
-    except BaseException as e:
-        logger.exception("tensor-parallel worker rank %d failed", rank)
-        try:
-            conn.send(("error", f"{type(e).__name__}: {e}"))
-        except OSError:
-            pass
-        os._exit(1)
-    if ctx is not None:
-        destroy_parallel(ctx)
     os._exit(0)
+
+
+def serve_rank(
+    model: str,
+    runner_kwargs: dict[str, Any],
+    config: ParallelConfig,
+    rank: int,
+    port: int,
+) -> None:
+    """Rank r > 0: join, build the shard, then run every step rank 0 broadcasts until it says stop.
+
+    Raises when the head is lost (its connection breaks, or heartbeats stop).
+    """
+    cfg = read_model_config(model, runner_kwargs)
+    config.check_model(cfg)
+    local_rank = rank - config.node_rank * config.ranks_per_node
+    device = resolve_device(runner_kwargs.get("device", "auto"), local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = connect_store(config, is_head=False, port=port)
+    join(store, config, rank, fingerprint(model, cfg, runner_kwargs, config))
+    groups = init_groups(store, rank, config.tensor_parallel_size, config.ranks_per_node, device)
+    head = f"{config.master_addr}:{port}"
+    threading.Thread(
+        target=_answer_heartbeats, args=(groups, head), name="tokenmill-heartbeat", daemon=True
+    ).start()
+    try:
+        runner = ModelRunner(model, **runner_kwargs, parallel=groups.ctx, local_rank=local_rank)
+        while True:
+            try:
+                payload = broadcast_bytes(None, groups.control)
+            except RuntimeError as e:
+                raise ConnectionError(f"the head at {head} is lost: {first_line(e)}") from e
+            if payload == STOP:
+                break
+            runner.execute(pickle.loads(payload))
+    except BaseException as e:
+        with contextlib.suppress(Exception):  # the head names this rank's error when it is lost
+            store.set(f"error/{rank}", f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        destroy_groups(groups)
+
+
+def _answer_heartbeats(groups: RankGroups, head: str) -> None:
+    """Heartbeat thread of a rank r > 0: a head that is gone or silent ends this process."""
+    (group,) = groups.heartbeats.values()
+    while True:
+        try:
+            ping(group, first=False)
+        except RuntimeError as e:
+            logger.error("the head at %s is lost (%s): exiting", head, first_line(e))
+            logging.shutdown()
+            os._exit(1)
+
+
+def send_step(groups: RankGroups, step: StepInput | None) -> None:
+    """Rank 0: the step (pickled once, without sampling rows: only rank 0 samples), or STOP."""
+    if step is None:
+        broadcast_bytes(STOP, groups.control)
+    else:
+        payload = pickle.dumps(dataclasses.replace(step, sampling=[]), pickle.HIGHEST_PROTOCOL)
+        broadcast_bytes(payload, groups.control)
+
+
+def heartbeat_loop(groups: RankGroups, peer: int, stop: threading.Event, on_lost) -> None:
+    """Rank 0's heartbeat thread for one peer: on_lost(peer, detail) once it is gone or silent."""
+    group = groups.heartbeats[peer]
+    while not stop.is_set():
+        try:
+            ping(group, first=True)
+        except RuntimeError as e:
+            if not stop.is_set():
+                on_lost(peer, first_line(e))
+            return
+        stop.wait(HEARTBEAT_INTERVAL_S)  # NOTE: pacing, not synchronisation
+
+
+def run_node(model: str, runner_kwargs: dict[str, Any], config: ParallelConfig) -> NoReturn:
+    """`tokenmill worker`: this host's ranks; exits 0 when the head stopped them, 1 when it (or a
+    rank here) was lost or start-up failed.
+
+    NOTE: ends with os._exit, as spawned ranks do: the heartbeat thread may still be inside a
+    gloo receive, and interpreter teardown under it aborts the process (SIGABRT).
+    """
+    if config.node_rank == 0:
+        raise ValueError("node rank 0 is the head: run `tokenmill serve` there")
+    first, *others = config.local_ranks()
+    local = LocalRanks(model, runner_kwargs, config, config.master_port, others)
+
+    def leave(code: int) -> NoReturn:
+        logging.shutdown()
+        os._exit(code)
+
+    def died(rank: int, reason: str) -> None:
+        logger.error("%s: exiting", reason)
+        leave(1)
+
+    try:
+        local.watch(died)
+        logger.info("node %d: ranks %s, joining %s:%d", config.node_rank,
+                    config.local_ranks(), config.master_addr, config.master_port)  # fmt: skip
+        serve_rank(model, runner_kwargs, config, first, config.master_port)
+    except Exception as e:
+        logger.error("node %d: %s: %s", config.node_rank, type(e).__name__, e)
+        local.stop(0.0)
+        leave(1)
+    local.stop()
+    logger.info("node %d: stopped by the head", config.node_rank)
+    leave(0)

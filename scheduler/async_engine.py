@@ -98,7 +98,7 @@ class AsyncEngine:
         self._error: str | None = None
         self.max_pending_outputs = max_pending_outputs
         self._overflowed: set[str] = set()  # requests aborted because their consumer lagged
-        self.engine.runner.on_worker_death(self._on_worker_death)
+        self.engine.executor.on_worker_death(self._on_worker_death)
 
     # -- lifecycle --------------------------------------------------------------------------------
 

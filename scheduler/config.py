@@ -49,6 +49,11 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
+    nnodes: int = 1  # hosts the tensor-parallel ranks span (tp / nnodes each)
+    node_rank: int = 0  # 0: the head (this engine); other hosts run `tokenmill worker`
+    master_addr: str = "127.0.0.1"  # the head's rendezvous address, reachable from every host
+    master_port: int = 0  # its port; 0: any free port (one host only)
+    distributed_timeout: float = 300.0  # seconds every host gets to join
     seed: int = 0
     quantization: str | None = None  # None: GGUF weights stay packed, HF weights float
     kv_cache_dtype: str = "auto"  # auto: the model's dtype

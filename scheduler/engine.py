@@ -6,10 +6,13 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 from model.constraints import ConstraintCompiler
 from model.detokenizer import IncrementalDetokenizer
+from model.executor import make_executor
 from model.generation_config import generation_defaults
+from model.parallel import ParallelConfig
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
@@ -55,20 +58,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         path = resolve_model(config.model, config.revision, config.download_dir)
-        self.runner = ModelRunner(
-            path,
-            dtype=config.dtype,
-            device=config.device,
-            block_size=config.block_size,
-            kv_cache_memory=parse_size(config.kv_cache_memory),
-            max_model_len=config.max_model_len,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
-            tensor_parallel_size=config.tensor_parallel_size,
-            seed=config.seed,
-            quantization=config.quantization,
-            kv_cache_dtype=config.kv_cache_dtype,
-        )
+        self.executor = make_executor(path, runner_kwargs(config), parallel_config(config))
         tokenizer_path = path
         if config.tokenizer is not None:
             revision = config.tokenizer_revision
@@ -76,13 +66,13 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.model_path = path
         self.default_sampling_params = self._generation_defaults(path)
-        self.model_config = self.runner.model_config
-        self.max_model_len: int = self.runner.max_model_len
+        self.model_config = self.executor.model_config
+        self.max_model_len: int = self.executor.max_model_len
         self.model_name = served_model_name(config.model, config.served_model_name)
-        num_blocks = self.runner.num_kv_blocks
+        num_blocks = self.executor.num_kv_blocks
         self.block_manager = BlockManager(
             num_blocks,
-            self.runner.block_size,
+            self.executor.block_size,
             config.enable_prefix_caching,
             # CPU: KV pages become resident as blocks are written; keep RSS near the working set
             resident_floor=num_blocks // 8 if self.runner.device.type == "cpu" else None,
@@ -235,7 +225,7 @@ class LLMEngine:
             try:
                 if self.constraints is not None:  # NOTE: unconstrained servers skip even this
                     constraints = self.constraints.batch([s.matcher for s in batch.sampling_seqs])
-                step_output = self.runner.execute(batch.step_input, constraints)
+                step_output = self.executor.execute(batch.step_input, constraints)
                 t2 = time.perf_counter()
                 sampled = self.scheduler.update(batch, step_output)
                 t3 = time.perf_counter()
@@ -245,7 +235,7 @@ class LLMEngine:
                 outputs.extend(self._fail_step(batch.seqs, exc))
                 t2 = t3 = t4 = time.perf_counter()
             split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
-            split.update(self.runner.last_timings)  # prepare / forward / sample (+ comm under TP)
+            split.update(self.executor.last_timings)  # prepare / forward / sample (+ comm under TP)
             if constraints is not None:
                 split["mask"] = constraints.fill_time
         self._last_step = SchedulerStats(
@@ -357,8 +347,8 @@ class LLMEngine:
     def _fail_step(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
         """A step raised: end only the requests it ran (finish_reason "error", blocks freed) and
         keep serving the rest, unless a worker died or the device is broken (re-raised)."""
-        if not self.runner.is_healthy():
-            raise EngineFatalError(f"engine step failed: {self.runner.dead_reason}") from exc
+        if not self.executor.is_healthy():
+            raise EngineFatalError(f"engine step failed: {self.executor.dead_reason}") from exc
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         # NOTE: no "N failures in a row" rule: N bad requests in a row would kill the server
         if any(marker in str(exc) for marker in FATAL_MARKERS):
@@ -419,13 +409,54 @@ class LLMEngine:
 
     def is_healthy(self) -> bool:
         """False once a tensor-parallel worker died (see `dead_reason`)."""
-        return self.runner.is_healthy()
+        return self.executor.is_healthy()
 
     @property
     def dead_reason(self) -> str | None:
-        return self.runner.dead_reason
+        return self.executor.dead_reason
+
+    @property
+    def runner(self) -> ModelRunner:
+        """This process's rank (rank 0): for tests and diagnostics; steps go through executor."""
+        return self.executor.runner
 
     def shutdown(self) -> None:
         if self.constraints is not None:
             self.constraints.shutdown()
-        self.runner.shutdown()
+        self.executor.shutdown()
+
+
+def runner_kwargs(config: EngineConfig) -> dict:
+    """The ModelRunner keywords every rank builds its shard with."""
+    return dict(
+        dtype=config.dtype,
+        device=config.device,
+        block_size=config.block_size,
+        kv_cache_memory=parse_size(config.kv_cache_memory),
+        max_model_len=config.max_model_len,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs,
+        seed=config.seed,
+        quantization=config.quantization,
+        kv_cache_dtype=config.kv_cache_dtype,
+    )
+
+
+def parallel_config(config: EngineConfig) -> ParallelConfig:
+    return ParallelConfig(
+        tensor_parallel_size=config.tensor_parallel_size,
+        nnodes=config.nnodes,
+        node_rank=config.node_rank,
+        master_addr=config.master_addr,
+        master_port=config.master_port,
+        distributed_timeout=config.distributed_timeout,
+    )
+
+
+def run_worker(config: EngineConfig) -> NoReturn:
+    """`tokenmill worker`: this host's ranks of the head's engine (no scheduler, no HTTP); exits
+    the process (0: stopped by the head, 1: the head or a rank lost, or start-up failed)."""
+    from model.worker import run_node
+
+    path = resolve_model(config.model, config.revision, config.download_dir)
+    return run_node(path, runner_kwargs(config), parallel_config(config))

@@ -18,6 +18,7 @@ from server.limits import add_limit_args, limits_from_args
 logger = logging.getLogger(__name__)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+FATAL_HEALTH_GRACE_S = 2.0  # after a fatal engine error, /health shows 503 this long, then exit
 
 
 def _size(text: str) -> int:
@@ -39,7 +40,18 @@ def make_parser() -> argparse.ArgumentParser:
         prog="tokenmill", description="An OpenAI-compatible LLM server."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="serve a model over the OpenAI API")
+    add_serve_flags(sub.add_parser("serve", help="serve a model over the OpenAI API"))
+    add_serve_flags(
+        sub.add_parser(
+            "worker",
+            help="run this host's tensor-parallel ranks for the head's `serve` (no HTTP; takes "
+            "serve's flags, so the same command line works with another --node-rank)",
+        )
+    )
+    return parser
+
+
+def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument(
         "model",
         nargs="?",
@@ -84,6 +96,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--block-size", type=_positive, default=16)
     s.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1)
+    add_distributed_flags(s)
     s.add_argument("--dtype", choices=DTYPES, default="auto")
     s.add_argument(
         "--quantization",
@@ -115,7 +128,41 @@ def make_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     add_limit_args(s)
-    return parser
+
+
+def add_distributed_flags(s: argparse.ArgumentParser) -> None:
+    """Multi-host tensor parallelism; torchrun's variables are the defaults (one process a host:
+    WORLD_SIZE hosts, RANK this host's rank)."""
+    env = os.environ
+    s.add_argument(
+        "--nnodes",
+        type=_positive,
+        default=int(env.get("WORLD_SIZE", 1)),
+        help="hosts the tensor-parallel ranks span, tp/nnodes ranks each (default: $WORLD_SIZE, 1)",
+    )
+    s.add_argument(
+        "--node-rank",
+        type=int,
+        default=int(env.get("RANK", 0)),
+        help="this host: 0 runs `serve` (the head), 1..nnodes-1 run `worker` (default: $RANK, 0)",
+    )
+    s.add_argument(
+        "--master-addr",
+        default=env.get("MASTER_ADDR", "127.0.0.1"),
+        help="the head's address every host reaches (default: $MASTER_ADDR, 127.0.0.1)",
+    )
+    s.add_argument(
+        "--master-port",
+        type=int,
+        default=int(env.get("MASTER_PORT", 0)),
+        help="the head's rendezvous port (default: $MASTER_PORT; a free one on a single host)",
+    )
+    s.add_argument(
+        "--distributed-timeout",
+        type=float,
+        default=300.0,
+        help="seconds every host gets to join before start-up fails naming the missing ones",
+    )
 
 
 def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
@@ -139,6 +186,11 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         enable_prefix_caching=args.enable_prefix_caching,
         tensor_parallel_size=args.tensor_parallel_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        distributed_timeout=args.distributed_timeout,
         seed=args.seed,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
@@ -172,6 +224,18 @@ def _read_template(path: str | None) -> str | None:
         raise SystemExit(f"--chat-template: cannot read {path}: {e.strerror}") from e
 
 
+def run_worker(engine_config: EngineConfig) -> int:
+    """`tokenmill worker`: this host's ranks until the head stops them (the process exits 0) or
+    is lost (1); returns only when the model cannot be found (1)."""
+    from scheduler.engine import run_worker as run
+
+    try:
+        run(engine_config)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error("worker: %s", e)
+    return 1
+
+
 def serve(
     engine_config: EngineConfig,
     server_config: ServerConfig,
@@ -190,7 +254,7 @@ def serve(
             step_thread=False,
             max_pending_outputs=server_config.max_pending_outputs,
         )
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, TimeoutError, ConnectionError) as e:
         logger.error("cannot load the model: %s", e)
         return 1
     app = build_app(engine, server_config)
@@ -245,6 +309,9 @@ def serve(
         # error bodies and events reach their clients) and exit non-zero, so that Docker's
         # restart policy or Kubernetes restarts the process.
         logger.error("exiting: the engine failed: %s", engine.fatal_error)
+        # NOTE: /health answers 503 with the reason (e.g. the lost rank) for a moment first,
+        # so that probes and operators see why (SIGTERM/Ctrl-C cut it short)
+        http.join(FATAL_HEALTH_GRACE_S)
         server.should_exit = True
     while http.is_alive():
         http.join(0.5)
@@ -261,9 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine_config, server_config = configs(args)
         uvicorn_kwargs = uvicorn_settings(args)
+        if int(os.environ.get("LOCAL_RANK", 0)) > 0:
+            raise ValueError("run one tokenmill process per host (torchrun --nproc-per-node 1)")
+        if args.command == "worker" and args.node_rank == 0:
+            raise ValueError("node rank 0 is the head: run `tokenmill serve` there")
+        if args.command == "serve" and args.node_rank != 0:
+            raise ValueError(f"node rank {args.node_rank} runs `tokenmill worker`, not serve")
     except ValueError as e:
         print(f"tokenmill: error: {e}", file=sys.stderr)
         return 2
+    if args.command == "worker":
+        return run_worker(engine_config)
     return serve(engine_config, server_config, args.log_level, uvicorn_kwargs)
 
 

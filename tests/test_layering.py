@@ -91,3 +91,59 @@ def test_server_modules_load_without_torch() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=50
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def module_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Every project module → the project modules it imports, at any depth of the file
+    (an import inside a function is still an edge: that is how cycles hide)."""
+    modules = {
+        ".".join(p.relative_to(root).with_suffix("").parts).removesuffix(".__init__"): p
+        for package in FORBIDDEN
+        for p in (root / package).rglob("*.py")
+    }
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            edges.update(t for t in targets if t in modules and t != name)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a path (first == last), or None; depth-first with colours."""
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+@pytest.mark.timeout(30)
+def test_no_import_cycles() -> None:
+    """model/runner.py (one rank), model/worker.py (the other ranks' loop) and model/executor.py
+    (the ranks) import one way; no module reaches itself, even through a function-level import."""
+    graph = module_graph()
+    assert {"model.runner", "model.worker", "model.executor"} <= set(graph)
+    assert "model.executor" in graph["scheduler.engine"]
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]

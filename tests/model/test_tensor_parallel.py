@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 import psutil
 import pytest
 import torch
 
 from model.config import ModelConfig
+from model.executor import DistributedExecutor, make_executor
 from model.inputs import SamplingRow, StepInput
 from model.llama import LlamaForCausalLM
-from model.parallel import ParallelContext
+from model.parallel import ParallelConfig, ParallelContext
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams
 from model.tokenizer import load_tokenizer
@@ -72,7 +74,12 @@ def children() -> set[int]:
     return out
 
 
-def assert_same_greedy(r1: ModelRunner, rn: ModelRunner, prompts: list[list[int]]) -> None:
+def tp(folder: str, size: int, **kw) -> DistributedExecutor:
+    """Rank 0 of a TP group on this host (ranks 1..size-1 spawned)."""
+    return DistributedExecutor(folder, kw, ParallelConfig(tensor_parallel_size=size))
+
+
+def assert_same_greedy(r1: ModelRunner, rn: DistributedExecutor, prompts: list[list[int]]) -> None:
     """Batched prefill, then STEPS batched greedy decode steps: logits close, tokens identical."""
     s1, sn = Steps(), Steps()
     chunks = [(f"s{i}", p, 0) for i, p in enumerate(prompts)]
@@ -97,19 +104,25 @@ def assert_same_greedy(r1: ModelRunner, rn: ModelRunner, prompts: list[list[int]
 def test_sizes_that_do_not_divide_are_refused_before_spawning(tiny_checkpoint) -> None:
     before = children()
     with pytest.raises(ValueError) as e:
-        ModelRunner(str(tiny_checkpoint("llama")), tensor_parallel_size=3)
+        make_executor(str(tiny_checkpoint("llama")), {}, ParallelConfig(tensor_parallel_size=3))
     msg = str(e.value)
     assert "tensor_parallel_size 3" in msg and "num_attention_heads 4" in msg, msg
     assert "num_key_value_heads 2" in msg and "intermediate_size 128" in msg, msg
     assert children() == before
 
 
-@pytest.mark.timeout(60)
-def test_each_rank_holds_a_third_of_smollm2(smollm2_gguf) -> None:
-    """9 heads / 3 KV heads / 1536 / 49152 all split by 3; only the norms are replicated."""
+@pytest.fixture(scope="module")
+def smollm2_ckpt(smollm2_gguf):
+    """The SmolLM2 GGUF opened once (memory-mapped) for the shard tests."""
     from model.gguf_weights import load_gguf
 
-    cfg = ModelConfig.from_hf_dict(load_gguf(smollm2_gguf).config)
+    return load_gguf(smollm2_gguf)
+
+
+@pytest.mark.timeout(60)
+def test_each_rank_holds_a_third_of_smollm2(smollm2_ckpt) -> None:
+    """9 heads / 3 KV heads / 1536 / 49152 all split by 3; only the norms are replicated."""
+    cfg = ModelConfig.from_hf_dict(smollm2_ckpt.config)
     with torch.device("meta"):
         full = LlamaForCausalLM(cfg)
         shards = [LlamaForCausalLM(cfg, ParallelContext(r, 3)) for r in range(3)]
@@ -123,6 +136,30 @@ def test_each_rank_holds_a_third_of_smollm2(smollm2_gguf) -> None:
         assert shard.model.embed_tokens.vocab_per_rank == 16384
 
 
+@pytest.mark.timeout(60)
+def test_each_rank_converts_only_its_gguf_blocks(smollm2_ckpt) -> None:
+    """A rank's rows (q: permuted per head, k: one KV head) and block-aligned columns
+    (o, down) come from their raw blocks alone, equal to converting the whole tensor first."""
+    from model.gguf_weights import GGUFQuantTensor
+
+    ckpt = smollm2_ckpt
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj"]
+    names = [f"model.layers.3.{n}.weight" for n in names]
+    for name in names:
+        whole = ckpt.get(name, packed=True).whole()
+        rows, cols = whole.shape
+        for rank in (0, 2):  # first and last shard (3 ranks)
+            for how, n in (("narrow_rows", rows), ("narrow_cols", cols)):
+                lazy = ckpt.get(name, packed=True)
+                assert isinstance(lazy, GGUFQuantTensor)
+                got = getattr(lazy, how)(rank * n // 3, n // 3)
+                want = getattr(whole, how)(rank * n // 3, n // 3)
+                assert lazy._whole is None, f"{name} {how}: converted the whole tensor"
+                assert got.fmt == want.fmt and torch.equal(got.qweight, want.qweight), name
+                assert torch.equal(got.scales, want.scales), name
+                assert got.mins is None or torch.equal(got.mins, want.mins), name
+
+
 # -- tiny checkpoints at TP=2 (and TP=4: replicated KV heads) ------------------------------------
 
 
@@ -131,7 +168,7 @@ def tiny_pair(request, tiny_checkpoint):
     folder = str(tiny_checkpoint(request.param))
     kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20)
     r1 = ModelRunner(folder, **kw)
-    r2 = ModelRunner(folder, tensor_parallel_size=2, **kw)
+    r2 = tp(folder, 2, **kw)
     yield r1, r2
     r2.shutdown()
 
@@ -161,9 +198,9 @@ def test_tp4_replicates_kv_heads(tiny_checkpoint) -> None:
     folder = str(tiny_checkpoint("llama"))
     kw = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 20)
     r1 = ModelRunner(folder, **kw)
-    r4 = ModelRunner(folder, tensor_parallel_size=4, **kw)
+    r4 = tp(folder, 4, **kw)
     try:
-        attn = r4.model.attention_layers()[0]
+        attn = r4.runner.model.attention_layers()[0]
         assert (attn.num_heads, attn.num_kv_heads) == (1, 1)
         chunks = [("a", prompt(20, 6), 0), ("b", prompt(5, 7), 0)]
         x, y = r1.compute_logits(Steps().step(chunks)), r4.compute_logits(Steps().step(chunks))
@@ -224,7 +261,7 @@ def smollm2_pair(smollm2_gguf):
     r1 = ModelRunner(smollm2_gguf, **kw)
     r3 = None
     try:
-        r3 = ModelRunner(smollm2_gguf, tensor_parallel_size=3, **kw)
+        r3 = tp(smollm2_gguf, 3, **kw)
         yield r1, r3
     finally:
         if r3 is not None:
@@ -263,17 +300,16 @@ def test_smollm2_tp3_logits_and_greedy_match(smollm2_pair, smollm2_gguf) -> None
 @pytest.mark.timeout(90)
 def test_killed_worker_is_reported_and_nothing_survives_shutdown(tiny_checkpoint) -> None:
     before = children()
-    runner = ModelRunner(
-        str(tiny_checkpoint("llama")), device="cpu", kv_cache_memory=1 << 20, tensor_parallel_size=2
-    )
+    runner = tp(str(tiny_checkpoint("llama")), 2, device="cpu", kv_cache_memory=1 << 20)
     deaths: list[str] = []
-    runner.on_worker_death(deaths.append)
+    died = threading.Event()
+    runner.on_worker_death(lambda reason: (deaths.append(reason), died.set()))
     (pid,) = children() - before
-    assert pid == runner.workers.procs[0].pid
+    assert pid == runner.local.procs[1].pid
     step = Steps().step([("a", prompt(6, 8), 0)])
     assert len(runner.execute(step).token_ids) == 1 and runner.is_healthy()
     os.kill(pid, signal.SIGKILL)
-    runner.workers.wait_for_death(10.0)
+    assert died.wait(10.0)
     assert not runner.is_healthy()
     assert (
         runner.dead_reason
