@@ -10,16 +10,13 @@ from collections.abc import Callable
 
 from model.sampling_params import SamplingParams
 from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS, EngineConfig
-from scheduler.engine import EngineFatalError, LLMEngine
+from scheduler.engine import LLMEngine
+from scheduler.errors import EngineDeadError, EngineFatalError
 from scheduler.outputs import CompletionOutput, RequestOutput, SchedulerStats
 
 logger = logging.getLogger(__name__)
 
 StatListener = Callable[[SchedulerStats, list[RequestOutput]], None]
-
-
-class EngineDeadError(RuntimeError):
-    """A step failed earlier (or the engine is shut down): no new requests are accepted."""
 
 
 class RequestStream:

@@ -15,19 +15,12 @@ from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.config import EngineConfig, parse_size, resolve_model, served_model_name
+from scheduler.errors import EngineFatalError, fit_max_tokens
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from scheduler.scheduler import SampledToken, Scheduler
 from scheduler.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
-
-
-class PromptTooLongError(ValueError):
-    """The prompt plus the tokens to generate do not fit in max_model_len."""
-
-
-class EngineFatalError(RuntimeError):
-    """A step failed in a way that leaves the engine unusable (dead worker, repeated faults)."""
 
 
 # Errors after which the device cannot be trusted again (a later step would fail or be wrong).
@@ -177,13 +170,9 @@ class LLMEngine:
                 raise SamplingParamsError(
                     f"{name} token id {bad[0]} is out of vocabulary [0, {vocab})", name
                 )
-        n, limit = len(ids), self.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else max(limit - n, 1)
-        if n + max_tokens > limit:
-            raise PromptTooLongError(
-                f"prompt has {n} tokens + max_tokens {max_tokens} > max_model_len {limit}"
-            )
-        return max_tokens
+        return fit_max_tokens(
+            len(ids), params.max_tokens, self.max_model_len, min_tokens=params.min_tokens
+        )
 
     def abort_request(self, request_id: str, error: str | None = None) -> None:
         """Mark for abort; the next step frees its blocks and reports finish_reason "abort"

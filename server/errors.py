@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.sampling_params import SamplingParamsError
+from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
@@ -64,19 +63,16 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 def from_exception(exc: BaseException) -> APIError:
-    """Map engine and validation exceptions to API errors; anything unknown is a 500."""
+    """The engine's named errors as API errors; anything else is a bug: logged, and a 500."""
     if isinstance(exc, APIError):
         return exc
-    # NOTE: looked up, not imported: importing the engine module would pull torch into server/.
-    dead = getattr(sys.modules.get("scheduler.async_engine"), "EngineDeadError", None)
-    if dead is not None and isinstance(exc, dead):
+    if isinstance(exc, EngineDeadError):
         return APIError(
             f"the engine is not accepting requests: {exc}", 503, code="engine_unavailable"
         )
-    if isinstance(exc, SamplingParamsError):
-        return APIError(str(exc), 400, param=exc.param)
-    if isinstance(exc, ValueError):
-        return APIError(str(exc), 400, param=getattr(exc, "param", None))
+    if isinstance(exc, SamplingParamsError):  # PromptTooLongError and ConstraintError too
+        code = "context_length_exceeded" if isinstance(exc, PromptTooLongError) else None
+        return APIError(str(exc), 400, param=exc.param, code=code)
     logger.exception("unexpected error", exc_info=exc)
     return APIError(f"internal server error: {type(exc).__name__}", 500)
 

@@ -14,7 +14,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.sampling_params import SamplingParamsError, StructuredOutputsParams
+from scheduler import StructuredOutputsParams
+from scheduler.errors import SamplingParamsError
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
