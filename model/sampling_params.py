@@ -119,10 +119,6 @@ class SamplingParams:
             raise SamplingParamsError("stop strings must not be empty", "stop")
 
     @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5
-
-    @property
     def needs_penalties(self) -> bool:
         return (
             self.presence_penalty != 0.0

@@ -89,8 +89,7 @@ class OpenAIServingModels:
 
     def model(self, model_id: str) -> ModelCard:
         """GET /v1/models/{id}: the card, or OpenAI's 404 (param null, code model_not_found)."""
-        if model_id not in self.model_names:
-            raise APIError(f"The model `{model_id}` does not exist", 404, code="model_not_found")
+        check_model_name(model_id, self.model_names, param=None)
         return self.card(model_id)
 
     async def tokenize(
