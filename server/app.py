@@ -48,12 +48,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # None: no auth
-    max_waiting: int | None = None  # sequences; None: derived from the KV cache size
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
     model_path: str | None = None  # shown as `root` in /v1/models
     chat_template: str | None = None  # --chat-template: replaces the model's template
     disable_fastapi_docs: bool = False  # no /docs, /redoc, /openapi.json
-    limits: ServingLimits = field(default_factory=ServingLimits)  # its max_waiting is ignored
+    limits: ServingLimits = field(default_factory=ServingLimits)  # max_waiting None: from KV
     max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS  # AsyncEngine's, set by the CLI
     served_model_names: tuple[str, ...] = ()  # every name clients may send; () → the engine's
     allowed_origins: tuple[str, ...] = ()  # CORS; () sends no CORS headers (vLLM's default is *)
@@ -132,13 +131,14 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     if cfg.log_stats:
         engine.add_stat_listener(StatsLogger())
 
-    max_waiting = cfg.max_waiting
-    if max_waiting is None:
-        stats = engine.get_stats()
-        max_waiting = default_max_waiting(stats.num_total_blocks, engine.max_num_seqs)
-    limits = replace(cfg.limits, max_waiting=max_waiting)
+    limits = cfg.limits
+    if limits.max_waiting is None:
+        num_blocks = engine.get_stats().num_total_blocks
+        limits = replace(limits, max_waiting=default_max_waiting(num_blocks, engine.max_num_seqs))
     names = cfg.served_model_names or (engine.model_name,)
-    logs = RequestLogger(engine.tokenizer, cfg.max_log_len) if cfg.enable_log_requests else None
+    logs = (
+        RequestLogger(engine.tokenizer.decode, cfg.max_log_len) if cfg.enable_log_requests else None
+    )
     completion = OpenAIServingCompletion(engine, limits, names, logs, offload)
     chat = OpenAIServingChat(engine, limits, names, logs, offload, cfg.chat_template)
     models = OpenAIServingModels(engine, cfg.model_path, names, offload)

@@ -8,7 +8,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
-from model.inputs import TokenLogprob
+from scheduler import TokenLogprob
 from server.errors import APIError
 from server.protocol import (
     ChatChoice,
@@ -113,8 +113,8 @@ class OpenAIServingChat(OpenAIServing):
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
         params = self.fit_params(len(prompt), params, "messages")
-        request_id = self.new_request_id()
-        created = self.now()
+        head = self.head(req)
+        request_id, created = head["id"], head["created"]
         stream = self.generate(request_id, [prompt], [params])
         acct = RequestAccounting([len(prompt)])
         if req.stream:
