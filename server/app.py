@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -94,9 +93,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        started = engine.start()
-        if inspect.isawaitable(started):
-            await started
+        engine.start()
         try:
             yield
         finally:
@@ -104,9 +101,8 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             await engine.shutdown(cfg.shutdown_timeout)
 
     offload = Offload()
-    docs = {} if not cfg.disable_fastapi_docs else dict(docs_url=None, redoc_url=None)
-    if cfg.disable_fastapi_docs:
-        docs["openapi_url"] = None
+    no_docs = dict.fromkeys(("docs_url", "redoc_url", "openapi_url"))
+    docs = no_docs if cfg.disable_fastapi_docs else {}
     app = FastAPI(title="tokenmill", version=version(), lifespan=lifespan, **docs)
     app.router.route_class = offloaded_json_route(offload)
     install_error_handlers(app)
@@ -141,7 +137,10 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     )
     completion = OpenAIServingCompletion(engine, limits, names, logs, offload)
     chat = OpenAIServingChat(engine, limits, names, logs, offload, cfg.chat_template)
-    models = OpenAIServingModels(engine, cfg.model_path, names, offload)
+    models = OpenAIServingModels(engine, cfg.model_path, names, offload, metrics.finished_counts)
+
+    def json(result: BaseModel) -> Response:
+        return Response(result.model_dump_json(), media_type="application/json")
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:
         """The three-way return: error → JSON with its code, model → JSON, iterator → SSE."""
@@ -149,7 +148,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
         if isinstance(result, APIError):
             return error_response(result)
         if isinstance(result, BaseModel):
-            return Response(result.model_dump_json(), media_type="application/json")
+            return json(result)
         return sse_response(result, shutdown_grace_s=cfg.shutdown_timeout)
 
     @app.post("/v1/completions")
@@ -162,25 +161,19 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return Response(models.models().model_dump_json(), media_type="application/json")
+        return json(models.models())
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> Response:
-        try:
-            card = models.model(model_id)
-        except APIError as e:
-            return error_response(e)
-        return Response(card.model_dump_json(), media_type="application/json")
+        return json(models.model(model_id))  # OpenAI's 404 through the APIError handler
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
-        result = await models.tokenize(body, chat.render)
-        return Response(result.model_dump_json(), media_type="application/json")
+        return json(await models.tokenize(body, chat.render))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
-        result = await models.detokenize(body)
-        return Response(result.model_dump_json(), media_type="application/json")
+        return json(await models.detokenize(body))
 
     @app.get("/health")
     async def health() -> Response:

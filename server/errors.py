@@ -13,16 +13,6 @@ from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    500: "server_error",
-    503: "server_error",
-}
-
 
 class APIError(Exception):
     """An error the client should see with its HTTP status, OpenAI type, param and code."""
@@ -48,9 +38,7 @@ def error_body(
     message: str, status_code: int, param: str | None = None, code: str | None = None
 ) -> dict:
     """The one place that shapes {"error": {message, type, param, code}}."""
-    err_type = _TYPES.get(
-        status_code, "server_error" if status_code >= 500 else "invalid_request_error"
-    )
+    err_type = "server_error" if status_code >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 

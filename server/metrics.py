@@ -237,6 +237,12 @@ class ServerMetrics:
         if end is not None:
             self.e2e_latency.observe(end - m.arrival_time)
 
+    def finished_counts(self) -> dict[str, int]:
+        """tokenmill_requests_finished_total by finished_reason, for /stats."""
+        name, labels = "tokenmill_requests_finished_total", {"model_name": self.model_name}
+        get = self.registry.get_sample_value
+        return {r: int(get(name, {**labels, "finished_reason": r}) or 0) for r in FINISHED_REASONS}
+
     def count_http(self, route: str, status: int, seconds: float | None = None) -> None:
         self.http_requests.labels(self.model_name, route, str(status)).inc()
         if seconds is not None:

@@ -38,8 +38,23 @@ UNSUPPORTED = {
 }
 NEUTRAL = {"best_of": (1,), "modalities": (["text"],)}
 # vLLM's guided-decoding fields and their `structured_outputs` keys → constraint kinds
-_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
-_GUIDED["guided_grammar"] = "grammar"
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+# sampling fields a request may omit (None): SamplingParams' default, or the generation config's
+OPTIONAL_SAMPLING = (
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+)
 
 
 class _Request(BaseModel):
@@ -178,16 +193,7 @@ class _SamplingRequest(_Request):
                     raise SamplingParamsError(
                         f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
                     ) from None
-        given = {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-        }
+        given = {k: getattr(self, k) for k in OPTIONAL_SAMPLING if getattr(self, k) is not None}
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
@@ -200,7 +206,7 @@ class _SamplingRequest(_Request):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=self.structured(),
-            **{k: v for k, v in given.items() if v is not None},
+            **given,
         )
 
 
