@@ -291,8 +291,9 @@ class AsyncEngine:
             request_id: unique among running requests (ValueError otherwise).
             prompt: text (tokenized here, on the caller's thread) or token ids.
             params: validated sampling parameters.
-        Raises (here, before anything is queued): ValueError subclasses for invalid input
-        (PromptTooLongError, ...), EngineDeadError once the engine failed or closed.
+        Raises (here, before anything is queued): SamplingParamsError for invalid input
+        (PromptTooLongError, ConstraintError, ...; scheduler/errors.py), ValueError for a
+        request id still running, EngineDeadError once the engine failed or closed.
         Closing the stream (`aclose()`, or dropping it) aborts the request; its blocks are freed
         at the next step.
         """

@@ -152,7 +152,7 @@ class LLMEngine:
             return self.constraints
 
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
-        """Returns the effective max_tokens (None becomes max_model_len - prompt length)."""
+        """Returns the effective max_tokens (fit_max_tokens: None is the rest of the context)."""
         if not ids:
             raise SamplingParamsError("prompt is empty: at least 1 token is needed", "prompt")
         vocab = self.model_config.vocab_size
