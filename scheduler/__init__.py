@@ -2,6 +2,6 @@
 model/): SamplingParams and its constraint spec going in, TokenLogprob coming out."""
 
 from model.inputs import TokenLogprob
-from model.sampling_params import SamplingParams, StructuredOutputsParams
+from model.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 
-__all__ = ["SamplingParams", "StructuredOutputsParams", "TokenLogprob"]
+__all__ = ["MAX_LOGPROBS", "SamplingParams", "StructuredOutputsParams", "TokenLogprob"]

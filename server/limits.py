@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scheduler import MAX_LOGPROBS
 from server.errors import APIError, error_response
 
 MiB = 1024 * 1024
@@ -30,7 +31,7 @@ class ServingLimits:
     max_stop_string_length: int = 256  # characters, each
     max_logit_bias: int = 1024  # entries
     max_tokens_limit: int | None = None  # cap on max_tokens (None: max_model_len)
-    max_logprobs: int = 20  # logprobs (completions) / top_logprobs (chat)
+    max_logprobs: int = MAX_LOGPROBS  # logprobs (completions) / top_logprobs (chat)
 
     def check(self, req: Any) -> None:
         """400 naming the field and the limit; reads the raw request fields (no tokenization)."""
