@@ -31,14 +31,13 @@ from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
     ToolCall,
+    ToolCallDelta,
     ToolCallStreamer,
     parse_tool_calls,
     preamble,
     tool_call_constraint,
 )
 from server.usage import RequestAccounting
-
-_ARG_PIECE = 16  # streamed tool-call arguments arrive in pieces of this many characters
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -60,6 +59,16 @@ class OpenAIServingChat(OpenAIServing):
         self, req: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator | APIError:
         return await self.run(lambda: self._create(req))
+
+    def _tag_ids(self) -> tuple[int | None, int | None]:
+        """The call tags' token ids where the tokenizer has each as one special token."""
+        tok = self.engine.tokenizer
+
+        def one(text: str) -> int | None:
+            ids = tok.encode(text, add_special_tokens=False)
+            return ids[0] if len(ids) == 1 and tok.is_special(ids[0]) else None
+
+        return one(CALL_OPEN), one(CALL_CLOSE)
 
     def render(
         self, req_messages: list, add_generation_prompt: bool = True, req: Any = None
@@ -98,17 +107,19 @@ class OpenAIServingChat(OpenAIServing):
         self.limits.check(req)
         params = self.sampling_params(req)
         mode = req.tool_mode
-        if mode in ("required", "named"):
-            if params.structured_outputs is not None:
-                raise APIError(
-                    f"tool_choice {mode!r} cannot be combined with "
-                    f"{params.structured_outputs.param}",
-                    400,
-                    param="tool_choice",
-                )
+        if mode in ("required", "named") and params.structured_outputs is not None:
+            raise APIError(
+                f"tool_choice {mode!r} cannot be combined with {params.structured_outputs.param}",
+                400,
+                param="tool_choice",
+            )
+        if mode != "none" and params.structured_outputs is None:
+            # NOTE: auto with response_format keeps the user's constraint: no call grammar
             name = req.tool_choice.function.name if mode == "named" else None
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
-            constraint = tool_call_constraint(tools, name, req.parallel_tool_calls)
+            constraint = tool_call_constraint(
+                tools, name, req.parallel_tool_calls, auto=mode == "auto", tag_ids=self._tag_ids()
+            )
             params = replace(params, structured_outputs=constraint)
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
@@ -140,7 +151,7 @@ class OpenAIServingChat(OpenAIServing):
         for i in range(params.n):
             message = ChatResponseMessage(content=texts[i])
             if mode != "none":
-                content, calls = parse_tool_calls(texts[i])
+                content, calls = parse_tool_calls(texts[i])  # the stream's parser: same calls
                 if calls:
                     message = ChatResponseMessage(content=content, tool_calls=_response(calls))
                     finish[i] = "tool_calls" if finish[i] == "stop" else finish[i]
@@ -191,7 +202,10 @@ class OpenAIServingChat(OpenAIServing):
                         lps = ChatLogprobs(content=self._logprobs(co.logprobs))
                     finish = co.finish_reason
                     if parsers is not None:
-                        for delta in _tool_deltas(parsers[co.index], co.text, finish is not None):
+                        events = parsers[co.index].feed(co.text)
+                        if finish is not None:
+                            events += parsers[co.index].flush()
+                        for delta in _tool_deltas(events):
                             yield chunk([ChatStreamChoice(index=co.index, delta=delta)])
                         if finish == "stop" and parsers[co.index].num_calls:
                             finish = "tool_calls"
@@ -238,28 +252,17 @@ def _response(calls: list[ToolCall]) -> list[ResponseToolCall]:
     ]
 
 
-def _tool_deltas(parser: ToolCallStreamer, text: str, last: bool) -> list[DeltaMessage]:
+def _tool_deltas(events: list[str | ToolCallDelta]) -> list[DeltaMessage]:
     """Content as it comes; each call as OpenAI streams it: index, id and name, then arguments."""
-    before = parser.num_calls
-    content, calls = parser.feed(text)
-    if last:
-        rest, more = parser.flush()
-        content, calls = content + rest, calls + more
     out = []
-    if content and not (calls and not content.strip()):
-        out.append(DeltaMessage(content=content))
-    for k, call in enumerate(calls):
-        index = before + k
-        head = DeltaFunction(name=call.name, arguments="")
-        out.append(
-            DeltaMessage(
-                tool_calls=[DeltaToolCall(index=index, id=call.id, type="function", function=head)]
-            )
-        )
-        args = call.arguments
-        for j in range(0, len(args), _ARG_PIECE):
-            piece = DeltaFunction(arguments=args[j : j + _ARG_PIECE])
-            out.append(DeltaMessage(tool_calls=[DeltaToolCall(index=index, function=piece)]))
+    for ev in events:
+        if isinstance(ev, str):
+            out.append(DeltaMessage(content=ev))
+            continue
+        kind = "function" if ev.id is not None else None
+        fn = DeltaFunction(name=ev.name, arguments=ev.arguments)
+        call = DeltaToolCall(index=ev.index, id=ev.id, type=kind, function=fn)
+        out.append(DeltaMessage(tool_calls=[call]))
     return out
 
 
