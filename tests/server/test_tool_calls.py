@@ -7,6 +7,8 @@ import pytest
 from model.sampling_params import SamplingParamsError
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.tool_calls import (
+    CALL_CLOSE,
+    CALL_OPEN,
     ToolCallDelta,
     ToolCallStreamer,
     parse_tool_calls,
@@ -151,5 +153,26 @@ def test_auto_grammar_free_text_until_the_tag_then_a_valid_call(smollm2_gguf):
         required = tool_call_constraint([WEATHER, TOOL], None, parallel=True)
         assert _walk(compiler, tok, required, good + good) == (n(good + good), True)
         assert _walk(compiler, tok, required, "Hi")[0] == 0
+    finally:
+        compiler.shutdown()
+
+
+def test_auto_grammar_takes_the_tags_as_special_tokens_too(smollm2_gguf):
+    """Templates like Qwen's have `<tool_call>` as one added token: the grammar accepts both."""
+    from model.constraints import ConstraintCompiler
+    from model.tokenizer import load_tokenizer
+
+    hf = load_tokenizer(smollm2_gguf).hf
+    hf.add_tokens([CALL_OPEN, CALL_CLOSE])
+    open_id, close_id = hf.convert_tokens_to_ids([CALL_OPEN, CALL_CLOSE])
+    compiler = ConstraintCompiler(hf, len(hf), [2])
+    try:
+        spec = tool_call_constraint([WEATHER], None, False, auto=True, tag_ids=(open_id, close_id))
+        body = hf.encode('{"name":"w","arguments":{"city":"Rome"}}', add_special_tokens=False)
+        ids = [*hf.encode("Hi ", add_special_tokens=False), open_id, *body, close_id]
+        m = compiler.matcher(spec)
+        assert all(m.accept(t) for t in ids) and m.ll.is_accepting()
+        m = compiler.matcher(spec)
+        assert m.accept(open_id) and not m.accept(hf.encode("Hi", add_special_tokens=False)[0])
     finally:
         compiler.shutdown()
