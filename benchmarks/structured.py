@@ -1,7 +1,7 @@
 """Constrained vs unconstrained decoding on the engine: output tok/s, compile and mask times.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/structured.py [--streams 1 16] [--max-tokens 64]
-        [--no-overlap]
+        [--no-overlap | --fill-during-forward]
 
 At each stream count S, S requests run together (greedy, ignore_eos) once with every request
 constrained to a JSON schema (an object holding at least 24 short strings: enough to fill
@@ -9,8 +9,10 @@ max_tokens) and once without. Decode tok/s counts the tokens after the prefill s
 time after it. The schema differs per request (a distinct `title`), so every request compiles
 its own grammar. Per-step mask fill is the bitmask fill time (by default on a thread, started as
 soon as the previous step's tokens are accepted, so it overlaps detokenizing, scheduling and the
-forward; `--no-overlap` fills just before the forward); mask wait is the part the sampler waited
-for, i.e. what the fill cost the step. The sample time includes waiting and applying the mask.
+forward on a GPU, ending before the forward on a CPU; `--no-overlap` fills just before the
+forward); mask wait is the part of it on the step's path (filling or waiting before the forward
+and in the sampler), i.e. what the fill cost the step. The sample time includes applying the
+mask.
 """
 
 from __future__ import annotations
@@ -84,11 +86,17 @@ def main() -> None:
     ap.add_argument(
         "--no-overlap", action="store_true", help="fill masks just before the forward instead"
     )
+    ap.add_argument(
+        "--fill-during-forward",
+        action="store_true",
+        help="let fills run on during the forward (the default on GPUs, not on CPUs)",
+    )
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model))
     run(engine, 1, 4, True, 10_000)  # warm-up: builds the grammar tokenizer (~1 s, once)
     run(engine, 2, 4, False, 10_010)  # warm-up: the decode kernels (built on first use)
     engine.constraints.overlap = not args.no_overlap
+    engine.constraints.fill_during_forward |= args.fill_during_forward
     engine.constraints.compile_times.clear()
     print("| streams | unconstrained decode tok/s | JSON-schema decode tok/s | ratio "
           "| output tokens (not / constrained) | mask fill ms/step | mask wait ms/step "

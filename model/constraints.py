@@ -71,7 +71,12 @@ class ConstraintCompiler:
     """Compiles constraints against one tokenizer; keeps the last `cache_size` compiled ones."""
 
     def __init__(
-        self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256
+        self,
+        hf_tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: list[int],
+        cache_size: int = 256,
+        fill_during_forward: bool = False,
     ) -> None:
         self.hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
@@ -85,6 +90,9 @@ class ConstraintCompiler:
         # True: the next step's masks are filled on a thread as soon as the tokens are accepted
         # (during detokenize, scheduling and the forward); False: just before the forward
         self.overlap = True
+        # NOTE: on a CPU the forward's OpenMP threads own every core, and a fill thread beside
+        # them slows the step more than it saves (README): fills there end before the forward
+        self.fill_during_forward = fill_during_forward
         self._next: _Fill | None = None  # the fill started by `prefetch`, for the next batch
         self._executor: Any = None
         self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
@@ -132,8 +140,8 @@ class ConstraintCompiler:
     def batch(self, matchers: Sequence[Matcher | None]) -> ConstraintBatch | None:
         """The constrained rows of one step with their masks filled (or filling); None if none.
 
-        Rows prefetched since their last token are reused; the others are filled now (or on
-        the fill thread, with `overlap`)."""
+        Rows prefetched since their last token are reused; the others are filled now, or on
+        the fill thread during the forward (`overlap` and `fill_during_forward`)."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         pre, self._next = self._next, None
         if not rows:
@@ -141,30 +149,33 @@ class ConstraintCompiler:
                 pre.wait()  # NOTE: no matcher may move while a fill reads it
             return None
         ms = [matchers[i] for i in rows]
+        t0 = time.perf_counter()
         ready = pre.rows_of(ms) if pre is not None else {}
         missing = [m for m in ms if id(m) not in ready]
+        background = self.overlap and self.fill_during_forward
         fills: list[_Fill] = []
         if pre is not None:
             fills.append(pre)  # waited for by the batch even if no row of it is used
+            if not background:
+                pre.wait()
         if missing:
             fill = _Fill(missing, self.words)
-            if self.overlap:
+            if background:
                 fill.future = self._fill_thread.submit(fill.run, self._executor)
             else:
                 fill.run(self._executor)
             fills.append(fill)
         new_rows = {id(m): j for j, m in enumerate(missing)}
-        sync = 0.0 if self.overlap or not missing else fills[-1].seconds  # spent before forward
-        where = [
-            (0, ready[id(m)]) if id(m) in ready else (len(fills) - 1, new_rows[id(m)]) for m in ms
-        ]
+        last = len(fills) - 1
+        where = [(0, ready[id(m)]) if id(m) in ready else (last, new_rows[id(m)]) for m in ms]
         batch = ConstraintBatch(rows, ms, fills, where)
-        batch.wait_time = sync
+        batch.wait_time = time.perf_counter() - t0  # filling and waiting before the forward
         return batch
 
     def prefetch(self, matchers: Sequence[Matcher | None]) -> None:
         """Start filling the masks the next step will need, right after the tokens were accepted:
-        the fill (llguidance drops the GIL) overlaps detokenizing, scheduling and the forward."""
+        the fill (llguidance drops the GIL) overlaps detokenizing and scheduling (and the forward
+        with `fill_during_forward`)."""
         live = [m for m in matchers if m is not None and not m.is_finished]
         if self.overlap and live and self._next is None:
             fill = _Fill(live, self.words)
@@ -248,7 +259,7 @@ class ConstraintBatch:
         self.matchers = matchers
         self.fills = fills
         self.where = where  # per row: (fill, row in that fill)
-        self.wait_time = 0.0  # seconds of filling on the step's path (sync fill + sampler's wait)
+        self.wait_time = 0.0  # seconds the step spent filling or waiting for fills
         self._bitmask: torch.Tensor | None = None
 
     @property

@@ -154,7 +154,10 @@ class LLMEngine:
         with self._lock:
             if self.constraints is None:
                 self.constraints = ConstraintCompiler(
-                    self.tokenizer.hf, self.model_config.vocab_size, self.tokenizer.eos_token_ids
+                    self.tokenizer.hf,
+                    self.model_config.vocab_size,
+                    self.tokenizer.eos_token_ids,
+                    fill_during_forward=self.runner.device.type != "cpu",  # a GPU leaves it idle
                 )
             return self.constraints
 

@@ -95,9 +95,11 @@ def test_errors_name_the_field_and_cache_is_bounded(compiler):
     assert compiler.compile(specs[-1]) is compiler.compile(specs[-1])  # a hit is the same object
 
 
-def test_prefetched_masks_are_reused_only_where_they_are_current(compiler, tok):
+@pytest.mark.parametrize("during_forward", [False, True])
+def test_prefetched_masks_are_reused_only_where_they_are_current(compiler, tok, during_forward):
     """prefetch fills the next step's rows after accept; batch reuses them (in any order), fills
     rows that joined or moved since, and always gives the masks a fresh fill would."""
+    compiler.fill_during_forward = during_forward
     digits = StructuredOutputsParams("regex", "[0-9]{2}")
     a, b, c = (compiler.matcher(digits) for _ in range(3))
     one = tok.encode("1", add_special_tokens=False)[0]
@@ -123,3 +125,4 @@ def test_prefetched_masks_are_reused_only_where_they_are_current(compiler, tok):
     assert batch.fill_time > 0 and batch.wait_time >= 0
     compiler.prefetch([a])
     assert compiler.batch([None]) is None and compiler._next is None  # nothing left running
+    compiler.fill_during_forward = False
