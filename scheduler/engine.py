@@ -147,7 +147,10 @@ class LLMEngine:
         with self._lock:
             if self.constraints is None:
                 self.constraints = ConstraintCompiler(
-                    self.tokenizer.hf, self.model_config.vocab_size, self.tokenizer.eos_token_ids
+                    self.tokenizer.hf,
+                    self.model_config.vocab_size,
+                    self.tokenizer.eos_token_ids,
+                    fill_during_forward=self.runner.device.type != "cpu",  # a GPU leaves it idle
                 )
             return self.constraints
 
@@ -222,6 +225,8 @@ class LLMEngine:
                 step_output = self.runner.execute(batch.step_input, constraints)
                 t2 = time.perf_counter()
                 sampled = self.scheduler.update(batch, step_output)
+                if constraints is not None:  # the next step's masks, filled while this one ends
+                    self.constraints.prefetch(constraints.matchers)
                 t3 = time.perf_counter()
                 outputs.extend(self._outputs(sampled, gaps))
                 t4 = time.perf_counter()
@@ -232,6 +237,7 @@ class LLMEngine:
             split.update(self.runner.last_timings)  # prepare / forward / sample (+ comm under TP)
             if constraints is not None:
                 split["mask"] = constraints.fill_time
+                split["mask_wait"] = constraints.wait_time  # of it, on the step's critical path
         self._last_step = SchedulerStats(
             step_duration=time.perf_counter() - t0,
             step_num_seqs=len(batch.seqs) if batch else 0,
