@@ -1,13 +1,18 @@
 """Constrained vs unconstrained decoding on the engine: output tok/s, compile and mask times.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/structured.py [--streams 1 16] [--max-tokens 64]
+        [--no-overlap | --fill-during-forward]
 
 At each stream count S, S requests run together (greedy, ignore_eos) once with every request
 constrained to a JSON schema (an object holding at least 24 short strings: enough to fill
 max_tokens) and once without. Decode tok/s counts the tokens after the prefill step over the
 time after it. The schema differs per request (a distinct `title`), so every request compiles
-its own grammar. Per-step mask time is the bitmask fill (before the forward, or with --overlap
-on a thread during it); the sample time includes applying the mask.
+its own grammar. Per-step mask fill is the bitmask fill time (by default on a thread, started as
+soon as the previous step's tokens are accepted, so it overlaps detokenizing, scheduling and the
+forward on a GPU, ending before the forward on a CPU; `--no-overlap` fills just before the
+forward); mask wait is the part of it on the step's path (filling or waiting before the forward
+and in the sampler), i.e. what the fill cost the step. The sample time includes applying the
+mask.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def run(engine: LLMEngine, streams: int, max_tokens: int, constrained: bool, bas
             temperature=0, max_tokens=max_tokens, ignore_eos=True, structured_outputs=spec
         )
         engine.add_request(f"r{base + i}", ids, params)
-    masks, samples, steps, tokens = [], [], 0, 0
+    masks, waits, samples, steps, tokens = [], [], [], 0, 0
     t_first = None  # after the step that prefilled every prompt: decode only from here
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -61,12 +66,14 @@ def run(engine: LLMEngine, streams: int, max_tokens: int, constrained: bool, bas
         steps += 1
         if "mask" in split:
             masks.append(split["mask"])
+            waits.append(split["mask_wait"])
         samples.append(split.get("sample", 0.0))
     return {
         "tokens": tokens,
         "tok_s": (tokens - first_tokens) / (time.perf_counter() - t_first),
         "steps": steps,
         "mask_ms": statistics.mean(masks) * 1e3 if masks else 0.0,
+        "wait_ms": statistics.mean(waits) * 1e3 if waits else 0.0,
         "sample_ms": statistics.mean(samples) * 1e3,
     }
 
@@ -77,18 +84,24 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2")
     ap.add_argument(
-        "--overlap", action="store_true", help="fill masks on a thread during the forward"
+        "--no-overlap", action="store_true", help="fill masks just before the forward instead"
+    )
+    ap.add_argument(
+        "--fill-during-forward",
+        action="store_true",
+        help="let fills run on during the forward (the default on GPUs, not on CPUs)",
     )
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model))
     run(engine, 1, 4, True, 10_000)  # warm-up: builds the grammar tokenizer (~1 s, once)
     run(engine, 2, 4, False, 10_010)  # warm-up: the decode kernels (built on first use)
-    engine.constraints.overlap = args.overlap
+    engine.constraints.overlap = not args.no_overlap
+    engine.constraints.fill_during_forward |= args.fill_during_forward
     engine.constraints.compile_times.clear()
     print("| streams | unconstrained decode tok/s | JSON-schema decode tok/s | ratio "
-          "| output tokens (not / constrained) | mask fill ms/step "
+          "| output tokens (not / constrained) | mask fill ms/step | mask wait ms/step "
           "| sample ms/step (constrained / not) |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     base = 0
     for s in args.streams:
         free = run(engine, s, args.max_tokens, False, base)
@@ -98,7 +111,7 @@ def main() -> None:
         print(
             f"| {s} | {free['tok_s']:.1f} | {cons['tok_s']:.1f} | "
             f"{cons['tok_s'] / free['tok_s']:.2f} | {free['tokens']} / {cons['tokens']} | "
-            f"{cons['mask_ms']:.3f} | "
+            f"{cons['mask_ms']:.3f} | {cons['wait_ms']:.3f} | "
             f"{cons['sample_ms']:.2f} / {free['sample_ms']:.2f} |"
         )
     times = engine.constraints.compile_times

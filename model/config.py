@@ -5,6 +5,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float32 on CPU, bfloat16 on CUDA
+QUANTIZATIONS = ("none", "int8", "int4")  # None (no flag): a GGUF's own, float for HF folders
+
+
+def check_engine_args(
+    *,
+    block_size: int = 16,
+    tensor_parallel_size: int = 1,
+    dtype: str = "auto",
+    kv_cache_dtype: str = "auto",
+    quantization: str | None = None,
+) -> None:
+    """The one check of the knobs EngineConfig and ModelRunner share; ValueError naming them."""
+    for name, value in (("block_size", block_size), ("tensor_parallel_size", tensor_parallel_size)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    for name, value, allowed in (
+        ("dtype", dtype, DTYPES),
+        ("kv_cache_dtype", kv_cache_dtype, DTYPES),
+        ("quantization", quantization, (None, *QUANTIZATIONS)),
+    ):
+        if value not in allowed:
+            names = ", ".join(a for a in allowed if a is not None)
+            raise ValueError(f"{name} must be one of {names}, got {value!r}")
+
+
 # architecture name -> (qkv bias by default)
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": False,

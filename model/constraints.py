@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,7 +71,12 @@ class ConstraintCompiler:
     """Compiles constraints against one tokenizer; keeps the last `cache_size` compiled ones."""
 
     def __init__(
-        self, hf_tokenizer: Any, vocab_size: int, eos_token_ids: list[int], cache_size: int = 256
+        self,
+        hf_tokenizer: Any,
+        vocab_size: int,
+        eos_token_ids: list[int],
+        cache_size: int = 256,
+        fill_during_forward: bool = False,
     ) -> None:
         self.hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
@@ -80,9 +87,13 @@ class ConstraintCompiler:
         self._lock = threading.Lock()  # add_request may run on several threads
         self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
         self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-mask")
-        # NOTE: False measured better on a 2-core CPU: a fill thread competes with the forward's
-        # OpenMP threads (README, "Structured outputs"); True fills during the forward
-        self.overlap = False
+        # True: the next step's masks are filled on a thread as soon as the tokens are accepted
+        # (during detokenize, scheduling and the forward); False: just before the forward
+        self.overlap = True
+        # NOTE: on a CPU the forward's OpenMP threads own every core, and a fill thread beside
+        # them slows the step more than it saves (README): fills there end before the forward
+        self.fill_during_forward = fill_during_forward
+        self._next: _Fill | None = None  # the fill started by `prefetch`, for the next batch
         self._executor: Any = None
         self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
 
@@ -95,13 +106,12 @@ class ConstraintCompiler:
             self._ll_tokenizer = llguidance.hf.from_tokenizer(
                 self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
             )
-            self._executor = llguidance.LLExecutor()
+            # NOTE: every core: its default (80% of them) is 1 thread on a 2-core machine
+            self._executor = llguidance.LLExecutor(max(1, min(32, os.cpu_count() or 1)))
         return self._ll_tokenizer
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
         """A template matcher for `spec` (cached); raises ConstraintError naming the field."""
-        import time
-
         import llguidance
 
         with self._lock:
@@ -128,13 +138,49 @@ class ConstraintCompiler:
         return Matcher(self.compile(spec).deep_copy(), self.eos_token_ids)
 
     def batch(self, matchers: Sequence[Matcher | None]) -> ConstraintBatch | None:
-        """The constrained rows of one step with their masks filled (or filling); None if none."""
+        """The constrained rows of one step with their masks filled (or filling); None if none.
+
+        Rows prefetched since their last token are reused; the others are filled now, or on
+        the fill thread during the forward (`overlap` and `fill_during_forward`)."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
+        pre, self._next = self._next, None
         if not rows:
+            if pre is not None:
+                pre.wait()  # NOTE: no matcher may move while a fill reads it
             return None
-        batch = ConstraintBatch(rows, [matchers[i] for i in rows], self.words)
-        batch.start(self._fill_thread if self.overlap else None, self._executor)
+        ms = [matchers[i] for i in rows]
+        t0 = time.perf_counter()
+        ready = pre.rows_of(ms) if pre is not None else {}
+        missing = [m for m in ms if id(m) not in ready]
+        background = self.overlap and self.fill_during_forward
+        fills: list[_Fill] = []
+        if pre is not None:
+            fills.append(pre)  # waited for by the batch even if no row of it is used
+            if not background:
+                pre.wait()
+        if missing:
+            fill = _Fill(missing, self.words)
+            if background:
+                fill.future = self._fill_thread.submit(fill.run, self._executor)
+            else:
+                fill.run(self._executor)
+            fills.append(fill)
+        new_rows = {id(m): j for j, m in enumerate(missing)}
+        last = len(fills) - 1
+        where = [(0, ready[id(m)]) if id(m) in ready else (last, new_rows[id(m)]) for m in ms]
+        batch = ConstraintBatch(rows, ms, fills, where)
+        batch.wait_time = time.perf_counter() - t0  # filling and waiting before the forward
         return batch
+
+    def prefetch(self, matchers: Sequence[Matcher | None]) -> None:
+        """Start filling the masks the next step will need, right after the tokens were accepted:
+        the fill (llguidance drops the GIL) overlaps detokenizing and scheduling (and the forward
+        with `fill_during_forward`)."""
+        live = [m for m in matchers if m is not None and not m.is_finished]
+        if self.overlap and live and self._next is None:
+            fill = _Fill(live, self.words)
+            fill.future = self._fill_thread.submit(fill.run, self._executor)
+            self._next = fill
 
     def shutdown(self) -> None:
         self._fill_thread.shutdown(wait=False)
@@ -166,26 +212,17 @@ class Matcher:
         return self.ll.is_stopped()
 
 
-class ConstraintBatch:
-    """One step's constrained rows: their matchers, and the bitmask filled for them."""
+class _Fill:
+    """One bitmask fill for some matchers: a step's own, or the next step's ahead of time."""
 
-    def __init__(self, rows: list[int], matchers: list[Matcher], words: int) -> None:
-        self.rows = rows  # indices into the step's sampling rows
+    def __init__(self, matchers: list[Matcher], words: int) -> None:
         self.matchers = matchers
-        self.bitmask = torch.zeros(len(rows), words, dtype=torch.int32)  # [rows, words]
-        self.fill_time = 0.0  # seconds the fill took
-        self._future: Future | None = None
+        self.at = [m.num_tokens for m in matchers]  # the positions the masks are for
+        self.bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [rows, words]
+        self.seconds = 0.0  # how long the fill took
+        self.future: Future | None = None
 
-    def start(self, thread: ThreadPoolExecutor | None, executor: Any) -> None:
-        """Fill the masks on `thread` (overlapping the forward pass), or now if there is none."""
-        if thread is None:
-            self._fill(executor)
-        else:
-            self._future = thread.submit(self._fill, executor)
-
-    def _fill(self, executor: Any) -> None:
-        import time
-
+    def run(self, executor: Any) -> None:
         t0 = time.perf_counter()
         ptr, words = self.bitmask.data_ptr(), self.bitmask.shape[1]
         pairs = [(m.ll, j) for j, m in enumerate(self.matchers)]
@@ -195,16 +232,61 @@ class ConstraintBatch:
             if m.ll.is_accepting():  # every end-of-turn id ends it, not only the tokenizer's EOS
                 for t in m.eos_token_ids:
                     self.bitmask[j, t // 32] |= _bit(t % 32)
-        self.fill_time = time.perf_counter() - t0
+        self.seconds = time.perf_counter() - t0
 
     def wait(self) -> None:
-        if self._future is not None:
-            self._future.result()
-            self._future = None
+        if self.future is not None:
+            self.future.result()
+            self.future = None
+
+    def rows_of(self, matchers: list[Matcher]) -> dict[int, int]:
+        """id(matcher) → row, for those of `matchers` this fill holds at their current position."""
+        mine = {id(m): j for j, m in enumerate(self.matchers) if self.at[j] == m.num_tokens}
+        return {id(m): mine[id(m)] for m in matchers if id(m) in mine}
+
+
+class ConstraintBatch:
+    """One step's constrained rows: their matchers, and the bitmask rows filled for them."""
+
+    def __init__(
+        self,
+        rows: list[int],
+        matchers: list[Matcher],
+        fills: list[_Fill],
+        where: list[tuple[int, int]],
+    ) -> None:
+        self.rows = rows  # indices into the step's sampling rows
+        self.matchers = matchers
+        self.fills = fills
+        self.where = where  # per row: (fill, row in that fill)
+        self.wait_time = 0.0  # seconds the step spent filling or waiting for fills
+        self._bitmask: torch.Tensor | None = None
+
+    @property
+    def fill_time(self) -> float:
+        """Seconds of mask filling behind this batch (on the fill thread when overlapped)."""
+        return sum(f.seconds for f in self.fills)
+
+    def wait(self) -> None:
+        t0 = time.perf_counter()
+        for f in self.fills:
+            f.wait()
+        self.wait_time += time.perf_counter() - t0
+
+    @property
+    def bitmask(self) -> torch.Tensor:
+        """The rows' bitmasks [rows, words], once every fill is done."""
+        if self._bitmask is None:
+            self.wait()
+            n = len(self.rows)
+            if self.where == [(0, j) for j in range(n)]:  # steady decoding: one fill, in order
+                self._bitmask = self.fills[0].bitmask[:n]
+            else:
+                self._bitmask = torch.stack([self.fills[f].bitmask[j] for f, j in self.where])
+        return self._bitmask
 
     def allowed(self, vocab: int, device: torch.device) -> torch.Tensor:
         """Bool mask [rows, vocab] of the tokens each constrained row may sample."""
-        self.wait()
         # NOTE: one numpy call, not a chain of small torch ops (each an OpenMP region)
         bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
         allowed = torch.from_numpy(bits[:, :vocab]).view(torch.bool)  # [rows, <=vocab]

@@ -36,9 +36,7 @@ class IncrementalDetokenizer:
         stop: list[str] | None = None,
         include_stop_str_in_output: bool = False,
     ) -> None:
-        stop = list(stop or [])
-        if any(not s for s in stop):
-            raise ValueError(f"stop strings must not be empty, got {stop!r}")
+        stop = list(stop or [])  # NOTE: non-empty strings: SamplingParams.validate checks
         self._tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop = stop

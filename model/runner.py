@@ -10,14 +10,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import ModelConfig, check_engine_args
 from model.inputs import StepInput, StepOutput
 from model.kv_cache import KVCacheSpec, allocate_kv_cache, default_kv_cache_memory
 from model.layers import gemv
 from model.layers.attention import AttentionMetadata
 from model.layers.fused_decode import FusedDecode
 from model.layers.linear import packed_nbytes
-from model.layers.quant import QUANTIZATIONS, quantize_rtn
+from model.layers.quant import quantize_rtn
 from model.llama import LlamaForCausalLM
 from model.loader import load_weights
 from model.parallel import ParallelContext, all_reduce
@@ -42,8 +42,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: float32 on CPU, bfloat16 on CUDA."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -54,10 +52,6 @@ def open_checkpoint(path: str, quantization: str | None = None):
     "none" dequantizes everything to float (the reference path); "int8"/"int4" also pack the
     float 2-D weights (round to nearest, group 32).
     """
-    if quantization not in (None, *QUANTIZATIONS):
-        raise ValueError(
-            f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}"
-        )
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -120,8 +114,13 @@ class ModelRunner:
         parallel: ParallelContext | None = None,
         local_rank: int = 0,
     ) -> None:
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        check_engine_args(
+            block_size=block_size,
+            tensor_parallel_size=parallel.size if parallel is not None else 1,
+            dtype=dtype,
+            kv_cache_dtype=kv_cache_dtype,
+            quantization=quantization,
+        )
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs

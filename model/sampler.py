@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-_GREEDY_EPS = 1e-5  # same threshold as SamplingParams.greedy
+_GREEDY_EPS = 1e-5  # temperatures below this are greedy (the one threshold)
 # top-p rows look at this many best tokens, then more; only a wider nucleus falls back to a sort
 _TOP_P_CANDIDATES = (256, 4096)
 _MAX_TOPK = 1024  # larger top_k values go through the full sort as well

@@ -13,6 +13,8 @@ class SamplingParamsError(ValueError):
         self.param = param
 
 
+MAX_LOGPROBS = 20  # top logprobs a request may ask for (the server's --max-logprobs default)
+
 _KINDS = {
     "json": "JSON schema",
     "json_object": "JSON object",
@@ -106,8 +108,8 @@ class SamplingParams:
                 f"min_tokens {self.min_tokens} must not exceed max_tokens {self.max_tokens}",
                 "min_tokens",
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise bad("logprobs", "must be in [0, 20]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
         if self.logit_bias:
             for tok, bias in self.logit_bias.items():
                 if not -100.0 <= bias <= 100.0:
@@ -117,10 +119,6 @@ class SamplingParams:
                     )
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop strings must not be empty", "stop")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < 1e-5
 
     @property
     def needs_penalties(self) -> bool:

@@ -10,16 +10,13 @@ from collections.abc import Callable
 
 from model.sampling_params import SamplingParams
 from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS, EngineConfig
-from scheduler.engine import EngineFatalError, LLMEngine
+from scheduler.engine import LLMEngine
+from scheduler.errors import EngineDeadError, EngineFatalError
 from scheduler.outputs import CompletionOutput, RequestOutput, SchedulerStats
 
 logger = logging.getLogger(__name__)
 
 StatListener = Callable[[SchedulerStats, list[RequestOutput]], None]
-
-
-class EngineDeadError(RuntimeError):
-    """A step failed earlier (or the engine is shut down): no new requests are accepted."""
 
 
 class RequestStream:
@@ -294,8 +291,9 @@ class AsyncEngine:
             request_id: unique among running requests (ValueError otherwise).
             prompt: text (tokenized here, on the caller's thread) or token ids.
             params: validated sampling parameters.
-        Raises (here, before anything is queued): ValueError subclasses for invalid input
-        (PromptTooLongError, ...), EngineDeadError once the engine failed or closed.
+        Raises (here, before anything is queued): SamplingParamsError for invalid input
+        (PromptTooLongError, ConstraintError, ...; scheduler/errors.py), ValueError for a
+        request id still running, EngineDeadError once the engine failed or closed.
         Closing the stream (`aclose()`, or dropping it) aborts the request; its blocks are freed
         at the next step.
         """

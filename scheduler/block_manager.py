@@ -60,8 +60,6 @@ class BlockManager:
     ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -217,15 +215,6 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
-
-    def reset_prefix_cache(self) -> None:
-        """Forget every evictable cached block (blocks in use keep their hashes)."""
-        for b in list(self.evictable):
-            block = self.blocks[b]
-            del self.cached[block.hash]
-            block.hash = block.parent_hash = block.token_ids = None
-            self.free[b] = None
-        self.evictable.clear()
 
     def check_integrity(self, seqs: list[Sequence] | tuple[Sequence, ...] = ()) -> bool:
         """Assert free + evictable + used == total, and ref counts match the given block tables."""

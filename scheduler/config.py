@@ -6,6 +6,11 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+# NOTE: DTYPES and QUANTIZATIONS are re-exported for the CLI (server/ never imports model/)
+from model.config import DTYPES as DTYPES
+from model.config import QUANTIZATIONS as QUANTIZATIONS
+from model.config import check_engine_args
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
@@ -25,9 +30,6 @@ def parse_size(text: str | int | None) -> int | None:
 # Each stream output is one step's delta (~a token per sample); past this many unread, a slow or
 # stuck client's request is aborted rather than buffering its whole generation in memory.
 DEFAULT_MAX_PENDING_OUTPUTS = 1024
-
-DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float32 on CPU, bfloat16 on CUDA
-QUANTIZATIONS = ("none", "int8", "int4")  # None (no flag): a GGUF's own, float for HF folders
 
 
 @dataclass(frozen=True)
@@ -57,35 +59,17 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None  # None: GGUF weights stay packed, HF weights float
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
-    max_waiting: int | None = None  # None: unbounded queue (server answers 503 past it)
 
     def __post_init__(self) -> None:
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ValueError(msg)
-
-        need(self.block_size >= 1, f"block_size must be >= 1, got {self.block_size}")
-        need(self.max_num_seqs >= 1, f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
-        need(
-            self.max_num_batched_tokens >= 1,
-            f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}",
-        )
-        need(
-            self.tensor_parallel_size >= 1,
-            f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}",
-        )
-        need(
-            self.dtype in DTYPES,
-            f"dtype must be auto, float32, float16 or bfloat16, got {self.dtype!r}",
-        )
-        need(
-            self.kv_cache_dtype in DTYPES,
-            "kv_cache_dtype must be auto, float32, float16 or bfloat16, "
-            f"got {self.kv_cache_dtype!r}",
-        )
-        need(
-            self.quantization is None or self.quantization in QUANTIZATIONS,
-            f"quantization must be none, int8 or int4, got {self.quantization!r}",
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_engine_args(
+            block_size=self.block_size,
+            tensor_parallel_size=self.tensor_parallel_size,
+            dtype=self.dtype,
+            kv_cache_dtype=self.kv_cache_dtype,
+            quantization=self.quantization,
         )
 
 

@@ -18,19 +18,12 @@ from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.config import EngineConfig, parse_size, resolve_model, served_model_name
+from scheduler.errors import EngineFatalError, fit_max_tokens
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from scheduler.scheduler import SampledToken, Scheduler
 from scheduler.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
-
-
-class PromptTooLongError(ValueError):
-    """The prompt plus the tokens to generate do not fit in max_model_len."""
-
-
-class EngineFatalError(RuntimeError):
-    """A step failed in a way that leaves the engine unusable (dead worker, repeated faults)."""
 
 
 # Errors after which the device cannot be trusted again (a later step would fail or be wrong).
@@ -149,12 +142,15 @@ class LLMEngine:
         with self._lock:
             if self.constraints is None:
                 self.constraints = ConstraintCompiler(
-                    self.tokenizer.hf, self.model_config.vocab_size, self.tokenizer.eos_token_ids
+                    self.tokenizer.hf,
+                    self.model_config.vocab_size,
+                    self.tokenizer.eos_token_ids,
+                    fill_during_forward=self.runner.device.type != "cpu",  # a GPU leaves it idle
                 )
             return self.constraints
 
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
-        """Returns the effective max_tokens (None becomes max_model_len - prompt length)."""
+        """Returns the effective max_tokens (fit_max_tokens: None is the rest of the context)."""
         if not ids:
             raise SamplingParamsError("prompt is empty: at least 1 token is needed", "prompt")
         vocab = self.model_config.vocab_size
@@ -172,13 +168,9 @@ class LLMEngine:
                 raise SamplingParamsError(
                     f"{name} token id {bad[0]} is out of vocabulary [0, {vocab})", name
                 )
-        n, limit = len(ids), self.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else max(limit - n, 1)
-        if n + max_tokens > limit:
-            raise PromptTooLongError(
-                f"prompt has {n} tokens + max_tokens {max_tokens} > max_model_len {limit}"
-            )
-        return max_tokens
+        return fit_max_tokens(
+            len(ids), params.max_tokens, self.max_model_len, min_tokens=params.min_tokens
+        )
 
     def abort_request(self, request_id: str, error: str | None = None) -> None:
         """Mark for abort; the next step frees its blocks and reports finish_reason "abort"
@@ -228,6 +220,8 @@ class LLMEngine:
                 step_output = self.executor.execute(batch.step_input, constraints)
                 t2 = time.perf_counter()
                 sampled = self.scheduler.update(batch, step_output)
+                if constraints is not None:  # the next step's masks, filled while this one ends
+                    self.constraints.prefetch(constraints.matchers)
                 t3 = time.perf_counter()
                 outputs.extend(self._outputs(sampled, gaps))
                 t4 = time.perf_counter()
@@ -238,6 +232,7 @@ class LLMEngine:
             split.update(self.executor.last_timings)  # prepare / forward / sample (+ comm under TP)
             if constraints is not None:
                 split["mask"] = constraints.fill_time
+                split["mask_wait"] = constraints.wait_time  # of it, on the step's critical path
         self._last_step = SchedulerStats(
             step_duration=time.perf_counter() - t0,
             step_num_seqs=len(batch.seqs) if batch else 0,

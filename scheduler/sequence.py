@@ -34,11 +34,6 @@ FINISH_REASONS: dict[SequenceStatus, str] = {
 }
 
 
-def finish_reason(status: SequenceStatus) -> str | None:
-    """The OpenAI finish_reason of a status; None while the sequence still runs."""
-    return FINISH_REASONS.get(status)
-
-
 @dataclass(slots=True, eq=False)
 class Sequence:
     """Prompt + generated tokens of one sample; `num_computed_tokens` catches up to `num_tokens`.
@@ -89,10 +84,11 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status > SequenceStatus.PREEMPTED
+        return self.status.is_finished
 
     @property
     def finish_reason(self) -> str | None:
+        """The OpenAI finish_reason of the status; None while the sequence still runs."""
         return FINISH_REASONS.get(self.status)
 
     @property

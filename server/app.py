@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -48,12 +47,11 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # None: no auth
-    max_waiting: int | None = None  # sequences; None: derived from the KV cache size
     shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
     model_path: str | None = None  # shown as `root` in /v1/models
     chat_template: str | None = None  # --chat-template: replaces the model's template
     disable_fastapi_docs: bool = False  # no /docs, /redoc, /openapi.json
-    limits: ServingLimits = field(default_factory=ServingLimits)  # its max_waiting is ignored
+    limits: ServingLimits = field(default_factory=ServingLimits)  # max_waiting None: from KV
     max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS  # AsyncEngine's, set by the CLI
     served_model_names: tuple[str, ...] = ()  # every name clients may send; () → the engine's
     allowed_origins: tuple[str, ...] = ()  # CORS; () sends no CORS headers (vLLM's default is *)
@@ -95,9 +93,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        started = engine.start()
-        if inspect.isawaitable(started):
-            await started
+        engine.start()
         try:
             yield
         finally:
@@ -105,9 +101,8 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             await engine.shutdown(cfg.shutdown_timeout)
 
     offload = Offload()
-    docs = {} if not cfg.disable_fastapi_docs else dict(docs_url=None, redoc_url=None)
-    if cfg.disable_fastapi_docs:
-        docs["openapi_url"] = None
+    no_docs = dict.fromkeys(("docs_url", "redoc_url", "openapi_url"))
+    docs = no_docs if cfg.disable_fastapi_docs else {}
     app = FastAPI(title="tokenmill", version=version(), lifespan=lifespan, **docs)
     app.router.route_class = offloaded_json_route(offload)
     install_error_handlers(app)
@@ -132,16 +127,20 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     if cfg.log_stats:
         engine.add_stat_listener(StatsLogger())
 
-    max_waiting = cfg.max_waiting
-    if max_waiting is None:
-        stats = engine.get_stats()
-        max_waiting = default_max_waiting(stats.num_total_blocks, engine.max_num_seqs)
-    limits = replace(cfg.limits, max_waiting=max_waiting)
+    limits = cfg.limits
+    if limits.max_waiting is None:
+        num_blocks = engine.get_stats().num_total_blocks
+        limits = replace(limits, max_waiting=default_max_waiting(num_blocks, engine.max_num_seqs))
     names = cfg.served_model_names or (engine.model_name,)
-    logs = RequestLogger(engine.tokenizer, cfg.max_log_len) if cfg.enable_log_requests else None
+    logs = (
+        RequestLogger(engine.tokenizer.decode, cfg.max_log_len) if cfg.enable_log_requests else None
+    )
     completion = OpenAIServingCompletion(engine, limits, names, logs, offload)
     chat = OpenAIServingChat(engine, limits, names, logs, offload, cfg.chat_template)
-    models = OpenAIServingModels(engine, cfg.model_path, names, offload)
+    models = OpenAIServingModels(engine, cfg.model_path, names, offload, metrics.finished_counts)
+
+    def json(result: BaseModel) -> Response:
+        return Response(result.model_dump_json(), media_type="application/json")
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:
         """The three-way return: error → JSON with its code, model → JSON, iterator → SSE."""
@@ -149,7 +148,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
         if isinstance(result, APIError):
             return error_response(result)
         if isinstance(result, BaseModel):
-            return Response(result.model_dump_json(), media_type="application/json")
+            return json(result)
         return sse_response(result, shutdown_grace_s=cfg.shutdown_timeout)
 
     @app.post("/v1/completions")
@@ -162,25 +161,19 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        return Response(models.models().model_dump_json(), media_type="application/json")
+        return json(models.models())
 
     @app.get("/v1/models/{model_id:path}")
     async def retrieve_model(model_id: str) -> Response:
-        try:
-            card = models.model(model_id)
-        except APIError as e:
-            return error_response(e)
-        return Response(card.model_dump_json(), media_type="application/json")
+        return json(models.model(model_id))  # OpenAI's 404 through the APIError handler
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest) -> Response:
-        result = await models.tokenize(body, chat.render)
-        return Response(result.model_dump_json(), media_type="application/json")
+        return json(await models.tokenize(body, chat.render))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> Response:
-        result = await models.detokenize(body)
-        return Response(result.model_dump_json(), media_type="application/json")
+        return json(await models.detokenize(body))
 
     @app.get("/health")
     async def health() -> Response:

@@ -10,29 +10,22 @@ import signal
 import sys
 import threading
 
-from scheduler.config import DTYPES, QUANTIZATIONS, EngineConfig, parse_size
+from scheduler.config import DTYPES, QUANTIZATIONS, EngineConfig
 from server.app import ServerConfig
-from server.cli_vllm import add_vllm_flags, http_settings, uvicorn_settings
-from server.limits import add_limit_args, limits_from_args
+from server.cli_vllm import (
+    add_limit_args,
+    add_vllm_flags,
+    http_settings,
+    limits_from_args,
+    positive,
+    size,
+    uvicorn_settings,
+)
 
 logger = logging.getLogger(__name__)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FATAL_HEALTH_GRACE_S = 2.0  # after a fatal engine error, /health shows 503 this long, then exit
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -82,20 +75,20 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument(
         "--max-model-len",
-        type=_positive,
+        type=positive,
         default=None,
         help="context length (default: the model's, capped by the KV cache)",
     )
-    s.add_argument("--max-num-seqs", type=_positive, default=256)
-    s.add_argument("--max-num-batched-tokens", type=_positive, default=2048)
+    s.add_argument("--max-num-seqs", type=positive, default=256)
+    s.add_argument("--max-num-batched-tokens", type=positive, default=2048)
     s.add_argument(
         "--kv-cache-memory",
-        type=_size,
+        type=size,
         default=None,
         help="KV cache size, e.g. 2GiB or 512MiB (default: sized to the machine)",
     )
-    s.add_argument("--block-size", type=_positive, default=16)
-    s.add_argument("--tensor-parallel-size", "-tp", type=_positive, default=1)
+    s.add_argument("--block-size", type=positive, default=16)
+    s.add_argument("--tensor-parallel-size", "-tp", type=positive, default=1)
     add_distributed_flags(s)
     s.add_argument("--dtype", choices=DTYPES, default="auto")
     s.add_argument(
@@ -136,7 +129,7 @@ def add_distributed_flags(s: argparse.ArgumentParser) -> None:
     env = os.environ
     s.add_argument(
         "--nnodes",
-        type=_positive,
+        type=positive,
         default=int(env.get("WORLD_SIZE", 1)),
         help="hosts the tensor-parallel ranks span, tp/nnodes ranks each (default: $WORLD_SIZE, 1)",
     )
@@ -194,13 +187,11 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         seed=args.seed,
         quantization=args.quantization,
         kv_cache_dtype=args.kv_cache_dtype,
-        max_waiting=args.max_waiting,
     )
     server_config = ServerConfig(
         host=args.host,
         port=args.port,
         api_key=args.api_key or os.environ.get("TOKENMILL_API_KEY") or None,
-        max_waiting=args.max_waiting,
         shutdown_timeout=args.shutdown_timeout,
         model_path=args.model,
         chat_template=_read_template(args.chat_template),

@@ -1,5 +1,5 @@
-"""The vLLM flags beyond the engine's: model source, generation defaults, HTTP (CORS, TLS, root
-path) and logging, with vLLM's names, value formats and meaning."""
+"""The flags beyond the engine's: model source, generation defaults, HTTP (CORS, TLS, root path),
+logging and request limits, with vLLM's names, value formats and meaning; and their types."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import argparse
 import json
 import os
 import ssl
+from dataclasses import fields
 from typing import Any
+
+from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS, parse_size
+from server.limits import ServingLimits
 
 UVICORN_LOG_LEVELS = ("trace", "debug", "info", "warning", "error", "critical")
 
@@ -64,10 +68,28 @@ def _cert_reqs(text: str) -> int:
     return value
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def size(text: str) -> int:
+    """A byte size such as 2GiB, 512MiB or 1000000."""
+    try:
+        value = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 byte, got {text!r}")
     return value
 
 
@@ -146,7 +168,7 @@ def add_vllm_flags(s: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-log-len",
-        type=_positive,
+        type=positive,
         default=None,
         help="prompt characters and token ids a logged request shows (default: all)",
     )
@@ -155,6 +177,54 @@ def add_vllm_flags(s: argparse.ArgumentParser) -> None:
         action="store_true",
         help="accepted for vLLM scripts: usage.prompt_tokens_details is always sent",
     )
+
+
+def add_limit_args(parser: argparse.ArgumentParser) -> None:
+    """The `tokenmill serve` flags for ServingLimits (vLLM-style names; see README's table)."""
+    d = ServingLimits()
+    g = parser.add_argument_group("request limits (a request over one gets a 400/413 naming it)")
+    g.add_argument(
+        "--max-waiting",
+        type=positive,
+        default=None,
+        help="sequences (prompts x n) that may wait for a slot before new requests get 503 + "
+        "Retry-After (default: one per KV cache block, at least 2 x --max-num-seqs)",
+    )
+    g.add_argument(
+        "--max-request-body-size",
+        type=size,
+        default=d.max_request_body_size,
+        help="largest request body, e.g. 16MiB (default 4MiB); 413 past it",
+    )
+    g.add_argument("--max-prompts-per-request", type=positive, default=d.max_prompts_per_request)
+    g.add_argument("--max-n", type=positive, default=d.max_n, help="largest n (samples)")
+    g.add_argument("--max-stop-strings", type=non_negative, default=d.max_stop_strings)
+    g.add_argument("--max-stop-string-length", type=positive, default=d.max_stop_string_length)
+    g.add_argument("--max-logit-bias", type=non_negative, default=d.max_logit_bias)
+    g.add_argument(
+        "--max-tokens-limit",
+        type=positive,
+        default=None,
+        help="largest max_tokens a request may ask for (default: max_model_len)",
+    )
+    g.add_argument(
+        "--max-logprobs",
+        type=non_negative,
+        default=d.max_logprobs,
+        help="largest logprobs (completions) / top_logprobs (chat)",
+    )
+    g.add_argument(
+        "--max-pending-outputs",
+        type=positive,
+        default=DEFAULT_MAX_PENDING_OUTPUTS,
+        help="stream outputs a slow client may leave unread before its request is aborted",
+    )
+
+
+def limits_from_args(args: argparse.Namespace) -> ServingLimits:
+    """Every ServingLimits field that is a flag (same name), the rest at its default."""
+    given = {f.name: getattr(args, f.name) for f in fields(ServingLimits) if hasattr(args, f.name)}
+    return ServingLimits(**given)
 
 
 def http_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import logging
-import sys
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from model.sampling_params import SamplingParamsError
+from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParamsError
 
 logger = logging.getLogger(__name__)
-
-_TYPES = {
-    400: "invalid_request_error",
-    401: "invalid_request_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    500: "server_error",
-    503: "server_error",
-}
 
 
 class APIError(Exception):
@@ -49,9 +38,7 @@ def error_body(
     message: str, status_code: int, param: str | None = None, code: str | None = None
 ) -> dict:
     """The one place that shapes {"error": {message, type, param, code}}."""
-    err_type = _TYPES.get(
-        status_code, "server_error" if status_code >= 500 else "invalid_request_error"
-    )
+    err_type = "server_error" if status_code >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
@@ -64,19 +51,16 @@ def error_response(err: APIError) -> JSONResponse:
 
 
 def from_exception(exc: BaseException) -> APIError:
-    """Map engine and validation exceptions to API errors; anything unknown is a 500."""
+    """The engine's named errors as API errors; anything else is a bug: logged, and a 500."""
     if isinstance(exc, APIError):
         return exc
-    # NOTE: looked up, not imported: importing the engine module would pull torch into server/.
-    dead = getattr(sys.modules.get("scheduler.async_engine"), "EngineDeadError", None)
-    if dead is not None and isinstance(exc, dead):
+    if isinstance(exc, EngineDeadError):
         return APIError(
             f"the engine is not accepting requests: {exc}", 503, code="engine_unavailable"
         )
-    if isinstance(exc, SamplingParamsError):
-        return APIError(str(exc), 400, param=exc.param)
-    if isinstance(exc, ValueError):
-        return APIError(str(exc), 400, param=getattr(exc, "param", None))
+    if isinstance(exc, SamplingParamsError):  # PromptTooLongError and ConstraintError too
+        code = "context_length_exceeded" if isinstance(exc, PromptTooLongError) else None
+        return APIError(str(exc), 400, param=exc.param, code=code)
     logger.exception("unexpected error", exc_info=exc)
     return APIError(f"internal server error: {type(exc).__name__}", 500)
 

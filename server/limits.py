@@ -6,14 +6,13 @@ tokenization or engine work, so one request cannot buy unbounded CPU, memory or 
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS, parse_size
+from scheduler import MAX_LOGPROBS
 from server.errors import APIError, error_response
 
 MiB = 1024 * 1024
@@ -32,7 +31,7 @@ class ServingLimits:
     max_stop_string_length: int = 256  # characters, each
     max_logit_bias: int = 1024  # entries
     max_tokens_limit: int | None = None  # cap on max_tokens (None: max_model_len)
-    max_logprobs: int = 20  # logprobs (completions) / top_logprobs (chat)
+    max_logprobs: int = MAX_LOGPROBS  # logprobs (completions) / top_logprobs (chat)
 
     def check(self, req: Any) -> None:
         """400 naming the field and the limit; reads the raw request fields (no tokenization)."""
@@ -194,81 +193,3 @@ class BodySizeLimitMiddleware:
             if started:
                 raise
             await error_response(self._error(f"more than {self.max_size}"))(scope, receive, send)
-
-
-def add_limit_args(parser: argparse.ArgumentParser) -> None:
-    """The `tokenmill serve` flags for ServingLimits (vLLM-style names; see README's table)."""
-    d = ServingLimits()
-
-    def size(text: str) -> int:
-        try:
-            value = parse_size(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        if value is None or value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1 byte, got {text!r}")
-        return value
-
-    def positive(text: str) -> int:
-        value = int(text)
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-        return value
-
-    def non_negative(text: str) -> int:
-        value = int(text)
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-        return value
-
-    g = parser.add_argument_group("request limits (a request over one gets a 400/413 naming it)")
-    g.add_argument(
-        "--max-waiting",
-        type=positive,
-        default=None,
-        help="sequences (prompts x n) that may wait for a slot before new requests get 503 + "
-        "Retry-After (default: one per KV cache block, at least 2 x --max-num-seqs)",
-    )
-    g.add_argument(
-        "--max-request-body-size",
-        type=size,
-        default=d.max_request_body_size,
-        help="largest request body, e.g. 16MiB (default 4MiB); 413 past it",
-    )
-    g.add_argument("--max-prompts-per-request", type=positive, default=d.max_prompts_per_request)
-    g.add_argument("--max-n", type=positive, default=d.max_n, help="largest n (samples)")
-    g.add_argument("--max-stop-strings", type=non_negative, default=d.max_stop_strings)
-    g.add_argument("--max-stop-string-length", type=positive, default=d.max_stop_string_length)
-    g.add_argument("--max-logit-bias", type=non_negative, default=d.max_logit_bias)
-    g.add_argument(
-        "--max-tokens-limit",
-        type=positive,
-        default=None,
-        help="largest max_tokens a request may ask for (default: max_model_len)",
-    )
-    g.add_argument(
-        "--max-logprobs",
-        type=non_negative,
-        default=d.max_logprobs,
-        help="largest logprobs (completions) / top_logprobs (chat)",
-    )
-    g.add_argument(
-        "--max-pending-outputs",
-        type=positive,
-        default=DEFAULT_MAX_PENDING_OUTPUTS,
-        help="stream outputs a slow client may leave unread before its request is aborted",
-    )
-
-
-def limits_from_args(args: argparse.Namespace) -> ServingLimits:
-    return ServingLimits(
-        max_waiting=args.max_waiting,
-        max_request_body_size=args.max_request_body_size,
-        max_prompts_per_request=args.max_prompts_per_request,
-        max_n=args.max_n,
-        max_stop_strings=args.max_stop_strings,
-        max_stop_string_length=args.max_stop_string_length,
-        max_logit_bias=args.max_logit_bias,
-        max_tokens_limit=args.max_tokens_limit,
-        max_logprobs=args.max_logprobs,
-    )

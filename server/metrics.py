@@ -73,33 +73,53 @@ class ServerMetrics:
         def histogram(n: str, doc: str, buckets: tuple) -> Histogram:
             return Histogram(n, doc, name, buckets=buckets, **m).labels(model_name)
 
-        self.num_requests_running = gauge(
-            "tokenmill_num_requests_running", "Requests in the running batch after the last step."
-        )
-        self.num_requests_waiting = gauge(
-            "tokenmill_num_requests_waiting",
-            "Requests queued for admission (incl. preempted ones) after the last step.",
-        )
-        self.kv_cache_usage = gauge(
-            "tokenmill_kv_cache_usage_ratio",
-            "Fraction of KV cache blocks in use, 0..1 (cached-but-free prefix blocks are free).",
-        )
-        self.kv_blocks_free = gauge(
-            "tokenmill_kv_cache_free_blocks", "KV cache blocks free (incl. evictable cached ones)."
-        )
-        self.kv_blocks_total = gauge(
-            "tokenmill_kv_cache_total_blocks", "KV cache blocks allocated at startup."
-        )
-        self.prompt_tokens = counter(
-            "tokenmill_prompt_tokens",
-            "Prompt tokens, counted once per request when its first token is generated "
-            "(as usage.prompt_tokens; vLLM's counting).",
-        )
-        self.generation_tokens = counter(
-            "tokenmill_generation_tokens",
-            "Generated tokens, all samples, counted every engine step "
-            "(as usage.completion_tokens).",
-        )
+        # Gauges and counters that mirror a SchedulerStats field (counters: its running total).
+        self.gauges = {
+            "num_running": gauge(
+                "tokenmill_num_requests_running",
+                "Requests in the running batch after the last step.",
+            ),
+            "num_waiting": gauge(
+                "tokenmill_num_requests_waiting",
+                "Requests queued for admission (incl. preempted ones) after the last step.",
+            ),
+            "kv_cache_usage": gauge(
+                "tokenmill_kv_cache_usage_ratio",
+                "Fraction of KV cache blocks in use, 0..1 (cached-but-free prefix blocks are "
+                "free).",
+            ),
+            "num_free_blocks": gauge(
+                "tokenmill_kv_cache_free_blocks",
+                "KV cache blocks free (incl. evictable cached ones).",
+            ),
+            "num_total_blocks": gauge(
+                "tokenmill_kv_cache_total_blocks", "KV cache blocks allocated at startup."
+            ),
+        }
+        self.counters = {
+            "prompt_tokens_total": counter(
+                "tokenmill_prompt_tokens",
+                "Prompt tokens, counted once per request when its first token is generated "
+                "(as usage.prompt_tokens; vLLM's counting).",
+            ),
+            "generation_tokens_total": counter(
+                "tokenmill_generation_tokens",
+                "Generated tokens, all samples, counted every engine step "
+                "(as usage.completion_tokens).",
+            ),
+            "num_preemptions_total": counter(
+                "tokenmill_num_preemptions",
+                "Running requests preempted because KV blocks ran out.",
+            ),
+            "prefix_cache_queries_total": counter(
+                "tokenmill_prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache (tokens, not requests).",
+            ),
+            "prefix_cache_hits_total": counter(
+                "tokenmill_prefix_cache_hits",
+                "Prompt tokens served from the prefix cache (tokens).",
+            ),
+        }
         finished = Counter(
             "tokenmill_requests_finished",
             "Finished requests by finished_reason (stop, length, abort, error).",
@@ -107,16 +127,6 @@ class ServerMetrics:
             **m,
         )
         self.requests_finished = {r: finished.labels(model_name, r) for r in FINISHED_REASONS}
-        self.preemptions = counter(
-            "tokenmill_num_preemptions", "Running requests preempted because KV blocks ran out."
-        )
-        self.prefix_cache_queries = counter(
-            "tokenmill_prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache (tokens, not requests).",
-        )
-        self.prefix_cache_hits = counter(
-            "tokenmill_prefix_cache_hits", "Prompt tokens served from the prefix cache (tokens)."
-        )
         self.http_requests = Counter(
             "tokenmill_http_requests",
             "HTTP responses by route template (not raw path) and status code.",
@@ -170,36 +180,20 @@ class ServerMetrics:
             "tokenmill_step_batch_size", "Sequences in the batch, per engine step.", BATCH_BUCKETS
         )
         # The engine reports cumulative totals; counters advance by the difference.
-        self._last_totals = [0, 0, 0, 0, 0]
+        self._last_totals: dict[str, int] = {}
         self._last_step = 0  # num_steps_total of the last step whose per-step values we observed
         # Per-request tokens of the samples that finished in an earlier delta (n > 1).
         self._sample_tokens: dict[str, dict[int, int]] = {}
 
     def stat_listener(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
         """Called on the engine's step thread after each step; O(finished) and lock-light."""
-        self.num_requests_running.set(stats.num_running)
-        self.num_requests_waiting.set(stats.num_waiting)
-        self.kv_cache_usage.set(stats.kv_cache_usage)
-        self.kv_blocks_free.set(stats.num_free_blocks)
-        self.kv_blocks_total.set(stats.num_total_blocks)
-        totals = (
-            stats.num_preemptions_total,
-            stats.prefix_cache_queries_total,
-            stats.prefix_cache_hits_total,
-            stats.prompt_tokens_total,
-            stats.generation_tokens_total,
-        )
-        counters = (
-            self.preemptions,
-            self.prefix_cache_queries,
-            self.prefix_cache_hits,
-            self.prompt_tokens,
-            self.generation_tokens,
-        )
-        for i, (total, counter) in enumerate(zip(totals, counters, strict=True)):
-            if total > self._last_totals[i]:
-                counter.inc(total - self._last_totals[i])
-            self._last_totals[i] = total
+        for attr, g in self.gauges.items():
+            g.set(getattr(stats, attr))
+        for attr, c in self.counters.items():
+            total, last = getattr(stats, attr), self._last_totals.get(attr, 0)
+            if total > last:
+                c.inc(total - last)
+            self._last_totals[attr] = total
         if stats.step_num_seqs > 0:
             self.step_duration.observe(stats.step_duration)
             self.step_batch_size.observe(stats.step_num_seqs)
@@ -236,6 +230,12 @@ class ServerMetrics:
         end = m.finished_time if m.finished_time is not None else m.last_token_time
         if end is not None:
             self.e2e_latency.observe(end - m.arrival_time)
+
+    def finished_counts(self) -> dict[str, int]:
+        """tokenmill_requests_finished_total by finished_reason, for /stats."""
+        name, labels = "tokenmill_requests_finished_total", {"model_name": self.model_name}
+        get = self.registry.get_sample_value
+        return {r: int(get(name, {**labels, "finished_reason": r}) or 0) for r in FINISHED_REASONS}
 
     def count_http(self, route: str, status: int, seconds: float | None = None) -> None:
         self.http_requests.labels(self.model_name, route, str(status)).inc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -19,7 +19,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from model.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
+from scheduler import SamplingParams, StructuredOutputsParams
+from scheduler.errors import SamplingParamsError
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,23 @@ UNSUPPORTED = {
 }
 NEUTRAL = {"best_of": (1,), "modalities": (["text"],)}
 # vLLM's guided-decoding fields and their `structured_outputs` keys → constraint kinds
-_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice"}
-_GUIDED["guided_grammar"] = "grammar"
+_GUIDED = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+# sampling fields a request may omit (None): SamplingParams' default, or the generation config's
+OPTIONAL_SAMPLING = (
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+)
 
 
 class _Request(BaseModel):
@@ -177,16 +193,7 @@ class _SamplingRequest(_Request):
                     raise SamplingParamsError(
                         f"logit_bias keys must be token ids, got {key!r}", "logit_bias"
                     ) from None
-        given = {
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "seed": self.seed,
-            "presence_penalty": self.presence_penalty,
-            "frequency_penalty": self.frequency_penalty,
-            "top_k": self.top_k,
-            "min_p": self.min_p,
-            "repetition_penalty": self.repetition_penalty,
-        }
+        given = {k: getattr(self, k) for k in OPTIONAL_SAMPLING if getattr(self, k) is not None}
         return SamplingParams(
             n=self.n,
             max_tokens=max_tokens,
@@ -199,7 +206,7 @@ class _SamplingRequest(_Request):
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=self.structured(),
-            **{k: v for k, v in given.items() if v is not None},
+            **given,
         )
 
 
@@ -444,17 +451,28 @@ class Timings(BaseModel):
     predicted_per_second: float | None
 
 
-class _WithTimings(BaseModel):
-    """Responses that carry `timings` only when the request opted in (no null field otherwise)."""
+class _Omitting(BaseModel):
+    """Leaves out the `_omit` fields when None or empty, as OpenAI omits them (no null)."""
 
-    timings: Timings | None = None
+    _omit: ClassVar[tuple[str, ...]] = ()
 
     @model_serializer(mode="wrap")
-    def _drop_absent_timings(self, handler: Any) -> dict:
-        data = handler(self)
-        if data.get("timings") is None:
-            data.pop("timings", None)
-        return data
+    def _drop_absent(self, handler: Any) -> dict:
+        return {
+            k: v for k, v in handler(self).items() if k not in self._omit or v not in (None, [])
+        }
+
+
+class _Response(_Omitting):
+    """What every generation response and chunk carries; `timings` only when opted in."""
+
+    _omit = ("timings",)
+
+    id: str
+    object: str  # each response's Literal
+    created: int
+    model: str
+    timings: Timings | None = None
 
 
 class CompletionLogProbs(BaseModel):
@@ -471,11 +489,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class CompletionResponse(_WithTimings):
-    id: str
+class CompletionResponse(_Response):
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -505,18 +520,12 @@ class ResponseToolCall(BaseModel):
     function: ResponseFunction
 
 
-class ChatResponseMessage(BaseModel):
+class ChatResponseMessage(_Omitting):
+    _omit = ("tool_calls",)  # only when there are some, as OpenAI sends it
+
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ResponseToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_no_calls(self, handler: Any) -> dict:
-        """tool_calls only when there are some, as OpenAI sends it."""
-        out = handler(self)
-        if not out.get("tool_calls"):
-            out.pop("tool_calls", None)
-        return out
 
 
 class ChatChoice(BaseModel):
@@ -526,44 +535,34 @@ class ChatChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(_WithTimings):
-    id: str
+class ChatCompletionResponse(_Response):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
 
 
-class DeltaFunction(BaseModel):
+class DeltaFunction(_Omitting):
+    _omit = ("name", "arguments")
+
     name: str | None = None
     arguments: str | None = None
 
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: Any) -> dict:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
+class DeltaToolCall(_Omitting):
+    _omit = ("id", "type")
 
-class DeltaToolCall(BaseModel):
     index: int
     id: str | None = None
     type: Literal["function"] | None = None
     function: DeltaFunction
 
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: Any) -> dict:
-        return {k: v for k, v in handler(self).items() if v is not None}
 
+class DeltaMessage(_Omitting):
+    _omit = ("role", "content", "tool_calls")
 
-class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
-
-    @model_serializer(mode="wrap")
-    def _drop_none(self, handler: Any) -> dict:
-        """OpenAI deltas omit absent fields instead of sending null."""
-        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatStreamChoice(BaseModel):
@@ -573,11 +572,8 @@ class ChatStreamChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionChunk(_WithTimings):
-    id: str
+class ChatCompletionChunk(_Response):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChatStreamChoice]
     usage: UsageInfo | None = None
 

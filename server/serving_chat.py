@@ -8,7 +8,8 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any
 
-from model.inputs import TokenLogprob
+from scheduler import TokenLogprob
+from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
 from server.errors import APIError
 from server.protocol import (
     ChatChoice,
@@ -31,14 +32,12 @@ from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
     ToolCall,
+    ToolCallDelta,
     ToolCallStreamer,
     parse_tool_calls,
     preamble,
     tool_call_constraint,
 )
-from server.usage import RequestAccounting
-
-_ARG_PIECE = 16  # streamed tool-call arguments arrive in pieces of this many characters
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -60,6 +59,16 @@ class OpenAIServingChat(OpenAIServing):
         self, req: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncIterator | APIError:
         return await self.run(lambda: self._create(req))
+
+    def _tag_ids(self) -> tuple[int | None, int | None]:
+        """The call tags' token ids where the tokenizer has each as one special token."""
+        tok = self.engine.tokenizer
+
+        def one(text: str) -> int | None:
+            ids = tok.encode(text, add_special_tokens=False)
+            return ids[0] if len(ids) == 1 and tok.is_special(ids[0]) else None
+
+        return one(CALL_OPEN), one(CALL_CLOSE)
 
     def render(
         self, req_messages: list, add_generation_prompt: bool = True, req: Any = None
@@ -98,116 +107,86 @@ class OpenAIServingChat(OpenAIServing):
         self.limits.check(req)
         params = self.sampling_params(req)
         mode = req.tool_mode
-        if mode in ("required", "named"):
-            if params.structured_outputs is not None:
-                raise APIError(
-                    f"tool_choice {mode!r} cannot be combined with "
-                    f"{params.structured_outputs.param}",
-                    400,
-                    param="tool_choice",
-                )
+        if mode in ("required", "named") and params.structured_outputs is not None:
+            raise APIError(
+                f"tool_choice {mode!r} cannot be combined with {params.structured_outputs.param}",
+                400,
+                param="tool_choice",
+            )
+        if mode != "none" and params.structured_outputs is None:
+            # NOTE: auto with response_format keeps the user's constraint: no call grammar
             name = req.tool_choice.function.name if mode == "named" else None
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
-            constraint = tool_call_constraint(tools, name, req.parallel_tool_calls)
+            constraint = tool_call_constraint(
+                tools, name, req.parallel_tool_calls, auto=mode == "auto", tag_ids=self._tag_ids()
+            )
             params = replace(params, structured_outputs=constraint)
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
         params = self.fit_params(len(prompt), params, "messages")
-        request_id = self.new_request_id()
-        created = self.now()
-        stream = self.generate(request_id, [prompt], [params])
-        acct = RequestAccounting([len(prompt)])
+        head = self.head(req)
+        stream = self.generate(head["id"], [prompt], [params])
+        acc = RequestAccumulator(
+            [len(prompt)], params.n, lambda _, lps: self._logprobs(lps), req.timings_per_token
+        )
         if req.stream:
-            return self._stream(req, request_id, created, stream, params.n, acct)
-        texts = [""] * params.n
-        logprobs: list[list[ChatTokenLogprob] | None] = [None] * params.n
-        finish: list[str | None] = [None] * params.n
-        counts = [0] * params.n
-        async with aclosing(stream):
-            async for _, out in stream:
-                if out.error:
-                    raise APIError(f"request {out.request_id} failed: {out.error}", 500)
-                acct.add(0, out)
-                for co in out.outputs:
-                    texts[co.index] += co.text
-                    counts[co.index] = co.num_tokens
-                    finish[co.index] = co.finish_reason or finish[co.index]
-                    if co.logprobs is not None:
-                        logprobs[co.index] = (logprobs[co.index] or []) + self._logprobs(
-                            co.logprobs
-                        )
+            return self._stream(req, head, acc, acc.deltas(stream))
+        async with aclosing(acc.deltas(stream)) as deltas:
+            async for _ in deltas:
+                pass
         choices = []
-        for i in range(params.n):
-            message = ChatResponseMessage(content=texts[i])
+        for i, c in enumerate(acc.choices):
+            message, finish = ChatResponseMessage(content=c.text), c.finish_reason
             if mode != "none":
-                content, calls = parse_tool_calls(texts[i])
+                content, calls = parse_tool_calls(c.text)  # the stream's parser: same calls
                 if calls:
                     message = ChatResponseMessage(content=content, tool_calls=_response(calls))
-                    finish[i] = "tool_calls" if finish[i] == "stop" else finish[i]
+                    finish = "tool_calls" if finish == "stop" else finish
+            logprobs = ChatLogprobs(content=c.logprobs) if req.logprobs else None
             choices.append(
-                ChatChoice(
-                    index=i,
-                    message=message,
-                    logprobs=ChatLogprobs(content=logprobs[i] or []) if req.logprobs else None,
-                    finish_reason=finish[i],
-                )
+                ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
             )
         return ChatCompletionResponse(
-            id=request_id,
-            created=created,
-            model=req.model or self.model_name,
-            choices=choices,
-            usage=acct.usage(sum(counts)),
-            timings=acct.timings(sum(counts)) if req.timings_per_token else None,
+            **head, choices=choices, usage=acc.usage(), timings=acc.timings()
         )
 
-    async def _stream(self, req, request_id, created, stream, n, acct):
+    async def _stream(self, req, head, acc, deltas):
         """First chunk per choice carries role: assistant; then content deltas; usage chunk last."""
 
-        def chunk(choices: list[ChatStreamChoice], usage: bool = False):
-            return ChatCompletionChunk(
-                id=request_id,
-                created=created,
-                model=req.model or self.model_name,
-                choices=choices,
-                usage=acct.usage(sum(counts)) if usage else None,
-                timings=acct.timings(sum(counts)) if req.timings_per_token else None,
-            )
+        def chunk(choice: ChatStreamChoice | None) -> ChatCompletionChunk:
+            """A chunk of one choice, or (None) the usage chunk with choices: []."""
+            choices, usage = ([choice], None) if choice is not None else ([], acc.usage())
+            return ChatCompletionChunk(**head, choices=choices, usage=usage, timings=acc.timings())
 
-        counts = [0] * n
-        parsers = [ToolCallStreamer() for _ in range(n)] if req.tool_mode != "none" else None
-        async with aclosing(stream):
-            for i in range(n):
-                role = DeltaMessage(role="assistant", content="")
-                yield chunk([ChatStreamChoice(index=i, delta=role)])
-            async for _, out in stream:
-                if out.error:
-                    raise APIError(f"request {out.request_id} failed: {out.error}", 500)
-                acct.add(0, out)
-                for co in out.outputs:
-                    counts[co.index] = co.num_tokens
-                    lps = None
-                    if co.logprobs is not None and req.logprobs:
-                        lps = ChatLogprobs(content=self._logprobs(co.logprobs))
-                    finish = co.finish_reason
-                    if parsers is not None:
-                        for delta in _tool_deltas(parsers[co.index], co.text, finish is not None):
-                            yield chunk([ChatStreamChoice(index=co.index, delta=delta)])
-                        if finish == "stop" and parsers[co.index].num_calls:
-                            finish = "tool_calls"
-                        if finish is None and lps is None:
-                            continue
-                        delta = DeltaMessage()
-                    else:
-                        if not co.text and finish is None and lps is None:
-                            continue
-                        delta = DeltaMessage(content=co.text or None)
-                    choice = ChatStreamChoice(
-                        index=co.index, delta=delta, logprobs=lps, finish_reason=finish
-                    )
-                    yield chunk([choice])
+        parsers = [ToolCallStreamer() for _ in range(acc.n)] if req.tool_mode != "none" else None
+        async with aclosing(deltas):
+            for i in range(acc.n):
+                yield chunk(
+                    ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                )
+            async for i, co, entries in deltas:
+                lps = ChatLogprobs(content=entries) if entries is not None else None
+                finish = co.finish_reason
+                if parsers is not None:
+                    events = parsers[i].feed(co.text)
+                    if finish is not None:
+                        events += parsers[i].flush()
+                    for delta in _tool_deltas(events):
+                        yield chunk(ChatStreamChoice(index=i, delta=delta))
+                    if finish == "stop" and parsers[i].num_calls:
+                        finish = "tool_calls"
+                    if finish is None and lps is None:
+                        continue
+                    delta = DeltaMessage()
+                else:
+                    if not co.text and finish is None and lps is None:
+                        continue
+                    delta = DeltaMessage(content=co.text or None)
+                yield chunk(
+                    ChatStreamChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish)
+                )
         if req.include_usage:
-            yield chunk([], usage=True)
+            yield chunk(None)
 
     def _logprobs(self, lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
         """New shape: token, logprob, bytes, top_logprobs."""
@@ -215,7 +194,7 @@ class OpenAIServingChat(OpenAIServing):
 
         def top(token_id: int, logprob: float) -> TopLogprob:
             s, raw = tok.id_to_token(token_id), tok.token_bytes(token_id)
-            return TopLogprob(token=s, logprob=max(logprob, -9999.0), bytes=list(raw))
+            return TopLogprob(token=s, logprob=max(logprob, LOGPROB_FLOOR), bytes=list(raw))
 
         out = []
         for lp in lps:
@@ -238,28 +217,17 @@ def _response(calls: list[ToolCall]) -> list[ResponseToolCall]:
     ]
 
 
-def _tool_deltas(parser: ToolCallStreamer, text: str, last: bool) -> list[DeltaMessage]:
+def _tool_deltas(events: list[str | ToolCallDelta]) -> list[DeltaMessage]:
     """Content as it comes; each call as OpenAI streams it: index, id and name, then arguments."""
-    before = parser.num_calls
-    content, calls = parser.feed(text)
-    if last:
-        rest, more = parser.flush()
-        content, calls = content + rest, calls + more
     out = []
-    if content and not (calls and not content.strip()):
-        out.append(DeltaMessage(content=content))
-    for k, call in enumerate(calls):
-        index = before + k
-        head = DeltaFunction(name=call.name, arguments="")
-        out.append(
-            DeltaMessage(
-                tool_calls=[DeltaToolCall(index=index, id=call.id, type="function", function=head)]
-            )
-        )
-        args = call.arguments
-        for j in range(0, len(args), _ARG_PIECE):
-            piece = DeltaFunction(arguments=args[j : j + _ARG_PIECE])
-            out.append(DeltaMessage(tool_calls=[DeltaToolCall(index=index, function=piece)]))
+    for ev in events:
+        if isinstance(ev, str):
+            out.append(DeltaMessage(content=ev))
+            continue
+        kind = "function" if ev.id is not None else None
+        fn = DeltaFunction(name=ev.name, arguments=ev.arguments)
+        call = DeltaToolCall(index=ev.index, id=ev.id, type=kind, function=fn)
+        out.append(DeltaMessage(tool_calls=[call]))
     return out
 
 

@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from model.inputs import TokenLogprob
-from model.sampling_params import SamplingParamsError
+from scheduler import TokenLogprob
+from scheduler.errors import SamplingParamsError
+from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
 from server.errors import APIError
 from server.protocol import (
     CompletionChoice,
@@ -17,23 +18,29 @@ from server.protocol import (
     CompletionResponse,
 )
 from server.serving_engine import OpenAIServing
-from server.usage import RequestAccounting
 
 _UTF8 = codecs.getincrementaldecoder("utf-8")
 
+# one legacy logprob entry: token, its logprob, top logprobs (incl. the token), text_offset
+_Entry = tuple[str, float, dict[str, float], int]
+
 
 @dataclass(slots=True)
-class _Choice:
-    """One choice being accumulated (non-streaming) or tracked (streaming offsets, echo)."""
+class _Offset:
+    """Where a choice's next token starts in its text (legacy logprobs' text_offset)."""
 
-    text: str = ""
-    offset: int = 0  # text_offset of the next token
-    logprobs: CompletionLogProbs | None = None
-    finish_reason: str | None = None
-    num_tokens: int = 0
-    started: bool = False
+    offset: int = 0
     # the token bytes decoded so far: text_offset advances by the characters a token completes
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: _UTF8(errors="replace"))
+
+
+def _legacy(entries: list[_Entry]) -> CompletionLogProbs:
+    """Legacy shape: parallel lists tokens, token_logprobs, top_logprobs, text_offset."""
+    cols = [list(col) for col in zip(*entries, strict=True)] or [[], [], [], []]
+    tokens, logprobs, tops, offsets = cols
+    return CompletionLogProbs(
+        tokens=tokens, token_logprobs=logprobs, top_logprobs=tops, text_offset=offsets
+    )
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -48,93 +55,53 @@ class OpenAIServingCompletion(OpenAIServing):
         base = self.sampling_params(req)
         prompts = await self.offload(self._prompt_ids, req.prompt)  # NOTE: tokenizing is heavy
         params = [self.fit_params(len(p), base, "prompt") for p in prompts]
-        echo_texts = [""] * len(prompts)
+        echo = [""] * len(prompts)
         if req.echo:
-            echo_texts = await self.offload(self._echo_texts, req.prompt, prompts)
-        request_id = self.new_request_id()
-        created = self.now()
-        stream = self.generate(request_id, prompts, params)
+            echo = await self.offload(self._echo_texts, req.prompt, prompts)
+        head = self.head(req)
+        stream = self.generate(head["id"], prompts, params)
         n = base.n
-        choices = [_Choice() for _ in range(len(prompts) * n)]
-        for i, choice in enumerate(choices):
-            choice.offset = len(echo_texts[i // n])
-        acct = RequestAccounting([len(p) for p in prompts])
-        if req.stream:
-            return self._stream(req, request_id, created, stream, choices, echo_texts, acct)
-        async with aclosing(stream):
-            async for p, out in stream:
-                if out.error:
-                    raise APIError(f"request {out.request_id} failed: {out.error}", 500)
-                acct.add(p, out)
-                for co in out.outputs:
-                    c = choices[p * n + co.index]
-                    c.text += co.text
-                    c.num_tokens = co.num_tokens
-                    c.finish_reason = co.finish_reason or c.finish_reason
-                    if co.logprobs is not None:
-                        c.logprobs = self._add_logprobs(c, co.logprobs, c.logprobs)
-        num_generated = sum(c.num_tokens for c in choices)
-        return CompletionResponse(
-            id=request_id,
-            created=created,
-            model=req.model or self.model_name,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text=echo_texts[i // n] + c.text,
-                    logprobs=c.logprobs if req.logprobs is not None else None,
-                    finish_reason=c.finish_reason,
-                )
-                for i, c in enumerate(choices)
-            ],
-            usage=acct.usage(num_generated),
-            timings=acct.timings(num_generated) if req.timings_per_token else None,
+        offsets = [_Offset(len(echo[i // n])) for i in range(len(prompts) * n)]
+        acc = RequestAccumulator(
+            [len(p) for p in prompts],
+            n,
+            lambda i, lps: self._logprobs(offsets[i], lps),
+            req.timings_per_token,
         )
-
-    async def _stream(self, req, request_id, created, stream, choices, echo_texts, acct):
-        """One chunk per changed choice; the usage chunk (choices: []) last if asked."""
-        n = len(choices) // len(echo_texts)
-        async with aclosing(stream):
-            async for p, out in stream:
-                if out.error:
-                    raise APIError(f"request {out.request_id} failed: {out.error}", 500)
-                acct.add(p, out)
-                for co in out.outputs:
-                    index = p * n + co.index
-                    c = choices[index]
-                    c.num_tokens = co.num_tokens
-                    text = co.text
-                    if not c.started:
-                        c.started = True
-                        text = echo_texts[p] + text
-                    logprobs = None
-                    if co.logprobs is not None:
-                        logprobs = self._add_logprobs(c, co.logprobs, None)
-                    if not text and co.finish_reason is None and logprobs is None:
-                        continue
-                    choice = CompletionChoice(
-                        index=index, text=text, logprobs=logprobs, finish_reason=co.finish_reason
-                    )
-                    timings = None
-                    if req.timings_per_token:
-                        timings = acct.timings(sum(c.num_tokens for c in choices))
-                    yield CompletionResponse(
-                        id=request_id,
-                        created=created,
-                        model=req.model or self.model_name,
-                        choices=[choice],
-                        timings=timings,
-                    )
-        if req.include_usage:
-            num_generated = sum(c.num_tokens for c in choices)
-            yield CompletionResponse(
-                id=request_id,
-                created=created,
-                model=req.model or self.model_name,
-                choices=[],
-                usage=acct.usage(num_generated),
-                timings=acct.timings(num_generated) if req.timings_per_token else None,
+        if req.stream:
+            return self._stream(req, head, acc, acc.deltas(stream), echo)
+        async with aclosing(acc.deltas(stream)) as deltas:
+            async for _ in deltas:
+                pass
+        choices = [
+            CompletionChoice(
+                index=i,
+                text=echo[i // n] + c.text,
+                logprobs=_legacy(c.logprobs) if req.logprobs is not None else None,
+                finish_reason=c.finish_reason,
             )
+            for i, c in enumerate(acc.choices)
+        ]
+        return CompletionResponse(**head, choices=choices, usage=acc.usage(), timings=acc.timings())
+
+    async def _stream(self, req, head, acc, deltas, echo):
+        """One chunk per changed choice (echo before its first text); usage chunk last if asked."""
+        started: set[int] = set()
+        async with aclosing(deltas):
+            async for i, co, entries in deltas:
+                text = co.text
+                if i not in started:
+                    started.add(i)
+                    text = echo[i // acc.n] + text
+                if not text and co.finish_reason is None and entries is None:
+                    continue
+                logprobs = _legacy(entries) if entries is not None else None
+                choice = CompletionChoice(
+                    index=i, text=text, logprobs=logprobs, finish_reason=co.finish_reason
+                )
+                yield CompletionResponse(**head, choices=[choice], timings=acc.timings())
+        if req.include_usage:
+            yield CompletionResponse(**head, choices=[], usage=acc.usage(), timings=acc.timings())
 
     def _prompt_ids(self, prompt: str | list) -> list[list[int]]:
         """Token ids per prompt (runs off the event loop); ids outside the vocabulary are a 400."""
@@ -166,25 +133,20 @@ class OpenAIServingCompletion(OpenAIServing):
             return list(prompt)
         return [self.engine.tokenizer.decode(ids) for ids in prompts]
 
-    def _add_logprobs(
-        self, c: _Choice, lps: list[TokenLogprob], into: CompletionLogProbs | None
-    ) -> CompletionLogProbs:
-        """Legacy shape: tokens, token_logprobs, top_logprobs (dicts incl. the sampled token).
+    def _logprobs(self, at: _Offset, lps: list[TokenLogprob]) -> list[_Entry]:
+        """Legacy entries; top_logprobs include the sampled token.
 
         text_offset is where each token's text starts in the choice's text: a token that holds
         part of a UTF-8 character starts at that character and advances past it only once the
         character is complete (the engine reports only tokens whose text it returned).
         """
         tok = self.engine.tokenizer
-        into = into or CompletionLogProbs()
+        out = []
         for lp in lps:
             s = tok.id_to_token(lp.token_id)
-            top = {tok.id_to_token(t): max(v, -9999.0) for t, v in lp.top}
-            top.setdefault(s, max(lp.logprob, -9999.0))
-            into.tokens.append(s)
-            into.token_logprobs.append(max(lp.logprob, -9999.0))
-            into.top_logprobs.append(top)
-            into.text_offset.append(c.offset)
+            top = {tok.id_to_token(t): max(v, LOGPROB_FLOOR) for t, v in lp.top}
+            top.setdefault(s, max(lp.logprob, LOGPROB_FLOOR))
+            out.append((s, max(lp.logprob, LOGPROB_FLOOR), top, at.offset))
             if not tok.is_special(lp.token_id):  # NOTE: special tokens add no text (skipped)
-                c.offset += len(c.utf8.decode(tok.token_bytes(lp.token_id)))
-        return into
+                at.offset += len(at.utf8.decode(tok.token_bytes(lp.token_id)))
+        return out

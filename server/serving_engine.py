@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from model.sampling_params import SamplingParams
+from scheduler import SamplingParams
+from scheduler.errors import fit_max_tokens
 from server.errors import APIError, from_exception
 from server.limits import ServingLimits, check_text_length
 from server.offload import Offload
@@ -22,15 +23,15 @@ if TYPE_CHECKING:
 _END = object()
 
 
-def check_model_name(model: str | None, names: tuple[str, ...]) -> None:
-    """OpenAI's 404 for a model this server does not serve (None: the default model)."""
+def check_model_name(
+    model: str | None, names: tuple[str, ...], param: str | None = "model"
+) -> None:
+    """OpenAI's 404 for a model this server does not serve (None: the default model); a request
+    field (`param`) also hears which names are served."""
     if model is not None and model not in names:
-        served = ", ".join(f"`{n}`" for n in names)
+        served = "; this server serves " + ", ".join(f"`{n}`" for n in names) if param else ""
         raise APIError(
-            f"The model `{model}` does not exist; this server serves {served}",
-            404,
-            param="model",
-            code="model_not_found",
+            f"The model `{model}` does not exist{served}", 404, param=param, code="model_not_found"
         )
 
 
@@ -83,40 +84,29 @@ class OpenAIServing:
         check_text_length(self.engine, num_chars, param)
 
     def fit_params(self, prompt_len: int, params: SamplingParams, param: str) -> SamplingParams:
-        """Length check naming both numbers; no max_tokens means 'the rest of the context'
-        (at most --max-tokens-limit, which also caps a default such as completions' 16)."""
-        max_len, limit = self.engine.max_model_len, self.limits.max_tokens_limit
+        """max_tokens by the engine's rule (scheduler/errors.py); none given means the rest of
+        the context, at most the generation-config default and --max-tokens-limit."""
+        caps = [self.limits.max_tokens_limit]
         if params.max_tokens is None:
-            room = min(max_len - prompt_len, self.defaults.get("max_tokens", max_len))
-            if room < 1:
-                raise APIError(
-                    f"prompt has {prompt_len} tokens, which leaves no room to generate within "
-                    f"max_model_len {max_len}",
-                    400,
-                    param=param,
-                    code="context_length_exceeded",
-                )
-            room = room if limit is None else min(room, limit)
-            return replace(params, max_tokens=max(room, params.min_tokens))
-        if limit is not None and params.max_tokens > limit:  # a default: explicit ones got a 400
-            params = replace(params, max_tokens=max(limit, params.min_tokens))
-        if prompt_len + params.max_tokens > max_len:
-            raise APIError(
-                f"prompt has {prompt_len} tokens + max_tokens {params.max_tokens} = "
-                f"{prompt_len + params.max_tokens} > max_model_len {max_len}; "
-                "shorten the prompt or lower max_tokens",
-                400,
-                param="max_tokens" if prompt_len < max_len else param,
-                code="context_length_exceeded",
-            )
-        return params
+            caps.append(self.defaults.get("max_tokens"))
+        max_tokens = fit_max_tokens(
+            prompt_len,
+            params.max_tokens,
+            self.engine.max_model_len,
+            min_tokens=params.min_tokens,
+            cap=min((c for c in caps if c is not None), default=None),
+            param=param,
+        )
+        return replace(params, max_tokens=max_tokens)
 
-    def new_request_id(self) -> str:
-        return f"{self.prefix}-{uuid.uuid4().hex}"
-
-    @staticmethod
-    def now() -> int:
-        return int(time.time())
+    def head(self, req: Any) -> dict[str, Any]:
+        """id, created and model of a response and each of its chunks (the name it was sent)."""
+        created = int(time.time())
+        return {
+            "id": f"{self.prefix}-{uuid.uuid4().hex}",
+            "created": created,
+            "model": req.model or self.model_name,
+        }
 
     def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import threading
 import time
-from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from server.errors import APIError
@@ -25,7 +24,6 @@ from server.serving_engine import check_model_name
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
-    from scheduler.outputs import RequestOutput, SchedulerStats
 
 
 def version() -> str:
@@ -33,25 +31,6 @@ def version() -> str:
         return importlib.metadata.version("tokenmill")
     except importlib.metadata.PackageNotFoundError:
         return "0.1.0+source"
-
-
-class FinishedCounter:
-    """Counts finished samples by finish_reason on the step thread, so tests can see aborts."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def __call__(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
-        with self._lock:
-            for out in finished:
-                for co in out.outputs:
-                    if co.finish_reason is not None:
-                        self._counts[co.finish_reason] += 1
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
 
 
 class OpenAIServingModels:
@@ -63,14 +42,14 @@ class OpenAIServingModels:
         model_path: str | None = None,
         model_names: tuple[str, ...] = (),
         offload: Offload | None = None,
+        finished: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.engine = engine
+        self.finished = finished  # finished requests by finish_reason (ServerMetrics' counter)
         self.offload = offload or Offload()
         self.model_path = model_path
         self.model_names = model_names or (engine.model_name,)
         self.created = int(time.time())
-        self.finished = FinishedCounter()
-        engine.add_stat_listener(self.finished)
 
     def check_model(self, model: str | None) -> None:
         check_model_name(model, self.model_names)
@@ -89,8 +68,7 @@ class OpenAIServingModels:
 
     def model(self, model_id: str) -> ModelCard:
         """GET /v1/models/{id}: the card, or OpenAI's 404 (param null, code model_not_found)."""
-        if model_id not in self.model_names:
-            raise APIError(f"The model `{model_id}` does not exist", 404, code="model_not_found")
+        check_model_name(model_id, self.model_names, param=None)
         return self.card(model_id)
 
     async def tokenize(
@@ -128,7 +106,7 @@ class OpenAIServingModels:
         return DetokenizeResponse(prompt=self.engine.tokenizer.decode(req.tokens))
 
     def stats(self) -> dict:
-        """Engine SchedulerStats plus finished samples by reason (debug view, not OpenAI)."""
+        """Engine SchedulerStats plus finished requests by reason (debug view, not OpenAI)."""
         stats = dataclasses.asdict(self.engine.get_stats())
-        stats["finished_total"] = self.finished.snapshot()
+        stats["finished_total"] = self.finished()
         return stats

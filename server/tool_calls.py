@@ -1,20 +1,22 @@
 """Tool calling: the tool preamble, the grammar that enforces calls, and parsing calls from text.
 
 The model writes each call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the
-Hermes / Qwen format that many chat templates teach). For `tool_choice` "required" or a named
-function a Lark grammar (llguidance's, with `%json` for each function's parameter schema) allows
-nothing else, so even a small model returns well-formed calls; "auto" leaves the choice to the
-model and parses whatever calls it wrote.
+Hermes / Qwen format that many chat templates teach, and the built-in preamble's). A Lark grammar
+(llguidance's, with `%json` for each function's parameter schema) enforces it: for `tool_choice`
+"required" or a named function it allows nothing but calls; for "auto" it allows free text until
+the opening tag (a lazy trigger), then only a well-formed call (llguidance's "structural tag").
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from model.sampling_params import SamplingParamsError, StructuredOutputsParams
+from scheduler import StructuredOutputsParams
+from scheduler.errors import SamplingParamsError
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -57,10 +59,20 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _tag(text: str, token_id: int | None) -> str:
+    """A tag as a Lark alternative: its text, or its single special token where it has one."""
+    return json.dumps(text) if token_id is None else f"({json.dumps(text)} | <[{token_id}]>)"
+
+
 def tool_call_constraint(
-    tools: list[dict[str, Any]], name: str | None, parallel: bool
+    tools: list[dict[str, Any]],
+    name: str | None,
+    parallel: bool,
+    auto: bool = False,
+    tag_ids: tuple[int | None, int | None] = (None, None),
 ) -> StructuredOutputsParams:
-    """A grammar that allows only calls: to `name`, or to any tool; several only if `parallel`."""
+    """A grammar for calls to `name` or to any tool (several only if `parallel`); with `auto`,
+    free text until the opening tag. `tag_ids`: the open/close tags' special token ids, if any."""
     functions = [t["function"] for t in tools]
     if name is not None:
         functions = [f for f in functions if f["name"] == name]
@@ -71,23 +83,52 @@ def tool_call_constraint(
                 "tool_choice",
             )
         parallel = False
-    rules = [
-        f"call_{i}: {json.dumps(CALL_OPEN)} %json{json.dumps(_call_schema(f))} "
-        f"{json.dumps(CALL_CLOSE)}"
-        for i, f in enumerate(functions)
-    ]
-    alts = " | ".join(f"call_{i}" for i in range(len(functions)))
+    open_id, close_id = tag_ids
     # NOTE: no separator between parallel calls: after a newline small models start another call
-    start = "start: call+" if parallel else "start: call"
-    grammar = "\n".join([start, f"call: {alts}", *rules])
-    return StructuredOutputsParams("grammar", grammar, param="tools")
+    more = " call*" if parallel else ""
+    if auto:
+        # free text, or free text up to the opening tag and then calls only (lazy: the trigger
+        # matches as soon as its text appears, so a started call cannot fall back to text)
+        head = "head_text" if open_id is None else f"head_text | TEXT <[{open_id}]>"
+        start = [
+            f"start: TEXT | head args close{more}",
+            f"head: {head}",
+            f"head_text[lazy]: TEXT {json.dumps(CALL_OPEN)}",
+            r"TEXT: /(.|\n)*/",
+        ]
+    else:
+        start = [f"start: call{more}"]
+    lines = [
+        "%llguidance {}",
+        *start,
+        "call: open args close",
+        f"open: {_tag(CALL_OPEN, open_id)}",
+        f"close: {_tag(CALL_CLOSE, close_id)}",
+        "args: " + " | ".join(f"fn_{i}" for i in range(len(functions))),
+        *(f"fn_{i}: %json{json.dumps(_call_schema(f))}" for i, f in enumerate(functions)),
+    ]
+    return StructuredOutputsParams("grammar", "\n".join(lines), param="tools")
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 @dataclass(slots=True)
 class ToolCall:
     name: str
     arguments: str  # JSON text
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    id: str = field(default_factory=_new_id)
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    """A piece of call `index` as OpenAI streams it: id and name first, then arguments."""
+
+    index: int
+    arguments: str = ""
+    id: str | None = None
+    name: str | None = None
 
 
 def _parse_call(body: str) -> ToolCall | None:
@@ -103,64 +144,147 @@ def _parse_call(body: str) -> ToolCall | None:
 
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """Split model output into content (text outside calls, None if empty) and its calls."""
+    """Split model output into content (text outside calls, None if empty) and its calls; the
+    same parser as the stream, so both give the same calls."""
     streamer = ToolCallStreamer()
-    content, calls = streamer.feed(text)
-    rest, more = streamer.flush()
-    content += rest
-    return (content.strip() or None) if calls or more else content, calls + more
+    content, calls = "", []
+    for ev in streamer.feed(text) + streamer.flush():
+        if isinstance(ev, str):
+            content += ev
+        elif ev.id is not None:
+            calls.append(ToolCall(ev.name or "", ev.arguments, ev.id))
+        else:
+            calls[ev.index].arguments += ev.arguments
+    return ((content.strip() or None) if calls else content), calls
+
+
+# the head of a call as the grammar writes it: the name first, then the arguments' value
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:')
 
 
 class ToolCallStreamer:
-    """Incremental parser: text deltas in, (content to show, completed calls) out.
+    """Incremental parser: text deltas in, events out: content text and ToolCallDeltas.
 
-    Text that could be the start of `<tool_call>` is held back until it is known not to be.
+    Text that could be the start of `<tool_call>` is held back until it is known not to be; a
+    call's id and name go out once the name is complete, then its arguments as they arrive.
+    Calls in another shape (no name first, arguments as a string) go out whole at their end.
     """
 
     def __init__(self) -> None:
         self._buf = ""
-        self._in_call = False
+        self._state = "text"  # text | head | args | tail (after the arguments, before the close)
+        self._pending = ""  # whitespace-only content, sent with the next text (dropped at a call)
+        self._depth = 0  # the arguments' JSON nesting
+        self._in_str = self._esc = False
         self.num_calls = 0
 
-    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+    def feed(self, delta: str) -> list[str | ToolCallDelta]:
         self._buf += delta
-        content, calls = "", []
-        while True:
-            if self._in_call:
-                end = self._buf.find(CALL_CLOSE)
-                if end < 0:
-                    return content, calls
-                call = _parse_call(self._buf[:end])
-                if call is not None:
-                    calls.append(call)
-                    self.num_calls += 1
-                else:  # not a call after all: show it as text
-                    content += CALL_OPEN + self._buf[: end + len(CALL_CLOSE)]
-                self._buf = self._buf[end + len(CALL_CLOSE) :].lstrip("\n")
-                self._in_call = False
-                continue
-            start = self._buf.find(CALL_OPEN)
-            if start >= 0:
-                content += self._buf[:start]
-                self._buf = self._buf[start + len(CALL_OPEN) :]
-                self._in_call = True
-                continue
-            keep = _partial_suffix(self._buf, CALL_OPEN)
-            content += self._buf[: len(self._buf) - keep]
-            self._buf = self._buf[len(self._buf) - keep :]
-            return content, calls
+        out: list[str | ToolCallDelta] = []
+        while self._step(out):
+            pass
+        return out
 
-    def flush(self) -> tuple[str, list[ToolCall]]:
-        """At the end: an unterminated call is parsed if it is complete JSON, else shown as text."""
+    def flush(self) -> list[str | ToolCallDelta]:
+        """At the end: an unterminated call is parsed if it is complete JSON, else shown as text;
+        arguments cut short (by max_tokens) stay as they came."""
+        out: list[str | ToolCallDelta] = []
         rest, self._buf = self._buf, ""
-        if self._in_call:
-            self._in_call = False
+        if self._state == "head":
             call = _parse_call(rest)
             if call is not None:
-                self.num_calls += 1
-                return "", [call]
-            return CALL_OPEN + rest, []
-        return rest, []
+                self._emit_call(out, call)
+            else:
+                self._content(out, CALL_OPEN + rest)
+        elif self._state == "text":
+            self._content(out, rest)
+        if self._pending and not self.num_calls:
+            out.append(self._pending)
+        self._pending, self._state = "", "text"
+        return out
+
+    def _content(self, out: list, text: str) -> None:
+        text, self._pending = self._pending + text, ""
+        if text.strip():
+            out.append(text)
+        else:
+            self._pending = text
+
+    def _emit_call(self, out: list, call: ToolCall) -> None:
+        out.append(ToolCallDelta(self.num_calls, "", call.id, call.name))
+        if call.arguments:
+            out.append(ToolCallDelta(self.num_calls, call.arguments))
+        self.num_calls += 1
+
+    def _step(self, out: list) -> bool:
+        """Consume what the current state can; True if the state changed (loop again)."""
+        buf = self._buf
+        if self._state == "text":
+            start = buf.find(CALL_OPEN)
+            if start < 0:
+                keep = _partial_suffix(buf, CALL_OPEN)
+                self._content(out, buf[: len(buf) - keep])
+                self._buf = buf[len(buf) - keep :]
+                return False
+            self._content(out, buf[:start])
+            self._pending = ""  # whitespace before a call is no content
+            self._buf, self._state = buf[start + len(CALL_OPEN) :], "head"
+            return True
+        if self._state == "head":
+            m = _HEAD.match(buf)
+            value = buf[m.end() :].lstrip() if m else ""
+            if m and value[:1] in ("{", "["):
+                name = json.loads(f'"{m.group(1)}"')
+                out.append(ToolCallDelta(self.num_calls, "", _new_id(), name))
+                self._buf, self._state = value, "args"
+                self._depth, self._in_str, self._esc = 0, False, False
+                return True
+            end = buf.find(CALL_CLOSE)
+            if end < 0:
+                return False
+            call = _parse_call(buf[:end])  # another shape: the whole call at once
+            if call is not None:
+                self._emit_call(out, call)
+            else:
+                self._content(out, CALL_OPEN + buf[: end + len(CALL_CLOSE)])
+            self._buf, self._state = buf[end + len(CALL_CLOSE) :], "text"
+            return True
+        if self._state == "args":
+            n = self._scan(buf)
+            if n:
+                out.append(ToolCallDelta(self.num_calls, buf[:n]))
+            self._buf = buf[n:]
+            if self._depth > 0:
+                return False
+            self.num_calls += 1
+            self._state = "tail"
+            return True
+        end = buf.find(CALL_CLOSE)  # tail: the closing brace and tag
+        if end < 0:
+            self._buf = buf[-len(CALL_CLOSE) :]
+            return False
+        self._buf, self._state = buf[end + len(CALL_CLOSE) :], "text"
+        return True
+
+    def _scan(self, text: str) -> int:
+        """How many chars of `text` still belong to the arguments' JSON value."""
+        for i, ch in enumerate(text):
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif ch == "\\":
+                    self._esc = True
+                elif ch == '"':
+                    self._in_str = False
+            elif ch == '"':
+                self._in_str = True
+            elif ch in "{[":
+                self._depth += 1
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    return i + 1
+        return len(text)
 
 
 def _partial_suffix(text: str, tag: str) -> int:

@@ -1,4 +1,5 @@
-"""Imports point one way: server → scheduler → model; no web stack below server, no torch in it."""
+"""Imports point one way: server → scheduler → model; no web stack below server, and server
+reaches model/ only through scheduler/ (so never torch)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ FORBIDDEN = {
         "uvicorn",
         "sse_starlette",
     },
-    "server": {"torch"},
+    "server": {"torch", "model"},
 }
 
 
@@ -72,6 +73,10 @@ def test_checker_catches_wrong_edges() -> None:
         "m.py imports server",
     ]
     assert wrong_way_edges("server", {"s.py": src}) == ["s.py imports torch"]
+    direct = (
+        "from model.sampling_params import SamplingParams\nfrom scheduler import TokenLogprob\n"
+    )
+    assert wrong_way_edges("server", {"s.py": direct}) == ["s.py imports model"]
     assert wrong_way_edges("scheduler", {"c.py": "import fastapi\nfrom pydantic import X"}) == [
         "c.py imports fastapi",
         "c.py imports pydantic",
@@ -80,10 +85,12 @@ def test_checker_catches_wrong_edges() -> None:
 
 @pytest.mark.timeout(60)
 def test_server_modules_load_without_torch() -> None:
-    """The HTTP layer itself (app, protocol, CLI) runs without importing torch at import time."""
+    """The HTTP layer itself (app, protocol, CLI) and the scheduler surface it imports at load
+    time (contract types, errors, config, outputs) run without importing torch."""
     code = (
         "import sys\n"
         "import server.app, server.cli, server.protocol, server.sse, server.auth, server.errors\n"
+        "import scheduler, scheduler.errors, scheduler.config, scheduler.outputs\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not loaded, loaded[:5]\n"
     )

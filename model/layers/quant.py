@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from model.layers import gemv
 
 GROUP = 32
-QUANTIZATIONS = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,11 +52,6 @@ class RotaryEmbedding(nn.Module):
         return cos, sin
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate [num_tokens, num_heads, head_dim] by the per-token angles (a new tensor)."""
-        return RotaryEmbedding.apply_(x.clone(), cos, sin)
-
-    @staticmethod
     def apply_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x in place (x may be a strided view, e.g. the q/k columns of the qkv output)."""
         half = x.shape[-1] // 2

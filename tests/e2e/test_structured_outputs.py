@@ -184,6 +184,35 @@ PROMPTS = [
 ]
 
 
+# a history in which the assistant called a tool once: "auto" then calls for a similar question
+HISTORY = [
+    {"role": "user", "content": "What is the weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {
+                    "name": "get_weather",
+                    "arguments": '{"city": "Paris", "unit": "celsius"}',
+                },
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees in Paris."},
+]
+# after HISTORY, greedy SmolLM2 calls get_weather for the first two and answers the others in text
+AUTO_PROMPTS = [
+    "What is the weather in Tokyo?",
+    "What is the weather in Rome?",
+    "What time is it in Berlin?",
+    "I need the time in UTC.",
+]
+
+
 def _check_calls(message, names: set[str]) -> list[tuple[str, str]]:
     assert message.tool_calls, message
     out = []
@@ -195,84 +224,82 @@ def _check_calls(message, names: set[str]) -> list[tuple[str, str]]:
     return out
 
 
-def _streamed_calls(chunks: list) -> tuple[list[tuple[str, str]], str | None]:
-    """Join streamed tool-call deltas: id and name must come first, then argument pieces."""
+def _streamed_calls(chunks: list) -> tuple[list[tuple[str, str]], str | None, list[int]]:
+    """Join streamed tool-call deltas (id and name must come first, then argument pieces): the
+    calls, the finish reason, and per call the number of tokens (logprob chunks) during which
+    its arguments arrived: more than one when they stream as the tokens come."""
     acc: dict[int, dict] = {}
-    finish = None
+    finish, num_tokens = None, 0
     for chunk in chunks:
         for c in chunk.choices:
             finish = c.finish_reason or finish
+            num_tokens += bool(c.logprobs and c.logprobs.content)
             for d in c.delta.tool_calls or []:
-                slot = acc.setdefault(d.index, {"name": None, "args": ""})
                 if d.id is not None:
-                    assert slot["name"] is None and d.function.name
-                    slot["name"] = d.function.name
-                slot["args"] += d.function.arguments or ""
-    return [(s["name"], s["args"]) for _, s in sorted(acc.items())], finish
+                    assert d.index not in acc and d.function.name and d.type == "function"
+                    acc[d.index] = {"name": d.function.name, "args": "", "tokens": set()}
+                slot = acc[d.index]  # a piece before its call's id and name is a KeyError
+                if d.function.arguments:
+                    slot["args"] += d.function.arguments
+                    slot["tokens"].add(num_tokens)
+    calls = [(s["name"], s["args"]) for _, s in sorted(acc.items())]
+    return calls, finish, [len(s["tokens"]) for _, s in sorted(acc.items())]
 
 
-@pytest.mark.timeout(240)
-def test_tool_calls_required_and_named_validate_stream_equal(server):
+@pytest.mark.timeout(300)
+def test_tool_calls_required_named_auto_validate_and_stream_equal(server):
+    """Every call validates: required, named and auto (text or a call, the call constrained
+    once it starts); greedy streams equal the whole replies, arguments arrive in pieces."""
     named = {"type": "function", "function": {"name": "get_time"}}
     calls, expect = [], []
-    for tool_choice, names in (("required", set(PARAMS)), (named, {"get_time"})):
+    for tool_choice, names in (
+        ("required", set(PARAMS)),
+        (named, {"get_time"}),
+        ("auto", set(PARAMS)),
+    ):
         for t in (0.0, 1.0):
-            for prompt in PROMPTS:
+            for prompt in AUTO_PROMPTS if tool_choice == "auto" else PROMPTS:
                 messages = [{"role": "user", "content": prompt}]
+                if tool_choice == "auto":
+                    messages = HISTORY + messages
                 kw = dict(model=MODEL, messages=messages, tools=TOOLS, tool_choice=tool_choice,
-                          temperature=t, seed=7, max_tokens=80)  # fmt: skip
+                          temperature=t, seed=7, max_tokens=64,
+                          parallel_tool_calls=tool_choice != "auto")  # fmt: skip
                 calls.append(("chat", kw))
-                expect.append((names, None))
+                expect.append((tool_choice, names, None))
                 if t == 0.0:
-                    calls.append(("chat", dict(kw, stream=True)))
-                    expect.append((names, len(calls) - 2))  # equals the reply just before
-    replies = run_all(server, calls)
-    for reply, (names, same_as) in zip(replies, expect, strict=True):
+                    calls.append(("chat", dict(kw, stream=True, logprobs=True)))
+                    expect.append((tool_choice, names, len(calls) - 2))  # the reply just before
+    none = dict(model=MODEL, messages=HISTORY[:1], tools=TOOLS, tool_choice="none", temperature=0,
+                max_tokens=20)  # fmt: skip
+    replies = run_all(server, [*calls, ("chat", none)])
+    assert replies[-1].choices[0].message.tool_calls is None  # tool_choice none: text, no calls
+    auto_calls, pieces = 0, []
+    for reply, (tool_choice, names, same_as) in zip(replies[:-1], expect, strict=True):
         if same_as is None:
-            assert reply.choices[0].finish_reason == "tool_calls"
-            _check_calls(reply.choices[0].message, names)
+            choice = reply.choices[0]
+            if tool_choice == "auto" and choice.finish_reason != "tool_calls":
+                # text (or cut short by max_tokens, maybe inside a call)
+                assert choice.finish_reason == "length" or (
+                    choice.message.content and not choice.message.tool_calls
+                ), choice
+                assert (
+                    choice.finish_reason == "length" or "<tool_call>" not in choice.message.content
+                )
+                continue
+            assert choice.finish_reason == "tool_calls", choice
+            got = _check_calls(choice.message, names)
+            auto_calls += tool_choice == "auto"
         else:
-            got, finish = _streamed_calls(reply)
-            assert finish == "tool_calls"
-            assert got == _check_calls(replies[same_as].choices[0].message, names)
-
-
-@pytest.mark.timeout(120)
-def test_tool_history_renders_and_auto_answers(server):
-    messages = [
-        {"role": "user", "content": "What is the weather in Paris?"},
-        {
-            "role": "assistant",
-            "content": None,
-            "tool_calls": [
-                {
-                    "id": "call_1",
-                    "type": "function",
-                    "function": {
-                        "name": "get_weather",
-                        "arguments": '{"city": "Paris", "unit": "celsius"}',
-                    },
-                }
-            ],
-        },  # fmt: skip
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
-    ]
-    auto, none = run_all(
-        server,
-        [
-            ("chat", dict(model=MODEL, messages=messages, tools=TOOLS, temperature=0,
-                          max_tokens=30)),
-            ("chat", dict(model=MODEL, messages=messages[:1], tools=TOOLS, tool_choice="none",
-                          temperature=0, max_tokens=20)),
-        ],
-    )  # fmt: skip
-    choice = auto.choices[0]
-    assert choice.finish_reason in ("stop", "tool_calls", "length")
-    if choice.message.tool_calls:
-        _check_calls(choice.message, set(PARAMS))
-    else:
-        assert choice.message.content
-    assert none.choices[0].message.tool_calls is None  # tool_choice none: text, no calls parsed
+            got, finish, n = _streamed_calls(reply)
+            whole = replies[same_as].choices[0]
+            assert got == [
+                (c.function.name, c.function.arguments) for c in whole.message.tool_calls or []
+            ]
+            assert finish == whole.finish_reason
+            pieces += [k for (name, _), k in zip(got, n, strict=True) if name == "get_weather"]
+    assert auto_calls >= 1  # the history makes the model call at least once under auto
+    assert pieces and min(pieces) >= 2, pieces  # a two-field call's arguments come token by token
 
 
 @pytest.mark.timeout(120)

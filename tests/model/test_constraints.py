@@ -93,3 +93,36 @@ def test_errors_name_the_field_and_cache_is_bounded(compiler):
         compiler.compile(s)
     assert list(compiler._cache) == specs[-2:]  # LRU of size 2
     assert compiler.compile(specs[-1]) is compiler.compile(specs[-1])  # a hit is the same object
+
+
+@pytest.mark.parametrize("during_forward", [False, True])
+def test_prefetched_masks_are_reused_only_where_they_are_current(compiler, tok, during_forward):
+    """prefetch fills the next step's rows after accept; batch reuses them (in any order), fills
+    rows that joined or moved since, and always gives the masks a fresh fill would."""
+    compiler.fill_during_forward = during_forward
+    digits = StructuredOutputsParams("regex", "[0-9]{2}")
+    a, b, c = (compiler.matcher(digits) for _ in range(3))
+    one = tok.encode("1", add_special_tokens=False)[0]
+
+    def fresh(ms):  # what a synchronous fill gives, as the reference
+        compiler.overlap = False
+        try:
+            return compiler.batch(ms).bitmask.clone()
+        finally:
+            compiler.overlap = True
+
+    assert a.accept(one)
+    compiler.prefetch([a, b, None])
+    batch = compiler.batch([b, None, a])  # another order: rows come from the prefetch
+    assert batch.where == [(0, 1), (0, 0)] and len(batch.fills) == 1
+    assert torch.equal(batch.bitmask, fresh([b, a]))
+    compiler.prefetch([a, b])
+    compiler._next.wait()
+    assert b.accept(one)  # b moved after the prefetch, c joins: both filled anew, a reused
+    batch = compiler.batch([a, b, c])
+    assert batch.where == [(0, 0), (1, 0), (1, 1)]
+    assert torch.equal(batch.bitmask, fresh([a, b, c]))
+    assert batch.fill_time > 0 and batch.wait_time >= 0
+    compiler.prefetch([a])
+    assert compiler.batch([None]) is None and compiler._next is None  # nothing left running
+    compiler.fill_during_forward = False

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from model.sampling_params import SamplingParams
-from scheduler.async_engine import AsyncEngine, EngineDeadError
+from scheduler.async_engine import AsyncEngine
 from scheduler.config import EngineConfig
-from scheduler.engine import PromptTooLongError
+from scheduler.errors import EngineDeadError, PromptTooLongError
 
 pytestmark = pytest.mark.timeout(60)
 

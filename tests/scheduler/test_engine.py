@@ -9,7 +9,8 @@ import pytest
 
 from model.sampling_params import SamplingParams
 from scheduler.config import EngineConfig
-from scheduler.engine import LLMEngine, PromptTooLongError
+from scheduler.engine import LLMEngine
+from scheduler.errors import PromptTooLongError
 from scheduler.llm import LLM
 
 pytestmark = pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOKENMILL_API_KEY", raising=False)
     engine, server = parse()
     assert engine.model is None  # the embedded SmolLM2 GGUF
-    assert (server.host, server.port, server.api_key, server.max_waiting) == (
+    assert (server.host, server.port, server.api_key, server.limits.max_waiting) == (
         "127.0.0.1",
         8000,
         None,
@@ -46,8 +46,8 @@ def test_every_flag(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert engine.kv_cache_memory == 2 * 1024**3 and engine.block_size == 32
     assert (engine.tensor_parallel_size, engine.dtype, engine.seed) == (2, "bfloat16", 7)
-    assert not engine.enable_prefix_caching and engine.max_waiting == 3
-    assert (server.host, server.port, server.api_key, server.max_waiting) == (
+    assert not engine.enable_prefix_caching
+    assert (server.host, server.port, server.api_key, server.limits.max_waiting) == (
         "0.0.0.0",
         9001,
         "k",

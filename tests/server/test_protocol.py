@@ -6,7 +6,7 @@ import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from model.sampling_params import SamplingParamsError
+from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParamsError
 from server.auth import key_matches
 from server.errors import APIError, error_body, from_exception, validation_error
 from server.protocol import (
@@ -173,7 +173,12 @@ def test_error_envelope_and_exception_mapping() -> None:
     assert error_body("boom", 500)["error"]["type"] == "server_error"
     e = from_exception(SamplingParamsError("top_p bad", "top_p"))
     assert (e.status_code, e.param) == (400, "top_p")
-    assert from_exception(ValueError("prompt too long")).status_code == 400
+    e = from_exception(PromptTooLongError("prompt has 9 tokens + max_tokens 8 > ...", "max_tokens"))
+    assert (e.status_code, e.param, e.code) == (400, "max_tokens", "context_length_exceeded")
+    e = from_exception(EngineDeadError("worker rank 1 died"))
+    assert (e.status_code, e.code) == (503, "engine_unavailable") and "rank 1" in e.message
+    # named types only: a ValueError from deep inside is a bug (500, logged), not the client's
+    assert from_exception(ValueError("int('x')")).status_code == 500
     assert from_exception(RuntimeError("bug")).status_code == 500
     api = APIError("x", 503, headers={"Retry-After": "1"})
     assert from_exception(api) is api
