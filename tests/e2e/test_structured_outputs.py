@@ -53,6 +53,22 @@ def server(launch_server, smollm2_gguf: str):
 
 
 @pytest.fixture(scope="module")
+def replies(server) -> dict[str, list]:
+    """Every test's requests sent at once (one server, one busy batch), split back per test."""
+    groups = {
+        "schemas": _schema_calls(),
+        "parse": _parse_calls(),
+        "regex": _regex_calls(),
+        "tools": _tool_calls()[0],
+    }
+    flat = run_all(server, [c for calls in groups.values() for c in calls])
+    out, k = {}, 0
+    for name, calls in groups.items():
+        out[name], k = flat[k : k + len(calls)], k + len(calls)
+    return out
+
+
+@pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=150)
 
@@ -71,65 +87,70 @@ def _json_request(i: int, desc: str, schema: dict, temperature: float) -> dict:
     )
 
 
-@pytest.mark.timeout(300)
-def test_32_schemas_greedy_and_sampled_all_validate(server):
-    """64 concurrent requests (32 schemas x greedy, sampled) against one server."""
+def _schema_calls() -> list:
+    """32 schemas x greedy, sampled."""
+    return [
+        ("chat", _json_request(i, desc, schema, temp))
+        for temp in (0.0, 1.0)
+        for i, (desc, schema) in enumerate(SCHEMAS)
+    ]
 
-    async def main() -> list:
-        aclient = openai.AsyncOpenAI(
-            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=280
-        )
-        reqs = [
-            _json_request(i, desc, schema, temp)
-            for temp in (0.0, 1.0)
-            for i, (desc, schema) in enumerate(SCHEMAS)
-        ]
-        try:
-            return await asyncio.gather(*(aclient.chat.completions.create(**r) for r in reqs))
-        finally:
-            await aclient.close()
 
-    replies = asyncio.run(main())
-    assert len(replies) == 2 * len(SCHEMAS) >= 64
-    for k, reply in enumerate(replies):
+@pytest.mark.timeout(600)
+def test_32_schemas_greedy_and_sampled_all_validate(replies):
+    """64 requests (32 schemas x greedy, sampled), concurrent with the other tests' requests."""
+    got = replies["schemas"]
+    assert len(got) == 2 * len(SCHEMAS) >= 64
+    for k, reply in enumerate(got):
         desc, schema = SCHEMAS[k % len(SCHEMAS)]
         choice = reply.choices[0]
         assert choice.finish_reason == "stop", (desc, choice.message.content)
         jsonschema.validate(json.loads(choice.message.content), schema)
 
 
-@pytest.mark.timeout(180)
-def test_parse_with_pydantic_and_stream_equals_non_stream(server, client):
-    class Person(BaseModel):
-        name: str
-        age: int
+class Person(BaseModel):
+    name: str
+    age: int
 
-    messages = [{"role": "user", "content": "Give me a person as JSON with name and age."}]
-    parsed = client.chat.completions.parse(
-        model=MODEL, messages=messages, response_format=Person, temperature=0, max_tokens=60
-    )
+
+PERSON = [{"role": "user", "content": "Give me a person as JSON with name and age."}]
+
+
+def _parse_calls() -> list:
+    kw = dict(model=MODEL, messages=PERSON, response_format={"type": "json_object"},
+              temperature=0, max_tokens=100)  # fmt: skip
+    parse = dict(model=MODEL, messages=PERSON, response_format=Person, temperature=0, max_tokens=60)
+    return [("parse", parse), ("chat", kw), ("chat", dict(kw, stream=True))]
+
+
+@pytest.mark.timeout(600)
+def test_parse_with_pydantic_and_stream_equals_non_stream(replies):
+    parsed, full, chunks = replies["parse"]
     person = parsed.choices[0].message.parsed
     assert isinstance(person, Person) and person.name
-    rf = {"type": "json_object"}
-    kw = dict(model=MODEL, messages=messages, response_format=rf, temperature=0, max_tokens=100)
-    full, chunks = run_all(server, [("chat", kw), ("chat", dict(kw, stream=True))])
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == full.choices[0].message.content
     assert isinstance(json.loads(text), dict)
 
 
 def run_all(server, calls: list) -> list:
-    """Send every (method path, kwargs) at once with the async SDK; results in order."""
+    """Send every (kind, kwargs) at once with the async SDK (kind: chat, completions or parse);
+    results in order."""
 
     async def main() -> list:
         aclient = openai.AsyncOpenAI(
-            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=280
+            base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=540
         )
         try:
             jobs = []
             for kind, kw in calls:
                 api = aclient.completions if kind == "completions" else aclient.chat.completions
-                jobs.append(_collect(api.create(**kw)) if kw.get("stream") else api.create(**kw))
+                if kind == "parse":
+                    jobs.append(aclient.chat.completions.parse(**kw))
+                else:
+                    jobs.append(
+                        _collect(api.create(**kw)) if kw.get("stream") else api.create(**kw)
+                    )
             return await asyncio.gather(*jobs)
         finally:
             await aclient.close()
@@ -150,8 +171,7 @@ POINT = {
 }
 
 
-@pytest.mark.timeout(240)
-def test_regex_choice_grammar_on_both_endpoints(server):
+def _regex_calls() -> list:
     calls = []
     for t in (0.0, 1.0):
         common = dict(model=MODEL, temperature=t, seed=3)
@@ -165,9 +185,14 @@ def test_regex_choice_grammar_on_both_endpoints(server):
             ("chat", dict(common, messages=[{"role": "user", "content": "Numbers in brackets."}],
                           max_tokens=40, extra_body={"guided_grammar": GRAMMAR})),
         ]  # fmt: skip
-    replies = run_all(server, calls)
+    return calls
+
+
+@pytest.mark.timeout(600)
+def test_regex_choice_grammar_on_both_endpoints(replies):
+    got = replies["regex"]
     for k in (0, 4):
-        phone, choice, point, grammar = replies[k : k + 4]
+        phone, choice, point, grammar = got[k : k + 4]
         assert re.fullmatch(r" [0-9]{3}-[0-9]{4}", phone.choices[0].text)
         assert phone.choices[0].finish_reason == "stop"
         assert all(c.message.content in ("yes", "no", "maybe") for c in choice.choices)
@@ -246,10 +271,9 @@ def _streamed_calls(chunks: list) -> tuple[list[tuple[str, str]], str | None, li
     return calls, finish, [len(s["tokens"]) for _, s in sorted(acc.items())]
 
 
-@pytest.mark.timeout(300)
-def test_tool_calls_required_named_auto_validate_and_stream_equal(server):
-    """Every call validates: required, named and auto (text or a call, the call constrained
-    once it starts); greedy streams equal the whole replies, arguments arrive in pieces."""
+def _tool_calls() -> tuple[list, list]:
+    """required, named and auto calls, greedy (also streamed, with logprobs) and sampled; and
+    one tool_choice none request last. Returns the calls and per call what to check."""
     named = {"type": "function", "function": {"name": "get_time"}}
     calls, expect = [], []
     for tool_choice, names in (
@@ -272,10 +296,17 @@ def test_tool_calls_required_named_auto_validate_and_stream_equal(server):
                     expect.append((tool_choice, names, len(calls) - 2))  # the reply just before
     none = dict(model=MODEL, messages=HISTORY[:1], tools=TOOLS, tool_choice="none", temperature=0,
                 max_tokens=20)  # fmt: skip
-    replies = run_all(server, [*calls, ("chat", none)])
-    assert replies[-1].choices[0].message.tool_calls is None  # tool_choice none: text, no calls
+    return [*calls, ("chat", none)], expect
+
+
+@pytest.mark.timeout(600)
+def test_tool_calls_required_named_auto_validate_and_stream_equal(replies):
+    """Every call validates: required, named and auto (text or a call, the call constrained
+    once it starts); greedy streams equal the whole replies, arguments arrive token by token."""
+    results, expect = replies["tools"], _tool_calls()[1]
+    assert results[-1].choices[0].message.tool_calls is None  # tool_choice none: text, no calls
     auto_calls, pieces = 0, []
-    for reply, (tool_choice, names, same_as) in zip(replies[:-1], expect, strict=True):
+    for reply, (tool_choice, names, same_as) in zip(results[:-1], expect, strict=True):
         if same_as is None:
             choice = reply.choices[0]
             if tool_choice == "auto" and choice.finish_reason != "tool_calls":
@@ -292,7 +323,7 @@ def test_tool_calls_required_named_auto_validate_and_stream_equal(server):
             auto_calls += tool_choice == "auto"
         else:
             got, finish, n = _streamed_calls(reply)
-            whole = replies[same_as].choices[0]
+            whole = results[same_as].choices[0]
             assert got == [
                 (c.function.name, c.function.arguments) for c in whole.message.tool_calls or []
             ]
