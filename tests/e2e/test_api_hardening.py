@@ -62,6 +62,10 @@ def assert_pool_idle(url: str) -> dict:
         ("/v1/chat/completions", {"max_completion_tokens": 4001}, "max_completion_tokens",
          "--max-tokens-limit 4000"),
         ("/v1/chat/completions", {"stop": [""] * 10_000}, "stop", "--max-stop-strings 3"),
+        # min_tokens would otherwise raise an omitted max_tokens past the limit (fuzz: 28 s)
+        ("/v1/chat/completions", {"max_tokens": None, "min_tokens": 4001}, "min_tokens",
+         "--max-tokens-limit 4000"),
+        ("/v1/completions", {"min_tokens": 4001}, "min_tokens", "--max-tokens-limit 4000"),
     ],
 )  # fmt: skip
 def test_each_limit_is_a_400_naming_it(limited, path, extra, param, limit) -> None:
