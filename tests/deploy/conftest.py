@@ -73,7 +73,17 @@ def prometheus(tokenmill_server: Proc, tmp_path_factory: pytest.TempPathFactory)
             {
                 "job_name": "tokenmill",
                 "metrics_path": "/metrics",
-                "static_configs": [{"targets": [f"127.0.0.1:{tokenmill_server.port}"]}],
+                "static_configs": [
+                    {
+                        "targets": [f"127.0.0.1:{tokenmill_server.port}"],
+                        # as Kubernetes service discovery attaches (autoscalers select on them)
+                        "labels": {
+                            "namespace": "default",
+                            "pod": "tokenmill-test",
+                            "service": "tokenmill",
+                        },
+                    }
+                ],
             }
         ],
     }
