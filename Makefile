@@ -33,9 +33,15 @@ test: install-dev
 	bash scripts/install-prometheus.sh
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# schemathesis: 2,000 generated requests per endpoint (make test runs 250)
+# schemathesis: 2,000 generated requests per endpoint (make test runs 150)
 fuzz: install-dev
 	TOKENMILL_FUZZ_EXAMPLES=2000 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_api_fuzz.py
+
+# benchmarks/soak.py against its own `tokenmill serve $(SOAK_ARGS)` (default model) on 127.0.0.1
+SOAK_S    ?= 1800
+SOAK_ARGS ?=
+soak: install-dev
+	OMP_NUM_THREADS=1 $(PY) benchmarks/soak.py --serve "$(SOAK_ARGS)" --duration $(SOAK_S) --warmup 60
 
 lint: install-dev
 	$(VENV)/bin/ruff check .

@@ -19,16 +19,26 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
+import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+if TYPE_CHECKING:
+    from benchmarks.compare import Server
+
 ROUTES = ("/v1/completions", "/v1/chat/completions")
+FILL_PROMPT_TOKENS = 512
 WORDS = "the a river stone light north paper seven quiet orange signal market".split()
 
 
@@ -44,18 +54,25 @@ class SoakReport:
     engine_requests_vanished: int = 0  # prompts of vanished requests (may or may not run)
     rss_start: float = 0.0
     rss_end: float = 0.0
+    timeouts: int = 0  # clients that gave up after request_timeout_s (also in `vanished`)
+    kv_fill_tokens: int = 0  # prompt tokens of the fill before the traffic (not audited)
+    kv_fill_s: float = 0.0
+    rss_trace: list[tuple[float, float]] = field(default_factory=list)  # (s since start, MiB)
     stats_end: dict = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
         return {
             "duration_s": round(self.duration_s, 1),
+            "kv_fill_tokens_s": (self.kv_fill_tokens, round(self.kv_fill_s, 1)),
             "requests": sum(self.sent.values()),
             "statuses": dict(Counter(s for (_, s), n in self.seen.items() for _ in range(n))),
             "vanished": sum(self.vanished.values()),
+            "client_timeouts": self.timeouts,
             "engine_finished": dict(self.finished),
             "rss_mb_start_end": (round(self.rss_start / 2**20, 1), round(self.rss_end / 2**20, 1)),
             "rss_growth_pct": round(100 * (self.rss_end / max(self.rss_start, 1) - 1), 2),
+            "rss_mib_trace": " ".join(f"{t}s:{mib:.0f}" for t, mib in self.rss_trace),
             "free_blocks": (
                 self.stats_end.get("num_free_blocks"),
                 self.stats_end.get("num_total_blocks"),
@@ -77,6 +94,43 @@ def scrape(url: str, headers: dict) -> tuple[Counter, Counter, float]:
             elif s.name == "process_resident_memory_bytes":
                 rss = s.value
     return http, finished, rss
+
+
+def fill_kv_cache(
+    url: str, headers: dict, block_size: int = 16, concurrency: int = 8, seed: int = 0
+) -> int:
+    """Prefill unique prompts totalling the whole KV pool, so that every block has been written.
+
+    NOTE: on CPU the KV cache is zero pages that become resident when first written, and the
+    block manager hands out never-used blocks first: without this, RSS climbs to the full cache
+    over the first minutes (measured: ~1.4 -> 2.0 GiB on the default model), which is the
+    configured cache paging in, not a leak. Returns the number of prompt tokens sent.
+    """
+    total = httpx.get(f"{url}/stats", headers=headers, timeout=30).json()["num_total_blocks"]
+    models = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"]
+    max_len = models[0].get("max_model_len") or 2048
+    rng = random.Random(seed)
+
+    def text(words: int) -> str:
+        return " ".join(str(rng.randrange(10**6)) for _ in range(words))
+
+    probe = httpx.post(f"{url}/tokenize", json={"prompt": text(100)}, headers=headers, timeout=30)
+    per_word = probe.json()["count"] / 100
+    # NOTE: short prompts: prefill cost grows with context, and the block manager hands out
+    # never-used blocks first, so many small prompts touch every block as surely as a few long
+    # ones (measured: 7,000-token prompts prefilled at ~90 tokens/s on a busy 2-core machine)
+    words = int(0.9 * min(FILL_PROMPT_TOKENS, max_len - 8) / per_word)  # margin: digits vary
+    need = total * block_size
+    prompts = [text(words) for _ in range(-(-need // int(words * per_word)) + 1)]
+
+    def send(prompt: str) -> int:
+        body = {"prompt": prompt, "max_tokens": 1}
+        resp = httpx.post(f"{url}/v1/completions", json=body, headers=headers, timeout=600)
+        resp.raise_for_status()
+        return resp.json()["usage"]["prompt_tokens"]
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return sum(pool.map(send, prompts))
 
 
 def _prompt(rng: random.Random) -> str:
@@ -152,11 +206,19 @@ def run_soak(
     api_key: str | None = None,
     max_n: int = 16,
     warmup_s: float | None = None,
+    rss_every_s: float = 60.0,
+    fill_kv: bool = True,
+    block_size: int = 16,
+    request_timeout_s: float = 120.0,
 ) -> SoakReport:
     """Drive traffic for `duration_s`, then account for every request; problems are listed."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     report = SoakReport(duration_s)
     lock = threading.Lock()
+    if fill_kv:
+        t0 = time.monotonic()
+        report.kv_fill_tokens = fill_kv_cache(url, headers, block_size, concurrency, seed)
+        report.kv_fill_s = time.monotonic() - t0
     http_before, finished_before, _ = scrape(url, headers)
     warmup = warmup_s if warmup_s is not None else min(30.0, duration_s * 0.2)
     t_start = time.monotonic()
@@ -165,7 +227,7 @@ def run_soak(
 
     def worker(i: int) -> None:
         rng = random.Random(seed * 1000 + i)
-        with httpx.Client(headers=headers, timeout=120) as http:
+        with httpx.Client(headers=headers, timeout=request_timeout_s) as http:
             while time.monotonic() < end:
                 if not rss_marked.is_set() and time.monotonic() - t_start > warmup:
                     with lock:
@@ -175,6 +237,17 @@ def run_soak(
                 route, body, kind, prompts = _request(rng, max_n)
                 try:
                     status = _send(http, url, route, body, kind)
+                except httpx.TimeoutException as e:
+                    if kind not in ("ok", "vanish"):  # refusals must be quick
+                        with lock:
+                            report.sent[route] += 1
+                            report.problems.append(f"{route} {kind}: timed out: {e}")
+                        continue
+                    # NOTE: a client that gave up is a vanished client (the server sees a
+                    # disconnect); counted apart, as a slow server is worth knowing about
+                    status = None
+                    with lock:
+                        report.timeouts += 1
                 except Exception as e:  # noqa: BLE001 - a broken answer is a finding
                     with lock:
                         report.sent[route] += 1
@@ -193,11 +266,19 @@ def run_soak(
                         if status not in expected:
                             report.problems.append(f"{route} {kind}: status {status}")
 
+    def sample_rss() -> None:  # a trace shows growth to a plateau apart from a steady leak
+        while not done.wait(rss_every_s):
+            rss = scrape(url, headers)[2]
+            report.rss_trace.append((round(time.monotonic() - t_start), round(rss / 2**20, 1)))
+
+    done = threading.Event()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
-    for t in threads:
+    sampler = threading.Thread(target=sample_rss, daemon=True)
+    for t in [*threads, sampler]:
         t.start()
     for t in threads:
         t.join()
+    done.set()
     _settle(url, headers, report, http_before, finished_before)
     return report
 
@@ -274,12 +355,65 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="seconds of traffic before the RSS baseline (default: 20%% of --duration, <= 30)",
     )
-    args = ap.parse_args(argv)
-    report = run_soak(
-        args.url, args.duration, args.concurrency, args.seed, args.api_key, args.max_n, args.warmup
+    ap.add_argument(
+        "--request-timeout", type=float, default=120.0, help="seconds before a client gives up"
     )
+    ap.add_argument("--block-size", type=int, default=16, help="the server's --block-size")
+    ap.add_argument(
+        "--no-fill-kv",
+        dest="fill_kv",
+        action="store_false",
+        help="skip writing the whole KV pool once before the traffic (see fill_kv_cache)",
+    )
+    ap.add_argument("--rss-every", type=float, default=60.0, help="seconds between RSS samples")
+    ap.add_argument(
+        "--serve",
+        metavar="ARGS",
+        default=None,
+        help="start `tokenmill serve ARGS` on 127.0.0.1 (a free port) for the run and stop it "
+        "after (--url is then ignored); '' serves the default model",
+    )
+    args = ap.parse_args(argv)
+    server = None
+    if args.serve is not None:
+        # SIGTERM unwinds through the `finally` below, so the server is stopped too
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        server = _start_server(args.serve)
+        args.url = server.url
+    try:
+        report = run_soak(
+            args.url,
+            args.duration,
+            args.concurrency,
+            args.seed,
+            args.api_key,
+            args.max_n,
+            args.warmup,
+            args.rss_every,
+            args.fill_kv,
+            args.block_size,
+            args.request_timeout,
+        )
+    finally:
+        if server is not None:
+            server.stop()
     print(json.dumps(report.summary(), indent=2))
     return 1 if report.problems else 0
+
+
+def _start_server(args: str) -> Server:
+    """compare.py's Server: own process group, bounded start-up, SIGTERM then SIGKILL."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from compare import Server, free_port
+
+    url = f"http://127.0.0.1:{(port := free_port())}"
+    cmd = [sys.executable, "-m", "server", "serve", *shlex.split(args)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    log = Path(tempfile.mkdtemp(prefix="soak-")) / "server.log"
+    server = Server("tokenmill", cmd, url, log)
+    server.start(timeout=600)
+    print(f"server log: {log}", file=sys.stderr, flush=True)
+    return server
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ class ServingLimits:
                 f"{len(bias)} logit_bias entries",
                 f"--max-logit-bias {self.max_logit_bias}",
             )
-        for field in ("max_tokens", "max_completion_tokens"):
+        # NOTE: min_tokens too: it raises a capped default max_tokens to itself (fit_params)
+        for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
             if field not in req.model_fields_set:  # a default (completions' 16) is capped instead
                 continue
             value = getattr(req, field, None)

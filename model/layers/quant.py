@@ -383,6 +383,8 @@ def qlinear(x: torch.Tensor, t: QuantTensor, bias: torch.Tensor | None) -> torch
     if not kernel_usable(x):
         return F.linear(x, t.dequantize().to(x.dtype), bias)
     m = x.shape[0]
+    if m == 0:  # a prefill chunk that samples no row still projects through the lm_head
+        return torch.empty(0, rows)
     if m > KERNEL_MAX_ROWS:
         w = dequantize_fast(t, _scratch.get(rows * n_in).view(rows, n_in))
         return F.linear(x, w, bias)

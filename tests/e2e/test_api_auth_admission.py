@@ -65,13 +65,6 @@ def test_key_required_on_every_route_but_probes(guarded) -> None:
     assert guarded.healthy()
 
 
-def test_docs_can_be_turned_off(launch_server, tiny_model: str) -> None:
-    server = launch_server([*TINY_ARGS, "--disable-fastapi-docs"], model=tiny_model)
-    for path in ("/docs", "/redoc", "/openapi.json"):
-        assert_error(httpx.get(f"{server.url}{path}", timeout=30), 404)
-    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
-
-
 def test_503_with_retry_after_past_max_waiting(guarded) -> None:
     url, auth = guarded.url, {"Authorization": f"Bearer {KEY}"}
     wait_for(lambda: engine_stats(url, KEY)["num_running"] == 0, 30, "an idle engine")

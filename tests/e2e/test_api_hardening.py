@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -62,6 +63,10 @@ def assert_pool_idle(url: str) -> dict:
         ("/v1/chat/completions", {"max_completion_tokens": 4001}, "max_completion_tokens",
          "--max-tokens-limit 4000"),
         ("/v1/chat/completions", {"stop": [""] * 10_000}, "stop", "--max-stop-strings 3"),
+        # min_tokens would otherwise raise an omitted max_tokens past the limit (fuzz: 28 s)
+        ("/v1/chat/completions", {"max_tokens": None, "min_tokens": 4001}, "min_tokens",
+         "--max-tokens-limit 4000"),
+        ("/v1/completions", {"min_tokens": 4001}, "min_tokens", "--max-tokens-limit 4000"),
     ],
 )  # fmt: skip
 def test_each_limit_is_a_400_naming_it(limited, path, extra, param, limit) -> None:
@@ -183,18 +188,29 @@ with httpx.Client(timeout=10) as http:
         t0 = time.perf_counter()
         assert http.get(sys.argv[1] + "/health").status_code == 200
         lat.append(time.perf_counter() - t0)
-        time.sleep(0.02)
+        time.sleep(0.01)
 print(json.dumps(lat))
 """
 
 
-def test_health_stays_fast_under_huge_prompts_and_a_full_batch(launch_server, tiny_model) -> None:
+@pytest.fixture(scope="module")
+def roomy(launch_server, tiny_model: str):
+    """Room for 10 MB bodies; docs off (test_docs_can_be_turned_off shares the start-up)."""
+    args = [*TINY_ARGS, "--max-request-body-size", "32MiB", "--disable-fastapi-docs"]
+    return launch_server(args, env=ONE_THREAD, model=tiny_model)
+
+
+def test_docs_can_be_turned_off(roomy) -> None:
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert_error(httpx.get(f"{roomy.url}{path}", timeout=30), 404)
+    assert httpx.get(f"{roomy.url}/health", timeout=30).status_code == 200
+
+
+def test_health_stays_fast_under_huge_prompts_and_a_full_batch(roomy) -> None:
     """/health p99 < 100 ms while 10 MB prompts arrive (parsed off the loop, refused by length
     before tokenizing), 300 kB prompts are tokenized off the loop (then refused as too long) and
     a full batch of 64 sequences decodes. Probed from its own process: this one is busy."""
-    server = launch_server([*TINY_ARGS, "--max-request-body-size", "32MiB"], env=ONE_THREAD,
-                           model=tiny_model)  # fmt: skip
-    url, stop = server.url, threading.Event()
+    url, stop = roomy.url, threading.Event()
     answers: list[tuple[str, int, str]] = []
 
     def hammer(kind: str, prompt: str) -> None:
@@ -219,19 +235,25 @@ def test_health_stays_fast_under_huge_prompts_and_a_full_batch(launch_server, ti
         t.start()
     try:
         wait_for(lambda: engine_stats(url)["num_running"] == 64, 120, "a full batch")
-        probe = subprocess.run([sys.executable, "-c", PROBE, url, "10"], capture_output=True,
+        probe = subprocess.run([sys.executable, "-c", PROBE, url, "12"], capture_output=True,
                                text=True, timeout=60, check=True)  # fmt: skip
         assert engine_stats(url)["num_running"] == 64  # the batch was decoding all along
     finally:
         stop.set()
         for t in workers:
             t.join(120)
-    kinds = {k for k, _, _ in answers}
-    assert kinds == {"huge", "tokenized"}, answers[:3]
+    kinds = Counter(k for k, _, _ in answers)
+    assert set(kinds) == {"huge", "tokenized"}, answers[:3]
     assert all(status == 400 for _, status, _ in answers), answers[:3]
     assert any("at least" in m for k, _, m in answers if k == "huge")
     tokenized_msgs = [m for k, _, m in answers if k == "tokenized"]
     assert all(m.startswith("prompt has 50001 tokens") for m in tokenized_msgs), tokenized_msgs[:1]
     latencies = sorted(json.loads(probe.stdout))
-    p99 = latencies[int(len(latencies) * 0.99) - 1]
-    assert p99 < 0.100, f"/health p99 {p99 * 1000:.0f} ms over {len(latencies)} probes"
+    p50, p99 = (latencies[int(len(latencies) * q) - 1] for q in (0.5, 0.99))
+    measured = (
+        f"/health p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max "
+        f"{latencies[-1] * 1000:.1f} ms over {len(latencies)} probes; {dict(kinds)}"
+    )
+    print(measured)
+    assert len(latencies) >= 200, measured  # enough probes for a p99 that is not one outlier
+    assert p99 < 0.100, measured

@@ -1,8 +1,15 @@
 """benchmarks/soak.py for 60 s against a real server: nothing lost, no 5xx, no leaks.
 
-A 60 s soak first warms the server up (audited too): torch's and the kernels' native caches grow
-RSS with the variety of batch shapes for the first minute or so (measured: ~430 -> ~1,100 MiB,
-then flat: +0.2% over the next 60 s), which is growth to a plateau, not a leak.
+Before the traffic the soak writes the whole KV pool once (its pages become resident when first
+written), so the RSS baseline holds everything the server is configured to use and the 60 s can
+be measured from the first request.
+
+NOTE: the tiny checkpoint is float32, whose CPU matmuls go to oneDNN: oneDNN's primitive cache
+and ideep's computation cache keep up to 1,024 entries each, one per distinct row count, and
+with the soak's variety of batch shapes they grow RSS for minutes (measured: 480 -> ~1,100 MiB,
+then flat) while being bounded. The server runs with both capped at 8 (flat at 480 MiB, same
+request rate), so 60 s can tell a leak from a cache filling. The default GGUF model's packed
+weights never reach oneDNN; its 30-minute run is in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -15,18 +22,20 @@ from e2e_helpers import TINY_ARGS
 from benchmarks.soak import run_soak
 
 SOAK_S = 60.0
-WARMUP_S = 60.0
+ENV = {"OMP_NUM_THREADS": "1", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "8", "LRU_CACHE_CAPACITY": "8"}
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(300)
 def test_soak_accounts_for_every_request(launch_server, tiny_model: str) -> None:
-    server = launch_server([*TINY_ARGS, "--max-n", "4"], env={"OMP_NUM_THREADS": "1"},
-                           model=tiny_model)  # fmt: skip
-    warm = run_soak(server.url, WARMUP_S, concurrency=6, seed=2, max_n=4, warmup_s=WARMUP_S)
-    assert not warm.problems, json.dumps(warm.summary(), indent=1)
-    report = run_soak(server.url, SOAK_S, concurrency=6, seed=1, max_n=4, warmup_s=0.0)
+    # 8 MiB of KV (1,024 blocks), half of TINY_ARGS': the fill before the traffic takes half as long
+    args = [*TINY_ARGS, "--max-n", "4", "--kv-cache-memory", "8MiB"]
+    server = launch_server(args, env=ENV, model=tiny_model)
+    report = run_soak(server.url, SOAK_S, concurrency=6, seed=1, max_n=4, warmup_s=0.0,
+                      rss_every_s=10.0)  # fmt: skip
     summary = report.summary()
     assert not report.problems, json.dumps(summary, indent=1)
+    assert report.kv_fill_tokens >= 1024 * 16, summary
     assert sum(report.sent.values()) > 50 and sum(report.vanished.values()) > 0, summary
     assert {s for (_, s) in report.seen} >= {200, 400}, summary
+    assert report.rss_start > 0 and len(report.rss_trace) >= 4, summary
     assert server.healthy()

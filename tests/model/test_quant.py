@@ -82,6 +82,16 @@ def test_kernel_matches_reference(kind: str, rows: int, threads: int) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("kind", ("Q4_1", "Q8_0"))
+def test_zero_rows_give_an_empty_product(kind: str) -> None:
+    """A chunked-prefill step that samples nothing sends 0 rows to the lm_head (a soak found
+    qgemm refusing them: every prompt longer than one chunk failed on the default model)."""
+    t = Q.from_gguf_blocks(kind, gguf_tensor(kind), ROWS, COLS)
+    x = torch.randn(0, COLS)
+    assert Q.kernel_usable(x)
+    assert Q.qlinear(x, t, torch.randn(ROWS)).shape == (0, ROWS)
+
+
 def test_kernel_is_used_and_torch_path_agrees(monkeypatch) -> None:
     """With the kernel off, qlinear is dequantize + F.linear; both give the same numbers."""
     t = Q.from_gguf_blocks("Q4_0", gguf_tensor("Q4_0"), ROWS, COLS)
