@@ -72,9 +72,18 @@ class ServerProcess:
 
 
 def launch(
-    args: list[str], log_path: Path, env: dict[str, str] | None = None, model: str | None = None
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    model: str | None = None,
+    attempts: int = 3,
 ) -> ServerProcess:
-    """Start a server and poll /health until it answers 200 (bounded), or fail with its log."""
+    """Start a server and poll /health until it answers 200 (bounded), or fail with its log.
+
+    NOTE: free_port() closes the port before the server binds it, and a TP server's gloo groups
+    bind ephemeral ports of their own meanwhile: a lost race ("address already in use") is
+    retried on another port, any other start-up failure fails the test.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "server", "serve"] + ([model] if model else [])
     cmd += [*args, "--host", "127.0.0.1", "--port", str(port)]
@@ -86,6 +95,8 @@ def launch(
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if attempts > 1 and "address already in use" in server.log():
+                return launch(args, log_path, env, model, attempts - 1)
             pytest.fail(
                 f"server exited with {proc.returncode} during start-up:\n{server.log()[-4000:]}"
             )
