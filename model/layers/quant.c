@@ -47,7 +47,7 @@ static inline float ld_scale(const void *p, int f32, long i) {
 }
 
 /* Group g of weight row o, dequantized into wg[group]: the reference the vector paths match. */
-static void dequant_group(const qfmt *f, long o, long g, float *wg) {
+__attribute__((unused)) static void dequant_group(const qfmt *f, long o, long g, float *wg) {
     const uint8_t *q = f->q + o * f->row_bytes;
     float s = ld_scale(f->scales, f->f32, o * f->groups + g);
     float mn = f->mins ? ld_scale(f->mins, f->f32, o * f->groups + g) : 0.0f;
@@ -105,6 +105,7 @@ static inline void row_scales(const qfmt *f, long o, float *sbuf, float *mbuf, c
 typedef __m512 vf;
 #define VZERO() _mm512_setzero_ps()
 #define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSUM(v) _mm512_reduce_add_ps(v)
 
@@ -133,6 +134,7 @@ static inline __attribute__((always_inline)) void dq_group(const int BITS, const
 typedef __m256 vf;
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 static inline float VSUM(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -193,6 +195,43 @@ static inline __attribute__((always_inline)) void row_mr(const int MR, const int
         y[r * ldy + o] = VSUM(a) + (bias ? bias[o] : 0.0f);
     }
 }
+#if W == 16
+#define NR 4 /* weight rows that share each activation load (AVX-512: 32 registers) */
+#define NR_MAX_MR 4 /* activation rows per pass with NR weight rows: 16 accumulators */
+/* MR activation rows times weight rows o..o+3: each dequantized weight vector meets MR
+ * activation rows and each activation load meets NR weight rows, so the loop is FMA-bound
+ * (row_mr alone reloads every activation row for every weight row). */
+static inline __attribute__((always_inline)) void rows_nr(const int MR, const int BITS,
+                                                         const int GROUP, const qfmt *f, long o,
+                                                         const float *x, long ldx, float *y,
+                                                         long ldy, const float *bias,
+                                                         float (*sbuf)[MAX_GROUPS],
+                                                         float (*mbuf)[MAX_GROUPS]) {
+    const int NC = (BITS == 4 ? 32 : GROUP) / W;
+    const uint8_t *q[NR];
+    const float *sc[NR], *mn[NR];
+    vf acc[NR_MAX_MR][NR];
+    for (int n = 0; n < NR; n++) {
+        q[n] = f->q + (o + n) * f->row_bytes;
+        row_scales(f, o + n, sbuf[n], mbuf[n], &sc[n], &mn[n]);
+    }
+    for (int r = 0; r < MR; r++)
+        for (int n = 0; n < NR; n++) acc[r][n] = VZERO();
+    for (long g = 0; g < f->groups; g++) {
+        vf w[NR][32 / W];
+        for (int n = 0; n < NR; n++) dq_group(BITS, GROUP, q[n], g, sc[n][g], mn[n] ? mn[n][g] : 0.0f, w[n]);
+        const long i = g * GROUP;
+        for (int c = 0; c < NC; c++)
+            for (int r = 0; r < MR; r++) {
+                vf xv = VLOAD(x + r * ldx + i + c * W);
+                for (int n = 0; n < NR; n++) acc[r][n] = VFMA(w[n][c], xv, acc[r][n]);
+            }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int n = 0; n < NR; n++) y[r * ldy + o + n] = VSUM(acc[r][n]) + (bias ? bias[o + n] : 0.0f);
+}
+
+#endif
 #else
 /* ---- plain C: one group at a time through a small buffer ---- */
 static void row_mr(const int MR, const int BITS, const int GROUP, const qfmt *f, long o,
@@ -214,9 +253,23 @@ static void row_mr(const int MR, const int BITS, const int GROUP, const qfmt *f,
     static void rows_##BITS##_##GROUP##_##MR(const qfmt *f, long o0, long o1, const float *x,     \
                                              long ldx, float *y, long ldy, const float *bias) {   \
         float sbuf[MAX_GROUPS], mbuf[MAX_GROUPS];                                                  \
-        for (long o = o0; o < o1; o++)                                                             \
-            row_mr(MR, BITS, GROUP, f, o, x, ldx, y, ldy, bias, sbuf, mbuf);                       \
+        long o = o0;                                                                               \
+        ROWS_NR(BITS, GROUP, MR)                                                                   \
+        for (; o < o1; o++) row_mr(MR, BITS, GROUP, f, o, x, ldx, y, ldy, bias, sbuf, mbuf);       \
     }
+#if defined(NR)
+#define ROWS_NR(BITS, GROUP, MR)                                                                   \
+    if (MR <= NR_MAX_MR) {                                                                         \
+        float sb[NR][MAX_GROUPS], mb[NR][MAX_GROUPS];                                              \
+        for (; o + NR <= o1; o += NR) rows_nr(MR, BITS, GROUP, f, o, x, ldx, y, ldy, bias, sb, mb); \
+    }
+#define BLOCK_MR NR_MAX_MR /* activation rows per pass over a tile */
+#define TILE_ROWS NR       /* tiles hold whole NR-row blocks */
+#else
+#define ROWS_NR(BITS, GROUP, MR)
+#define BLOCK_MR MAX_MR
+#define TILE_ROWS 1
+#endif
 #define ROWS_FMT(BITS, GROUP)                                                                      \
     ROWS_FN(BITS, GROUP, 1) ROWS_FN(BITS, GROUP, 2) ROWS_FN(BITS, GROUP, 3) ROWS_FN(BITS, GROUP, 4) \
     ROWS_FN(BITS, GROUP, 5) ROWS_FN(BITS, GROUP, 6) ROWS_FN(BITS, GROUP, 7) ROWS_FN(BITS, GROUP, 8)
@@ -260,15 +313,15 @@ int qgemm(const float *x, long ldx, const uint8_t *q, const void *scales, const 
     if (m < 1 || out < 1 || check(bits, group, in)) return -1;
     qfmt f = make(q, scales, mins, bits, group, f32, in);
     long per_row = f.row_bytes + f.groups * (f32 ? 4 : 2) * (mins ? 2 : 1);
-    long tile = 16384 / per_row;
-    if (tile < 1) tile = 1;
-    if (tile * nthreads > out) tile = (out + nthreads - 1) / nthreads;
+    long tile = 16384 / per_row / TILE_ROWS * TILE_ROWS;
+    if (tile < TILE_ROWS) tile = TILE_ROWS;
+    if (tile * nthreads > out) tile = ((out + nthreads - 1) / nthreads + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     long ntiles = (out + tile - 1) / tile;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long t = 0; t < ntiles; t++) {
         long o0 = t * tile, o1 = o0 + tile < out ? o0 + tile : out;
-        for (long r0 = 0; r0 < m; r0 += MAX_MR) {
-            int mr = m - r0 < MAX_MR ? (int)(m - r0) : MAX_MR;
+        for (long r0 = 0; r0 < m; r0 += BLOCK_MR) {
+            int mr = m - r0 < BLOCK_MR ? (int)(m - r0) : BLOCK_MR;
             rows_mr(mr, &f, o0, o1, x + r0 * ldx, ldx, y + r0 * ldy, ldy, bias);
         }
     }
@@ -281,7 +334,23 @@ int qdequant(const uint8_t *q, const void *scales, const void *mins, int bits, i
     if (rows < 1 || check(bits, group, in)) return -1;
     qfmt f = make(q, scales, mins, bits, group, f32, in);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (long o = 0; o < rows; o++)
+    for (long o = 0; o < rows; o++) {
+#ifdef W
+        float sbuf[MAX_GROUPS], mbuf[MAX_GROUPS];
+        const float *sc, *mn;
+        row_scales(&f, o, sbuf, mbuf, &sc, &mn);
+        const uint8_t *q = f.q + o * f.row_bytes;
+        const int n_vec = (bits == 4 ? 32 : group) / W;
+        for (long g = 0; g < f.groups; g++) { /* the values dequant_group gives, W at a time */
+            vf v[32 / W];
+            if (bits == 4) dq_group(4, 32, q, g, sc[g], mn ? mn[g] : 0.0f, v);
+            else if (group == 32) dq_group(8, 32, q, g, sc[g], mn ? mn[g] : 0.0f, v);
+            else dq_group(8, 16, q, g, sc[g], mn ? mn[g] : 0.0f, v);
+            for (int c = 0; c < n_vec; c++) VSTORE(w + o * in + g * group + c * W, v[c]);
+        }
+#else
         for (long g = 0; g < f.groups; g++) dequant_group(&f, o, g, w + o * in + g * group);
+#endif
+    }
     return 0;
 }

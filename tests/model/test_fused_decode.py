@@ -61,7 +61,7 @@ def test_fused_decode_on_the_smollm2_gguf(smollm2_gguf) -> None:
     assert runner.fused is not None
     prompts = [list(range(1000, 1100)), [1, 2, 3]]
     for got, ref in decode_steps(runner, prompts, steps=8):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=2e-4)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=5e-4)
     runner.shutdown()
 
 
