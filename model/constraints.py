@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
+from model import bitmask as masks
 from model.sampling_params import SamplingParamsError, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -287,25 +287,15 @@ class ConstraintBatch:
 
     def allowed(self, vocab: int, device: torch.device) -> torch.Tensor:
         """Bool mask [rows, vocab] of the tokens each constrained row may sample."""
-        # NOTE: one numpy call, not a chain of small torch ops (each an OpenMP region)
-        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-        allowed = torch.from_numpy(bits[:, :vocab]).view(torch.bool)  # [rows, <=vocab]
-        if allowed.shape[1] < vocab:  # a padded LM head: the padding is never allowed
-            pad = torch.zeros(len(self.rows), vocab - allowed.shape[1], dtype=torch.bool)
-            allowed = torch.cat([allowed, pad], dim=1)
-        return allowed.to(device)
+        return masks.allowed_mask(self.bitmask, vocab, device)
 
-    def apply(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits with each constrained row's forbidden tokens at -inf (a new tensor), and the
-        allowed mask [rows, vocab]."""
-        allowed = self.allowed(logits.shape[1], logits.device)
-        neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-        if len(self.rows) == logits.shape[0]:
-            return torch.where(allowed, logits, neg_inf), allowed
-        rows_t = torch.tensor(self.rows, device=logits.device)
-        out = logits.clone()
-        out[rows_t] = torch.where(allowed, logits[rows_t], neg_inf)
-        return out, allowed
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with each constrained row's forbidden tokens at -inf (a new tensor)."""
+        return masks.apply(logits, self.bitmask, self.rows)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every logits row's greedy token [n]; constrained rows pick among their allowed tokens."""
+        return masks.argmax(logits, self.bitmask, self.rows)
 
 
 def _bit(i: int) -> int:

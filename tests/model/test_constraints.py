@@ -55,7 +55,7 @@ def test_batch_of_rows_and_unconstrained_rows(compiler, tok):
     batch = compiler.batch([None, regex])
     assert batch.rows == [1]
     logits = torch.zeros(2, 49152)
-    masked, allowed = batch.apply(logits)
+    masked = batch.apply(logits)
     assert torch.equal(masked[0], logits[0])
     digits = tok.encode("7", add_special_tokens=False)[0]
     letter = tok.encode("a", add_special_tokens=False)[0]
@@ -126,3 +126,23 @@ def test_prefetched_masks_are_reused_only_where_they_are_current(compiler, tok, 
     compiler.prefetch([a])
     assert compiler.batch([None]) is None and compiler._next is None  # nothing left running
     compiler.fill_during_forward = False
+
+
+def test_greedy_rows_take_the_masked_argmax_with_raw_logprobs(compiler, tok):
+    """All-greedy rows skip the masked copy; tokens match masking then argmax, logprobs stay raw."""
+    digits = StructuredOutputsParams("regex", "[0-9]+")
+    a, b = compiler.matcher(digits), compiler.matcher(digits)
+    seven = tok.encode("7", add_special_tokens=False)[0]
+    assert b.accept(seven)
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
+    batch = compiler.batch([a, None, b])
+    rows = [SamplingRow(temperature=0.0, num_logprobs=1) for _ in range(3)]
+    out = Sampler(0)(logits, rows, batch)
+    masked = logits.clone()
+    masked[[0, 2]] = logits[[0, 2]].masked_fill(~batch.allowed(49152, logits.device), -1e30)
+    assert out.token_ids == masked.argmax(dim=-1).tolist()
+    assert out.token_ids[1] == int(logits[1].argmax())  # the free row is untouched
+    assert out.token_ids[0] != int(logits[0].argmax())  # the grammar changed the pick
+    raw = logits.log_softmax(-1)
+    for i, lp in enumerate(out.logprobs):
+        assert lp.logprob == pytest.approx(float(raw[i, out.token_ids[i]]))
