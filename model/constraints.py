@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from model import bitmask as masks
@@ -83,6 +84,7 @@ class ConstraintCompiler:
         self.eos_token_ids = list(eos_token_ids)
         self.cache_size = cache_size
         self.words = (vocab_size + 31) // 32  # int32 words per bitmask row
+        self.eos_bits = _eos_bits(self.eos_token_ids)
         self._ll_tokenizer: Any = None
         self._lock = threading.Lock()  # add_request may run on several threads
         self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
@@ -159,7 +161,7 @@ class ConstraintCompiler:
             if not background:
                 pre.wait()
         if missing:
-            fill = _Fill(missing, self.words)
+            fill = _Fill(missing, self.words, self.eos_bits)
             if background:
                 fill.future = self._fill_thread.submit(fill.run, self._executor)
             else:
@@ -178,7 +180,7 @@ class ConstraintCompiler:
         with `fill_during_forward`)."""
         live = [m for m in matchers if m is not None and not m.is_finished]
         if self.overlap and live and self._next is None:
-            fill = _Fill(live, self.words)
+            fill = _Fill(live, self.words, self.eos_bits)
             fill.future = self._fill_thread.submit(fill.run, self._executor)
             self._next = fill
 
@@ -215,10 +217,13 @@ class Matcher:
 class _Fill:
     """One bitmask fill for some matchers: a step's own, or the next step's ahead of time."""
 
-    def __init__(self, matchers: list[Matcher], words: int) -> None:
+    def __init__(
+        self, matchers: list[Matcher], words: int, eos_bits: tuple[np.ndarray, np.ndarray]
+    ) -> None:
         self.matchers = matchers
         self.at = [m.num_tokens for m in matchers]  # the positions the masks are for
         self.bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [rows, words]
+        self.eos_bits = eos_bits
         self.seconds = 0.0  # how long the fill took
         self.future: Future | None = None
 
@@ -228,10 +233,11 @@ class _Fill:
         pairs = [(m.ll, j) for j, m in enumerate(self.matchers)]
         # NOTE: llguidance drops the GIL and spreads the rows over its own threads
         executor.unsafe_compute_mask_ptr(pairs, ptr, words * 4, len(pairs))
-        for j, m in enumerate(self.matchers):
-            if m.ll.is_accepting():  # every end-of-turn id ends it, not only the tokenizer's EOS
-                for t in m.eos_token_ids:
-                    self.bitmask[j, t // 32] |= _bit(t % 32)
+        # every end-of-turn id ends a complete grammar, not only the tokenizer's EOS
+        accepting = [j for j, m in enumerate(self.matchers) if m.ll.is_accepting()]
+        if accepting:
+            eos_words, eos_bits = self.eos_bits
+            self.bitmask.numpy()[np.ix_(accepting, eos_words)] |= eos_bits
         self.seconds = time.perf_counter() - t0
 
     def wait(self) -> None:
@@ -298,6 +304,8 @@ class ConstraintBatch:
         return masks.argmax(logits, self.bitmask, self.rows)
 
 
-def _bit(i: int) -> int:
-    """Bit i of an int32 word as a Python int that fits in int32 (bit 31 is negative)."""
-    return (1 << i) - (1 << 32) if i == 31 else 1 << i
+def _eos_bits(eos_token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The bitmask words that hold EOS ids, and their EOS bits (as int32), to OR into a row."""
+    words = sorted({t // 32 for t in eos_token_ids})
+    bits = [sum(1 << (t % 32) for t in set(eos_token_ids) if t // 32 == w) for w in words]
+    return np.array(words, dtype=np.intp), np.array(bits, dtype=np.uint32).view(np.int32)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from model.constraints import ConstraintCompiler, ConstraintError
+from model.constraints import ConstraintCompiler, ConstraintError, _eos_bits
 from model.inputs import SamplingRow
 from model.sampler import Sampler
 from model.sampling_params import StructuredOutputsParams
@@ -146,3 +147,13 @@ def test_greedy_rows_take_the_masked_argmax_with_raw_logprobs(compiler, tok):
     raw = logits.log_softmax(-1)
     for i, lp in enumerate(out.logprobs):
         assert lp.logprob == pytest.approx(float(raw[i, out.token_ids[i]]))
+
+
+def test_eos_bits_group_ids_by_word_and_keep_bit_31():
+    words, bits = _eos_bits([2, 0, 63, 95, 2, 40])
+    assert words.tolist() == [0, 1, 2]
+    assert bits.tolist() == [0b101, -(2**31) | (1 << 8), -(2**31)]
+    mask = np.zeros((2, 3), dtype=np.int32)
+    mask[np.ix_([1], words)] |= bits
+    allowed = np.nonzero(np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[1])[0]
+    assert allowed.tolist() == [0, 2, 40, 63, 95]
