@@ -91,21 +91,28 @@ def apply(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch
     return out
 
 
-def argmax(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """The greedy token [n] of every row of `logits`, rows[r] under bitmask row r, the others
-    free; no masked copy of the logits is written."""
+def argmax_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The greedy token [len(rows)] of row rows[r] of `logits` under bitmask row r; no masked
+    copy of the logits is written."""
     _check(logits, bitmask, rows)
-    if not _usable(logits, bitmask):
-        return argmax_torch(logits, bitmask, rows)
-    n, vocab = logits.shape
-    out = torch.empty(len(rows), dtype=torch.int64)  # [len(rows)]
     rows_t = torch.tensor(rows, dtype=torch.int64)
+    if not _usable(logits, bitmask):
+        return apply_torch(logits, bitmask, rows)[rows_t.to(logits.device)].argmax(dim=-1)
+    out = torch.empty(len(rows), dtype=torch.int64)  # [len(rows)]
     _lib().bitmask_argmax(
-        logits.data_ptr(), logits.stride(0), vocab, bitmask.data_ptr(), bitmask.shape[1],
-        rows_t.data_ptr(), len(rows), out.data_ptr(), torch.get_num_threads(),
+        logits.data_ptr(), logits.stride(0), logits.shape[1], bitmask.data_ptr(),
+        bitmask.shape[1], rows_t.data_ptr(), len(rows), out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
-    if len(rows) == n and rows == list(range(n)):
+    return out
+
+
+def argmax(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """The greedy token [n] of every row of `logits`: rows[r] under bitmask row r, the others
+    free."""
+    out = argmax_rows(logits, bitmask, rows)
+    n = logits.shape[0]
+    if rows == list(range(n)):
         return out
     token_ids = logits.argmax(dim=-1)  # [n]
-    token_ids[rows_t] = out
+    token_ids[torch.tensor(rows, device=logits.device)] = out.to(logits.device)
     return token_ids

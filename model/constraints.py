@@ -95,6 +95,9 @@ class ConstraintCompiler:
         # NOTE: on a CPU the forward's OpenMP threads own every core, and a fill thread beside
         # them slows the step more than it saves (README): fills there end before the forward
         self.fill_during_forward = fill_during_forward
+        # True: a row whose last step was greedy gets no mask ahead; the sampler fills it only
+        # if the model's own pick breaks the grammar (then that pick is the masked argmax too)
+        self.lazy = not fill_during_forward
         self._next: _Fill | None = None  # the fill started by `prefetch`, for the next batch
         self._executor: Any = None
         self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
@@ -143,7 +146,8 @@ class ConstraintCompiler:
         """The constrained rows of one step with their masks filled (or filling); None if none.
 
         Rows prefetched since their last token are reused; the others are filled now, or on
-        the fill thread during the forward (`overlap` and `fill_during_forward`)."""
+        the fill thread during the forward (`overlap` and `fill_during_forward`), or (`lazy`
+        greedy rows) by the sampler only where it needs them."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         pre, self._next = self._next, None
         if not rows:
@@ -153,7 +157,7 @@ class ConstraintCompiler:
         ms = [matchers[i] for i in rows]
         t0 = time.perf_counter()
         ready = pre.rows_of(ms) if pre is not None else {}
-        missing = [m for m in ms if id(m) not in ready]
+        missing = [m for m in ms if id(m) not in ready and not (self.lazy and m.greedy)]
         background = self.overlap and self.fill_during_forward
         fills: list[_Fill] = []
         if pre is not None:
@@ -169,8 +173,13 @@ class ConstraintCompiler:
             fills.append(fill)
         new_rows = {id(m): j for j, m in enumerate(missing)}
         last = len(fills) - 1
-        where = [(0, ready[id(m)]) if id(m) in ready else (last, new_rows[id(m)]) for m in ms]
-        batch = ConstraintBatch(rows, ms, fills, where)
+        where = [
+            (0, ready[id(m)])
+            if id(m) in ready
+            else ((last, new_rows[id(m)]) if id(m) in new_rows else None)
+            for m in ms
+        ]
+        batch = ConstraintBatch(rows, ms, fills, where, self)
         batch.wait_time = time.perf_counter() - t0  # filling and waiting before the forward
         return batch
 
@@ -178,7 +187,11 @@ class ConstraintCompiler:
         """Start filling the masks the next step will need, right after the tokens were accepted:
         the fill (llguidance drops the GIL) overlaps detokenizing and scheduling (and the forward
         with `fill_during_forward`)."""
-        live = [m for m in matchers if m is not None and not m.is_finished]
+        live = [
+            m
+            for m in matchers
+            if m is not None and not m.is_finished and not (self.lazy and m.greedy)
+        ]
         if self.overlap and live and self._next is None:
             fill = _Fill(live, self.words, self.eos_bits)
             fill.future = self._fill_thread.submit(fill.run, self._executor)
@@ -191,12 +204,19 @@ class ConstraintCompiler:
 class Matcher:
     """One sequence's position in its grammar; advanced by every accepted token."""
 
-    __slots__ = ("ll", "eos_token_ids", "num_tokens")
+    __slots__ = ("ll", "eos_token_ids", "num_tokens", "greedy")
 
     def __init__(self, ll: Any, eos_token_ids: list[int]) -> None:
         self.ll = ll
         self.eos_token_ids = eos_token_ids
         self.num_tokens = 0  # tokens accepted (a sequence's output length while it matches)
+        self.greedy = False  # its last step took the sampler's greedy masked argmax
+
+    def allows(self, token_id: int) -> bool:
+        """Whether this position's mask has `token_id` (~1 us, without filling the mask)."""
+        if token_id in self.eos_token_ids:  # the fill sets every EOS bit where it may end
+            return self.ll.is_accepting()
+        return self.ll.validate_tokens([token_id]) == 1
 
     def accept(self, token_id: int) -> bool:
         """Advance by one sampled token; an EOS at an accepting state ends the grammar."""
@@ -259,12 +279,14 @@ class ConstraintBatch:
         rows: list[int],
         matchers: list[Matcher],
         fills: list[_Fill],
-        where: list[tuple[int, int]],
+        where: list[tuple[int, int] | None],
+        compiler: ConstraintCompiler,
     ) -> None:
         self.rows = rows  # indices into the step's sampling rows
         self.matchers = matchers
         self.fills = fills
-        self.where = where  # per row: (fill, row in that fill)
+        self.where = where  # per row: (fill, row in that fill), None while not filled (lazy)
+        self.compiler = compiler
         self.wait_time = 0.0  # seconds the step spent filling or waiting for fills
         self._bitmask: torch.Tensor | None = None
 
@@ -279,16 +301,35 @@ class ConstraintBatch:
             f.wait()
         self.wait_time += time.perf_counter() - t0
 
+    def _fill(self, idx: list[int]) -> None:
+        """Fill rows `idx` (positions in `rows`) now, on the step's path."""
+        t0 = time.perf_counter()
+        c = self.compiler
+        fill = _Fill([self.matchers[i] for i in idx], c.words, c.eos_bits)
+        fill.run(c._executor)
+        self.fills.append(fill)
+        for j, i in enumerate(idx):
+            self.where[i] = (len(self.fills) - 1, j)
+        self._bitmask = None
+        self.wait_time += time.perf_counter() - t0
+
+    def _bitmask_of(self, idx: list[int]) -> torch.Tensor:
+        """The bitmasks [len(idx), words] of rows `idx`, each filled already."""
+        first = self.where[idx[0]]
+        if all(self.where[i] == (first[0], first[1] + k) for k, i in enumerate(idx)):
+            return self.fills[first[0]].bitmask[first[1] : first[1] + len(idx)]  # a view
+        return torch.stack([self.fills[self.where[i][0]].bitmask[self.where[i][1]] for i in idx])
+
     @property
     def bitmask(self) -> torch.Tensor:
-        """The rows' bitmasks [rows, words], once every fill is done."""
+        """The rows' bitmasks [rows, words], once every fill is done (rows not filled yet are
+        filled now)."""
         if self._bitmask is None:
             self.wait()
-            n = len(self.rows)
-            if self.where == [(0, j) for j in range(n)]:  # steady decoding: one fill, in order
-                self._bitmask = self.fills[0].bitmask[:n]
-            else:
-                self._bitmask = torch.stack([self.fills[f].bitmask[j] for f, j in self.where])
+            missing = [i for i, w in enumerate(self.where) if w is None]
+            if missing:
+                self._fill(missing)
+            self._bitmask = self._bitmask_of(list(range(len(self.rows))))
         return self._bitmask
 
     def allowed(self, vocab: int, device: torch.device) -> torch.Tensor:
@@ -297,11 +338,36 @@ class ConstraintBatch:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits with each constrained row's forbidden tokens at -inf (a new tensor)."""
+        for m in self.matchers:
+            m.greedy = False
         return masks.apply(logits, self.bitmask, self.rows)
 
     def argmax(self, logits: torch.Tensor) -> torch.Tensor:
-        """Every logits row's greedy token [n]; constrained rows pick among their allowed tokens."""
-        return masks.argmax(logits, self.bitmask, self.rows)
+        """Every logits row's greedy token [n]; constrained rows pick among their allowed tokens.
+
+        A row without a mask keeps the model's own pick when its grammar allows it (that pick
+        is then the masked argmax as well: masking only removes tokens); only the others fill."""
+        for m in self.matchers:
+            m.greedy = True
+        self.wait()
+        lazy = [i for i, w in enumerate(self.where) if w is None]
+        if not lazy:
+            return masks.argmax(logits, self.bitmask, self.rows)
+        picks = logits.argmax(dim=-1)  # [n]
+        ids = picks.tolist()
+        vocab = self.compiler.vocab_size
+        broken = [
+            i
+            for i in lazy
+            if not (ids[self.rows[i]] < vocab and self.matchers[i].allows(ids[self.rows[i]]))
+        ]
+        if broken:
+            self._fill(broken)
+        need = [i for i, w in enumerate(self.where) if w is not None]
+        if need:
+            rows = [self.rows[i] for i in need]
+            picks[torch.tensor(rows)] = masks.argmax_rows(logits, self._bitmask_of(need), rows)
+        return picks
 
 
 def _eos_bits(eos_token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
