@@ -106,6 +106,20 @@ def argmax_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) ->
     return out
 
 
+def argmax_free(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) [n] (the first best, a NaN first), in bitmask.c on CPU."""
+    if not _usable(logits, torch.empty(0, 0, dtype=torch.int32)):
+        return logits.argmax(dim=-1)
+    n = logits.shape[0]
+    out = torch.empty(n, dtype=torch.int64)  # [n]
+    rows_t = torch.arange(n, dtype=torch.int64)
+    _lib().bitmask_argmax(
+        logits.data_ptr(), logits.stride(0), logits.shape[1], None, 0, rows_t.data_ptr(), n,
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
 def argmax(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
     """The greedy token [n] of every row of `logits`: rows[r] under bitmask row r, the others
     free."""
@@ -113,6 +127,6 @@ def argmax(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torc
     n = logits.shape[0]
     if rows == list(range(n)):
         return out
-    token_ids = logits.argmax(dim=-1)  # [n]
+    token_ids = argmax_free(logits)  # [n]
     token_ids[torch.tensor(rows, device=logits.device)] = out.to(logits.device)
     return token_ids

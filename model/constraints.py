@@ -353,7 +353,7 @@ class ConstraintBatch:
         lazy = [i for i, w in enumerate(self.where) if w is None]
         if not lazy:
             return masks.argmax(logits, self.bitmask, self.rows)
-        picks = logits.argmax(dim=-1)  # [n]
+        picks = masks.argmax_free(logits)  # [n]
         ids = picks.tolist()
         vocab = self.compiler.vocab_size
         broken = [

@@ -100,3 +100,18 @@ def test_bad_shapes_raise_with_the_numbers() -> None:
         masks.apply(logits, torch.zeros(1, 2, dtype=torch.int32), [0, 1])
     with pytest.raises(ValueError, match="outside the 2 rows"):
         masks.argmax(logits, torch.zeros(1, 2, dtype=torch.int32), [2])
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("num_rows,vocab", [(1, 49152), (16, 49152), (3, 1003), (6, 31)])
+def test_argmax_free_is_torch_argmax(kernel, threads, num_rows, vocab) -> None:
+    """Random rows, plus ties, a NaN, +inf and an all -inf row where there is room for them."""
+    g = np.random.default_rng(num_rows * 31 + vocab)
+    logits = torch.from_numpy(g.standard_normal((num_rows, vocab), dtype=np.float32))
+    if num_rows >= 3:
+        logits[0, [vocab - 1, 5, 7]] = 9.0  # ties: the lowest index
+        logits[1, [9, 3]] = float("nan")  # a NaN wins, the first one
+        logits[2] = float("-inf")
+    if num_rows >= 6:
+        logits[3, [4, vocab - 2]] = float("inf")
+    assert torch.equal(masks.argmax_free(logits), logits.argmax(dim=-1))
