@@ -186,7 +186,7 @@ class ConstraintCompiler:
     def prefetch(self, matchers: Sequence[Matcher | None]) -> None:
         """Start filling the masks the next step will need, right after the tokens were accepted:
         the fill (llguidance drops the GIL) overlaps detokenizing and scheduling (and the forward
-        with `fill_during_forward`)."""
+        with `fill_during_forward`). Lazy greedy rows are left to the sampler."""
         live = [
             m
             for m in matchers
