@@ -1,6 +1,6 @@
 """GGUF file → (hf_name, tensor) stream plus an HF-style config dict: the GGUF adapter.
 
-Tensors are memory-mapped by `gguf.GGUFReader` and converted one at a time: quantized types into
+Tensors are memory-mapped (model/gguf_reader.py) and converted one at a time: quantized types into
 packed QuantTensors (model/layers/quant.py, no re-rounding), or dequantized to float32 with
 quantization "none". A packed 2-D tensor is a GGUFQuantTensor: the layer's loader narrows it to
 its rank's rows or (whole GGUF blocks of) columns, and only those raw blocks are read and
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.gguf_reader import GGUFFile, read_gguf
 from model.layers.quant import PACKED_TYPES, QuantTensor, from_gguf_blocks, permute_rows
 
 logger = logging.getLogger(__name__)
@@ -75,10 +76,8 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-def _read(path: str) -> Any:
-    """Open with GGUFReader; any parse failure becomes a ValueError that names the file."""
-    import gguf
-
+def _read(path: str) -> GGUFFile:
+    """Parse the header; any parse failure becomes a ValueError that names the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     size = os.path.getsize(path)
@@ -87,7 +86,7 @@ def _read(path: str) -> Any:
     if len(head) < 24 or head[:4] != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file (bad magic {head[:4]!r}, {size} bytes)")
     try:
-        reader = gguf.GGUFReader(path)
+        reader = read_gguf(path)
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
         raise ValueError(f"corrupt or truncated GGUF file {path} ({size} bytes): {e}") from e
     for t in reader.tensors:
@@ -102,10 +101,7 @@ def _read(path: str) -> Any:
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
     """Scalar, string or array value of a metadata key (default when absent)."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+    return reader.fields.get(key, default)
 
 
 def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
@@ -361,9 +357,9 @@ def _release_pages(reader: Any, t: Any) -> None:
 
 def _drop_vocab_fields(reader: Any) -> None:
     """Forget the tokenizer's arrays once the config is built (the tokenizer reads the file
-    itself): gguf-py keeps ~100 MB of small numpy objects for a 49k vocabulary."""
+    itself): a 49k vocabulary with its merges is ~20 MB of Python strings."""
     for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
-        if len(reader.fields[key].data) > 1:
+        if isinstance(reader.fields[key], list):
             del reader.fields[key]
 
 

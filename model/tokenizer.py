@@ -203,9 +203,9 @@ def _gguf_eos_ids(path: str) -> list[int]:
         raise ValueError(f"GGUF file {path} carries no tokenizer (no tokenizer.ggml.model key)")
     ids = []
     for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
-        f = reader.fields.get(f"tokenizer.ggml.{key}")
-        if f is not None:
-            ids.append(int(f.contents()))
+        value = reader.fields.get(f"tokenizer.ggml.{key}")
+        if value is not None:
+            ids.append(int(value))
     return ids
 
 

@@ -27,14 +27,14 @@ def smollm2_gguf() -> str:
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: str) -> Path:
-    """SmolLM2's real tokenizer (vocab, merges, chat template) saved as HF tokenizer files."""
-    from transformers import AutoTokenizer
+    """SmolLM2's real tokenizer (vocab, merges, chat template) saved as HF tokenizer files.
+
+    NOTE: through tokenmill's loader (transformers' GGUF conversion, cached on disk): the servers
+    the tests start then find the conversion done."""
+    from model.tokenizer import load_tokenizer
 
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
-    tok = AutoTokenizer.from_pretrained(
-        os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf)
-    )
-    tok.save_pretrained(out)
+    load_tokenizer(smollm2_gguf).hf.save_pretrained(out)
     return out
 
 

@@ -65,8 +65,17 @@ def test_max_completion_tokens_and_default_up_to_context(
     assert chat(client, max_tokens=3).usage.completion_tokens == 3
     out = chat(client, max_tokens=50, max_completion_tokens=4)
     assert out.usage.completion_tokens == 4
-    full = chat(client, max_tokens=None)  # default: the rest of the context
+    # default: the rest of the context (a prompt that leaves ~40 tokens of it, to generate fast)
+    filler = MESSAGES[-1]["content"] + " word" * 8
+    long = [MESSAGES[0], {"role": "user", "content": filler}]
+    per_word = prompt_tokens(tiny_server.url, long) - prompt_tokens(tiny_server.url, MESSAGES)
+    words = (TINY_MAX_MODEL_LEN - prompt_tokens(tiny_server.url, MESSAGES) - 40) * 8 // per_word
+    long = [MESSAGES[0], {"role": "user", "content": MESSAGES[-1]["content"] + " word" * words}]
+    n_prompt = prompt_tokens(tiny_server.url, long)
+    assert TINY_MAX_MODEL_LEN - 60 < n_prompt < TINY_MAX_MODEL_LEN - 20
+    full = chat(client, long, max_tokens=None)
     assert full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens == n_prompt
     assert full.usage.total_tokens == TINY_MAX_MODEL_LEN
 
 

@@ -123,7 +123,7 @@ def test_errors_do_not_disturb_a_running_stream(tiny_server) -> None:
     result: dict = {}
 
     def stream() -> None:
-        body = {"prompt": "steady", "max_tokens": 4000, "ignore_eos": True, "stream": True,
+        body = {"prompt": "steady", "max_tokens": 1000, "ignore_eos": True, "stream": True,
                 "temperature": 0}  # fmt: skip
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
             lines = [ln for ln in resp.iter_lines() if ln.startswith("data: ")]
@@ -134,6 +134,7 @@ def test_errors_do_not_disturb_a_running_stream(tiny_server) -> None:
     wait_for(lambda: engine_stats(url)["num_running"] >= 1, 30, "the stream to start")
     for path, body, status, param in BAD[:10]:
         assert_error(httpx.post(f"{url}{path}", json=body, timeout=30), status, param)
+    assert engine_stats(url)["num_running"] >= 1  # the errors came while it was streaming
     t.join(60)
     assert not t.is_alive()
     assert result["lines"][-1] == "data: [DONE]"

@@ -278,14 +278,14 @@ def tls_server(tiny_model: str, certificate, tmp_path_factory) -> ServerProcess:
 
 def test_https_with_a_self_signed_certificate(tls_server: ServerProcess, certificate) -> None:
     _, cert = certificate
-    client = openai.OpenAI(
-        base_url=tls_server.url + "/v1", api_key="unused", max_retries=0,
-        http_client=httpx.Client(verify=trusting(cert), timeout=60),
-    )  # fmt: skip
-    out = client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": SECRET}], max_tokens=3,
-        extra_body={"ignore_eos": True},
-    )  # fmt: skip
+    # NOTE: closed after use: an open keep-alive connection holds up the server's exit
+    with httpx.Client(verify=trusting(cert), timeout=60) as http:
+        client = openai.OpenAI(base_url=tls_server.url + "/v1", api_key="unused", max_retries=0,
+                               http_client=http)  # fmt: skip
+        out = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": SECRET}], max_tokens=3,
+            extra_body={"ignore_eos": True},
+        )  # fmt: skip
     assert out.usage.completion_tokens == 3
     assert "https://127.0.0.1" in tls_server.log()  # the ready line names the scheme
     with pytest.raises(httpx.HTTPError):  # the default trust store does not know our CA

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import gguf
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import ModelConfig
+from model.gguf_reader import read_gguf
 from model.gguf_weights import _llama3_rope_scaling, load_gguf
 from model.layers.rotary import inv_frequencies
 
@@ -310,4 +312,51 @@ def test_unknown_tensor_raises(tiny_checkpoint, tmp_path):
         {"blk.0.attn_qkv.weight": (np.zeros((4, 64), np.float32), None)},
     )
     with pytest.raises(ValueError, match="blk.0.attn_qkv.weight"):
+        load_gguf(str(path))
+
+
+def _same_as_gguf_py(path: str) -> None:
+    """model/gguf_reader.py reads exactly what gguf-py's GGUFReader reads."""
+    ours, ref = read_gguf(path), gguf.GGUFReader(path)
+    keys = [k for k in ref.fields if not k.startswith("GGUF.")]
+    assert list(ours.fields) == keys
+    for k in keys:
+        want = ref.fields[k].contents()
+        got = ours.fields[k]
+        assert got == want or np.float32(got) == np.float32(want), k
+    assert len(ours.tensors) == len(ref.tensors)
+    for a, b in zip(ours.tensors, ref.tensors, strict=True):
+        assert (a.name, a.tensor_type, a.n_bytes, a.data_offset) == (
+            b.name, b.tensor_type, b.n_bytes, b.data_offset)  # fmt: skip
+        assert list(a.shape) == list(b.shape)
+        assert (a.data.dtype, a.data.shape) == (b.data.dtype, b.data.shape), a.name
+        assert np.array_equal(a.data, b.data), a.name
+
+
+@pytest.mark.timeout(120)
+def test_header_reader_matches_gguf_py(smollm2_gguf, tiny_checkpoint, tmp_path):
+    _same_as_gguf_py(smollm2_gguf)  # 49k-token vocabulary, merges, Q4_1/Q8_0/F32 tensors
+    path, _, _ = gguf_from_checkpoint(tiny_checkpoint("llama"), tmp_path / "t.gguf", "llama")
+    _same_as_gguf_py(str(path))
+    raws = {"blk.0.ffn_up.weight": (random_k_blocks("Q6_K", 8, 512), Q["Q6_K"]),
+            "blk.0.ffn_down.weight": (np.ones((8, 64), np.float16), None)}  # fmt: skip
+    cfg = hf_config(tiny_checkpoint("qwen2"))
+    _same_as_gguf_py(str(write_gguf(tmp_path / "k.gguf", "qwen2", cfg, raws)))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        struct.pack("<4sIQQ", b"GGUF", 9, 0, 0),  # unknown version
+        struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", 1 << 62),  # key too long
+        struct.pack("<4sIQQQ3sI", b"GGUF", 3, 0, 1, 3, b"key", 77),  # unknown value type
+        struct.pack("<4sIQQQ3sIIQ", b"GGUF", 3, 0, 1, 3, b"key", 9, 4, 1 << 60),  # huge array
+        struct.pack("<4sIQQQ3sIIQ", b"GGUF", 3, 0, 1, 3, b"key", 9, 8, 1 << 60),  # huge str array
+        struct.pack("<4sIQQ", b"GGUF", 3, 1 << 40, 0),  # tensors that are not there
+    ],
+)
+def test_hostile_headers_raise_value_error(tmp_path, header):
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(header + b"\0" * 64)
+    with pytest.raises(ValueError, match="hostile.gguf"):
         load_gguf(str(path))
