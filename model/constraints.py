@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from model import bitmask as masks
 from model.sampling_params import SamplingParamsError, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class ConstraintCompiler:
         self.eos_token_ids = list(eos_token_ids)
         self.cache_size = cache_size
         self.words = (vocab_size + 31) // 32  # int32 words per bitmask row
+        self.eos_bits = _eos_bits(self.eos_token_ids)
         self._ll_tokenizer: Any = None
         self._lock = threading.Lock()  # add_request may run on several threads
         self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
@@ -93,6 +95,9 @@ class ConstraintCompiler:
         # NOTE: on a CPU the forward's OpenMP threads own every core, and a fill thread beside
         # them slows the step more than it saves (README): fills there end before the forward
         self.fill_during_forward = fill_during_forward
+        # True: a row whose last step was greedy gets no mask ahead; the sampler fills it only
+        # if the model's own pick breaks the grammar (then that pick is the masked argmax too)
+        self.lazy = not fill_during_forward
         self._next: _Fill | None = None  # the fill started by `prefetch`, for the next batch
         self._executor: Any = None
         self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
@@ -141,7 +146,8 @@ class ConstraintCompiler:
         """The constrained rows of one step with their masks filled (or filling); None if none.
 
         Rows prefetched since their last token are reused; the others are filled now, or on
-        the fill thread during the forward (`overlap` and `fill_during_forward`)."""
+        the fill thread during the forward (`overlap` and `fill_during_forward`), or (`lazy`
+        greedy rows) by the sampler only where it needs them."""
         rows = [i for i, m in enumerate(matchers) if m is not None]
         pre, self._next = self._next, None
         if not rows:
@@ -151,7 +157,7 @@ class ConstraintCompiler:
         ms = [matchers[i] for i in rows]
         t0 = time.perf_counter()
         ready = pre.rows_of(ms) if pre is not None else {}
-        missing = [m for m in ms if id(m) not in ready]
+        missing = [m for m in ms if id(m) not in ready and not (self.lazy and m.greedy)]
         background = self.overlap and self.fill_during_forward
         fills: list[_Fill] = []
         if pre is not None:
@@ -159,7 +165,7 @@ class ConstraintCompiler:
             if not background:
                 pre.wait()
         if missing:
-            fill = _Fill(missing, self.words)
+            fill = _Fill(missing, self.words, self.eos_bits)
             if background:
                 fill.future = self._fill_thread.submit(fill.run, self._executor)
             else:
@@ -167,18 +173,27 @@ class ConstraintCompiler:
             fills.append(fill)
         new_rows = {id(m): j for j, m in enumerate(missing)}
         last = len(fills) - 1
-        where = [(0, ready[id(m)]) if id(m) in ready else (last, new_rows[id(m)]) for m in ms]
-        batch = ConstraintBatch(rows, ms, fills, where)
+        where = [
+            (0, ready[id(m)])
+            if id(m) in ready
+            else ((last, new_rows[id(m)]) if id(m) in new_rows else None)
+            for m in ms
+        ]
+        batch = ConstraintBatch(rows, ms, fills, where, self)
         batch.wait_time = time.perf_counter() - t0  # filling and waiting before the forward
         return batch
 
     def prefetch(self, matchers: Sequence[Matcher | None]) -> None:
         """Start filling the masks the next step will need, right after the tokens were accepted:
         the fill (llguidance drops the GIL) overlaps detokenizing and scheduling (and the forward
-        with `fill_during_forward`)."""
-        live = [m for m in matchers if m is not None and not m.is_finished]
+        with `fill_during_forward`). Lazy greedy rows are left to the sampler."""
+        live = [
+            m
+            for m in matchers
+            if m is not None and not m.is_finished and not (self.lazy and m.greedy)
+        ]
         if self.overlap and live and self._next is None:
-            fill = _Fill(live, self.words)
+            fill = _Fill(live, self.words, self.eos_bits)
             fill.future = self._fill_thread.submit(fill.run, self._executor)
             self._next = fill
 
@@ -189,12 +204,19 @@ class ConstraintCompiler:
 class Matcher:
     """One sequence's position in its grammar; advanced by every accepted token."""
 
-    __slots__ = ("ll", "eos_token_ids", "num_tokens")
+    __slots__ = ("ll", "eos_token_ids", "num_tokens", "greedy")
 
     def __init__(self, ll: Any, eos_token_ids: list[int]) -> None:
         self.ll = ll
         self.eos_token_ids = eos_token_ids
         self.num_tokens = 0  # tokens accepted (a sequence's output length while it matches)
+        self.greedy = False  # its last step took the sampler's greedy masked argmax
+
+    def allows(self, token_id: int) -> bool:
+        """Whether this position's mask has `token_id` (~1 us, without filling the mask)."""
+        if token_id in self.eos_token_ids:  # the fill sets every EOS bit where it may end
+            return self.ll.is_accepting()
+        return self.ll.validate_tokens([token_id]) == 1
 
     def accept(self, token_id: int) -> bool:
         """Advance by one sampled token; an EOS at an accepting state ends the grammar."""
@@ -215,10 +237,13 @@ class Matcher:
 class _Fill:
     """One bitmask fill for some matchers: a step's own, or the next step's ahead of time."""
 
-    def __init__(self, matchers: list[Matcher], words: int) -> None:
+    def __init__(
+        self, matchers: list[Matcher], words: int, eos_bits: tuple[np.ndarray, np.ndarray]
+    ) -> None:
         self.matchers = matchers
         self.at = [m.num_tokens for m in matchers]  # the positions the masks are for
         self.bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [rows, words]
+        self.eos_bits = eos_bits
         self.seconds = 0.0  # how long the fill took
         self.future: Future | None = None
 
@@ -228,10 +253,11 @@ class _Fill:
         pairs = [(m.ll, j) for j, m in enumerate(self.matchers)]
         # NOTE: llguidance drops the GIL and spreads the rows over its own threads
         executor.unsafe_compute_mask_ptr(pairs, ptr, words * 4, len(pairs))
-        for j, m in enumerate(self.matchers):
-            if m.ll.is_accepting():  # every end-of-turn id ends it, not only the tokenizer's EOS
-                for t in m.eos_token_ids:
-                    self.bitmask[j, t // 32] |= _bit(t % 32)
+        # every end-of-turn id ends a complete grammar, not only the tokenizer's EOS
+        accepting = [j for j, m in enumerate(self.matchers) if m.ll.is_accepting()]
+        if accepting:
+            eos_words, eos_bits = self.eos_bits
+            self.bitmask.numpy()[np.ix_(accepting, eos_words)] |= eos_bits
         self.seconds = time.perf_counter() - t0
 
     def wait(self) -> None:
@@ -253,12 +279,14 @@ class ConstraintBatch:
         rows: list[int],
         matchers: list[Matcher],
         fills: list[_Fill],
-        where: list[tuple[int, int]],
+        where: list[tuple[int, int] | None],
+        compiler: ConstraintCompiler,
     ) -> None:
         self.rows = rows  # indices into the step's sampling rows
         self.matchers = matchers
         self.fills = fills
-        self.where = where  # per row: (fill, row in that fill)
+        self.where = where  # per row: (fill, row in that fill), None while not filled (lazy)
+        self.compiler = compiler
         self.wait_time = 0.0  # seconds the step spent filling or waiting for fills
         self._bitmask: torch.Tensor | None = None
 
@@ -273,41 +301,77 @@ class ConstraintBatch:
             f.wait()
         self.wait_time += time.perf_counter() - t0
 
+    def _fill(self, idx: list[int]) -> None:
+        """Fill rows `idx` (positions in `rows`) now, on the step's path."""
+        t0 = time.perf_counter()
+        c = self.compiler
+        fill = _Fill([self.matchers[i] for i in idx], c.words, c.eos_bits)
+        fill.run(c._executor)
+        self.fills.append(fill)
+        for j, i in enumerate(idx):
+            self.where[i] = (len(self.fills) - 1, j)
+        self._bitmask = None
+        self.wait_time += time.perf_counter() - t0
+
+    def _bitmask_of(self, idx: list[int]) -> torch.Tensor:
+        """The bitmasks [len(idx), words] of rows `idx`, each filled already."""
+        first = self.where[idx[0]]
+        if all(self.where[i] == (first[0], first[1] + k) for k, i in enumerate(idx)):
+            return self.fills[first[0]].bitmask[first[1] : first[1] + len(idx)]  # a view
+        return torch.stack([self.fills[self.where[i][0]].bitmask[self.where[i][1]] for i in idx])
+
     @property
     def bitmask(self) -> torch.Tensor:
-        """The rows' bitmasks [rows, words], once every fill is done."""
+        """The rows' bitmasks [rows, words], once every fill is done (rows not filled yet are
+        filled now)."""
         if self._bitmask is None:
             self.wait()
-            n = len(self.rows)
-            if self.where == [(0, j) for j in range(n)]:  # steady decoding: one fill, in order
-                self._bitmask = self.fills[0].bitmask[:n]
-            else:
-                self._bitmask = torch.stack([self.fills[f].bitmask[j] for f, j in self.where])
+            missing = [i for i, w in enumerate(self.where) if w is None]
+            if missing:
+                self._fill(missing)
+            self._bitmask = self._bitmask_of(list(range(len(self.rows))))
         return self._bitmask
 
     def allowed(self, vocab: int, device: torch.device) -> torch.Tensor:
         """Bool mask [rows, vocab] of the tokens each constrained row may sample."""
-        # NOTE: one numpy call, not a chain of small torch ops (each an OpenMP region)
-        bits = np.unpackbits(self.bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
-        allowed = torch.from_numpy(bits[:, :vocab]).view(torch.bool)  # [rows, <=vocab]
-        if allowed.shape[1] < vocab:  # a padded LM head: the padding is never allowed
-            pad = torch.zeros(len(self.rows), vocab - allowed.shape[1], dtype=torch.bool)
-            allowed = torch.cat([allowed, pad], dim=1)
-        return allowed.to(device)
+        return masks.allowed_mask(self.bitmask, vocab, device)
 
-    def apply(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits with each constrained row's forbidden tokens at -inf (a new tensor), and the
-        allowed mask [rows, vocab]."""
-        allowed = self.allowed(logits.shape[1], logits.device)
-        neg_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-        if len(self.rows) == logits.shape[0]:
-            return torch.where(allowed, logits, neg_inf), allowed
-        rows_t = torch.tensor(self.rows, device=logits.device)
-        out = logits.clone()
-        out[rows_t] = torch.where(allowed, logits[rows_t], neg_inf)
-        return out, allowed
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with each constrained row's forbidden tokens at -inf (a new tensor)."""
+        for m in self.matchers:
+            m.greedy = False
+        return masks.apply(logits, self.bitmask, self.rows)
+
+    def argmax(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every logits row's greedy token [n]; constrained rows pick among their allowed tokens.
+
+        A row without a mask keeps the model's own pick when its grammar allows it (that pick
+        is then the masked argmax as well: masking only removes tokens); only the others fill."""
+        for m in self.matchers:
+            m.greedy = True
+        self.wait()
+        lazy = [i for i, w in enumerate(self.where) if w is None]
+        if not lazy:
+            return masks.argmax(logits, self.bitmask, self.rows)
+        picks = masks.argmax_free(logits)  # [n]
+        ids = picks.tolist()
+        vocab = self.compiler.vocab_size
+        broken = [
+            i
+            for i in lazy
+            if not (ids[self.rows[i]] < vocab and self.matchers[i].allows(ids[self.rows[i]]))
+        ]
+        if broken:
+            self._fill(broken)
+        need = [i for i, w in enumerate(self.where) if w is not None]
+        if need:
+            rows = [self.rows[i] for i in need]
+            picks[torch.tensor(rows)] = masks.argmax_rows(logits, self._bitmask_of(need), rows)
+        return picks
 
 
-def _bit(i: int) -> int:
-    """Bit i of an int32 word as a Python int that fits in int32 (bit 31 is negative)."""
-    return (1 << i) - (1 << 32) if i == 31 else 1 << i
+def _eos_bits(eos_token_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The bitmask words that hold EOS ids, and their EOS bits (as int32), to OR into a row."""
+    words = sorted({t // 32 for t in eos_token_ids})
+    bits = [sum(1 << (t % 32) for t in set(eos_token_ids) if t // 32 == w) for w in words]
+    return np.array(words, dtype=np.intp), np.array(bits, dtype=np.uint32).view(np.int32)

@@ -107,16 +107,22 @@ class Sampler:
             # NOTE: fast path; torch.argmax breaks ties at the lowest index, like transformers
             return StepOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=[None] * n)
 
-        work, allowed = logits, None
+        if constraints is not None and all(greedy) and not modifies:
+            # NOTE: only grammar masks: the masked argmax writes no masked copy of the logits
+            token_ids = constraints.argmax(logits)  # [n]
+            logprobs = self._logprobs(logits, token_ids, rows) if wants_lp else [None] * n
+            return StepOutput(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+        work = logits
         if constraints is not None:
-            work, allowed = constraints.apply(logits)  # a new tensor: logprobs read the raw one
+            work = constraints.apply(logits)  # a new tensor: logprobs read the raw one
         if modifies:
             if work is logits:
                 work = logits.clone()  # keep the raw logits for logprobs
             self._apply_penalties(work, rows)
             self._apply_bias_and_bans(work, rows)
             if constraints is not None:
-                self._unban_dead_ends(work, logits, constraints, allowed)
+                self._unban_dead_ends(work, logits, constraints)
 
         device = logits.device
         greedy_idx = [i for i, g in enumerate(greedy) if g]
@@ -137,17 +143,14 @@ class Sampler:
 
     @staticmethod
     def _unban_dead_ends(
-        work: torch.Tensor,
-        logits: torch.Tensor,
-        constraints: ConstraintBatch,
-        allowed: torch.Tensor,
+        work: torch.Tensor, logits: torch.Tensor, constraints: ConstraintBatch
     ) -> None:
         """A grammar row whose bans (min_tokens) forbid every allowed token keeps the grammar's."""
         rows_t = torch.tensor(constraints.rows, device=work.device)
         dead = torch.isneginf(work[rows_t].amax(dim=-1))  # [c]
         if bool(dead.any()):
             r = rows_t[dead]
-            work[r] = logits[r].masked_fill(~allowed[dead], float("-inf"))
+            work[r] = constraints.apply(logits)[r]  # NOTE: rare: masks every row again
 
     def _apply_penalties(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         """HF repetition penalty over prompt + output, then OpenAI presence/frequency on output."""

@@ -23,7 +23,7 @@ from model.disk_cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "quant.c", "decode.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("gemv.c", "quant.c", "decode.c", "bitmask.c")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
 _lib: ctypes.CDLL | None = None

@@ -60,6 +60,7 @@ def replies(server) -> dict[str, list]:
         "parse": _parse_calls(),
         "regex": _regex_calls(),
         "tools": _tool_calls()[0],
+        "parallel": _parallel_calls(),
     }
     flat = run_all(server, [c for calls in groups.values() for c in calls])
     out, k = {}, 0
@@ -331,6 +332,72 @@ def test_tool_calls_required_named_auto_validate_and_stream_equal(replies):
             pieces += [k for (name, _), k in zip(got, n, strict=True) if name == "get_weather"]
     assert auto_calls >= 1  # the history makes the model call at least once under auto
     assert pieces and min(pieces) >= 2, pieces  # a two-field call's arguments come token by token
+
+
+def _call(i: int, name: str, arguments: dict) -> dict:
+    function = {"name": name, "arguments": json.dumps(arguments)}
+    return {"id": f"call_{i}", "type": "function", "function": function}
+
+
+# a history with two calls in one turn, so that "auto" may call twice for a two-part question
+PARALLEL_HISTORY = [
+    {"role": "user", "content": "What is the weather in Paris and in London?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            _call(1, "get_weather", {"city": "Paris", "unit": "celsius"}),
+            _call(2, "get_weather", {"city": "London", "unit": "celsius"}),
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
+    {"role": "tool", "tool_call_id": "call_2", "content": '{"temperature": 17}'},
+    {"role": "assistant", "content": "It is 21 degrees in Paris and 17 in London."},
+]
+PARALLEL_PROMPTS = [
+    "What is the weather in Tokyo and in Rome?",
+    "What time is it in Berlin and in Tokyo?",
+]
+
+
+def _parallel_calls() -> list:
+    """auto with parallel_tool_calls true and false, whole and streamed. min_tokens (40, more
+    than one call's ~30 tokens) bans EOS after a first call: the grammar must then allow a
+    second call (true) or keep its EOS all the same (false)."""
+    calls = []
+    for parallel in (True, False):
+        for prompt in PARALLEL_PROMPTS:
+            kw = dict(
+                model=MODEL,
+                messages=[*PARALLEL_HISTORY, {"role": "user", "content": prompt}],
+                tools=TOOLS,
+                tool_choice="auto",
+                parallel_tool_calls=parallel,
+                temperature=0,
+                max_tokens=120,
+                extra_body={"min_tokens": 40},
+            )
+            calls += [("chat", kw), ("chat", dict(kw, stream=True))]
+    return calls
+
+
+@pytest.mark.timeout(600)
+def test_auto_parallel_tool_calls_true_many_false_at_most_one(replies):
+    """parallel_tool_calls false: one call at most, even when EOS is banned after it; true: the
+    grammar lets the model call again. Calls validate; streams give the same calls."""
+    got = replies["parallel"]
+    counts: dict[bool, list[int]] = {True: [], False: []}
+    for k in range(0, len(got), 2):
+        parallel = k < len(got) // 2
+        whole, chunks = got[k].choices[0], got[k + 1]
+        calls = _check_calls(whole.message, set(PARAMS)) if whole.message.tool_calls else []
+        counts[parallel].append(len(calls))
+        if calls:
+            assert whole.finish_reason == "tool_calls", whole
+        streamed, finish, _ = _streamed_calls(chunks)
+        assert streamed == calls and finish == whole.finish_reason
+    assert all(n <= 1 for n in counts[False]) and sum(counts[False]) >= 1, counts
+    assert max(counts[True]) >= 2, counts  # a second call where false allowed none
 
 
 @pytest.mark.timeout(120)

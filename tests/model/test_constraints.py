@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
-from model.constraints import ConstraintCompiler, ConstraintError
+from model.constraints import ConstraintCompiler, ConstraintError, _eos_bits
 from model.inputs import SamplingRow
 from model.sampler import Sampler
 from model.sampling_params import StructuredOutputsParams
@@ -55,7 +56,7 @@ def test_batch_of_rows_and_unconstrained_rows(compiler, tok):
     batch = compiler.batch([None, regex])
     assert batch.rows == [1]
     logits = torch.zeros(2, 49152)
-    masked, allowed = batch.apply(logits)
+    masked = batch.apply(logits)
     assert torch.equal(masked[0], logits[0])
     digits = tok.encode("7", add_special_tokens=False)[0]
     letter = tok.encode("a", add_special_tokens=False)[0]
@@ -126,3 +127,84 @@ def test_prefetched_masks_are_reused_only_where_they_are_current(compiler, tok, 
     compiler.prefetch([a])
     assert compiler.batch([None]) is None and compiler._next is None  # nothing left running
     compiler.fill_during_forward = False
+
+
+def test_greedy_rows_take_the_masked_argmax_with_raw_logprobs(compiler, tok):
+    """All-greedy rows skip the masked copy; tokens match masking then argmax, logprobs stay raw."""
+    digits = StructuredOutputsParams("regex", "[0-9]+")
+    a, b = compiler.matcher(digits), compiler.matcher(digits)
+    seven = tok.encode("7", add_special_tokens=False)[0]
+    assert b.accept(seven)
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(0))
+    batch = compiler.batch([a, None, b])
+    rows = [SamplingRow(temperature=0.0, num_logprobs=1) for _ in range(3)]
+    out = Sampler(0)(logits, rows, batch)
+    masked = logits.clone()
+    masked[[0, 2]] = logits[[0, 2]].masked_fill(~batch.allowed(49152, logits.device), -1e30)
+    assert out.token_ids == masked.argmax(dim=-1).tolist()
+    assert out.token_ids[1] == int(logits[1].argmax())  # the free row is untouched
+    assert out.token_ids[0] != int(logits[0].argmax())  # the grammar changed the pick
+    raw = logits.log_softmax(-1)
+    for i, lp in enumerate(out.logprobs):
+        assert lp.logprob == pytest.approx(float(raw[i, out.token_ids[i]]))
+
+
+def test_eos_bits_group_ids_by_word_and_keep_bit_31():
+    words, bits = _eos_bits([2, 0, 63, 95, 2, 40])
+    assert words.tolist() == [0, 1, 2]
+    assert bits.tolist() == [0b101, -(2**31) | (1 << 8), -(2**31)]
+    mask = np.zeros((2, 3), dtype=np.int32)
+    mask[np.ix_([1], words)] |= bits
+    allowed = np.nonzero(np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[1])[0]
+    assert allowed.tolist() == [0, 2, 40, 63, 95]
+
+
+def test_allows_agrees_with_the_filled_mask(compiler, tok):
+    """The lazy check (validate one token) and the mask say the same, EOS included, along a
+    JSON walk: allowed tokens, random ones, EOS and the next token at every position."""
+    schema = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 4}}}
+    m = compiler.matcher(StructuredOutputsParams("json", json.dumps(schema)))
+    text = '{"a":"xyz"}'
+    gen = np.random.default_rng(0)
+    for t in tok.encode(text, add_special_tokens=False) + [None]:
+        (allowed,) = _allowed(compiler, [m])
+        on = np.nonzero(allowed.numpy())[0]
+        probe = {*on[:: max(1, len(on) // 200)].tolist(), *gen.integers(0, 49152, 200).tolist()}
+        probe |= set(tok.eos_token_ids) | ({t} if t is not None else set())
+        assert {p for p in probe if m.allows(p)} == {p for p in probe if allowed[p]}
+        if t is not None:
+            assert m.accept(t)
+    assert m.allows(tok.eos_token_ids[0]) and m.is_finished
+
+
+def test_lazy_greedy_rows_fill_only_where_the_pick_breaks_the_grammar(compiler, tok):
+    """After a greedy step a row gets no mask ahead; the next greedy step fills it only if the
+    model's own pick is forbidden, and picks exactly what the filled mask would give."""
+    digits = StructuredOutputsParams("regex", "[0-9]+")
+    a, b = compiler.matcher(digits), compiler.matcher(digits)
+    seven = tok.encode("7", add_special_tokens=False)[0]
+    letter = tok.encode("a", add_special_tokens=False)[0]
+    assert compiler.lazy  # the CPU default
+    compiler.batch([a, b]).argmax(torch.zeros(2, 49152))  # a greedy step: both now lazy
+    assert a.greedy and b.greedy
+    compiler.prefetch([a, b])
+    assert compiler._next is None  # nothing filled ahead for greedy rows
+    logits = torch.randn(3, 49152, generator=torch.Generator().manual_seed(1))
+    logits[0, seven] = 50.0  # a's own pick is a digit: allowed, no fill
+    logits[2, letter] = 50.0  # b's own pick is a letter: forbidden, filled
+    batch = compiler.batch([a, None, b])
+    assert batch.where == [None, None]
+    picks = batch.argmax(logits)
+    assert batch.where[0] is None and batch.where[1] is not None
+    compiler.lazy = False
+    try:
+        eager = compiler.batch([a, None, b])  # every mask filled: the reference
+        assert eager.where[0] is not None
+        masked = logits.clone()
+        masked[[0, 2]] = logits[[0, 2]].masked_fill(~eager.allowed(49152, logits.device), -1e30)
+    finally:
+        compiler.lazy = True
+    assert picks.tolist() == masked.argmax(dim=-1).tolist()
+    assert picks[0] == seven and picks[2] != letter
+    batch.apply(logits)  # a step that samples: masks are filled ahead again
+    assert not a.greedy and not b.greedy
