@@ -1,11 +1,13 @@
 """Constrained vs unconstrained decoding on the engine: output tok/s, compile and mask times.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/structured.py [--streams 1 16] [--max-tokens 64]
-        [--no-overlap | --fill-during-forward] [--no-lazy]
+        [--no-overlap | --fill-during-forward] [--no-lazy] [--temperature T] [--repeats N]
 
-At each stream count S, S requests run together (greedy, ignore_eos) once with every request
-constrained to a JSON schema (an object holding at least 24 short strings: enough to fill
-max_tokens) and once without. Decode tok/s counts the tokens after the prefill step over the
+At each stream count S, S requests run together (greedy unless --temperature, ignore_eos) with
+every request constrained to a JSON schema (an object holding at least 24 short strings: enough
+to fill max_tokens), and without; the two kinds alternate --repeats times (default 3) and the
+run with the median tok/s of each kind is reported (the host's speed drifts from minute to
+minute). Decode tok/s counts the tokens after the prefill step over the
 time after it. The schema differs per request (a distinct `title`), so every request compiles
 its own grammar. Per-step mask fill is the bitmask fill time (by default on a thread, started as
 soon as the previous step's tokens are accepted, so it overlaps detokenizing, scheduling and the
@@ -47,13 +49,24 @@ def schema(i: int) -> str:
     )
 
 
-def run(engine: LLMEngine, streams: int, max_tokens: int, constrained: bool, base: int) -> dict:
+def run(
+    engine: LLMEngine,
+    streams: int,
+    max_tokens: int,
+    constrained: bool,
+    base: int,
+    temperature: float = 0.0,
+) -> dict:
     prompt = "List the things you would pack for a trip, as JSON."
     ids = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
     for i in range(streams):
         spec = StructuredOutputsParams("json", schema(base + i)) if constrained else None
         params = SamplingParams(
-            temperature=0, max_tokens=max_tokens, ignore_eos=True, structured_outputs=spec
+            temperature=temperature,
+            seed=base + i,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            structured_outputs=spec,
         )
         engine.add_request(f"r{base + i}", ids, params)
     masks, waits, samples, steps, tokens = [], [], [], 0, 0
@@ -79,6 +92,10 @@ def run(engine: LLMEngine, streams: int, max_tokens: int, constrained: bool, bas
     }
 
 
+def _median(runs: list[dict]) -> float:
+    return statistics.median(r["tok_s"] for r in runs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 16])
@@ -95,6 +112,10 @@ def main() -> None:
     ap.add_argument(
         "--no-lazy", action="store_true", help="fill every greedy row's mask (lazy on CPUs)"
     )
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy; > 0: seeded sampling"
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each kind")
     args = ap.parse_args()
     engine = LLMEngine(EngineConfig(model=args.model))
     run(engine, 1, 4, True, 10_000)  # warm-up: builds the grammar tokenizer (~1 s, once)
@@ -109,10 +130,17 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     base = 0
     for s in args.streams:
-        free = run(engine, s, args.max_tokens, False, base)
-        base += s
-        cons = run(engine, s, args.max_tokens, True, base)
-        base += s
+        # NOTE: alternated and repeated, medians kept: this host's speed drifts ~10% a minute
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for constrained in (False, True):
+                runs[constrained].append(
+                    run(engine, s, args.max_tokens, constrained, base, args.temperature)
+                )
+                base += s
+        free, cons = (
+            min(runs[c], key=lambda r: abs(r["tok_s"] - _median(runs[c]))) for c in (False, True)
+        )
         print(
             f"| {s} | {free['tok_s']:.1f} | {cons['tok_s']:.1f} | "
             f"{cons['tok_s'] / free['tok_s']:.2f} | {free['tokens']} / {cons['tokens']} | "
