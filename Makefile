@@ -33,7 +33,7 @@ test: install-dev
 	bash scripts/install-prometheus.sh
 	$(VENV)/bin/pytest -q -p no:cacheprovider
 
-# schemathesis: 2,000 generated requests per endpoint (make test runs 100)
+# schemathesis: 2,000 generated requests per endpoint (make test runs 150)
 fuzz: install-dev
 	TOKENMILL_FUZZ_EXAMPLES=2000 $(VENV)/bin/pytest -q -p no:cacheprovider tests/e2e/test_api_fuzz.py
 

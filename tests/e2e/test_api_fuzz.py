@@ -15,11 +15,11 @@ import pytest
 import requests
 from e2e_helpers import TINY_ARGS, TINY_NAME, assert_error, engine_stats, wait_for
 
-# requests per endpoint (half valid per the schema, half not): 100 in `make test`, 2,000 in
+# requests per endpoint (half valid per the schema, half not): 150 in `make test`, 2,000 in
 # `make fuzz`; ~12% of valid ones pass the small limits below, so 75 make a 200 all but certain.
 # NOTE: the time goes to hypothesis generating the bodies, not to the server (measured at 2,000
 # under load: chat 671 s, of which 93 s waiting for answers), so the timeout scales with it.
-EXAMPLES = int(os.environ.get("TOKENMILL_FUZZ_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("TOKENMILL_FUZZ_EXAMPLES", "150"))
 pytestmark = pytest.mark.timeout(max(600, EXAMPLES))
 FUZZED = [
     ("POST", "/v1/completions"),
