@@ -107,7 +107,6 @@ class ModelRunner:
         kv_cache_memory: int | None = None,
         max_model_len: int | None = None,
         max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 256,
         seed: int = 0,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",
@@ -123,7 +122,6 @@ class ModelRunner:
         )
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.max_num_seqs = max_num_seqs
         self.seed = seed
         self.last_timings: dict[str, float] = {}
         self._sampler = None

@@ -80,7 +80,7 @@ class AsyncEngine:
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.engine.model_name
         self.model_config = self.engine.model_config
-        self.max_num_seqs = config.max_num_seqs
+        self.max_num_seqs = self.engine.max_num_seqs
         self.default_sampling_params = self.engine.default_sampling_params  # generation config
         self._cond = threading.Condition()  # wakes the step thread; notified after every step
         self._lock = threading.Lock()  # guards _streams, _error and starting the step thread

@@ -17,7 +17,13 @@ from model.runner import ModelRunner
 from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
-from scheduler.config import EngineConfig, parse_size, resolve_model, served_model_name
+from scheduler.config import (
+    DEFAULT_MAX_NUM_SEQS,
+    EngineConfig,
+    parse_size,
+    resolve_model,
+    served_model_name,
+)
 from scheduler.errors import EngineFatalError, fit_max_tokens
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from scheduler.scheduler import SampledToken, Scheduler
@@ -70,9 +76,12 @@ class LLMEngine:
             # CPU: KV pages become resident as blocks are written; keep RSS near the working set
             resident_floor=num_blocks // 8 if self.runner.device.type == "cpu" else None,
         )
+        self.max_num_seqs: int = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS.get(
+            self.runner.device.type, DEFAULT_MAX_NUM_SEQS["cuda"]
+        )
         self.scheduler = Scheduler(
             self.block_manager,
-            max_num_seqs=config.max_num_seqs,
+            max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=self.tokenizer.eos_token_ids,
@@ -430,7 +439,6 @@ def runner_kwargs(config: EngineConfig) -> dict:
         kv_cache_memory=parse_size(config.kv_cache_memory),
         max_model_len=config.max_model_len,
         max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs,
         seed=config.seed,
         quantization=config.quantization,
         kv_cache_dtype=config.kv_cache_dtype,

@@ -80,7 +80,12 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
         default=None,
         help="context length (default: the model's, capped by the KV cache)",
     )
-    s.add_argument("--max-num-seqs", type=positive, default=256)
+    s.add_argument(
+        "--max-num-seqs",
+        type=positive,
+        default=None,
+        help="sequences in one batch (default: 256 on CUDA, 32 on CPU)",
+    )
     s.add_argument("--max-num-batched-tokens", type=positive, default=2048)
     s.add_argument(
         "--kv-cache-memory",
