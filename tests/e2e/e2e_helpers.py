@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -56,3 +57,21 @@ def without_cached(usage: dict, block_size: int = 16) -> dict:
     cached = details["cached_tokens"]
     assert cached % block_size == 0 and 0 <= cached < usage["prompt_tokens"], usage
     return usage
+
+
+def stream_then_kill(url: str, victim: list[Any]) -> list[str]:
+    """A long greedy stream; once it has a token, SIGKILL `victim`; read the stream to its end."""
+    body = {"model": TINY_NAME, "prompt": "Once upon a time", "max_tokens": 4000,
+            "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+    events: list[str] = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for line in lines:
+            if line.startswith("data: {"):
+                events.append(line)
+                break
+        for p in victim:
+            p.kill()
+        events += [line for line in lines if line.startswith("data: ")]  # ends, never hangs
+    return events

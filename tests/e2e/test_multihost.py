@@ -6,7 +6,6 @@ clearly; nothing is left running after either side is killed."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,19 +15,15 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from e2e_helpers import TINY_ARGS, TINY_NAME
+from e2e_helpers import TINY_ARGS, TINY_NAME, stream_then_kill
+
+from tests.e2e.conftest import free_port
 
 pytestmark = pytest.mark.timeout(240)
 
 REPO = Path(__file__).resolve().parents[2]
 
 PROMPTS = ("Hello, my name is", "The capital of France is")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -122,24 +117,6 @@ def assert_same_as_tp1(url: str, tp1_url: str) -> None:
         for a, b in zip(got["logprobs"]["top_logprobs"], want["logprobs"]["top_logprobs"],
                         strict=True):  # fmt: skip
             assert list(a) == list(b)
-
-
-def stream_then_kill(url: str, victim: list[psutil.Process]) -> list[str]:
-    """A long greedy stream; once it has a token, SIGKILL `victim`; read the stream to its end."""
-    body = {"model": TINY_NAME, "prompt": "Once upon a time", "max_tokens": 4000,
-            "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
-    events: list[str] = []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as resp:
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        for line in lines:
-            if line.startswith("data: {"):
-                events.append(line)
-                break
-        for p in victim:
-            p.kill()
-        events += [line for line in lines if line.startswith("data: ")]  # ends, never hangs
-    return events
 
 
 def assert_gone(procs: list[psutil.Process]) -> None:

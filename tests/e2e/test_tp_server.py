@@ -4,14 +4,13 @@ request in flight with an error and the server exits non-zero; SIGTERM leaves no
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 
 import httpx
 import psutil
 import pytest
-from e2e_helpers import TINY_ARGS, TINY_NAME
+from e2e_helpers import TINY_ARGS, TINY_NAME, stream_then_kill
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -37,24 +36,7 @@ def test_tp2_server_matches_tp1_then_survives_nothing(tiny_server, launch_server
     for prompt in ("Hello, my name is", "The capital of France is"):
         assert completion(server.url, prompt) == completion(tiny_server.url, prompt)
 
-    body = {
-        "model": TINY_NAME,
-        "prompt": "Once upon a time",
-        "max_tokens": 4000,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    events: list[str] = []
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as resp:
-        assert resp.status_code == 200
-        lines = resp.iter_lines()
-        for line in lines:
-            if line.startswith("data: {"):
-                events.append(line)
-                break
-        os.kill(workers[0].pid, signal.SIGKILL)  # the request is in flight: it streamed a token
-        events += [line for line in lines if line.startswith("data: ")]  # ends, never hangs
+    events = stream_then_kill(server.url, [workers[0]])  # SIGKILL once a token has streamed
     errors = [json.loads(e[6:])["error"] for e in events if '"error"' in e]
     assert errors and "rank 1" in errors[-1]["message"], events[-3:]
     assert errors[-1]["type"] == "server_error"
