@@ -5,7 +5,7 @@
  * w = s * q + mn exactly as the GGUF dequantization computes it (q * s is exact in float32 for
  * every source format, so one fused multiply-add rounds once, as numpy's (d * q) + m does):
  *   bits 4: q in 0..15, two per byte; in a group of 32, byte k holds q[k] (low) and q[k + 16]
- *           (high nibble), GGML's own Q4_0/Q4_1 order;
+ *           (high nibble), GGML's own Q4_0/Q4_1 order; without mins, w = s (q - 8) (Q4_0);
  *   bits 8: q in -128..127 (int8), one per byte; groups of 32 or 16 (Q6_K);
  *   scales and mins are float16 (Q4_0, Q4_1, Q8_0, Q5_0, Q5_1: the file's own values) or float32
  *   (K-quants, whose super-block scale times sub-block scale needs up to 19 bits).
@@ -50,7 +50,7 @@ static inline float ld_scale(const void *p, int f32, long i) {
 __attribute__((unused)) static void dequant_group(const qfmt *f, long o, long g, float *wg) {
     const uint8_t *q = f->q + o * f->row_bytes;
     float s = ld_scale(f->scales, f->f32, o * f->groups + g);
-    float mn = f->mins ? ld_scale(f->mins, f->f32, o * f->groups + g) : 0.0f;
+    float mn = f->mins ? ld_scale(f->mins, f->f32, o * f->groups + g) : f->bits == 4 ? -8.0f * s : 0.0f;
     if (f->bits == 4) {
         const uint8_t *b = q + g * 16;
         for (int k = 0; k < 16; k++) {
@@ -65,38 +65,31 @@ __attribute__((unused)) static void dequant_group(const qfmt *f, long o, long g,
 
 #define MAX_MR 8 /* activation rows that share one pass over a weight row */
 #define MAX_GROUPS 4096 /* groups in one weight row: in <= 65536 (16-groups) */
+#define CH 16 /* groups whose scales are converted to float32 together */
 
-/* A row's scales (and mins) as float32: float16 ones are converted once per row into the
- * buffers, so the inner loop broadcasts them straight from memory (no shuffle-port work). */
-static inline void row_scales(const qfmt *f, long o, float *sbuf, float *mbuf, const float **sc,
-                              const float **mn) {
-    long base = o * f->groups;
-    if (f->f32) {
-        *sc = (const float *)f->scales + base;
-        *mn = f->mins ? (const float *)f->mins + base : 0;
-        return;
-    }
-    const uint16_t *s16 = (const uint16_t *)f->scales + base;
-    const uint16_t *m16 = f->mins ? (const uint16_t *)f->mins + base : 0;
-    long g = 0;
-#if defined(__AVX512F__)
-    for (; g + 16 <= f->groups; g += 16) {
-        _mm512_storeu_ps(sbuf + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s16 + g))));
-        if (m16)
-            _mm512_storeu_ps(mbuf + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(m16 + g))));
-    }
-#elif defined(__F16C__)
-    for (; g + 8 <= f->groups; g += 8) {
-        _mm256_storeu_ps(sbuf + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s16 + g))));
-        if (m16) _mm256_storeu_ps(mbuf + g, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m16 + g))));
+/* Scales and mins of groups [g0, g0 + n) of row o (n <= CH) as float32 into s[] and m[]: m is
+ * the row's mins, or -8 s for 4-bit rows stored without mins (Q4_0: w = s (q - 8), and
+ * s q - 8 s is exact in float32), or 0. A CH-float buffer per weight row stays in L1. */
+static inline void chunk_scales(const qfmt *f, long o, long g0, int n, float *s, float *m) {
+    const long base = o * f->groups + g0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+    const __mmask16 k = (__mmask16)((1u << n) - 1);
+    __m512 vs = f->f32 ? _mm512_maskz_loadu_ps(k, (const float *)f->scales + base)
+                       : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)f->scales + base));
+    __m512 vm = _mm512_setzero_ps();
+    if (f->mins)
+        vm = f->f32 ? _mm512_maskz_loadu_ps(k, (const float *)f->mins + base)
+                    : _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, (const uint16_t *)f->mins + base));
+    else if (f->bits == 4)
+        vm = _mm512_mul_ps(vs, _mm512_set1_ps(-8.0f));
+    _mm512_storeu_ps(s, vs);
+    _mm512_storeu_ps(m, vm);
+#else
+    for (int j = 0; j < n; j++) {
+        s[j] = ld_scale(f->scales, f->f32, base + j);
+        m[j] = f->mins ? ld_scale(f->mins, f->f32, base + j) : f->bits == 4 ? -8.0f * s[j] : 0.0f;
     }
 #endif
-    for (; g < f->groups; g++) {
-        sbuf[g] = h2f(s16[g]);
-        if (m16) mbuf[g] = h2f(m16[g]);
-    }
-    *sc = sbuf;
-    *mn = m16 ? mbuf : 0;
 }
 
 #if defined(__AVX512F__)
@@ -109,13 +102,16 @@ typedef __m512 vf;
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define VSUM(v) _mm512_reduce_add_ps(v)
 
-/* dequantized lanes [c*W, (c+1)*W) of group g of row q; nchunks = group / W */
+/* Group g of row q as GROUP / W vectors (32 / W for 4 bits). HM = 0: a 4-bit row without mins,
+ * whose table is s (q - 8) with one multiply (exact, so equal to s q + (-8 s)). */
 static inline __attribute__((always_inline)) void dq_group(const int BITS, const int GROUP,
-                                                          const uint8_t *q, long g, float s,
-                                                          float mn, vf *out) {
+                                                          const int HM, const uint8_t *q, long g,
+                                                          float s, float mn, vf *out) {
     if (BITS == 4) {
         const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        __m512 tab = _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(mn));
+        const __m512 iota8 = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+        __m512 tab = HM ? _mm512_fmadd_ps(iota, _mm512_set1_ps(s), _mm512_set1_ps(mn))
+                        : _mm512_mul_ps(iota8, _mm512_set1_ps(s));
         __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + g * 16)));
         out[0] = _mm512_permutexvar_ps(v, tab); /* uses the low 4 bits of each lane */
         out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
@@ -128,6 +124,14 @@ static inline __attribute__((always_inline)) void dq_group(const int BITS, const
         }
     }
 }
+/* Weight rows per pass for MR activation rows (32 registers: accumulators + dequantized vectors),
+ * one accumulator per (activation row, weight row): NR chains hide the FMA latency. */
+#define NR_OF(MR) ((MR) == 1 ? 8 : 4)
+#define NR_MAX 8
+#define NCA_OF(NC) 1
+#define NCA_MAX 1
+#define BLOCK_MR 4 /* activation rows per pass over a tile */
+#define TILE_ROWS 8
 #elif defined(__AVX2__) && defined(__FMA__)
 /* ---- AVX2: 8 lanes; nibbles masked and converted ---- */
 #define W 8
@@ -144,9 +148,10 @@ static inline float VSUM(__m256 v) {
 }
 
 static inline __attribute__((always_inline)) void dq_group(const int BITS, const int GROUP,
-                                                          const uint8_t *q, long g, float s,
-                                                          float mn, vf *out) {
+                                                          const int HM, const uint8_t *q, long g,
+                                                          float s, float mn, vf *out) {
     __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(mn);
+    (void)HM; /* mn is -8 s for 4-bit rows without mins */
     if (BITS == 4) {
         const __m256i lo4 = _mm256_set1_epi32(15);
         for (int c = 0; c < 2; c++) { /* bytes 8c..8c+7: elements 8c.. (low), 16+8c.. (high) */
@@ -162,83 +167,67 @@ static inline __attribute__((always_inline)) void dq_group(const int BITS, const
         }
     }
 }
+/* 16 registers: one weight row at a time, one accumulator per (activation row, vector) */
+#define NR_OF(MR) 1
+#define NR_MAX 1
+#define NCA_OF(NC) (NC)
+#define NCA_MAX (32 / W)
+#define BLOCK_MR MAX_MR
+#define TILE_ROWS 1
 #endif
 
 #ifdef W
-/* MR activation rows times weight row o, for one format (BITS, GROUP). Every size is a literal
- * at the call, so the loops unroll and acc[][] lives in registers: nc independent FMA chains
- * per activation row hide the FMA latency. */
-static inline __attribute__((always_inline)) void row_mr(const int MR, const int BITS,
-                                                        const int GROUP, const qfmt *f, long o,
-                                                        const float *x, long ldx, float *y,
-                                                        long ldy, const float *bias,
-                                                        float *sbuf, float *mbuf) {
+/* MR activation rows times weight rows o..o+NR-1, for one format (BITS, GROUP, HM). Every size
+ * is a literal at the call, so the loops unroll and acc[][][] lives in registers: each
+ * dequantized weight vector meets MR activation rows, each activation load meets NR weight
+ * rows, and NR * NCA accumulators per activation row hide the FMA latency. */
+static inline __attribute__((always_inline)) void rows_blk(const int MR, const int NR,
+                                                          const int NCA, const int BITS,
+                                                          const int GROUP, const int HM,
+                                                          const qfmt *f, long o, const float *x,
+                                                          long ldx, float *y, long ldy,
+                                                          const float *bias) {
     const int NC = (BITS == 4 ? 32 : GROUP) / W;
-    const uint8_t *q = f->q + o * f->row_bytes;
-    vf acc[MAX_MR][32 / W];
+    /* fixed sizes (NR, MR are literals only after inlining): registers, not a stack array */
+    const uint8_t *q[NR_MAX];
+    vf acc[MAX_MR][NR_MAX][NCA_MAX];
+    float sl[NR_MAX][CH], ml[NR_MAX][CH];
+    for (int n = 0; n < NR; n++) q[n] = f->q + (o + n) * f->row_bytes;
     for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NC; c++) acc[r][c] = VZERO();
-    const float *sc, *mn;
-    row_scales(f, o, sbuf, mbuf, &sc, &mn);
-    for (long g = 0; g < f->groups; g++) {
-        float s = sc[g], m0 = mn ? mn[g] : 0.0f;
-        vf w[32 / W];
-        dq_group(BITS, GROUP, q, g, s, m0, w);
-        const long i = g * GROUP;
-        for (int c = 0; c < NC; c++)
-            for (int r = 0; r < MR; r++)
-                acc[r][c] = VFMA(w[c], VLOAD(x + r * ldx + i + c * W), acc[r][c]);
+        for (int n = 0; n < NR; n++)
+            for (int c = 0; c < NCA; c++) acc[r][n][c] = VZERO();
+    for (long g0 = 0; g0 < f->groups; g0 += CH) {
+        const int ng = f->groups - g0 < CH ? (int)(f->groups - g0) : CH;
+        for (int n = 0; n < NR; n++) chunk_scales(f, o + n, g0, ng, sl[n], ml[n]);
+        for (int j = 0; j < ng; j++) {
+            const long g = g0 + j, i = g * GROUP;
+            vf w[NR_MAX][32 / W];
+            for (int n = 0; n < NR; n++) dq_group(BITS, GROUP, HM, q[n], g, sl[n][j], ml[n][j], w[n]);
+            for (int c = 0; c < NC; c++)
+                for (int r = 0; r < MR; r++) {
+                    vf xv = VLOAD(x + r * ldx + i + c * W);
+                    for (int n = 0; n < NR; n++)
+                        acc[r][n][c % NCA] = VFMA(w[n][c], xv, acc[r][n][c % NCA]);
+                }
+        }
     }
-    for (int r = 0; r < MR; r++) {
-        vf a = acc[r][0];
-        for (int c = 1; c < NC; c++) a = a + acc[r][c];
-        y[r * ldy + o] = VSUM(a) + (bias ? bias[o] : 0.0f);
-    }
+    for (int r = 0; r < MR; r++)
+        for (int n = 0; n < NR; n++) {
+            vf a = acc[r][n][0];
+            for (int c = 1; c < NCA; c++) a = a + acc[r][n][c];
+            y[r * ldy + o + n] = VSUM(a) + (bias ? bias[o + n] : 0.0f);
+        }
 }
-#if W == 16
-#define NR 4 /* weight rows that share each activation load (AVX-512: 32 registers) */
-#define NR_MAX_MR 4 /* activation rows per pass with NR weight rows: 16 accumulators */
-/* MR activation rows times weight rows o..o+3: each dequantized weight vector meets MR
- * activation rows and each activation load meets NR weight rows, so the loop is FMA-bound
- * (row_mr alone reloads every activation row for every weight row). */
-static inline __attribute__((always_inline)) void rows_nr(const int MR, const int BITS,
-                                                         const int GROUP, const qfmt *f, long o,
-                                                         const float *x, long ldx, float *y,
-                                                         long ldy, const float *bias,
-                                                         float (*sbuf)[MAX_GROUPS],
-                                                         float (*mbuf)[MAX_GROUPS]) {
-    const int NC = (BITS == 4 ? 32 : GROUP) / W;
-    const uint8_t *q[NR];
-    const float *sc[NR], *mn[NR];
-    vf acc[NR_MAX_MR][NR];
-    for (int n = 0; n < NR; n++) {
-        q[n] = f->q + (o + n) * f->row_bytes;
-        row_scales(f, o + n, sbuf[n], mbuf[n], &sc[n], &mn[n]);
-    }
-    for (int r = 0; r < MR; r++)
-        for (int n = 0; n < NR; n++) acc[r][n] = VZERO();
-    for (long g = 0; g < f->groups; g++) {
-        vf w[NR][32 / W];
-        for (int n = 0; n < NR; n++) dq_group(BITS, GROUP, q[n], g, sc[n][g], mn[n] ? mn[n][g] : 0.0f, w[n]);
-        const long i = g * GROUP;
-        for (int c = 0; c < NC; c++)
-            for (int r = 0; r < MR; r++) {
-                vf xv = VLOAD(x + r * ldx + i + c * W);
-                for (int n = 0; n < NR; n++) acc[r][n] = VFMA(w[n][c], xv, acc[r][n]);
-            }
-    }
-    for (int r = 0; r < MR; r++)
-        for (int n = 0; n < NR; n++) y[r * ldy + o + n] = VSUM(acc[r][n]) + (bias ? bias[o + n] : 0.0f);
-}
-
-#endif
+#define BLK(MR, NR, BITS, GROUP, HM, o)                                                            \
+    rows_blk(MR, NR, NCA_OF((BITS == 4 ? 32 : GROUP) / W), BITS, GROUP, HM, f, o, x, ldx, y, ldy, bias)
 #else
 /* ---- plain C: one group at a time through a small buffer ---- */
-static void row_mr(const int MR, const int BITS, const int GROUP, const qfmt *f, long o,
-                   const float *x, long ldx, float *y, long ldy, const float *bias, float *sbuf,
-                   float *mbuf) {
+#define BLOCK_MR MAX_MR
+#define TILE_ROWS 1
+#define NR_OF(MR) 1
+static void rows_blk_c(const int MR, const qfmt *f, long o, const float *x, long ldx, float *y,
+                       long ldy, const float *bias) {
     float acc[MAX_MR] = {0}, w[32];
-    (void)BITS, (void)GROUP, (void)sbuf, (void)mbuf;
     for (long g = 0; g < f->groups; g++) {
         dequant_group(f, o, g, w);
         for (int r = 0; r < MR; r++)
@@ -246,47 +235,40 @@ static void row_mr(const int MR, const int BITS, const int GROUP, const qfmt *f,
     }
     for (int r = 0; r < MR; r++) y[r * ldy + o] = acc[r] + (bias ? bias[o] : 0.0f);
 }
+#define BLK(MR, NR, BITS, GROUP, HM, o) rows_blk_c(MR, f, o, x, ldx, y, ldy, bias)
 #endif
 
 /* one function per (format, MR): the only runtime switch is here, outside the loops */
-#define ROWS_FN(BITS, GROUP, MR)                                                                   \
-    static void rows_##BITS##_##GROUP##_##MR(const qfmt *f, long o0, long o1, const float *x,     \
-                                             long ldx, float *y, long ldy, const float *bias) {   \
-        float sbuf[MAX_GROUPS], mbuf[MAX_GROUPS];                                                  \
+#define ROWS_FN(BITS, GROUP, HM, MR)                                                               \
+    static void rows_##BITS##_##GROUP##_##HM##_##MR(const qfmt *f, long o0, long o1,              \
+                                                    const float *x, long ldx, float *y, long ldy, \
+                                                    const float *bias) {                          \
         long o = o0;                                                                               \
-        ROWS_NR(BITS, GROUP, MR)                                                                   \
-        for (; o < o1; o++) row_mr(MR, BITS, GROUP, f, o, x, ldx, y, ldy, bias, sbuf, mbuf);       \
+        if (NR_OF(MR) > 1)                                                                         \
+            for (; o + NR_OF(MR) <= o1; o += NR_OF(MR)) BLK(MR, NR_OF(MR), BITS, GROUP, HM, o);    \
+        for (; o < o1; o++) BLK(MR, 1, BITS, GROUP, HM, o);                                        \
     }
-#if defined(NR)
-#define ROWS_NR(BITS, GROUP, MR)                                                                   \
-    if (MR <= NR_MAX_MR) {                                                                         \
-        float sb[NR][MAX_GROUPS], mb[NR][MAX_GROUPS];                                              \
-        for (; o + NR <= o1; o += NR) rows_nr(MR, BITS, GROUP, f, o, x, ldx, y, ldy, bias, sb, mb); \
-    }
-#define BLOCK_MR NR_MAX_MR /* activation rows per pass over a tile */
-#define TILE_ROWS NR       /* tiles hold whole NR-row blocks */
-#else
-#define ROWS_NR(BITS, GROUP, MR)
-#define BLOCK_MR MAX_MR
-#define TILE_ROWS 1
-#endif
-#define ROWS_FMT(BITS, GROUP)                                                                      \
-    ROWS_FN(BITS, GROUP, 1) ROWS_FN(BITS, GROUP, 2) ROWS_FN(BITS, GROUP, 3) ROWS_FN(BITS, GROUP, 4) \
-    ROWS_FN(BITS, GROUP, 5) ROWS_FN(BITS, GROUP, 6) ROWS_FN(BITS, GROUP, 7) ROWS_FN(BITS, GROUP, 8)
-ROWS_FMT(4, 32)
-ROWS_FMT(8, 32)
-ROWS_FMT(8, 16)
+#define ROWS_FMT(BITS, GROUP, HM)                                                                  \
+    ROWS_FN(BITS, GROUP, HM, 1) ROWS_FN(BITS, GROUP, HM, 2) ROWS_FN(BITS, GROUP, HM, 3)            \
+    ROWS_FN(BITS, GROUP, HM, 4) ROWS_FN(BITS, GROUP, HM, 5) ROWS_FN(BITS, GROUP, HM, 6)            \
+    ROWS_FN(BITS, GROUP, HM, 7) ROWS_FN(BITS, GROUP, HM, 8)
+ROWS_FMT(4, 32, 0)
+ROWS_FMT(4, 32, 1)
+ROWS_FMT(8, 32, 1)
+ROWS_FMT(8, 16, 1)
 
 typedef void (*rows_fn)(const qfmt *, long, long, const float *, long, float *, long, const float *);
-#define TABLE(BITS, GROUP)                                                                         \
-    {rows_##BITS##_##GROUP##_1, rows_##BITS##_##GROUP##_2, rows_##BITS##_##GROUP##_3,              \
-     rows_##BITS##_##GROUP##_4, rows_##BITS##_##GROUP##_5, rows_##BITS##_##GROUP##_6,              \
-     rows_##BITS##_##GROUP##_7, rows_##BITS##_##GROUP##_8}
-static const rows_fn ROWS[3][MAX_MR] = {TABLE(4, 32), TABLE(8, 32), TABLE(8, 16)};
+#define TABLE(BITS, GROUP, HM)                                                                     \
+    {rows_##BITS##_##GROUP##_##HM##_1, rows_##BITS##_##GROUP##_##HM##_2,                           \
+     rows_##BITS##_##GROUP##_##HM##_3, rows_##BITS##_##GROUP##_##HM##_4,                           \
+     rows_##BITS##_##GROUP##_##HM##_5, rows_##BITS##_##GROUP##_##HM##_6,                           \
+     rows_##BITS##_##GROUP##_##HM##_7, rows_##BITS##_##GROUP##_##HM##_8}
+static const rows_fn ROWS[4][MAX_MR] = {TABLE(4, 32, 0), TABLE(4, 32, 1), TABLE(8, 32, 1),
+                                        TABLE(8, 16, 1)};
 
 static void rows_mr(int mr, const qfmt *f, long o0, long o1, const float *x, long ldx, float *y,
                     long ldy, const float *bias) {
-    int k = f->bits == 4 ? 0 : f->group == 32 ? 1 : 2;
+    int k = f->bits == 4 ? (f->mins ? 1 : 0) : f->group == 32 ? 2 : 3;
     ROWS[k][mr - 1](f, o0, o1, x, ldx, y, ldy, bias);
 }
 
@@ -336,17 +318,20 @@ int qdequant(const uint8_t *q, const void *scales, const void *mins, int bits, i
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long o = 0; o < rows; o++) {
 #ifdef W
-        float sbuf[MAX_GROUPS], mbuf[MAX_GROUPS];
-        const float *sc, *mn;
-        row_scales(&f, o, sbuf, mbuf, &sc, &mn);
         const uint8_t *q = f.q + o * f.row_bytes;
         const int n_vec = (bits == 4 ? 32 : group) / W;
-        for (long g = 0; g < f.groups; g++) { /* the values dequant_group gives, W at a time */
-            vf v[32 / W];
-            if (bits == 4) dq_group(4, 32, q, g, sc[g], mn ? mn[g] : 0.0f, v);
-            else if (group == 32) dq_group(8, 32, q, g, sc[g], mn ? mn[g] : 0.0f, v);
-            else dq_group(8, 16, q, g, sc[g], mn ? mn[g] : 0.0f, v);
-            for (int c = 0; c < n_vec; c++) VSTORE(w + o * in + g * group + c * W, v[c]);
+        float sl[CH], ml[CH];
+        for (long g0 = 0; g0 < f.groups; g0 += CH) { /* the values dequant_group gives, W at a time */
+            const int ng = f.groups - g0 < CH ? (int)(f.groups - g0) : CH;
+            chunk_scales(&f, o, g0, ng, sl, ml);
+            for (int j = 0; j < ng; j++) {
+                const long g = g0 + j;
+                vf v[32 / W];
+                if (bits == 4) dq_group(4, 32, 1, q, g, sl[j], ml[j], v);
+                else if (group == 32) dq_group(8, 32, 1, q, g, sl[j], ml[j], v);
+                else dq_group(8, 16, 1, q, g, sl[j], ml[j], v);
+                for (int c = 0; c < n_vec; c++) VSTORE(w + o * in + g * group + c * W, v[c]);
+            }
         }
 #else
         for (long g = 0; g < f.groups; g++) dequant_group(&f, o, g, w + o * in + g * group);

@@ -1,7 +1,7 @@
 """Packed quantized weights (4-bit / 8-bit groups with a scale and a min) and their products.
 
 Every GGUF type the loader reads maps onto one of two packed layouts without re-rounding:
-  bits 4, group 32: Q4_0 (min = -8 d), Q4_1, Q4_K (super-block scales multiplied out);
+  bits 4, group 32: Q4_0 (no mins: w = d (q - 8)), Q4_1, Q4_K (super-block scales multiplied out);
   bits 8, group 32: Q8_0, Q5_0 (q - 16), Q5_1, Q5_K; bits 8, group 16: Q6_K (q - 32).
 `w = scale * q + min` reproduces gguf-py's dequantization bit for bit (q * scale is exact in
 float32 for every source type), so `dequantize()` + F.linear is the oracle, and quant.c's kernels
@@ -30,7 +30,7 @@ class QuantFormat:
     bits: int  # 4 (two values a byte, GGML's nibble order) or 8 (int8)
     group: int  # weights sharing one scale (and min): 32, or 16 (Q6_K)
     scale_dtype: torch.dtype  # float16 (the file's own scales) or float32 (K-quant products)
-    has_min: bool
+    has_min: bool  # else w = scale * q, and for 4 bits w = scale * (q - 8) (Q4_0)
 
     def widen(self, other: QuantFormat) -> QuantFormat:
         """The narrowest format that holds both exactly (merging q/k/v or gate/up parts)."""
@@ -93,13 +93,17 @@ class QuantTensor:
             return self
         q, scales, mins = self.qweight, self.scales, self.mins
         out = q.shape[0]
+        offset = 8 if self.fmt.bits == 4 and not self.fmt.has_min else 0  # Q4_0's q - 8
         if fmt.bits == 8 and self.fmt.bits == 4:
             nib = q.view(out, -1, 16)  # [out, groups, 16]
             vals = torch.cat([nib & 15, nib >> 4], dim=-1)  # [out, groups, 32] in 0..15
-            q = vals.reshape(out, -1).to(torch.int8).view(torch.uint8)
+            q = (vals.reshape(out, -1).to(torch.int16) - offset).to(torch.int8).view(torch.uint8)
+            offset = 0
         scales = scales.to(fmt.scale_dtype)
-        if fmt.has_min:
-            mins = torch.zeros_like(scales) if mins is None else mins.to(fmt.scale_dtype)
+        if fmt.has_min and mins is None:
+            mins = -offset * scales if offset else torch.zeros_like(scales)  # -8 s: exact
+        elif fmt.has_min:
+            mins = mins.to(fmt.scale_dtype)
         if fmt.group != self.fmt.group:
             rep = self.fmt.group // fmt.group
             scales = scales.repeat_interleave(rep, dim=1)
@@ -118,6 +122,8 @@ class QuantTensor:
         if self.fmt.bits == 4:
             nib = self.qweight.view(out, -1, 16)
             q = torch.cat([nib & 15, nib >> 4], dim=-1).float()  # [out, groups, 32]
+            if self.mins is None:
+                q = q - 8  # Q4_0: w = d (q - 8)
         else:
             q = self.qweight.view(torch.int8).view(out, -1, g).float()  # [out, groups, g]
         w = q * self.scales.float().unsqueeze(-1)
@@ -188,8 +194,7 @@ def _blocks_to_packed(kind: str, b: np.ndarray):
     n = b.shape[0]
     h = np.float16
     if kind == "Q4_0":
-        d = b[:, 0:2].copy().view(h)
-        return b[:, 2:18], d, -8 * d, (4, 32, torch.float16)
+        return b[:, 2:18], b[:, 0:2].copy().view(h), None, (4, 32, torch.float16)
     if kind == "Q4_1":
         return (
             b[:, 4:20],
@@ -312,8 +317,13 @@ def quantize_rtn(w: torch.Tensor, bits: int) -> QuantTensor:
 # -- products ------------------------------------------------------------------------------------
 
 # Batches up to this many rows stream the packed weights through quant.c; larger ones dequantize
-# the layer into a reused scratch buffer for a float GEMM (measured crossover: benchmarks/README).
+# the layer slice by slice into a reused scratch buffer for a float GEMM (measured crossover:
+# benchmarks/README).
 KERNEL_MAX_ROWS = 64
+# Float32 bytes of weight rows dequantized at a time for a big batch: a 64 MiB buffer, not a whole
+# float copy of the largest layer (134 MB for a 1B model's gate_up). 16 MiB slices measured 15%
+# slower at 256 rows (narrower GEMMs); 64 MiB cuts a 1B model's gate_up in two.
+SLICE_BYTES = 64 << 20
 
 
 class _Scratch:
@@ -332,10 +342,15 @@ _scratch = _Scratch()
 use_kernel = True  # tests and benchmarks switch it off to run the plain-torch path
 
 
-def _args(t: QuantTensor) -> tuple:
-    m = t.mins.data_ptr() if t.mins is not None else None
+def _args(t: QuantTensor, row: int = 0) -> tuple:
+    """quant.c's weight arguments, starting at output row `row` (rows are contiguous)."""
+
+    def at(x: torch.Tensor) -> int:
+        return x.data_ptr() + row * x.stride(0) * x.element_size()
+
+    m = at(t.mins) if t.mins is not None else None
     f32 = int(t.fmt.scale_dtype == torch.float32)
-    return (t.qweight.data_ptr(), t.scales.data_ptr(), m, t.fmt.bits, t.fmt.group, f32)
+    return (at(t.qweight), at(t.scales), m, t.fmt.bits, t.fmt.group, f32)
 
 
 def _lib() -> ctypes.CDLL | None:
@@ -361,18 +376,36 @@ def kernel_usable(x: torch.Tensor) -> bool:
     )
 
 
-def dequantize_fast(t: QuantTensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """dequantize() through quant.c (same values), into `out` when given."""
-    rows, n_in = t.shape
+def dequantize_fast(
+    t: QuantTensor, out: torch.Tensor | None = None, start: int = 0, rows: int | None = None
+) -> torch.Tensor:
+    """dequantize() of output rows [start, start + rows) through quant.c (same values)."""
+    rows = t.shape[0] - start if rows is None else rows
+    n_in = t.shape[1]
     w = out if out is not None else torch.empty(rows, n_in)
     lib = _lib()
     if lib is None or not use_kernel:
-        w.copy_(t.dequantize())
+        w.copy_(t.dequantize()[start : start + rows])
         return w
-    rc = lib.qdequant(*_args(t), w.data_ptr(), rows, n_in, torch.get_num_threads())
+    rc = lib.qdequant(*_args(t, start), w.data_ptr(), rows, n_in, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"qdequant: unsupported format {t.fmt} for {rows}x{n_in}")
     return w
+
+
+def _sliced_linear(x: torch.Tensor, t: QuantTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ dequantize(t)^T + bias for a big batch: SLICE_BYTES of weight rows at a time."""
+    rows, n_in = t.shape
+    step = max(1, SLICE_BYTES // (4 * n_in))
+    if step >= rows:
+        return F.linear(x, dequantize_fast(t, _scratch.get(rows * n_in).view(rows, n_in)), bias)
+    y = torch.empty(x.shape[0], rows)  # [m, out]
+    buf = _scratch.get(step * n_in)
+    for a in range(0, rows, step):
+        n = min(step, rows - a)
+        w = dequantize_fast(t, buf[: n * n_in].view(n, n_in), a, n)
+        y[:, a : a + n] = F.linear(x, w, None if bias is None else bias[a : a + n])
+    return y
 
 
 def qlinear(x: torch.Tensor, t: QuantTensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -386,8 +419,7 @@ def qlinear(x: torch.Tensor, t: QuantTensor, bias: torch.Tensor | None) -> torch
     if m == 0:  # a prefill chunk that samples no row still projects through the lm_head
         return torch.empty(0, rows)
     if m > KERNEL_MAX_ROWS:
-        w = dequantize_fast(t, _scratch.get(rows * n_in).view(rows, n_in))
-        return F.linear(x, w, bias)
+        return _sliced_linear(x, t, bias)
     y = torch.empty(m, rows)  # [m, out]
     b = None if bias is None else bias.contiguous().data_ptr()
     rc = _lib().qgemm(

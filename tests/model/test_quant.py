@@ -62,24 +62,41 @@ def test_dequantize_is_gguf_py_bit_for_bit(kind: str) -> None:
     assert t.nbytes <= ROWS * COLS * (bits + 2 * 32 / t.fmt.group) / 8 + 1  # no float copy
 
 
-@pytest.mark.parametrize("kind", ("Q4_1", "Q8_0", "Q4_K", "Q6_K"))
-@pytest.mark.parametrize("rows", (1, 2, 3, 7, 8, 9, 16, 64, 65, 130))
+@pytest.mark.parametrize("kind", ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"))
+@pytest.mark.parametrize("rows", (1, 2, 3, 7, 8, 9, 16, 65, 130))
 @pytest.mark.parametrize("threads", (1, 2))
-def test_kernel_matches_reference(kind: str, rows: int, threads: int) -> None:
-    """Every MR tail (1-8 rows a pass), several passes, and the dequantize-then-GEMM path."""
-    t = Q.from_gguf_blocks(kind, gguf_tensor(kind, seed=rows), ROWS, COLS)
+@pytest.mark.parametrize("shape", ((ROWS, COLS), (45, 1280)))
+def test_kernel_matches_reference(kind: str, rows: int, threads: int, shape) -> None:
+    """Every MR tail (1-8 rows a pass), several passes, and the dequantize-then-GEMM path; 45
+    weight rows leave a tail after the 8-row blocks, 1280 columns end on a partial 16-group
+    chunk of scales."""
+    out, cols = shape
+    t = Q.from_gguf_blocks(kind, gguf_tensor(kind, out, cols, seed=rows), out, cols)
     g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, COLS, generator=g)
-    bias = torch.randn(ROWS, generator=g)
+    x = torch.randn(rows, cols, generator=g)
+    bias = torch.randn(out, generator=g)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for b in (None, bias):
             assert_product(Q.qlinear(x, t, b), x, t, b)
-        strided = torch.randn(rows, COLS * 2, generator=g)[:, :COLS]  # rows ldx apart
+        strided = torch.randn(rows, cols * 2, generator=g)[:, :cols]  # rows ldx apart
         assert_product(Q.qlinear(strided, t, None), strided, t)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kind", ("Q4_0", "Q4_K", "Q6_K"))
+def test_big_batches_dequantize_slice_by_slice(kind: str, monkeypatch) -> None:
+    """Past KERNEL_MAX_ROWS the weight is dequantized SLICE_BYTES at a time (here 8 rows: five
+    slices and a 5-row tail) for the float GEMM; the slices are the reference's rows."""
+    out, cols = 45, 1280
+    t = Q.from_gguf_blocks(kind, gguf_tensor(kind, out, cols), out, cols)
+    assert torch.equal(Q.dequantize_fast(t, start=8, rows=16), t.dequantize()[8:24])
+    monkeypatch.setattr(Q, "SLICE_BYTES", 4 * cols * 8)
+    x = torch.randn(Q.KERNEL_MAX_ROWS + 6, cols)
+    bias = torch.randn(out)
+    assert_product(Q.qlinear(x, t, bias), x, t, bias)
 
 
 @pytest.mark.parametrize("kind", ("Q4_1", "Q8_0"))
@@ -124,9 +141,15 @@ def test_merging_widens_without_changing_values() -> None:
         Q.from_gguf_blocks("Q8_0", gguf_tensor("Q8_0", 8), 8, COLS),
     ]
     merged = Q.cat_rows(parts)
-    assert merged.fmt == Q.QuantFormat(8, 16, torch.float32, True)
+    assert merged.fmt == Q.QuantFormat(8, 16, torch.float32, False)  # Q4_0's q - 8 as int8
     assert torch.equal(merged.dequantize(), torch.cat([p.dequantize() for p in parts]))
     x = torch.randn(2, COLS)
+    assert_product(Q.qlinear(x, merged, None), x, merged)
+    # Q4_0 (no mins) beside Q4_1 stays 4-bit: its mins become -8 d
+    parts = [Q.from_gguf_blocks(k, gguf_tensor(k, 16), 16, COLS) for k in ("Q4_0", "Q4_1")]
+    merged = Q.cat_rows(parts)
+    assert merged.fmt == Q.QuantFormat(4, 32, torch.float16, True)
+    assert torch.equal(merged.dequantize(), torch.cat([p.dequantize() for p in parts]))
     assert_product(Q.qlinear(x, merged, None), x, merged)
 
 
