@@ -85,6 +85,24 @@ static inline void chunk_scales(const qfmt *f, long o, long g0, int n, float *s,
     _mm512_storeu_ps(s, vs);
     _mm512_storeu_ps(m, vm);
 #else
+#if defined(__AVX__) && defined(__F16C__)
+    if (n == CH) { /* whole chunks 8 at a time; a row's last partial chunk goes one by one */
+        for (int h = 0; h < CH; h += 8) {
+            const long at = base + h;
+            __m256 vs = f->f32 ? _mm256_loadu_ps((const float *)f->scales + at)
+                               : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)f->scales + at)));
+            __m256 vm = _mm256_setzero_ps();
+            if (f->mins)
+                vm = f->f32 ? _mm256_loadu_ps((const float *)f->mins + at)
+                            : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)f->mins + at)));
+            else if (f->bits == 4)
+                vm = _mm256_mul_ps(vs, _mm256_set1_ps(-8.0f));
+            _mm256_storeu_ps(s + h, vs);
+            _mm256_storeu_ps(m + h, vm);
+        }
+        return;
+    }
+#endif
     for (int j = 0; j < n; j++) {
         s[j] = ld_scale(f->scales, f->f32, base + j);
         m[j] = f->mins ? ld_scale(f->mins, f->f32, base + j) : f->bits == 4 ? -8.0f * s[j] : 0.0f;
@@ -117,10 +135,10 @@ static inline __attribute__((always_inline)) void dq_group(const int BITS, const
         out[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tab);
     } else {
         const int8_t *b = (const int8_t *)q + g * GROUP;
-        __m512 vs = _mm512_set1_ps(s), vm = _mm512_set1_ps(mn);
+        __m512 vs = _mm512_set1_ps(s);
         for (int c = 0; c < GROUP / W; c++) {
-            __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + c * W)));
-            out[c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), vs, vm);
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + c * W))));
+            out[c] = HM ? _mm512_fmadd_ps(v, vs, _mm512_set1_ps(mn)) : _mm512_mul_ps(v, vs);
         }
     }
 }
@@ -150,8 +168,7 @@ static inline float VSUM(__m256 v) {
 static inline __attribute__((always_inline)) void dq_group(const int BITS, const int GROUP,
                                                           const int HM, const uint8_t *q, long g,
                                                           float s, float mn, vf *out) {
-    __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(mn);
-    (void)HM; /* mn is -8 s for 4-bit rows without mins */
+    __m256 vs = _mm256_set1_ps(s), vm = _mm256_set1_ps(mn); /* 4 bits, HM = 0: mn = -8 s */
     if (BITS == 4) {
         const __m256i lo4 = _mm256_set1_epi32(15);
         for (int c = 0; c < 2; c++) { /* bytes 8c..8c+7: elements 8c.. (low), 16+8c.. (high) */
@@ -162,8 +179,8 @@ static inline __attribute__((always_inline)) void dq_group(const int BITS, const
     } else {
         const int8_t *b = (const int8_t *)q + g * GROUP;
         for (int c = 0; c < GROUP / W; c++) {
-            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + c * W)));
-            out[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), vs, vm);
+            __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + c * W))));
+            out[c] = HM ? _mm256_fmadd_ps(v, vs, vm) : _mm256_mul_ps(v, vs);
         }
     }
 }
@@ -254,7 +271,9 @@ static void rows_blk_c(const int MR, const qfmt *f, long o, const float *x, long
     ROWS_FN(BITS, GROUP, HM, 7) ROWS_FN(BITS, GROUP, HM, 8)
 ROWS_FMT(4, 32, 0)
 ROWS_FMT(4, 32, 1)
+ROWS_FMT(8, 32, 0)
 ROWS_FMT(8, 32, 1)
+ROWS_FMT(8, 16, 0)
 ROWS_FMT(8, 16, 1)
 
 typedef void (*rows_fn)(const qfmt *, long, long, const float *, long, float *, long, const float *);
@@ -263,12 +282,12 @@ typedef void (*rows_fn)(const qfmt *, long, long, const float *, long, float *, 
      rows_##BITS##_##GROUP##_##HM##_3, rows_##BITS##_##GROUP##_##HM##_4,                           \
      rows_##BITS##_##GROUP##_##HM##_5, rows_##BITS##_##GROUP##_##HM##_6,                           \
      rows_##BITS##_##GROUP##_##HM##_7, rows_##BITS##_##GROUP##_##HM##_8}
-static const rows_fn ROWS[4][MAX_MR] = {TABLE(4, 32, 0), TABLE(4, 32, 1), TABLE(8, 32, 1),
-                                        TABLE(8, 16, 1)};
+static const rows_fn ROWS[6][MAX_MR] = {TABLE(4, 32, 0), TABLE(4, 32, 1), TABLE(8, 32, 0),
+                                        TABLE(8, 32, 1), TABLE(8, 16, 0), TABLE(8, 16, 1)};
 
 static void rows_mr(int mr, const qfmt *f, long o0, long o1, const float *x, long ldx, float *y,
                     long ldy, const float *bias) {
-    int k = f->bits == 4 ? (f->mins ? 1 : 0) : f->group == 32 ? 2 : 3;
+    int k = (f->bits == 4 ? 0 : f->group == 32 ? 2 : 4) + (f->mins ? 1 : 0);
     ROWS[k][mr - 1](f, o0, o1, x, ldx, y, ldy, bias);
 }
 
