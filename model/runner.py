@@ -106,7 +106,7 @@ class ModelRunner:
         block_size: int = 16,
         kv_cache_memory: int | None = None,
         max_model_len: int | None = None,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
         seed: int = 0,
         quantization: str | None = None,
         kv_cache_dtype: str = "auto",

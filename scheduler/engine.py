@@ -18,6 +18,7 @@ from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.config import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
     DEFAULT_MAX_NUM_SEQS,
     EngineConfig,
     parse_size,
@@ -76,13 +77,15 @@ class LLMEngine:
             # CPU: KV pages become resident as blocks are written; keep RSS near the working set
             resident_floor=num_blocks // 8 if self.runner.device.type == "cpu" else None,
         )
-        self.max_num_seqs: int = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS.get(
-            self.runner.device.type, DEFAULT_MAX_NUM_SEQS["cuda"]
+        device = self.runner.device.type if self.runner.device.type == "cpu" else "cuda"
+        self.max_num_seqs: int = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS[device]
+        self.max_num_batched_tokens: int = (
+            config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
         )
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=self.tokenizer.eos_token_ids,
         )

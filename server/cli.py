@@ -86,7 +86,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
         default=None,
         help="sequences in one batch (default: 256 on CUDA, 32 on CPU)",
     )
-    s.add_argument("--max-num-batched-tokens", type=positive, default=2048)
+    s.add_argument(
+        "--max-num-batched-tokens", type=positive, default=None, help="default: 2048; 1024 on CPU"
+    )
     s.add_argument(
         "--kv-cache-memory",
         type=size,

@@ -330,8 +330,9 @@ def test_offline_llm_generate(tiny_checkpoint):
     with pytest.raises(ValueError, match="2 prompts but 1 sampling params"):
         llm.generate(["a", "b"], [params])
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_total_blocks
-    # --max-num-seqs unset: the CPU default, which the scheduler admits up to
+    # --max-num-seqs and --max-num-batched-tokens unset: the CPU defaults the scheduler keeps to
     assert llm.engine.max_num_seqs == llm.engine.scheduler.max_num_seqs == 32
+    assert llm.engine.max_num_batched_tokens == llm.engine.scheduler.max_num_batched_tokens == 1024
 
 
 def test_token_counters_and_inter_token_gaps_move_every_step(make_engine, assert_pool_free):
