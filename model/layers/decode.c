@@ -310,10 +310,11 @@ static void attention(const dlayer *L, const dshape *s, const float *qkv, long q
     }
 }
 
-/* h [B, hidden]: in, the embeddings; out, the last layer's down_proj output (partial: the final
- * ResidualRMSNorm adds residual). residual [B, hidden]: out. cos/sin [B, head_dim]. slots [B].
- * ctx_lens [B] (including this token). tables [B, max_blocks]. 0 on success, -1 on bad sizes. */
-int decode_layers(int n_layers, const dlayer *layers, const dshape *s, float *h, float *residual,
+/* h [B, hidden]: in, the embeddings; out, the final norm's output (final_norm [hidden]).
+ * residual [B, hidden]: scratch. cos/sin [B, head_dim]. slots [B]. ctx_lens [B] (including this
+ * token). tables [B, max_blocks]. 0 on success, -1 on bad sizes. */
+int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, const dshape *s,
+                  float *h, float *residual,
                   long B, const float *cos, const float *sin, const long *slots,
                   const int *ctx_lens, const int *tables, int max_blocks, float *scratch,
                   long max_ctx, int nthreads) {
@@ -357,5 +358,8 @@ int decode_layers(int n_layers, const dlayer *layers, const dshape *s, float *h,
         }
         if (lin(&L->down, act, h, B, nthreads)) return -1;
     }
+    for (long b = 0; b < B; b++)
+        add_norm(residual + b * H, h + b * H, n_layers > 0, x + b * H, final_norm, H, s->eps);
+    memcpy(h, x, B * H * sizeof(float));
     return 0;
 }
