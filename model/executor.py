@@ -6,6 +6,7 @@ other ranks it spawns here or `tokenmill worker` spawns on other hosts (steps: a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import pickle
@@ -108,7 +109,8 @@ class DistributedExecutor(Executor):
             self.local = LocalRanks(
                 model, runner_kwargs, config, self.store.port, config.local_ranks()[1:]
             )
-            join(self.store, config, 0, fingerprint(model, cfg, runner_kwargs, config), self._check)
+            mine = fingerprint(model, cfg, runner_kwargs, config)
+            join(self.store, config, 0, mine, self._local_exit)
             device = resolve_device(runner_kwargs.get("device", "auto"), 0)
             size = config.tensor_parallel_size
             self.groups = init_groups(self.store, 0, size, config.ranks_per_node, device)
@@ -207,11 +209,9 @@ class DistributedExecutor(Executor):
 
     def _with_error(self, rank: int, reason: str) -> str:
         """Append the error a rank posted before exiting, if it did."""
-        try:
+        with contextlib.suppress(RuntimeError):
             if self.store is not None and self.store.check([f"error/{rank}"]):
                 return f"{reason}: {self.store.get(f'error/{rank}').decode()}"
-        except RuntimeError:
-            pass
         return reason
 
     def _local_exit(self) -> str | None:
@@ -220,11 +220,6 @@ class DistributedExecutor(Executor):
             if proc.exitcode is not None:
                 return self._with_error(rank, exit_reason(rank, proc))
         return None
-
-    def _check(self) -> None:
-        """While waiting for the hosts to join: a local rank that exited ends the wait."""
-        if (reason := self._local_exit()) is not None:
-            raise RuntimeError(reason)
 
     def shutdown(self) -> None:
         """Tell every rank to stop, join this host's ranks and release the groups (idempotent)."""

@@ -112,10 +112,10 @@ class ParallelConfig:
                 f"tensor_parallel_size {size} does not evenly split the model: {'; '.join(bad)}"
             )
 
-    def local_ranks(self, node: int | None = None) -> list[int]:
-        """Global ranks on `node` (default: this one), first one is the node's own process."""
-        node = self.node_rank if node is None else node
-        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
+    def local_ranks(self) -> list[int]:
+        """Global ranks on this node; the first one is the node's own process."""
+        n = self.ranks_per_node
+        return list(range(self.node_rank * n, (self.node_rank + 1) * n))
 
 
 def connect_store(config: ParallelConfig, is_head: bool, port: int | None = None) -> Any:
@@ -150,10 +150,10 @@ def join(
     config: ParallelConfig,
     rank: int,
     fingerprint: dict[str, str],
-    check: Callable[[], None] = lambda: None,
+    dead: Callable[[], str | None] = lambda: None,
 ) -> None:
     """Rendezvous before anything is loaded: every rank posts its fingerprint, rank 0 compares
-    them (calling `check`, which raises if a local rank died) and posts the verdict.
+    them (while `dead()` names no local rank that exited: RuntimeError) and posts the verdict.
 
     Raises TimeoutError naming the ranks and nodes that never joined, ValueError naming the
     fields that differ.
@@ -175,7 +175,7 @@ def join(
             raise ValueError(verdict)
         return
     try:
-        _gather_fingerprints(store, config, fingerprint, check)
+        _gather_fingerprints(store, config, fingerprint, dead)
     except BaseException as e:
         store.set("start", str(e) or type(e).__name__)
         joined = [f"ack/{r}" for r in range(1, config.tensor_parallel_size)
@@ -187,14 +187,15 @@ def join(
 
 
 def _gather_fingerprints(
-    store: Any, config: ParallelConfig, mine: dict[str, str], check: Callable[[], None]
+    store: Any, config: ParallelConfig, mine: dict[str, str], dead: Callable[[], str | None]
 ) -> None:
     """Rank 0's half of join(): wait for every rank (bounded), then compare fingerprints."""
     size, timeout = config.tensor_parallel_size, config.distributed_timeout
     pending = list(range(1, size))
     start = time.monotonic()
     while pending:
-        check()
+        if (reason := dead()) is not None:
+            raise RuntimeError(reason)
         pending = [r for r in pending if not store.check([f"join/{r}"])]
         remote = [r for r in pending if config.node_of(r) != 0]
         waited = time.monotonic() - start

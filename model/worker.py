@@ -104,7 +104,6 @@ class LocalRanks:
         self._stopping = False
         mp = multiprocessing.get_context("spawn")
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
-        self._stop_r, self._stop_w = os.pipe()
         self._monitor: threading.Thread | None = None
         pdeathsig = threading.current_thread() is threading.main_thread()
         level = logging.getLogger().getEffectiveLevel()
@@ -129,17 +128,18 @@ class LocalRanks:
 
         def run() -> None:
             sentinels = {p.sentinel: r for r, p in self.procs.items()}
-            ready = wait([*sentinels, self._stop_r])
-            if self._stop_r in ready or self._stopping:
+            ready = wait(list(sentinels))  # NOTE: stop() ends every rank, so this returns
+            if self._stopping:
                 return
-            rank = min(sentinels[s] for s in ready if s in sentinels)
+            rank = min(sentinels[s] for s in ready)
             self.procs[rank].join(1.0)
             # NOTE: a rank exits 0 only after the stop message (a clean shutdown)
             if self.procs[rank].exitcode != 0 and not self._stopping:
                 on_exit(rank, exit_reason(rank, self.procs[rank]))
 
-        self._monitor = threading.Thread(target=run, name="tokenmill-tp-monitor", daemon=True)
-        self._monitor.start()
+        if self.procs:
+            self._monitor = threading.Thread(target=run, name="tokenmill-tp-monitor", daemon=True)
+            self._monitor.start()
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Join every rank (they got the stop message), terminating then killing stragglers."""
@@ -155,14 +155,8 @@ class LocalRanks:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-        if self._stop_w >= 0:
-            os.write(self._stop_w, b"x")
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(2.0)
-        for fd in (self._stop_r, self._stop_w):
-            if fd >= 0:
-                os.close(fd)
-        self._stop_r = self._stop_w = -1
 
 
 @contextlib.contextmanager
