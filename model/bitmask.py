@@ -1,9 +1,8 @@
 """Grammar bitmasks applied to logits: bitmask.c on CPU, plain torch (the oracle) elsewhere.
 
-A bitmask row is llguidance's [words] int32: bit j % 32 of word j // 32 allows token j. The torch
-path unpacks it into a bool [rows, vocab] mask (~1.9 ms at 16 rows of SmolLM2's 49k vocab on the
-2-core test machine); bitmask.c reads the words as they are, and a greedy row's argmax writes
-nothing at all. Tokens at or past 32 * words (a padded LM head) are never allowed.
+A row is llguidance's [words] int32 (bit j % 32 of word j // 32 allows token j); the torch path
+unpacks it (~1.9 ms at 16 rows of a 49k vocab), bitmask.c reads the words as they are. Tokens at
+or past 32 * words (a padded LM head) are never allowed.
 """
 
 from __future__ import annotations
