@@ -106,17 +106,12 @@ def argmax_rows(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) ->
 
 
 def argmax_free(logits: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(logits, dim=-1) [n] (the first best, a NaN first), in bitmask.c on CPU."""
-    if not _usable(logits, torch.empty(0, 0, dtype=torch.int32)):
+    """torch.argmax(logits, dim=-1) [n] (the first best, a NaN first): numpy's on CPU, which took
+    8 us a row of SmolLM2's 49k logits here, against 120 us for torch's and 60 us for bitmask.c's
+    masked loop (1.2 vs 4.7 ms for 64 rows against torch's)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
         return logits.argmax(dim=-1)
-    n = logits.shape[0]
-    out = torch.empty(n, dtype=torch.int64)  # [n]
-    rows_t = torch.arange(n, dtype=torch.int64)
-    _lib().bitmask_argmax(
-        logits.data_ptr(), logits.stride(0), logits.shape[1], None, 0, rows_t.data_ptr(), n,
-        out.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return out
+    return torch.from_numpy(logits.numpy().argmax(axis=-1))  # [n] int64
 
 
 def argmax(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> torch.Tensor:
