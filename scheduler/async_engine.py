@@ -12,7 +12,7 @@ from model.sampling_params import SamplingParams
 from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS, EngineConfig
 from scheduler.engine import LLMEngine
 from scheduler.errors import EngineDeadError, EngineFatalError
-from scheduler.outputs import CompletionOutput, RequestOutput, SchedulerStats
+from scheduler.outputs import RequestOutput, SchedulerStats
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +33,12 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> RequestOutput:
-        if self._finished or self._closed:
+        if self._closed:
             raise StopAsyncIteration
         out = await self._queue.get()
         if out.finished:
             self._finished = True
-            self._close()
+            self.close()
         return out
 
     async def aclose(self) -> None:
@@ -46,9 +46,6 @@ class RequestStream:
 
     def close(self) -> None:
         """Stop consuming; a request that is still running is aborted."""
-        self._close()
-
-    def _close(self) -> None:
         if not self._closed:
             self._closed = True
             self._engine._release(self.request_id, self._finished)
@@ -57,24 +54,19 @@ class RequestStream:
         # NOTE: a stream dropped unconsumed (its handler failed before iterating) must not keep
         # generating: abort_request only appends to a locked list, safe from the collector.
         if not getattr(self, "_closed", True):
-            self._close()
+            self.close()
 
 
 class AsyncEngine:
-    """The step thread sleeps on a Condition while idle; outputs reach each request's
-    asyncio.Queue through `loop.call_soon_threadsafe`, so the event loop never waits on the model.
-    """
+    """Steps on one thread (asleep on a Condition while idle); outputs reach each request's
+    asyncio.Queue by `loop.call_soon_threadsafe`, so the event loop never waits on the model."""
 
     def __init__(
         self,
         config: EngineConfig,
-        step_thread: bool = True,
-        max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS,
+        step_thread: bool = True,  # False: no thread of ours; the caller steps in run_forever()
+        max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS,  # unread, then the request aborts
     ) -> None:
-        """`step_thread=False`: no thread of ours; the caller steps with `run_forever()`.
-
-        `max_pending_outputs`: outputs a consumer may leave unread before its request is aborted.
-        """
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
@@ -88,16 +80,15 @@ class AsyncEngine:
         self._listeners: list[StatListener] = []
         self._thread: threading.Thread | None = None  # the thread that steps (ours or a caller's)
         self._spawn = step_thread  # False: the caller's thread steps, in run_forever()
-        self._stepping = threading.Lock()  # held by the one thread that steps: never two
         self._loop_done = threading.Event()
         self._stopping = False
         self._closed = False
         self._error: str | None = None
         self.max_pending_outputs = max_pending_outputs
         self._overflowed: set[str] = set()  # requests aborted because their consumer lagged
-        self.engine.executor.on_worker_death(self._on_worker_death)
-
-    # -- lifecycle --------------------------------------------------------------------------------
+        # a TP worker died: end every stream now; the step thread (maybe blocked in a collective)
+        # frees the blocks when its step fails
+        self.engine.executor.on_worker_death(lambda reason: self._fail(reason, free=False))
 
     def start(self) -> None:
         """Start the step thread (idempotent; nothing to start when run_forever() steps)."""
@@ -108,18 +99,18 @@ class AsyncEngine:
         self._thread.start()
 
     def run_forever(self) -> None:
-        """Step on the calling thread until shutdown() or stop(); the server uses its main thread.
+        """Step on the calling thread until shutdown() or stop() (needs step_thread=False, so no
+        thread of ours steps the same scheduler).
 
-        Construct with `step_thread=False`, so that no request or lifespan can start a step
-        thread of ours first (two threads stepping one scheduler would corrupt it).
-
-        NOTE: torch's OpenMP kernels run ~15% slower when driven from a non-main thread on these
-        CPUs (measured: 35 vs 40 ms a decode step), so `tokenmill serve` steps on the main thread
-        and runs uvicorn on another.
+        NOTE: `tokenmill serve` steps on its main thread: torch's OpenMP kernels run ~15% slower
+        driven from another thread on these CPUs (35 vs 40 ms a decode step).
         """
-        if self._spawn:
-            raise RuntimeError("run_forever() needs an AsyncEngine made with step_thread=False")
-        self._thread = threading.current_thread()
+        with self._lock:
+            if self._spawn:
+                raise RuntimeError("run_forever() needs an AsyncEngine made with step_thread=False")
+            if self._thread is not None:
+                raise RuntimeError("another thread already steps this engine")
+            self._thread = threading.current_thread()
         self._run()
 
     def stop(self) -> None:
@@ -140,9 +131,7 @@ class AsyncEngine:
                 self.engine.abort_request(rid)
             self._wake()
             await loop.run_in_executor(None, self._wait_idle, 10.0)
-            with self._cond:
-                self._stopping = True
-                self._cond.notify_all()
+            self.stop()
             await loop.run_in_executor(None, self._loop_done.wait, 10.0)
         self.engine.shutdown()
 
@@ -157,48 +146,33 @@ class AsyncEngine:
         with self._cond:
             self._cond.notify_all()
 
-    # -- the step thread --------------------------------------------------------------------------
-
     def _run(self) -> None:
-        if not self._stepping.acquire(blocking=False):
-            raise RuntimeError("another thread already steps this engine")
         try:
-            self._step_until_stopped()
+            while True:
+                with self._cond:
+                    self._cond.wait_for(
+                        lambda: (
+                            self._stopping
+                            or self._error is not None
+                            or self.engine.has_unfinished_requests()
+                        )
+                    )
+                    if self._stopping:
+                        return
+                if self._error is not None:  # a TP worker died while we were idle
+                    return self._fail(self._error)
+                try:
+                    outputs = self.engine.step()  # NOTE: a fault in one batch fails only it
+                    stats = self.engine.get_stats()
+                except Exception as exc:
+                    logger.exception("engine step failed fatally; failing every in-flight request")
+                    message = f"engine step failed: {type(exc).__name__}: {exc}"
+                    return self._fail(str(exc) if isinstance(exc, EngineFatalError) else message)
+                self._notify(outputs, stats)  # NOTE: before delivery: metrics lead what clients see
+                self._deliver(outputs)
+                self._wake()
         finally:
             self._loop_done.set()
-            self._stepping.release()
-
-    def _step_until_stopped(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(
-                    lambda: (
-                        self._stopping
-                        or self._error is not None
-                        or self.engine.has_unfinished_requests()
-                    )
-                )
-                if self._stopping:
-                    return
-            if self._error is not None:  # a TP worker died while we were idle
-                self._fail(self._error)
-                return
-            try:
-                outputs = self.engine.step()  # NOTE: a fault in one batch fails only that batch
-                stats = self.engine.get_stats()
-            except Exception as exc:
-                logger.exception("engine step failed fatally; failing every in-flight request")
-                message = (
-                    str(exc)
-                    if isinstance(exc, EngineFatalError)
-                    else (f"engine step failed: {type(exc).__name__}: {exc}")
-                )
-                self._fail(message)
-                return
-            # outputs in which any sample finished (n > 1 samples may finish in different steps)
-            self._notify(outputs, stats)  # NOTE: before delivery, so metrics lead what clients see
-            self._deliver(outputs)
-            self._wake()
 
     def _notify(self, outputs: list[RequestOutput], stats: SchedulerStats | None = None) -> None:
         """Hand listeners the outputs where a sample finished (n > 1 may finish in other steps)."""
@@ -241,61 +215,38 @@ class AsyncEngine:
         logger.warning("aborting %s: %s", request_id, reason)
         self.engine.abort_request(request_id, error=reason)
 
-    def _fail(self, message: str) -> None:
-        """Mark unhealthy, then end every request with finish_reason "error" (none may hang)."""
+    def _fail(self, message: str, free: bool = True) -> None:
+        """Mark unhealthy, then end every stream with finish_reason "error" (none may hang);
+        `free`: also finish the engine's requests and free their blocks (the step thread only)."""
         with self._lock:
-            self._error = message
+            if free or self._error is None:
+                self._error = message
             waiting = set(self._streams)
+        outputs: list[RequestOutput] = []
         try:
-            outputs = self.engine.fail_all(message)
+            if free:
+                outputs = [o for o in self.engine.fail_all(message) if o.request_id in waiting]
         except Exception:
             logger.exception("could not clean up after the failed step")
-            outputs = []
-        outputs = [o for o in outputs if o.request_id in waiting]
-        for rid in waiting - {o.request_id for o in outputs}:
-            outputs.append(
-                RequestOutput(
-                    rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=message
-                )
-            )
+        done = {o.request_id for o in outputs}
+        outputs += [RequestOutput.failed(rid, message) for rid in waiting - done]
         self._notify(outputs)
         self._deliver(outputs)
         self._wake()
-
-    def _on_worker_death(self, reason: str) -> None:
-        """Monitor thread: a TP worker died. End every stream now with finish_reason "error";
-        the step thread (maybe blocked in a collective) frees the blocks when its step fails."""
-        with self._lock:
-            if self._error is None:
-                self._error = reason
-            waiting = list(self._streams)
-        outputs = [
-            RequestOutput(
-                rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=reason
-            )
-            for rid in waiting
-        ]
-        self._notify(outputs)
-        self._deliver(outputs)
-        self._wake()
-
-    # -- requests ---------------------------------------------------------------------------------
 
     def generate(
         self, request_id: str, prompt: str | list[int], params: SamplingParams
     ) -> RequestStream:
-        """Queue a request now and return the stream of its RequestOutput deltas (the last one has
-        `finished=True`), so a server can start its response as soon as the request is admitted.
+        """Queue a request now; returns the stream of its RequestOutput deltas (the last one has
+        `finished=True`), so a server can start its response at once.
 
         Args:
             request_id: unique among running requests (ValueError otherwise).
             prompt: text (tokenized here, on the caller's thread) or token ids.
             params: validated sampling parameters.
-        Raises (here, before anything is queued): SamplingParamsError for invalid input
-        (PromptTooLongError, ConstraintError, ...; scheduler/errors.py), ValueError for a
-        request id still running, EngineDeadError once the engine failed or closed.
-        Closing the stream (`aclose()`, or dropping it) aborts the request; its blocks are freed
-        at the next step.
+        Raises (before anything is queued): SamplingParamsError (PromptTooLongError,
+        ConstraintError, ...) for invalid input, EngineDeadError once the engine failed or closed.
+        Closing the stream (`aclose()`, or dropping it) aborts the request.
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
@@ -331,15 +282,13 @@ class AsyncEngine:
         self.engine.abort_request(request_id)
         self._wake()
 
-    # -- state ------------------------------------------------------------------------------------
-
     def is_healthy(self) -> bool:
         return self.dead_reason is None
 
     @property
     def fatal_error(self) -> str | None:
-        """Why the engine can no longer serve (failed steps, dead worker); None after a clean
-        shutdown. `tokenmill serve` exits non-zero when this is set, so a supervisor restarts it."""
+        """Why the engine can no longer serve (failed step, dead worker); `tokenmill serve` then
+        exits non-zero, so a supervisor restarts it. None after a clean shutdown."""
         return self._error
 
     @property
@@ -361,9 +310,7 @@ class AsyncEngine:
         return self.engine.num_waiting()
 
     def add_stat_listener(self, fn: StatListener) -> None:
-        """`fn(stats, finished_outputs)` runs on the step thread after each step; keep it cheap.
-
-        It is called once right away with the current stats and `[]`, so gauges start filled.
-        """
+        """`fn(stats, finished_outputs)` runs on the step thread after each step (keep it cheap),
+        and once now with `[]`, so gauges start filled."""
         self._listeners.append(fn)
         fn(self.get_stats(), [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from array import array
+from collections import Counter
 from dataclasses import dataclass
 
 from scheduler.sequence import Sequence
@@ -15,12 +16,9 @@ _ROOT_HASH = b"tokenmill-prefix-cache-v1"  # parent of a sequence's first block
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
-    """Chained sha256: a block matches only if its tokens AND every block before it match.
-
-    NOTE: cryptographic on purpose: with Python's hash() a crafted prompt could collide with
-    another tenant's block and be served its KV (the class of vLLM's CVE-2025-25183). Hits are
-    also checked token by token (get_computed_blocks), so even a collision cannot be reused.
-    """
+    """Chained sha256: a block matches only if its tokens AND every block before it match."""
+    # NOTE: cryptographic, so a crafted prompt cannot collide with another tenant's block and be
+    # served its KV (vLLM's CVE-2025-25183); hits are also compared token by token
     h = hashlib.sha256(_ROOT_HASH if parent_hash is None else parent_hash)
     h.update(array("q", token_ids).tobytes())
     return h.digest()
@@ -38,17 +36,11 @@ class Block:
 class BlockManager:
     """Hands out KV blocks to sequences; full computed blocks stay reusable until evicted (LRU).
 
-    Free blocks live in two ordered sets (dicts, oldest first): `free` (not in the prefix cache)
-    and `evictable` (ref count 0 but still in the prefix cache, evicted least recently used
-    first). `num_free_blocks` counts both. `allocate_slots` returns None when blocks run out: the
-    scheduler's signal to preempt.
-
-    Blocks are first handed out in id order; ids below `num_resident` have been written (on CPU
-    their pages are resident). A new block is, in order: a resident free block (newest first),
-    a fresh one while fewer than `resident_floor` are resident, the least recently used cached
-    block, a fresh one. So the pool's resident memory follows the working set (plus a floor kept
-    for the prefix cache) instead of creeping over the whole preallocated pool; None = the
-    whole pool (GPU, where memory is taken up front anyway).
+    Free blocks are two ordered sets (dicts, oldest first): `free` (uncached) and `evictable`
+    (ref count 0, still cached). A new block is a resident free one (newest first), else a fresh
+    one while fewer than `resident_floor` (None: all) are resident, else the least recently used
+    cached one, else a fresh one: on CPU the pool's resident pages follow the working set.
+    `allocate_slots` returns None when blocks run out: the scheduler's signal to preempt.
     """
 
     def __init__(
@@ -88,9 +80,6 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_total_blocks
 
-    def num_blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     def _hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         """Extend `seq.block_hashes` to cover its first `num_blocks` full blocks."""
         bs, hashes = self.block_size, seq.block_hashes
@@ -101,11 +90,9 @@ class BlockManager:
         return hashes
 
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
-        """Longest cached prefix of a sequence that computes from scratch: (block ids, tokens).
-
-        NOTE: the last token is never served from cache (vLLM's num_tokens - 1 cap): its logits
-        are needed to sample, so at least one token is always computed.
-        """
+        """Longest cached prefix of a sequence that computes from scratch: (block ids, tokens)."""
+        # NOTE: the last token is never served from cache (vLLM's num_tokens - 1 cap): we need
+        # its logits
         if not self.enable_prefix_caching or seq.num_computed_tokens > 0:
             return [], 0
         bs, num_full = self.block_size, (seq.num_tokens - 1) // self.block_size
@@ -130,18 +117,16 @@ class BlockManager:
         """Grow `seq.block_table` so `num_new_tokens` more tokens fit after its computed ones.
 
         Args:
-            seq: the sequence; its KV covers `seq.num_computed_tokens` tokens (plus the hits).
+            seq: its KV covers `seq.num_computed_tokens` tokens.
             num_new_tokens: tokens to be computed this step.
             new_computed_blocks: prefix-cache hits from `get_computed_blocks` at admission (None
-                for a sequence that is already running); they are appended to the block table
-                first (advancing `seq.num_computed_tokens`) and counted in the hit/query stats.
+                while running): appended first, advancing `num_computed_tokens` and the stats.
         Returns:
             The newly allocated block ids, or None (nothing changed) when the pool is short.
         """
         hits = new_computed_blocks or []
         num_tokens = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
-        num_new = self.num_blocks_for(num_tokens) - len(seq.block_table) - len(hits)
-        num_new = max(num_new, 0)
+        num_new = max(-(-num_tokens // self.block_size) - len(seq.block_table) - len(hits), 0)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         if num_new + revived > self.num_free_blocks:
             return None
@@ -217,13 +202,8 @@ class BlockManager:
         seq.num_hashed_blocks = 0
 
     def check_integrity(self, seqs: list[Sequence] | tuple[Sequence, ...] = ()) -> bool:
-        """Assert free + evictable + used == total, and ref counts match the given block tables."""
-        used = [b for b in self.blocks if b.ref_count > 0]
-        total = len(self.free) + len(self.evictable) + len(used)
-        assert total == self.num_total_blocks, (
-            f"free {len(self.free)} + cached-free {len(self.evictable)} + used {len(used)} "
-            f"!= total {self.num_total_blocks}"
-        )
+        """Assert every block is free, evictable or used (exactly one), the cache map matches, and
+        ref counts match the given block tables."""
         for b in self.blocks:
             assert b.ref_count >= 0, f"block {b.block_id} ref count {b.ref_count}"
             in_free, in_evictable = b.block_id in self.free, b.block_id in self.evictable
@@ -234,13 +214,10 @@ class BlockManager:
                 assert self.cached.get(b.hash) == b.block_id, f"block {b.block_id} hash unmapped"
         assert sum(b.hash is not None for b in self.blocks) == len(self.cached), "stale hashes"
         if seqs:
-            refs: dict[int, int] = {}
-            for seq in seqs:
-                for b in seq.block_table:
-                    refs[b] = refs.get(b, 0) + 1
+            refs = Counter(b for seq in seqs for b in seq.block_table)
             for b in self.blocks:
-                assert refs.get(b.block_id, 0) == b.ref_count, (
-                    f"block {b.block_id}: ref count {b.ref_count} but "
-                    f"{refs.get(b.block_id, 0)} block tables hold it"
+                assert refs[b.block_id] == b.ref_count, (
+                    f"block {b.block_id}: ref count {b.ref_count} but {refs[b.block_id]} block "
+                    "tables hold it"
                 )
         return True

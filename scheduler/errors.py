@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-# NOTE: validation errors are model/'s (it cannot import scheduler/): re-exported here for
-# server/. ConstraintError (model/constraints.py) subclasses SamplingParamsError.
-from model.sampling_params import SamplingParamsError
-
-__all__ = [
-    "EngineDeadError",
-    "EngineFatalError",
-    "PromptTooLongError",
-    "SamplingParamsError",
-    "fit_max_tokens",
-]
+# NOTE: validation errors are model/'s (it cannot import scheduler/), re-exported for server/;
+# ConstraintError (model/constraints.py) subclasses SamplingParamsError
+from model.sampling_params import SamplingParamsError as SamplingParamsError
 
 
 class EngineDeadError(RuntimeError):
@@ -36,9 +28,7 @@ def fit_max_tokens(
     cap: int | None = None,
     param: str = "prompt",
 ) -> int:
-    """The effective max_tokens: None means the rest of the context, `cap` lowers it, and it is
-    at least `min_tokens`. Raises PromptTooLongError naming the numbers (`param`: the prompt's
-    request field)."""
+    """Effective max_tokens (None: the rest of the context; `cap` lowers it; >= `min_tokens`)."""
     if max_tokens is None:
         max_tokens = max_model_len - prompt_len
         if max_tokens < 1:

@@ -41,6 +41,13 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed the request (finish_reason "error")
 
+    @classmethod
+    def failed(cls, request_id: str, error: str) -> RequestOutput:
+        """The final output of a request the engine failed and holds nothing else of."""
+        return cls(
+            request_id, [], [CompletionOutput(0, "", [], None, 0, "error")], True, error=error
+        )
+
 
 @dataclass(slots=True)
 class SchedulerStats:

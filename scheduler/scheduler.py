@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 from model.inputs import SamplingRow, StepInput, StepOutput, TokenLogprob
+from model.sampling_params import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.sequence import Sequence, SequenceStatus
 
@@ -18,8 +19,7 @@ logger = logging.getLogger(__name__)
 class ScheduledBatch:
     """One step's plan: which sequences run how many tokens, and the StepInput for the runner."""
 
-    seqs: list[Sequence]
-    num_new_tokens: list[int]  # [len(seqs)]
+    seqs: list[Sequence]  # step_input.query_lens: how many tokens each runs
     sampling_seqs: list[Sequence]  # the sequences whose last scheduled token samples
     step_input: StepInput
     num_preempted: int = 0
@@ -34,16 +34,8 @@ class SampledToken:
     logprob: TokenLogprob | None = None
 
 
-@dataclass(slots=True)
-class _Budget:
-    tokens: int
-    seqs: list[Sequence] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
-
-    def take(self, seq: Sequence, n: int) -> None:
-        self.seqs.append(seq)
-        self.counts.append(n)
-        self.tokens -= n
+# the SamplingParams fields a SamplingRow copies as they are (temperature, top_k, ..., seed)
+_ROW_PARAMS = {f.name for f in fields(SamplingRow)} & {f.name for f in fields(SamplingParams)}
 
 
 class Scheduler:
@@ -106,12 +98,13 @@ class Scheduler:
         Returns None when there is nothing to run.
         """
         bm = self.block_manager
-        budget = _Budget(self.max_num_batched_tokens)
-        preempted = 0
-        i = 0
-        while i < len(self.running) and budget.tokens > 0:
+        seqs: list[Sequence] = []
+        counts: list[int] = []  # tokens each of `seqs` runs
+        budget = self.max_num_batched_tokens
+        preempted = i = 0
+        while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget.tokens)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while bm.allocate_slots(seq, n) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -119,24 +112,20 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                budget.take(seq, n)
+                seqs.append(seq)
+                counts.append(n)
+                budget -= n
                 i += 1
-        if preempted == 0:
-            self._admit(budget)
-        if not budget.seqs:
-            return None
-        return self._build(budget, preempted)
-
-    def _admit(self, budget: _Budget) -> None:
-        bm = self.block_manager
         held: list[Sequence] = []
-        while self.waiting and budget.tokens > 0 and len(self.running) < self.max_num_seqs:
+        while (
+            not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+        ):
             seq = self.waiting[0]
             if self._held(seq):
                 held.append(self.waiting.popleft())
                 continue
             hits, num_hit = bm.get_computed_blocks(seq)
-            n = min(seq.num_tokens - num_hit, budget.tokens)
+            n = min(seq.num_tokens - num_hit, budget)
             if bm.allocate_slots(seq, n, hits) is None:
                 break
             self.waiting.popleft()
@@ -144,10 +133,13 @@ class Scheduler:
                 seq.num_cached_tokens = num_hit
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            budget.take(seq, n)
+            seqs.append(seq)
+            counts.append(n)
+            budget -= n
         self.waiting.extendleft(reversed(held))
+        return self._build(seqs, counts, preempted) if seqs else None
 
-    def _build(self, budget: _Budget, preempted: int) -> ScheduledBatch:
+    def _build(self, seqs: list[Sequence], counts: list[int], preempted: int) -> ScheduledBatch:
         bs = self.block_manager.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -156,7 +148,7 @@ class Scheduler:
         sample_indices: list[int] = []
         rows: list[SamplingRow] = []
         sampling_seqs: list[Sequence] = []
-        for k, (seq, n) in enumerate(zip(budget.seqs, budget.counts, strict=True)):
+        for k, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
@@ -171,13 +163,13 @@ class Scheduler:
             input_ids=ids,
             positions=positions,
             slot_mapping=slots,
-            query_lens=list(budget.counts),
+            query_lens=counts,
             context_lens=context_lens,
-            block_tables=[list(s.block_table) for s in budget.seqs],
+            block_tables=[list(s.block_table) for s in seqs],
             sample_indices=sample_indices,
             sampling=rows,
         )
-        return ScheduledBatch(budget.seqs, budget.counts, sampling_seqs, step_input, preempted)
+        return ScheduledBatch(seqs, sampling_seqs, step_input, preempted)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
@@ -186,15 +178,7 @@ class Scheduler:
             stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
             banned = sorted(set(stops)) or None
         return SamplingRow(
-            temperature=p.temperature,
-            top_k=p.top_k,
-            top_p=p.top_p,
-            min_p=p.min_p,
-            presence_penalty=p.presence_penalty,
-            frequency_penalty=p.frequency_penalty,
-            repetition_penalty=p.repetition_penalty,
-            logit_bias=p.logit_bias,
-            seed=p.seed,
+            **{name: getattr(p, name) for name in _ROW_PARAMS},
             sample_index=seq.sample_index,
             step=seq.num_output_tokens,
             num_logprobs=p.logprobs,
@@ -206,7 +190,7 @@ class Scheduler:
     def update(self, batch: ScheduledBatch, output: StepOutput) -> list[SampledToken]:
         """Advance computed tokens, append sampled ones, cache full blocks, finish and free."""
         bm = self.block_manager
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        for seq, n in zip(batch.seqs, batch.step_input.query_lens, strict=True):
             seq.num_computed_tokens += n
         sampled: list[SampledToken] = []
         for k, seq in enumerate(batch.sampling_seqs):
@@ -250,8 +234,7 @@ class Scheduler:
         """Finish sequences outside a step (abort, stop string, error) and free their blocks."""
         seqs = list(seqs)
         for seq in seqs:
-            if not seq.is_finished:
-                seq.status = status
+            seq.status = status
             if seq.block_table:
                 self.block_manager.deallocate(seq)
         done = {id(s) for s in seqs}

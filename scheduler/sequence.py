@@ -36,11 +36,9 @@ FINISH_REASONS: dict[SequenceStatus, str] = {
 
 @dataclass(slots=True, eq=False)
 class Sequence:
-    """Prompt + generated tokens of one sample; `num_computed_tokens` catches up to `num_tokens`.
+    """Prompt + generated tokens of one sample; `num_computed_tokens` catches up to `num_tokens`."""
 
-    NOTE: after a preemption the whole of `token_ids` (prompt + generated) is recomputed as if it
-    were the prompt; `num_prompt_tokens` keeps the original prompt length so outputs are unchanged.
-    """
+    # NOTE: a preempted sequence recomputes all of token_ids; num_prompt_tokens stays the prompt's
 
     request_id: str
     token_ids: list[int]  # prompt + output
@@ -90,7 +88,3 @@ class Sequence:
     def finish_reason(self) -> str | None:
         """The OpenAI finish_reason of the status; None while the sequence still runs."""
         return FINISH_REASONS.get(self.status)
-
-    @property
-    def last_token_id(self) -> int:
-        return self.token_ids[-1]

@@ -91,13 +91,42 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_
 
 @pytest.fixture(scope="session")
 def smollm2_hf_reference(smollm2_gguf: str):
-    """transformers' float32 model of the SmolLM2 GGUF: the parity oracle, loaded once (~25 s)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """transformers' float32 model of the SmolLM2 GGUF: the parity oracle, loaded once (~30 s).
 
+    NOTE: transformers' own conversion of the GGUF, kept as safetensors in tokenmill's disk cache
+    (keyed by the file and the transformers version): later sessions load it in ~3 s."""
+    import shutil
+    import tempfile
+
+    import safetensors.torch
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from model.disk_cache import cache_dir
+
+    root, st = cache_dir("hf-reference"), os.stat(smollm2_gguf)
+    key = f"{Path(smollm2_gguf).stem}-{st.st_size}-{st.st_mtime_ns}-{transformers.__version__}"
+    cached = None if root is None else root / key
+    if cached is not None and (cached / "model.safetensors").is_file():
+        config = AutoConfig.from_pretrained(cached)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        safetensors.torch.load_model(model, cached / "model.safetensors")
+        return model.eval()
     model = AutoModelForCausalLM.from_pretrained(
         os.path.dirname(smollm2_gguf), gguf_file=os.path.basename(smollm2_gguf), dtype=torch.float32
     )
+    if cached is not None:
+        tmp = None
+        try:  # written aside, then renamed: a concurrent session never reads half a folder
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(dir=root, prefix=".tmp-")
+            model.config.save_pretrained(tmp)  # (save_pretrained refuses a GGUF-loaded model)
+            safetensors.torch.save_model(model, os.path.join(tmp, "model.safetensors"))
+            os.rename(tmp, cached)
+        except OSError:  # a read-only or full cache costs the next session the conversion only
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     return model.eval()
 
 

@@ -136,6 +136,12 @@ def tiny_server(launch_server, tiny_model: str) -> ServerProcess:
     return launch_server(TINY_ARGS, model=tiny_model)
 
 
+@pytest.fixture(scope="session")
+def default_server(launch_server, smollm2_gguf: str) -> ServerProcess:
+    """`tokenmill serve` with no MODEL (the embedded SmolLM2), started once for every module."""
+    return launch_server(["--log-level", "info"])
+
+
 @pytest.fixture
 def client(tiny_server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{tiny_server.url}/v1", api_key="unused", max_retries=0,

@@ -6,11 +6,6 @@ import openai
 import pytest
 
 
-@pytest.fixture(scope="module")
-def default_server(launch_server, smollm2_gguf: str):
-    return launch_server(["--log-level", "info"])
-
-
 @pytest.mark.timeout(240)
 def test_capital_of_france(default_server) -> None:
     client = openai.OpenAI(base_url=f"{default_server.url}/v1", api_key="x", max_retries=0,

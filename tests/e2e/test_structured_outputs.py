@@ -48,8 +48,9 @@ PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 
 
 @pytest.fixture(scope="module")
-def server(launch_server, smollm2_gguf: str):
-    return launch_server(["--log-level", "warning"])
+def server(default_server):
+    """The session's default-model server (test_default_model.py's too: one start-up)."""
+    return default_server
 
 
 @pytest.fixture(scope="module")

@@ -131,8 +131,10 @@ def test_unwritable_cache_falls_back(tmp_path) -> None:
 def test_cache_disabled_still_builds(tmp_path) -> None:
     """TOKENMILL_CACHE_DIR='' disables caching, not the kernel: it is built for this process
     in a temporary folder, which is removed once the library is loaded."""
+    # NOTE: only gemv.c (what load() binds) is compiled: 3 s instead of 17 s for all the kernels
     code = (
-        "import glob, tempfile; from model.layers import gemv; print(gemv.load() is not None);"
+        "import glob, tempfile; from model.layers import gemv; gemv.SOURCES = gemv.SOURCES[:1];"
+        "print(gemv.load() is not None);"
         "print(glob.glob(tempfile.gettempdir() + '/tokenmill-kernels-*'))"
     )
     env = {"TOKENMILL_CACHE_DIR": "", "TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"}

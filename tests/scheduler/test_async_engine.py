@@ -262,7 +262,7 @@ async def test_caller_thread_steps_and_nothing_else_can(tiny_checkpoint):
     assert outs[-1].finished and outs[-1].outputs[-1].num_tokens == 8
     assert eng._thread is stepper and eng.is_healthy()
     with pytest.raises(RuntimeError, match="already steps"):
-        eng._run()  # a second stepping loop is refused
+        eng.run_forever()  # a second stepping loop is refused
     await eng.shutdown(5.0)
     stepper.join(10)
     assert not stepper.is_alive()
