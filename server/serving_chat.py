@@ -55,11 +55,6 @@ class OpenAIServingChat(OpenAIServing):
         super().__init__(engine, limits, model_names, request_logger, offload)
         self.chat_template = chat_template  # --chat-template: overrides the model's
 
-    async def create(
-        self, req: ChatCompletionRequest
-    ) -> ChatCompletionResponse | AsyncIterator | APIError:
-        return await self.run(lambda: self._create(req))
-
     def _tag_ids(self) -> tuple[int | None, int | None]:
         """The call tags' token ids where the tokenizer has each as one special token."""
         tok = self.engine.tokenizer
@@ -103,8 +98,6 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(f"cannot apply the chat template: {e}", 400, param=param) from e
 
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
-        self.check_model(req.model)
-        self.limits.check(req)
         params = self.sampling_params(req)
         mode = req.tool_mode
         if mode in ("required", "named") and params.structured_outputs is not None:
@@ -131,9 +124,7 @@ class OpenAIServingChat(OpenAIServing):
         )
         if req.stream:
             return self._stream(req, head, acc, acc.deltas(stream))
-        async with aclosing(acc.deltas(stream)) as deltas:
-            async for _ in deltas:
-                pass
+        await acc.drain(stream)
         choices = []
         for i, c in enumerate(acc.choices):
             message, finish = ChatResponseMessage(content=c.text), c.finish_reason
@@ -192,22 +183,17 @@ class OpenAIServingChat(OpenAIServing):
         """New shape: token, logprob, bytes, top_logprobs."""
         tok = self.engine.tokenizer
 
-        def top(token_id: int, logprob: float) -> TopLogprob:
-            s, raw = tok.id_to_token(token_id), tok.token_bytes(token_id)
-            return TopLogprob(token=s, logprob=max(logprob, LOGPROB_FLOOR), bytes=list(raw))
+        def entry(token_id: int, logprob: float, cls: type = TopLogprob, **top: Any) -> Any:
+            logprob = max(logprob, LOGPROB_FLOOR)
+            raw = list(tok.token_bytes(token_id))
+            return cls(token=tok.id_to_token(token_id), logprob=logprob, bytes=raw, **top)
 
-        out = []
-        for lp in lps:
-            head = top(lp.token_id, lp.logprob)
-            out.append(
-                ChatTokenLogprob(
-                    token=head.token,
-                    logprob=head.logprob,
-                    bytes=head.bytes,
-                    top_logprobs=[top(t, v) for t, v in lp.top],
-                )
+        return [
+            entry(
+                lp.token_id, lp.logprob, ChatTokenLogprob, top_logprobs=[entry(*t) for t in lp.top]
             )
-        return out
+            for lp in lps
+        ]
 
 
 def _response(calls: list[ToolCall]) -> list[ResponseToolCall]:

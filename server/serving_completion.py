@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from scheduler import TokenLogprob
 from scheduler.errors import SamplingParamsError
 from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
-from server.errors import APIError
 from server.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -46,12 +45,7 @@ def _legacy(entries: list[_Entry]) -> CompletionLogProbs:
 class OpenAIServingCompletion(OpenAIServing):
     prefix = "cmpl"
 
-    async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator | APIError:
-        return await self.run(lambda: self._create(req))
-
     async def _create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator:
-        self.check_model(req.model)
-        self.limits.check(req)
         base = self.sampling_params(req)
         prompts = await self.offload(self._prompt_ids, req.prompt)  # NOTE: tokenizing is heavy
         params = [self.fit_params(len(p), base, "prompt") for p in prompts]
@@ -70,9 +64,7 @@ class OpenAIServingCompletion(OpenAIServing):
         )
         if req.stream:
             return self._stream(req, head, acc, acc.deltas(stream), echo)
-        async with aclosing(acc.deltas(stream)) as deltas:
-            async for _ in deltas:
-                pass
+        await acc.drain(stream)
         choices = [
             CompletionChoice(
                 index=i,

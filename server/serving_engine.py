@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -55,23 +55,21 @@ class OpenAIServing:
         self.defaults: dict[str, Any] = dict(engine.default_sampling_params)
         self.offload = offload or Offload()
 
-    @property
-    def model_name(self) -> str:
-        """The first served name; responses echo the name a request sent, as vLLM does."""
-        return self.engine.model_name
-
-    async def run(self, make: Callable[[], Any]) -> Any:
-        """Await a handler; return its result or the APIError it raised (the three-way return)."""
+    async def create(self, req: Any) -> Any:
+        """The three-way return: a response, an iterator of chunks, or the APIError raised."""
         try:
-            return await make()
+            return await self._create(req)
         except Exception as e:  # noqa: BLE001 - every error becomes an envelope
             return from_exception(e)
 
-    def check_model(self, model: str | None) -> None:
-        check_model_name(model, self.model_names)
+    async def _create(self, req: Any) -> Any:
+        raise NotImplementedError
 
     def sampling_params(self, req: Any) -> SamplingParams:
-        """The request's SamplingParams, with generation-config defaults for fields it omitted."""
+        """Model check and limits (404/400), then the request's SamplingParams with the
+        generation-config defaults for the fields it omitted."""
+        check_model_name(req.model, self.model_names)
+        self.limits.check(req)
         params = req.to_sampling_params()
         omitted = {
             k: v
@@ -101,11 +99,10 @@ class OpenAIServing:
 
     def head(self, req: Any) -> dict[str, Any]:
         """id, created and model of a response and each of its chunks (the name it was sent)."""
-        created = int(time.time())
         return {
             "id": f"{self.prefix}-{uuid.uuid4().hex}",
-            "created": created,
-            "model": req.model or self.model_name,
+            "created": int(time.time()),
+            "model": req.model or self.engine.model_name,
         }
 
     def generate(
@@ -120,32 +117,20 @@ class OpenAIServing:
         self.limits.check_admission(self.engine.num_waiting(), sum(sp.n for sp in params))
         if self.request_logger is not None:
             self.request_logger.log(request_id, prompts, params)
-        ids = [
-            request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
-        ]
         streams: list[RequestStream] = []
         try:
-            for rid, p, sp in zip(ids, prompts, params, strict=True):
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 streams.append(self.engine.generate(rid, p, sp))
         except BaseException:
             for stream in streams:
                 stream.close()
             raise
-        if len(streams) == 1:
-            return _chain_one(streams[0])
         return _merge(streams)
 
 
-async def _chain_one(stream: RequestStream) -> AsyncIterator[tuple[int, Any]]:
-    try:
-        async for out in stream:
-            yield 0, out
-    finally:
-        stream.close()
-
-
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine streams; closing the merge closes (= aborts) all of them.
+    """Interleave the prompts' engine streams; closing the merge closes (= aborts) all of them.
 
     NOTE: the queue is bounded, so a slow consumer leaves outputs in the engine's per-request
     queues, where AsyncEngine's max_pending_outputs cuts it off (no unbounded copy here).
@@ -161,8 +146,13 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]
         finally:
             await queue.put((i, _END))
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    tasks: list[asyncio.Future] = []
     try:
+        if len(streams) == 1:  # the common case needs no tasks
+            async for out in streams[0]:
+                yield 0, out
+            return
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
         remaining = len(tasks)
         while remaining:
             i, item = await queue.get()
