@@ -130,45 +130,33 @@ class _SamplingRequest(_Request):
 
     def structured(self) -> StructuredOutputsParams | None:
         """The one decoding constraint asked for (response_format, guided_*, structured_outputs)."""
-        found: list[StructuredOutputsParams] = []
+        asked = [(kind, getattr(self, name), name) for name, kind in _GUIDED.items()]
         rf = self.response_format
-        if rf is not None:
-            kind = rf.get("type")
-            if kind == "json_object":
-                found.append(StructuredOutputsParams("json_object", "", "response_format"))
-            elif kind == "json_schema":
-                js = rf.get("json_schema")
-                schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
-                if not isinstance(schema, dict):
-                    raise SamplingParamsError(
-                        "response_format json_schema needs json_schema.schema (an object)",
-                        "response_format",
-                    )
-                found.append(StructuredOutputsParams("json", json.dumps(schema), "response_format"))
-            elif kind != "text":
+        if rf is not None and rf.get("type") != "text":
+            kind, js = rf.get("type"), rf.get("json_schema")
+            if kind not in ("json_object", "json_schema"):
                 raise SamplingParamsError(
                     "response_format type must be 'text', 'json_object' or 'json_schema', "
                     f"got {kind!r}",
                     "response_format",
                 )
-        for name, kind in _GUIDED.items():
-            value = getattr(self, name)
-            if value is not None:
-                found.append(_constraint(kind, value, name))
-        so = self.structured_outputs or {}
-        for key, value in so.items():
-            if value is None or value is False:
-                continue
-            if key == "json_object":
-                found.append(StructuredOutputsParams("json_object", "", "structured_outputs"))
-            elif key in ("json", "regex", "choice", "grammar"):
-                found.append(_constraint(key, value, "structured_outputs"))
-            else:
+            schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
+            if kind == "json_schema" and not isinstance(schema, dict):
+                raise SamplingParamsError(
+                    "response_format json_schema needs json_schema.schema (an object)",
+                    "response_format",
+                )
+            spec = ("json", schema) if kind == "json_schema" else ("json_object", True)
+            asked.insert(0, (*spec, "response_format"))
+        for key, value in (self.structured_outputs or {}).items():
+            if key not in ("json", "json_object", "regex", "choice", "grammar"):
                 raise SamplingParamsError(
                     f"structured_outputs.{key} is not supported: use json, json_object, regex, "
                     "choice or grammar",
                     "structured_outputs",
                 )
+            asked.append((key, value, "structured_outputs"))
+        found = [_constraint(*a) for a in asked if a[1] is not None and a[1] is not False]
         if len(found) > 1:
             raise SamplingParamsError(
                 "only one constraint may be given, got "
@@ -212,6 +200,8 @@ class _SamplingRequest(_Request):
 
 def _constraint(kind: str, value: Any, param: str) -> StructuredOutputsParams:
     """A guided_* / structured_outputs value → a constraint spec, checked for its shape."""
+    if kind == "json_object":
+        return StructuredOutputsParams("json_object", "", param)
     if kind == "json":
         if isinstance(value, str):
             try:

@@ -27,7 +27,7 @@ from server.protocol import (
     ResponseToolCall,
     TopLogprob,
 )
-from server.serving_engine import OpenAIServing, ServingLimits
+from server.serving_engine import OpenAIServing
 from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -42,18 +42,6 @@ from server.tool_calls import (
 
 class OpenAIServingChat(OpenAIServing):
     prefix = "chatcmpl"
-
-    def __init__(
-        self,
-        engine: Any,
-        limits: ServingLimits,
-        model_names: tuple[str, ...] = (),
-        request_logger: Any = None,
-        offload: Any = None,
-        chat_template: str | None = None,
-    ) -> None:
-        super().__init__(engine, limits, model_names, request_logger, offload)
-        self.chat_template = chat_template  # --chat-template: overrides the model's
 
     def _tag_ids(self) -> tuple[int | None, int | None]:
         """The call tags' token ids where the tokenizer has each as one special token."""
@@ -71,7 +59,7 @@ class OpenAIServingChat(OpenAIServing):
         """Chat template → token ids; tools via the template or the built-in preamble; 400s."""
         messages = [m.to_template() for m in req_messages]
         self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
-        tok, template = self.engine.tokenizer, self.chat_template
+        tok, template = self.engine.tokenizer, self.config.chat_template
         kwargs: dict[str, Any] = dict((req.chat_template_kwargs or {}) if req else {})
         tools = None
         if req is not None and req.tool_mode != "none":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +19,9 @@ from server.offload import Offload
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine, RequestStream
     from scheduler.outputs import RequestOutput
-    from server.request_logger import RequestLogger
+    from server.app import ServerConfig
+
+logger = logging.getLogger(__name__)
 
 _END = object()
 
@@ -40,20 +43,14 @@ class OpenAIServing:
 
     prefix = "cmpl"
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        limits: ServingLimits,
-        model_names: tuple[str, ...] = (),
-        request_logger: RequestLogger | None = None,
-        offload: Offload | None = None,
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, offload: Offload) -> None:
+        """`config.limits` has its max_waiting resolved (build_app)."""
         self.engine = engine
-        self.limits = limits
-        self.model_names = model_names or (engine.model_name,)  # --served-model-name a b ...
-        self.request_logger = request_logger  # --enable-log-requests
+        self.config = config
+        self.limits: ServingLimits = config.limits
+        self.model_names = config.served_model_names or (engine.model_name,)
         self.defaults: dict[str, Any] = dict(engine.default_sampling_params)
-        self.offload = offload or Offload()
+        self.offload = offload
 
     async def create(self, req: Any) -> Any:
         """The three-way return: a response, an iterator of chunks, or the APIError raised."""
@@ -115,8 +112,8 @@ class OpenAIServing:
         loop, concurrent requests cannot all pass the check before any of them is counted.
         """
         self.limits.check_admission(self.engine.num_waiting(), sum(sp.n for sp in params))
-        if self.request_logger is not None:
-            self.request_logger.log(request_id, prompts, params)
+        if self.config.enable_log_requests and logger.isEnabledFor(logging.INFO):
+            self.log_request(request_id, prompts, params)
         streams: list[RequestStream] = []
         try:
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
@@ -127,6 +124,21 @@ class OpenAIServing:
                 stream.close()
             raise
         return _merge(streams)
+
+    def log_request(
+        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> None:
+        """--enable-log-requests: prompts are user data, logged only when asked (vLLM's way),
+        cut to --max-log-len characters and token ids."""
+        cut = self.config.max_log_len
+        for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
+            logger.info(
+                "Received request %s: prompt: %r, params: %s, prompt_token_ids: %s",
+                request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                self.engine.tokenizer.decode(ids[:cut])[:cut],
+                sp,
+                ids[:cut],
+            )
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:

@@ -24,6 +24,7 @@ from server.serving_engine import check_model_name
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
+    from server.app import ServerConfig
 
 
 def version() -> str:
@@ -39,16 +40,15 @@ class OpenAIServingModels:
     def __init__(
         self,
         engine: AsyncEngine,
-        model_path: str | None = None,
-        model_names: tuple[str, ...] = (),
-        offload: Offload | None = None,
+        config: ServerConfig,
+        offload: Offload,
         finished: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.engine = engine
         self.finished = finished  # finished requests by finish_reason (ServerMetrics' counter)
-        self.offload = offload or Offload()
-        self.model_path = model_path
-        self.model_names = model_names or (engine.model_name,)
+        self.offload = offload
+        self.model_path = config.model_path
+        self.model_names = config.served_model_names or (engine.model_name,)
         self.created = int(time.time())
 
     def check_model(self, model: str | None) -> None:
