@@ -11,7 +11,7 @@ import sys
 import threading
 
 from scheduler.config import EngineConfig
-from server.app import ServerConfig
+from server.config import ServerConfig
 from server.flags import configs, make_parser, uvicorn_settings
 
 logger = logging.getLogger(__name__)

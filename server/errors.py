@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,24 +15,19 @@ from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class APIError(Exception):
     """An error the client should see with its HTTP status, OpenAI type, param and code."""
 
-    def __init__(
-        self,
-        message: str,
-        status_code: int = 400,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.param = param
-        self.code = code
-        self.headers = headers
+    message: str
+    status_code: int = 400
+    _: KW_ONLY
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
 
 def error_body(

@@ -18,7 +18,7 @@ from scheduler.config import (
     EngineConfig,
     parse_size,
 )
-from server.app import ServerConfig
+from server.config import ServerConfig
 from server.limits import ServingLimits
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

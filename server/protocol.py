@@ -37,24 +37,11 @@ UNSUPPORTED = {
     "audio": "audio output",
 }
 NEUTRAL = {"best_of": (1,), "modalities": (["text"],)}
-# vLLM's guided-decoding fields and their `structured_outputs` keys → constraint kinds
-_GUIDED = {
-    "guided_json": "json",
-    "guided_regex": "regex",
-    "guided_choice": "choice",
-    "guided_grammar": "grammar",
-}
+# vLLM's guided-decoding fields: guided_KIND, KIND as in `structured_outputs`
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # sampling fields a request may omit (None): SamplingParams' default, or the generation config's
-OPTIONAL_SAMPLING = (
-    "temperature",
-    "top_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-)
+OPTIONAL_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+OPTIONAL_SAMPLING += ("top_k", "min_p", "repetition_penalty")  # vLLM's extras
 
 
 class _Request(BaseModel):
@@ -130,7 +117,7 @@ class _SamplingRequest(_Request):
 
     def structured(self) -> StructuredOutputsParams | None:
         """The one decoding constraint asked for (response_format, guided_*, structured_outputs)."""
-        asked = [(kind, getattr(self, name), name) for name, kind in _GUIDED.items()]
+        asked = [(name.removeprefix("guided_"), getattr(self, name), name) for name in _GUIDED]
         rf = self.response_format
         if rf is not None and rf.get("type") != "text":
             kind, js = rf.get("type"), rf.get("json_schema")
@@ -274,6 +261,15 @@ class ToolCallMessage(_Request):
     type: Literal["function"] = "function"
     function: FunctionCall
 
+    def to_template(self) -> dict[str, Any]:
+        """Arguments as an object, as Hugging Face templates expect (text if not JSON)."""
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except ValueError:
+            args = self.function.arguments
+        function = {"name": self.function.name, "arguments": args}
+        return {"id": self.id, "type": "function", "function": function}
+
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -303,20 +299,7 @@ class ChatMessage(_Request):
         role = "system" if self.role == "developer" else self.role
         msg: dict[str, Any] = {"role": role, "content": content or ""}
         if self.tool_calls:
-            calls = []
-            for c in self.tool_calls:
-                try:
-                    args: Any = json.loads(c.function.arguments)
-                except ValueError:
-                    args = c.function.arguments
-                calls.append(
-                    {
-                        "id": c.id,
-                        "type": "function",
-                        "function": {"name": c.function.name, "arguments": args},
-                    }
-                )
-            msg["tool_calls"] = calls
+            msg["tool_calls"] = [c.to_template() for c in self.tool_calls]
         if self.tool_call_id is not None:
             msg["tool_call_id"] = self.tool_call_id
         if self.name is not None and role == "tool":

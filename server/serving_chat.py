@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scheduler import TokenLogprob
-from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
+from server.accumulator import LOGPROB_FLOOR
 from server.errors import APIError
 from server.protocol import (
     ChatChoice,
@@ -38,6 +37,9 @@ from server.tool_calls import (
     preamble,
     tool_call_constraint,
 )
+
+if TYPE_CHECKING:
+    from scheduler.outputs import CompletionOutput
 
 
 class OpenAIServingChat(OpenAIServing):
@@ -105,13 +107,12 @@ class OpenAIServingChat(OpenAIServing):
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
         params = self.fit_params(len(prompt), params, "messages")
-        head = self.head(req)
-        stream = self.generate(head["id"], [prompt], [params])
-        acc = RequestAccumulator(
-            [len(prompt)], params.n, lambda _, lps: self._logprobs(lps), req.timings_per_token
-        )
+        head, acc, stream = self.start(req, [prompt], [params], self._logprobs)
         if req.stream:
-            return self._stream(req, head, acc, acc.deltas(stream))
+            role = DeltaMessage(role="assistant", content="")
+            first = [ChatStreamChoice(index=i, delta=role) for i in range(params.n)]
+            choices = self._chunk_choices(req, params.n)
+            return self.chunks(req, head, acc, stream, ChatCompletionChunk, choices, first)
         await acc.drain(stream)
         choices = []
         for i, c in enumerate(acc.choices):
@@ -129,46 +130,37 @@ class OpenAIServingChat(OpenAIServing):
             **head, choices=choices, usage=acc.usage(), timings=acc.timings()
         )
 
-    async def _stream(self, req, head, acc, deltas):
-        """First chunk per choice carries role: assistant; then content deltas; usage chunk last."""
+    def _chunk_choices(self, req: ChatCompletionRequest, n: int) -> Callable:
+        """Content deltas, or with tools each call's deltas as the parser finds them; then the
+        finish reason (tool_calls when calls were made) and logprobs in a choice of their own."""
+        parsers = [ToolCallStreamer() for _ in range(n)] if req.tool_mode != "none" else None
 
-        def chunk(choice: ChatStreamChoice | None) -> ChatCompletionChunk:
-            """A chunk of one choice, or (None) the usage chunk with choices: []."""
-            choices, usage = ([choice], None) if choice is not None else ([], acc.usage())
-            return ChatCompletionChunk(**head, choices=choices, usage=usage, timings=acc.timings())
+        def choices(i: int, co: CompletionOutput, entries: list | None) -> list[ChatStreamChoice]:
+            lps = ChatLogprobs(content=entries) if entries is not None else None
+            finish, out = co.finish_reason, []
+            if parsers is None:
+                if not co.text and finish is None and lps is None:
+                    return []
+                delta = DeltaMessage(content=co.text or None)
+            else:
+                events = parsers[i].feed(co.text)
+                if finish is not None:
+                    events += parsers[i].flush()
+                out = [ChatStreamChoice(index=i, delta=d) for d in _tool_deltas(events)]
+                if finish == "stop" and parsers[i].num_calls:
+                    finish = "tool_calls"
+                if finish is None and lps is None:
+                    return out
+                delta = DeltaMessage()
+            return [
+                *out,
+                ChatStreamChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish),
+            ]
 
-        parsers = [ToolCallStreamer() for _ in range(acc.n)] if req.tool_mode != "none" else None
-        async with aclosing(deltas):
-            for i in range(acc.n):
-                yield chunk(
-                    ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                )
-            async for i, co, entries in deltas:
-                lps = ChatLogprobs(content=entries) if entries is not None else None
-                finish = co.finish_reason
-                if parsers is not None:
-                    events = parsers[i].feed(co.text)
-                    if finish is not None:
-                        events += parsers[i].flush()
-                    for delta in _tool_deltas(events):
-                        yield chunk(ChatStreamChoice(index=i, delta=delta))
-                    if finish == "stop" and parsers[i].num_calls:
-                        finish = "tool_calls"
-                    if finish is None and lps is None:
-                        continue
-                    delta = DeltaMessage()
-                else:
-                    if not co.text and finish is None and lps is None:
-                        continue
-                    delta = DeltaMessage(content=co.text or None)
-                yield chunk(
-                    ChatStreamChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish)
-                )
-        if req.include_usage:
-            yield chunk(None)
+        return choices
 
-    def _logprobs(self, lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
-        """New shape: token, logprob, bytes, top_logprobs."""
+    def _logprobs(self, _: int, lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
+        """New shape: token, logprob, bytes, top_logprobs (one choice per request: no index)."""
         tok = self.engine.tokenizer
 
         def entry(token_id: int, logprob: float, cls: type = TopLogprob, **top: Any) -> Any:

@@ -6,20 +6,22 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from scheduler import SamplingParams
 from scheduler.errors import fit_max_tokens
+from server.accumulator import RequestAccumulator
 from server.errors import APIError, from_exception
 from server.limits import ServingLimits, check_text_length
 from server.offload import Offload
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine, RequestStream
-    from scheduler.outputs import RequestOutput
-    from server.app import ServerConfig
+    from scheduler.outputs import CompletionOutput, RequestOutput
+    from server.config import ServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +96,40 @@ class OpenAIServing:
         )
         return replace(params, max_tokens=max_tokens)
 
-    def head(self, req: Any) -> dict[str, Any]:
-        """id, created and model of a response and each of its chunks (the name it was sent)."""
-        return {
+    def start(
+        self, req: Any, prompts: list[list[int]], params: list[SamplingParams], convert: Callable
+    ) -> tuple[dict[str, Any], RequestAccumulator, AsyncIterator[tuple[int, RequestOutput]]]:
+        """Queue the request (generate); the head (id, created, model: the name it was sent) of
+        the response and each chunk, and the accumulator that its outputs go through."""
+        head = {
             "id": f"{self.prefix}-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": req.model or self.engine.model_name,
         }
+        stream = self.generate(head["id"], prompts, params)
+        lens = [len(p) for p in prompts]
+        return head, RequestAccumulator(lens, params[0].n, convert, req.timings_per_token), stream
+
+    async def chunks(
+        self,
+        req: Any,
+        head: dict[str, Any],
+        acc: RequestAccumulator,
+        stream: AsyncIterator[tuple[int, RequestOutput]],
+        cls: type,
+        choices: Callable[[int, CompletionOutput, list[Any] | None], list[Any]],
+        first: list[Any] = (),
+    ) -> AsyncIterator[Any]:
+        """A `cls` chunk per choice that `choices(index, delta, logprob entries)` makes of each
+        engine delta (after `first`), then the usage chunk (choices: []) if asked for."""
+        async with aclosing(acc.deltas(stream)) as deltas:
+            for choice in first:
+                yield cls(**head, choices=[choice], timings=acc.timings())
+            async for delta in deltas:
+                for choice in choices(*delta):
+                    yield cls(**head, choices=[choice], timings=acc.timings())
+        if req.include_usage:
+            yield cls(**head, choices=[], usage=acc.usage(), timings=acc.timings())
 
     def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
