@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -62,16 +63,14 @@ class ServerMetrics:
         self.registry = registry
         self.model_name = model_name
         m = {"registry": registry}
-        name = ["model_name"]
 
-        def gauge(n: str, doc: str) -> Gauge:
-            return Gauge(n, doc, name, **m).labels(model_name)
+        def labelled(cls: type, n: str, doc: str, **kwargs: Any) -> Any:
+            return cls(n, doc, ["model_name"], registry=registry, **kwargs).labels(model_name)
 
-        def counter(n: str, doc: str) -> Counter:
-            return Counter(n, doc, name, **m).labels(model_name)
+        gauge, counter = partial(labelled, Gauge), partial(labelled, Counter)
 
         def histogram(n: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(n, doc, name, buckets=buckets, **m).labels(model_name)
+            return labelled(Histogram, n, doc, buckets=buckets)
 
         # Gauges and counters that mirror a SchedulerStats field (counters: its running total).
         self.gauges = {

@@ -102,10 +102,7 @@ class _SamplingRequest(_Request):
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         """A feature we lack is a 400 naming it; null, [], {} and neutral values pass."""
         field = info.field_name
-        neutral = value in (None, [], {}) or value in NEUTRAL.get(field, ())
-        if field == "response_format" and isinstance(value, dict):
-            neutral = value.get("type") == "text"
-        if not neutral:
+        if value not in (None, [], {}) and value not in NEUTRAL.get(field, ()):
             raise PydanticCustomError(
                 "unsupported", f"{UNSUPPORTED[field]} is not supported by tokenmill"
             )
@@ -199,11 +196,8 @@ def _constraint(kind: str, value: Any, param: str) -> StructuredOutputsParams:
             raise SamplingParamsError(f"{param} must be a JSON schema object", param)
         return StructuredOutputsParams("json", json.dumps(value), param)
     if kind == "choice":
-        if (
-            not isinstance(value, list)
-            or not value
-            or not all(isinstance(c, str) and c for c in value)
-        ):
+        strings = isinstance(value, list) and all(isinstance(c, str) and c for c in value)
+        if not strings or not value:
             raise SamplingParamsError(
                 f"{param} must be a non-empty list of non-empty strings", param
             )
@@ -351,7 +345,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.tool_choice or "auto"
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+        if self.tool_choice not in (None, "none") and not self.tools:
             raise SamplingParamsError("tool_choice needs tools", "tool_choice")
         if self.continue_final_message and self.add_generation_prompt:
             raise SamplingParamsError(
@@ -362,11 +356,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise SamplingParamsError("messages must not be empty", "messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise SamplingParamsError("top_logprobs needs logprobs set to true", "top_logprobs")
-        max_tokens = (
-            self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens
-        )
+        max_tokens = self.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
             return self._sampling_params(max_tokens, logprobs)
@@ -482,23 +474,12 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ResponseFunction(BaseModel):
-    name: str
-    arguments: str
-
-
-class ResponseToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: ResponseFunction
-
-
 class ChatResponseMessage(_Omitting):
     _omit = ("tool_calls",)  # only when there are some, as OpenAI sends it
 
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[ResponseToolCall] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # the request's shape, as vLLM does
 
 
 class ChatChoice(BaseModel):

@@ -22,15 +22,14 @@ from server.protocol import (
     DeltaFunction,
     DeltaMessage,
     DeltaToolCall,
-    ResponseFunction,
-    ResponseToolCall,
+    FunctionCall,
+    ToolCallMessage,
     TopLogprob,
 )
 from server.serving_engine import OpenAIServing
 from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
-    ToolCall,
     ToolCallDelta,
     ToolCallStreamer,
     parse_tool_calls,
@@ -176,9 +175,9 @@ class OpenAIServingChat(OpenAIServing):
         ]
 
 
-def _response(calls: list[ToolCall]) -> list[ResponseToolCall]:
+def _response(calls: list[ToolCallDelta]) -> list[ToolCallMessage]:
     return [
-        ResponseToolCall(id=c.id, function=ResponseFunction(name=c.name, arguments=c.arguments))
+        ToolCallMessage(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
         for c in calls
     ]
 

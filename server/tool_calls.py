@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from scheduler import StructuredOutputsParams
@@ -106,15 +106,9 @@ def _new_id() -> str:
 
 
 @dataclass(slots=True)
-class ToolCall:
-    name: str
-    arguments: str  # JSON text
-    id: str = field(default_factory=_new_id)
-
-
-@dataclass(slots=True)
 class ToolCallDelta:
-    """A piece of call `index` as OpenAI streams it: id and name first, then arguments."""
+    """A piece of call `index` as OpenAI streams it: id and name first, then arguments (JSON
+    text); parse_tool_calls returns whole calls in the same shape."""
 
     index: int
     arguments: str = ""
@@ -122,7 +116,8 @@ class ToolCallDelta:
     name: str | None = None
 
 
-def _parse_call(body: str) -> ToolCall | None:
+def _parse_call(body: str) -> tuple[str, str] | None:
+    """A whole call's name and arguments (JSON text), whatever the key order."""
     try:
         obj = json.loads(body)
     except ValueError:
@@ -131,10 +126,10 @@ def _parse_call(body: str) -> ToolCall | None:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return ToolCall(obj["name"], text)
+    return obj["name"], text
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCallDelta]]:
     """Content (text outside calls; None if empty beside calls) and calls: the stream's parser."""
     streamer = ToolCallStreamer()
     content, calls = "", []
@@ -142,7 +137,7 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
         if isinstance(ev, str):
             content += ev
         elif ev.id is not None:
-            calls.append(ToolCall(ev.name or "", ev.arguments, ev.id))
+            calls.append(ev)
         else:
             calls[ev.index].arguments += ev.arguments
     return ((content.strip() or None) if calls else content), calls
@@ -178,7 +173,7 @@ class ToolCallStreamer:
         if self._state == "head":
             call = _parse_call(rest)
             if call is not None:
-                self._emit_call(out, call)
+                self._emit_call(out, *call)
             else:
                 self._content(out, CALL_OPEN + rest)
         elif self._state == "text":
@@ -195,10 +190,10 @@ class ToolCallStreamer:
         else:
             self._pending = text
 
-    def _emit_call(self, out: list, call: ToolCall) -> None:
-        out.append(ToolCallDelta(self.num_calls, "", call.id, call.name))
-        if call.arguments:
-            out.append(ToolCallDelta(self.num_calls, call.arguments))
+    def _emit_call(self, out: list, name: str, arguments: str) -> None:
+        out.append(ToolCallDelta(self.num_calls, "", _new_id(), name))
+        if arguments:
+            out.append(ToolCallDelta(self.num_calls, arguments))
         self.num_calls += 1
 
     def _step(self, out: list) -> bool:
@@ -229,7 +224,7 @@ class ToolCallStreamer:
                 return False
             call = _parse_call(buf[:end])  # another shape: the whole call at once
             if call is not None:
-                self._emit_call(out, call)
+                self._emit_call(out, *call)
             else:
                 self._content(out, CALL_OPEN + buf[: end + len(CALL_CLOSE)])
             self._buf, self._state = buf[end + len(CALL_CLOSE) :], "text"
