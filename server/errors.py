@@ -80,22 +80,16 @@ def validation_error(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the app in the OpenAI envelope, 422 becomes 400, unknown routes 404."""
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RequestValidationError):
+            return error_response(validation_error(exc))
+        if not isinstance(exc, StarletteHTTPException):
+            return error_response(from_exception(exc))
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"route {request.method} {request.url.path} not found"
         code = getattr(exc, "code", None)
         return error_response(APIError(message, exc.status_code, code=code, headers=exc.headers))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(from_exception(exc))
+    for exc_type in (APIError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, handler)
