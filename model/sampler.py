@@ -70,6 +70,14 @@ def _token_counts(
     return counts
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(logits, dim=-1) (the first best, a NaN first): numpy's on CPU, which took 8 us
+    a row of SmolLM2's 49k logits here where torch's took 120 us (1.2 vs 4.7 ms for 64 rows)."""
+    if logits.device.type != "cpu" or logits.dtype != torch.float32:
+        return logits.argmax(dim=-1)
+    return torch.from_numpy(logits.numpy().argmax(axis=-1))  # [n] int64
+
+
 class Sampler:
     """Turns one step's logits into tokens; seeded rows draw from their own per-step generator."""
 
@@ -104,8 +112,8 @@ class Sampler:
         wants_lp = any(r.num_logprobs is not None for r in rows)
         modifies = any(_has_penalty(r) or r.logit_bias or r.banned_token_ids for r in rows)
         if all(greedy) and not modifies and not wants_lp and constraints is None:
-            # NOTE: fast path; torch.argmax breaks ties at the lowest index, like transformers
-            return StepOutput(token_ids=logits.argmax(dim=-1).tolist(), logprobs=[None] * n)
+            # NOTE: fast path; ties go to the lowest index, like transformers
+            return StepOutput(token_ids=_argmax(logits).tolist(), logprobs=[None] * n)
 
         if constraints is not None and all(greedy) and not modifies:
             # NOTE: only grammar masks: the masked argmax writes no masked copy of the logits
@@ -128,7 +136,7 @@ class Sampler:
         greedy_idx = [i for i, g in enumerate(greedy) if g]
         sample_idx = [i for i, g in enumerate(greedy) if not g]
         if not sample_idx:
-            token_ids = work.argmax(dim=-1)  # [n]
+            token_ids = _argmax(work)  # [n]
         elif not greedy_idx:
             token_ids = self._sample(work, rows)
         else:

@@ -14,8 +14,10 @@
 #ifdef _OPENMP
 #include <omp.h>
 static int thread_num(void) { return omp_get_thread_num(); }
+static int omp_threads(void) { return omp_get_num_threads(); }
 #else
 static int thread_num(void) { return 0; }
+static int omp_threads(void) { return 1; }
 #endif
 
 int qgemm(const float *x, long ldx, const uint8_t *q, const void *scales, const void *mins,
@@ -167,41 +169,152 @@ static void rope(float *x, const float *cos, const float *sin, int d) {
 }
 
 
-/* one query head against its sequence's context through the block table; scores: [ctx] */
-static void attend(const float *q, const float *kc, const float *vc, const int *table, int ctx, int bs, int d, float scale, float *scores,
-                   float *out) {
-    float mx = -INFINITY;
-    for (int t = 0; t < ctx; t++) {
-        long slot = (long)table[t / bs] * bs + t % bs;
-        float s = dot(q, kc + slot * d, d) * scale;
-        scores[t] = s;
-        if (s > mx) mx = s;
+/* A block's K or V rows (bs * d floats: one 4 KB page at SmolLM2's 16 x 64) start where the
+ * block table says, so the hardware prefetcher starts cold on each: the next block is fetched
+ * while this one is read. */
+static inline void prefetch_rows(const float *p, long n) {
+    for (long i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+/* Attention is split into equal runs of (sequence, KV head, block) units, one run per thread:
+ * every K/V byte is read once (by the G query heads of its KV head together) and both threads
+ * work even at one sequence. A run leaves, per query head, its max score, its sum of
+ * exp(score - max) and its unnormalised output; merge() combines a head's runs (flash-decoding).
+ * Per-head work items instead left SmolLM2's 9 heads at 5:4 and read K/V ~1.3x. */
+typedef struct {
+    int b, kh, j0, j1; /* blocks [j0, j1) of sequence b's KV head kh */
+} run_t;
+
+/* part + g * ps = {max, sum, out[d]} of the run's query head g over its tokens; sc: [G, tokens] */
+static void attend_run(const float *qrow, const float *kc, const float *vc, const int *table,
+                       int ctx, int bs, int d, int G, float scale, int j0, int j1, float *sc,
+                       float *part, long ps) {
+    const long blk = (long)bs * d;
+    const int t0 = j0 * bs, t1 = j1 * bs < ctx ? j1 * bs : ctx, n = t1 - t0;
+    for (int j = j0; j < j1; j++) {
+        const float *k = kc + table[j] * blk;
+        if (j + 1 < j1) prefetch_rows(kc + table[j + 1] * blk, blk);
+        const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
+        for (int t = j * bs; t < e; t++)
+            for (int g = 0; g < G; g++)
+                sc[g * n + t - t0] = dot(qrow + g * d, k + (t - j * bs) * d, d) * scale;
     }
-    for (int t = 0; t < ctx; t++) scores[t] -= mx;
-    exp_inplace(scores, ctx);
-    float sum = 0.0f;
-    for (int t = 0; t < ctx; t++) sum += scores[t];
-    float inv = 1.0f / sum;
+    for (int g = 0; g < G; g++) {
+        float *sg = sc + g * n, mx = -INFINITY, sum = 0.0f;
+        for (int t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+        for (int t = 0; t < n; t++) sg[t] -= mx;
+        exp_inplace(sg, n);
+        for (int t = 0; t < n; t++) sum += sg[t];
+        part[g * ps] = mx;
+        part[g * ps + 1] = sum;
+    }
+#if defined(__AVX512F__)
+    if (d % 16 == 0 && G * (d / 16) <= 16) { /* the G outputs stay in registers */
+        const int C = d / 16;
+        __m512 acc[16];
+        for (int i = 0; i < G * C; i++) acc[i] = _mm512_setzero_ps();
+        for (int j = j0; j < j1; j++) {
+            const float *v = vc + table[j] * blk;
+            if (j + 1 < j1) prefetch_rows(vc + table[j + 1] * blk, blk);
+            const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
+            for (int t = j * bs; t < e; t++) {
+                const float *vr = v + (t - j * bs) * d;
+                for (int c = 0; c < C; c++) {
+                    const __m512 vv = _mm512_loadu_ps(vr + c * 16);
+                    for (int g = 0; g < G; g++)
+                        acc[g * C + c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g * n + t - t0]), vv,
+                                                         acc[g * C + c]);
+                }
+            }
+        }
+        for (int g = 0; g < G; g++)
+            for (int c = 0; c < C; c++) _mm512_storeu_ps(part + g * ps + 2 + c * 16, acc[g * C + c]);
+        return;
+    }
+#endif
+    for (int g = 0; g < G; g++)
+        for (int i = 0; i < d; i++) part[g * ps + 2 + i] = 0.0f;
+    for (int j = j0; j < j1; j++) {
+        const float *v = vc + table[j] * blk;
+        if (j + 1 < j1) prefetch_rows(vc + table[j + 1] * blk, blk);
+        const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
+        for (int t = j * bs; t < e; t++)
+            for (int g = 0; g < G; g++) {
+                const float p = sc[g * n + t - t0], *vr = v + (t - j * bs) * d;
+                float *o = part + g * ps + 2;
+                for (int i = 0; i < d; i++) o[i] += p * vr[i];
+            }
+    }
+}
+
+/* out[d] = the softmax-weighted sum of one head's parts (d + 2 floats each, stride apart; a
+ * NaN max marks a thread without a run on this head) */
+static void merge(const float *part, int nparts, long stride, int d, float *out) {
+    float mx = -INFINITY, sum = 0.0f;
+    for (int r = 0; r < nparts; r++)
+        if (!isnan(part[r * stride])) mx = part[r * stride] > mx ? part[r * stride] : mx;
     for (int i = 0; i < d; i++) out[i] = 0.0f;
-    for (int t = 0; t < ctx; t++) {
-        long slot = (long)table[t / bs] * bs + t % bs;
-        const float *v = vc + slot * d;
-        float p = scores[t] * inv;
-        for (int i = 0; i < d; i++) out[i] += p * v[i];
+    for (int r = 0; r < nparts; r++) {
+        const float *pr = part + r * stride;
+        if (isnan(pr[0])) continue;
+        const float w = expf(pr[0] - mx);
+        sum += pr[1] * w;
+        for (int i = 0; i < d; i++) out[i] += w * pr[2 + i];
     }
+    const float inv = 1.0f / sum;
+    for (int i = 0; i < d; i++) out[i] *= inv;
 }
 
 /* scratch floats decode_layers needs for B rows and contexts up to max_ctx */
 long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
     long qkv = (long)(s->heads + 2 * s->kv_heads) * s->head_dim;
+    long group = s->heads / s->kv_heads;
     return B * (s->hidden + qkv + (long)s->heads * s->head_dim + 3L * s->inter) +
-           (long)nthreads * max_ctx;
+           (long)nthreads * group * max_ctx + /* scores of a run */
+           B * s->heads * (long)nthreads * (s->head_dim + 2); /* each run's parts */
 }
 
-/* h [B, hidden]: in, the embeddings; out, the last layer's down_proj output (partial: the final
- * ResidualRMSNorm adds residual). residual [B, hidden]: out. cos/sin [B, head_dim]. slots [B].
- * ctx_lens [B] (including this token). tables [B, max_blocks]. 0 on success, -1 on bad sizes. */
-int decode_layers(int n_layers, const dlayer *layers, const dshape *s, float *h, float *residual,
+/* att [B, heads * d] for one layer: runs split the (sequence, KV head, block) units evenly
+ * among the threads; a head's parts sit at [b][h][thread] */
+static void attention(const dlayer *L, const dshape *s, const float *qkv, long qkv_n, long B,
+                      const int *ctx_lens, const int *tables, int max_blocks, long max_ctx,
+                      float scale, long cache_head, float *scores, float *parts, int nthreads,
+                      float *att) {
+    const int d = s->head_dim, nh = s->heads, nkv = s->kv_heads, G = nh / nkv, bs = s->block_size;
+    const long stride = d + 2;
+    long units = 0;
+    for (long b = 0; b < B; b++) units += (long)nkv * ((ctx_lens[b] + bs - 1) / bs);
+    for (long i = 0; i < B * nh * (long)nthreads; i++) parts[i * stride] = NAN; /* no run */
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int th = thread_num(), nth = omp_threads();
+        const long u0 = units * th / nth, u1 = units * (th + 1) / nth;
+        long u = 0;
+        float *sc = scores + (long)th * G * max_ctx;
+        for (long b = 0; b < B && u < u1; b++) {
+            const int nb = (ctx_lens[b] + bs - 1) / bs;
+            for (int kh = 0; kh < nkv && u < u1; kh++, u += nb) {
+                const long lo = u0 > u ? u0 - u : 0, hi = u1 - u < nb ? u1 - u : nb;
+                if (lo >= hi) continue;
+                attend_run(qkv + b * qkv_n + (long)kh * G * d, L->k_cache + kh * cache_head,
+                           L->v_cache + kh * cache_head, tables + b * max_blocks, ctx_lens[b], bs,
+                           d, G, scale, (int)lo, (int)hi, sc,
+                           parts + ((b * nh + (long)kh * G) * nthreads + th) * stride,
+                           nthreads * stride);
+            }
+        }
+#pragma omp barrier
+#pragma omp for schedule(static)
+        for (long bh = 0; bh < B * nh; bh++)
+            merge(parts + bh * nthreads * stride, nthreads, stride, d, att + bh * d);
+    }
+}
+
+/* h [B, hidden]: in, the embeddings; out, the final norm's output (final_norm [hidden]).
+ * residual [B, hidden]: scratch. cos/sin [B, head_dim]. slots [B]. ctx_lens [B] (including this
+ * token). tables [B, max_blocks]. 0 on success, -1 on bad sizes. */
+int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, const dshape *s,
+                  float *h, float *residual,
                   long B, const float *cos, const float *sin, const long *slots,
                   const int *ctx_lens, const int *tables, int max_blocks, float *scratch,
                   long max_ctx, int nthreads) {
@@ -209,6 +322,7 @@ int decode_layers(int n_layers, const dlayer *layers, const dshape *s, float *h,
     const long qkv_n = (long)(nh + 2 * nkv) * d;
     float *x = scratch, *qkv = x + B * H, *att = qkv + B * qkv_n, *gu = att + B * (long)nh * d;
     float *act = gu + B * 2L * s->inter, *scores = act + B * (long)s->inter;
+    float *parts = scores + (long)nthreads * (nh / nkv) * max_ctx;
     const float scale = 1.0f / sqrtf((float)d);
     const long cache_head = s->num_blocks * s->block_size * d; /* floats per KV head */
     for (long b = 0; b < B; b++)
@@ -229,16 +343,8 @@ int decode_layers(int n_layers, const dlayer *layers, const dshape *s, float *h,
                 memcpy(L->v_cache + at, row + (nh + nkv + kh) * d, d * sizeof(float));
             }
         }
-        const int group = nh / nkv;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (long bh = 0; bh < B * nh; bh++) {
-            long b = bh / nh;
-            int hh = (int)(bh % nh), kh = hh / group;
-            float *sc = scores + (long)thread_num() * max_ctx;
-            attend(qkv + b * qkv_n + hh * d, L->k_cache + kh * cache_head,
-                   L->v_cache + kh * cache_head, tables + b * max_blocks, ctx_lens[b],
-                   s->block_size, d, scale, sc, att + b * (long)nh * d + hh * d);
-        }
+        attention(L, s, qkv, qkv_n, B, ctx_lens, tables, max_blocks, max_ctx, scale, cache_head,
+                  scores, parts, nthreads, att);
         if (lin(&L->o, att, h, B, nthreads)) return -1;
         for (long b = 0; b < B; b++)
             add_norm(residual + b * H, h + b * H, 1, x + b * H, L->post_norm, H, s->eps);
@@ -252,5 +358,8 @@ int decode_layers(int n_layers, const dlayer *layers, const dshape *s, float *h,
         }
         if (lin(&L->down, act, h, B, nthreads)) return -1;
     }
+    for (long b = 0; b < B; b++)
+        add_norm(residual + b * H, h + b * H, n_layers > 0, x + b * H, final_norm, H, s->eps);
+    memcpy(h, x, B * H * sizeof(float));
     return 0;
 }

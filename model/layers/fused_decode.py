@@ -75,7 +75,8 @@ def _lin(module: nn.Module) -> _Lin:
 def _lib() -> ctypes.CDLL | None:
     lib = gemv.load()
     if lib is not None and lib.decode_layers.argtypes is None:
-        lib.decode_layers.argtypes = [_i, _p, _p, _p, _p, _l, _p, _p, _p, _p, _p, _i, _p, _l, _i]
+        lib.decode_layers.argtypes = [_i, _p, _p, _p, _p, _p, _l, _p, _p, _p, _p, _p, _i, _p, _l]
+        lib.decode_layers.argtypes += [_i]
         lib.decode_layers.restype = _i
         lib.decode_scratch.argtypes = [_p, _l, _l, _i]
         lib.decode_scratch.restype = _l
@@ -152,7 +153,7 @@ class FusedDecode:
         context_lens: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """input_ids, positions [B] -> final-normed hidden states [B, hidden]."""
+        """input_ids, positions [B] -> final-normed hidden states [B, hidden] (norm in C too)."""
         inner = self.model.model
         b = input_ids.shape[0]
         h = inner.embed_tokens(input_ids).contiguous()  # [B, hidden]
@@ -171,7 +172,8 @@ class FusedDecode:
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need)
         rc = lib.decode_layers(
-            len(self.layers), self.layers, ctypes.byref(self.shape), h.data_ptr(),
+            len(self.layers), self.layers, inner.norm.weight.data_ptr(), ctypes.byref(self.shape),
+            h.data_ptr(),
             residual.data_ptr(), b, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             ctx.data_ptr(), tables.data_ptr(), max_blocks, self.scratch.data_ptr(), max_ctx,
             threads,
@@ -181,4 +183,4 @@ class FusedDecode:
                 f"decode_layers refused the step: {b} rows, contexts {context_lens}, "
                 f"{max_blocks} blocks of {self.block_size}"
             )
-        return inner.norm(h, residual)[0]
+        return h

@@ -41,19 +41,31 @@ def decode_steps(runner: ModelRunner, prompts: list[list[int]], steps: int):
 
 
 @pytest.mark.parametrize(
-    "arch,tie,quantization",
-    [("llama", False, "int4"), ("qwen2", True, "int8"), ("llama3", True, "int4")],
+    "arch,tie,quantization,threads",
+    [
+        ("llama", False, "int4", None),
+        ("qwen2", True, "int8", None),
+        ("llama3", True, "int4", None),
+        ("llama", True, "int8", 3),  # attention runs split across 3 threads unevenly
+    ],
 )
-def test_fused_decode_matches_torch_layers(tiny_checkpoint, arch, tie, quantization) -> None:
-    runner = ModelRunner(
-        str(tiny_checkpoint(arch, tie)), quantization=quantization, kv_cache_memory=1 << 22
-    )
-    assert runner.fused is not None, "packed CPU float32 model at tp=1: decode.c must serve it"
-    prompts = [list(range(100, 137)), list(range(500, 503)), [7]]
-    for got, ref in decode_steps(runner, prompts, steps=24):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    runner.shutdown()
+def test_fused_decode_matches_torch_layers(
+    tiny_checkpoint, arch, tie, quantization, threads
+) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        runner = ModelRunner(
+            str(tiny_checkpoint(arch, tie)), quantization=quantization, kv_cache_memory=1 << 22
+        )
+        assert runner.fused is not None, "packed CPU float32 model at tp=1: decode.c serves it"
+        prompts = [list(range(100, 137)), list(range(500, 503)), [7]]
+        for got, ref in decode_steps(runner, prompts, steps=24):
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        runner.shutdown()
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_fused_decode_on_the_smollm2_gguf(smollm2_gguf) -> None:

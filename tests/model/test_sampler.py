@@ -37,6 +37,13 @@ def test_greedy_is_argmax_with_lowest_index_on_ties() -> None:
     assert out.token_ids == logits.argmax(dim=-1).tolist()
     assert out.token_ids[3] == 7
     assert out.logprobs == [None] * 8
+    # numpy's argmax serves CPU rows: torch's answer on NaN, all -inf and strided rows too
+    logits[5, 11] = logits[5, 4] = float("nan")
+    logits[6] = float("-inf")
+    assert Sampler(0)(logits, [SamplingRow()] * 8).token_ids == logits.argmax(dim=-1).tolist()
+    assert Sampler(0)(logits[:, ::2], [SamplingRow()] * 8).token_ids == (
+        logits[:, ::2].argmax(dim=-1).tolist()
+    )
 
 
 def test_all_greedy_fast_path_equals_general_path() -> None:
