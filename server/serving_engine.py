@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -118,7 +118,7 @@ class OpenAIServing:
         stream: AsyncIterator[tuple[int, RequestOutput]],
         cls: type,
         choices: Callable[[int, CompletionOutput, list[Any] | None], list[Any]],
-        first: list[Any] = (),
+        first: Iterable[Any] = (),
     ) -> AsyncIterator[Any]:
         """A `cls` chunk per choice that `choices(index, delta, logprob entries)` makes of each
         engine delta (after `first`), then the usage chunk (choices: []) if asked for."""
