@@ -59,7 +59,6 @@ class ModelConfig:
     attention_bias: bool  # bias on q/k/v (Qwen2)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
-    torch_dtype: str | None = None
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -110,7 +109,6 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
-            torch_dtype=d.get("torch_dtype") or d.get("dtype"),
         )
 
 

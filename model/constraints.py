@@ -1,10 +1,8 @@
 """Constrained decoding: grammars (JSON schema, regex, choice, Lark) → per-step token bitmasks.
 
-Built on llguidance (chosen over xgrammar by measurement, see README "Structured outputs"). Each
-distinct constraint is compiled once into a template matcher (bounded LRU); every sequence gets a
-deep copy that advances with its accepted tokens. Masks are filled before the forward (or, with
-`overlap`, on a thread during it). Matchers live on rank 0 only: the step contract
-carries nothing of them, and TP workers never see them.
+llguidance (README "Structured outputs"): each constraint compiles once into a template matcher
+(bounded LRU) that every sequence deep-copies. Matchers live on rank 0 only, outside the step
+contract.
 """
 
 from __future__ import annotations
@@ -33,10 +31,6 @@ class ConstraintError(SamplingParamsError):
     """An invalid schema, regex, choice list or grammar; the message says what is wrong."""
 
 
-def _lark_string(s: str) -> str:
-    return json.dumps(s, ensure_ascii=False)
-
-
 def grammar_of(spec: StructuredOutputsParams) -> str:
     """The llguidance grammar (JSON-encoded) for one constraint spec; no tokenizer needed."""
     import llguidance
@@ -56,7 +50,9 @@ def grammar_of(spec: StructuredOutputsParams) -> str:
         return M.grammar_from_regex(spec.spec)
     if spec.kind == "choice":
         choices = json.loads(spec.spec)
-        return M.grammar_from_lark("start: " + " | ".join(_lark_string(c) for c in choices))
+        return M.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
+        )
     if spec.kind == "grammar":
         text = spec.spec
         if "::=" in text and not re.search(r"^\s*start\s*:", text, re.M):  # GBNF (llama.cpp)
@@ -89,14 +85,12 @@ class ConstraintCompiler:
         self._lock = threading.Lock()  # add_request may run on several threads
         self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
         self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-mask")
-        # True: the next step's masks are filled on a thread as soon as the tokens are accepted
-        # (during detokenize, scheduling and the forward); False: just before the forward
-        self.overlap = True
+        self.overlap = True  # the next step's masks fill on a thread once its tokens are accepted
         # NOTE: on a CPU the forward's OpenMP threads own every core, and a fill thread beside
         # them slows the step more than it saves (README): fills there end before the forward
         self.fill_during_forward = fill_during_forward
-        # True: a row whose last step was greedy gets no mask ahead; the sampler fills it only
-        # if the model's own pick breaks the grammar (then that pick is the masked argmax too)
+        # a row whose last step was greedy gets no mask ahead: the sampler fills it only if the
+        # model's own pick breaks the grammar (else that pick is the masked argmax too)
         self.lazy = not fill_during_forward
         self._next: _Fill | None = None  # the fill started by `prefetch`, for the next batch
         self._executor: Any = None
@@ -154,32 +148,24 @@ class ConstraintCompiler:
             if pre is not None:
                 pre.wait()  # NOTE: no matcher may move while a fill reads it
             return None
-        ms = [matchers[i] for i in rows]
         t0 = time.perf_counter()
-        ready = pre.rows_of(ms) if pre is not None else {}
-        missing = [m for m in ms if id(m) not in ready and not (self.lazy and m.greedy)]
+        batch = ConstraintBatch(rows, [matchers[i] for i in rows], self)
         background = self.overlap and self.fill_during_forward
-        fills: list[_Fill] = []
         if pre is not None:
-            fills.append(pre)  # waited for by the batch even if no row of it is used
+            batch.fills.append(pre)  # waited for by the batch even if no row of it is used
+            for i, m in enumerate(batch.matchers):
+                at, j = pre.at.get(id(m), (None, 0))
+                if at == m.num_tokens:  # its mask is for where it stands now
+                    batch.where[i] = (0, j)
             if not background:
                 pre.wait()
-        if missing:
-            fill = _Fill(missing, self.words, self.eos_bits)
-            if background:
-                fill.future = self._fill_thread.submit(fill.run, self._executor)
-            else:
-                fill.run(self._executor)
-            fills.append(fill)
-        new_rows = {id(m): j for j, m in enumerate(missing)}
-        last = len(fills) - 1
-        where = [
-            (0, ready[id(m)])
-            if id(m) in ready
-            else ((last, new_rows[id(m)]) if id(m) in new_rows else None)
-            for m in ms
+        missing = [
+            i
+            for i, m in enumerate(batch.matchers)
+            if batch.where[i] is None and not (self.lazy and m.greedy)
         ]
-        batch = ConstraintBatch(rows, ms, fills, where, self)
+        if missing:
+            batch.fill(missing, background)
         batch.wait_time = time.perf_counter() - t0  # filling and waiting before the forward
         return batch
 
@@ -193,9 +179,7 @@ class ConstraintCompiler:
             if m is not None and not m.is_finished and not (self.lazy and m.greedy)
         ]
         if self.overlap and live and self._next is None:
-            fill = _Fill(live, self.words, self.eos_bits)
-            fill.future = self._fill_thread.submit(fill.run, self._executor)
-            self._next = fill
+            self._next = _Fill(live, self.words, self.eos_bits).start(self, background=True)
 
     def shutdown(self) -> None:
         self._fill_thread.shutdown(wait=False)
@@ -241,11 +225,20 @@ class _Fill:
         self, matchers: list[Matcher], words: int, eos_bits: tuple[np.ndarray, np.ndarray]
     ) -> None:
         self.matchers = matchers
-        self.at = [m.num_tokens for m in matchers]  # the positions the masks are for
+        # id(matcher) → (the position its mask is for, its row)
+        self.at = {id(m): (m.num_tokens, j) for j, m in enumerate(matchers)}
         self.bitmask = torch.zeros(len(matchers), words, dtype=torch.int32)  # [rows, words]
         self.eos_bits = eos_bits
         self.seconds = 0.0  # how long the fill took
         self.future: Future | None = None
+
+    def start(self, compiler: ConstraintCompiler, background: bool) -> _Fill:
+        """Fill now, or on the compiler's fill thread."""
+        if background:
+            self.future = compiler._fill_thread.submit(self.run, compiler._executor)
+        else:
+            self.run(compiler._executor)
+        return self
 
     def run(self, executor: Any) -> None:
         t0 = time.perf_counter()
@@ -265,27 +258,18 @@ class _Fill:
             self.future.result()
             self.future = None
 
-    def rows_of(self, matchers: list[Matcher]) -> dict[int, int]:
-        """id(matcher) → row, for those of `matchers` this fill holds at their current position."""
-        mine = {id(m): j for j, m in enumerate(self.matchers) if self.at[j] == m.num_tokens}
-        return {id(m): mine[id(m)] for m in matchers if id(m) in mine}
-
 
 class ConstraintBatch:
     """One step's constrained rows: their matchers, and the bitmask rows filled for them."""
 
     def __init__(
-        self,
-        rows: list[int],
-        matchers: list[Matcher],
-        fills: list[_Fill],
-        where: list[tuple[int, int] | None],
-        compiler: ConstraintCompiler,
+        self, rows: list[int], matchers: list[Matcher], compiler: ConstraintCompiler
     ) -> None:
         self.rows = rows  # indices into the step's sampling rows
         self.matchers = matchers
-        self.fills = fills
-        self.where = where  # per row: (fill, row in that fill), None while not filled (lazy)
+        self.fills: list[_Fill] = []
+        # per row: (fill, row in that fill), None while not filled (lazy)
+        self.where: list[tuple[int, int] | None] = [None] * len(rows)
         self.compiler = compiler
         self.wait_time = 0.0  # seconds the step spent filling or waiting for fills
         self._bitmask: torch.Tensor | None = None
@@ -301,13 +285,13 @@ class ConstraintBatch:
             f.wait()
         self.wait_time += time.perf_counter() - t0
 
-    def _fill(self, idx: list[int]) -> None:
-        """Fill rows `idx` (positions in `rows`) now, on the step's path."""
+    def fill(self, idx: list[int], background: bool = False) -> None:
+        """Fill rows `idx` (positions in `rows`): now, on the step's path, or on the fill
+        thread."""
         t0 = time.perf_counter()
         c = self.compiler
         fill = _Fill([self.matchers[i] for i in idx], c.words, c.eos_bits)
-        fill.run(c._executor)
-        self.fills.append(fill)
+        self.fills.append(fill.start(c, background))
         for j, i in enumerate(idx):
             self.where[i] = (len(self.fills) - 1, j)
         self._bitmask = None
@@ -328,7 +312,7 @@ class ConstraintBatch:
             self.wait()
             missing = [i for i, w in enumerate(self.where) if w is None]
             if missing:
-                self._fill(missing)
+                self.fill(missing)
             self._bitmask = self._bitmask_of(list(range(len(self.rows))))
         return self._bitmask
 
@@ -362,7 +346,7 @@ class ConstraintBatch:
             if not (ids[self.rows[i]] < vocab and self.matchers[i].allows(ids[self.rows[i]]))
         ]
         if broken:
-            self._fill(broken)
+            self.fill(broken)
         need = [i for i, w in enumerate(self.where) if w is not None]
         if need:
             rows = [self.rows[i] for i in need]

@@ -117,13 +117,9 @@ class IncrementalDetokenizer:
             self._held = ""
             self.output_text += pending
             return pending, None
-        match: tuple[int, str] | None = None
-        for s in self.stop:
-            i = pending.find(s)
-            if i != -1 and (match is None or i < match[0]):
-                match = (i, s)
-        if match is not None:
-            i, s = match
+        found = [(i, s) for s in self.stop if (i := pending.find(s)) != -1]
+        if found:
+            i, s = min(found, key=lambda m: m[0])  # the earliest; on a tie, the first listed
             out = pending[: i + len(s)] if self.include_stop_str_in_output else pending[:i]
             self._held = ""
             self.stopped = s

@@ -1,11 +1,8 @@
 """GGUF file → (hf_name, tensor) stream plus an HF-style config dict: the GGUF adapter.
 
-Tensors are memory-mapped (model/gguf_reader.py) and converted one at a time: quantized types into
-packed QuantTensors (model/layers/quant.py, no re-rounding), or dequantized to float32 with
-quantization "none". A packed 2-D tensor is a GGUFQuantTensor: the layer's loader narrows it to
-its rank's rows or (whole GGUF blocks of) columns, and only those raw blocks are read and
-converted. Float tensors, and everything under "none" (the reference path), are converted whole
-and then narrowed.
+Quantized 2-D tensors stay packed (GGUFQuantTensor): a rank's loader narrows one to its rows or
+columns and only those raw blocks are converted. Float tensors, and everything under quantization
+"none" (the reference path), are dequantized whole, then narrowed.
 """
 
 from __future__ import annotations
@@ -28,10 +25,7 @@ from model.layers.quant import PACKED_TYPES, QuantTensor, from_gguf_blocks, perm
 logger = logging.getLogger(__name__)
 
 # general.architecture → (HF architectures entry, HF model_type)
-ARCHITECTURES = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-}
+ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
 
@@ -80,28 +74,11 @@ def _read(path: str) -> GGUFFile:
     """Parse the header; any parse failure becomes a ValueError that names the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(24)
-    if len(head) < 24 or head[:4] != b"GGUF":
-        raise ValueError(f"{path} is not a GGUF file (bad magic {head[:4]!r}, {size} bytes)")
     try:
-        reader = read_gguf(path)
+        return read_gguf(path)
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as e:
+        size = os.path.getsize(path)
         raise ValueError(f"corrupt or truncated GGUF file {path} ({size} bytes): {e}") from e
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise ValueError(
-                f"truncated GGUF file {path}: tensor {t.name} needs bytes up to {end}, "
-                f"file has {size}"
-            )
-    return reader
-
-
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    """Scalar, string or array value of a metadata key (default when absent)."""
-    return reader.fields.get(key, default)
 
 
 def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict[str, Any]:
@@ -158,26 +135,27 @@ def _llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> di
 
 def _build_config(reader: Any, path: str, tensors: dict[str, Any]) -> dict[str, Any]:
     """GGUF metadata → HF config.json dict (what ModelConfig reads for a safetensors folder)."""
-    arch = _field(reader, "general.architecture")
+    arch = reader.fields.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(
             f"unsupported GGUF architecture {arch!r} in {path}: supported {sorted(ARCHITECTURES)}"
         )
 
     def need(key: str) -> Any:
-        value = _field(reader, f"{arch}.{key}")
+        value = reader.fields.get(f"{arch}.{key}")
         if value is None:
             raise ValueError(f"GGUF file {path} lacks metadata key {arch}.{key}")
         return value
 
     hidden, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
-    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // n_head))
+    n_kv = int(reader.fields.get(f"{arch}.attention.head_count_kv", n_head))
+    head_dim = int(reader.fields.get(f"{arch}.attention.key_length", hidden // n_head))
     embd = tensors.get("token_embd.weight")
-    vocab = _field(reader, f"{arch}.vocab_size")
-    if vocab is None:
-        vocab = int(embd.shape[1]) if embd is not None else len(_tokens(reader, path))
-    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    vocab = reader.fields.get(f"{arch}.vocab_size", embd.shape[1] if embd is not None else None)
+    if vocab is None and "tokenizer.ggml.tokens" not in reader.fields:
+        raise ValueError(f"GGUF file {path} has neither vocab_size nor token_embd.weight")
+    vocab = vocab if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"])
+    theta = float(reader.fields.get(f"{arch}.rope.freq_base", 10000.0))
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch][0]],
         "model_type": ARCHITECTURES[arch][1],
@@ -189,30 +167,21 @@ def _build_config(reader: Any, path: str, tensors: dict[str, Any]) -> dict[str, 
         "head_dim": head_dim,
         "rope_theta": theta,
         "rope_scaling": _rope_scaling(reader, arch, path, tensors, head_dim, theta),
-        # stored as float32: 9.99999974e-06 → 1e-05, as the source config.json had it
         # stored as float32: print 7 digits to get back the source's 1e-05, not 9.99999974e-06
         "rms_norm_eps": float(
-            f"{_field(reader, f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"
+            f"{reader.fields.get(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"
         ),
         "vocab_size": int(vocab),
-        "max_position_embeddings": int(_field(reader, f"{arch}.context_length", 2048)),
+        "max_position_embeddings": int(reader.fields.get(f"{arch}.context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "torch_dtype": "float32",
     }
     for key in ("bos_token_id", "eos_token_id"):
-        value = _field(reader, f"tokenizer.ggml.{key}")
+        value = reader.fields.get(f"tokenizer.ggml.{key}")
         if value is not None:
             config[key] = int(value)
     if arch == "qwen2":
         config["attention_bias"] = True
     return config
-
-
-def _tokens(reader: Any, path: str) -> list[str]:
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    if tokens is None:
-        raise ValueError(f"GGUF file {path} has neither vocab_size nor token_embd.weight")
-    return tokens
 
 
 def _rope_scaling(
@@ -225,22 +194,19 @@ def _rope_scaling(
         t = tensors["rope_freqs.weight"]
         factors = gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1)
         return _llama3_rope_scaling(factors, head_dim, theta)
-    kind = _field(reader, f"{arch}.rope.scaling.type")
+    kind = reader.fields.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
-    factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+    factor = float(reader.fields.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
     raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF file {path}")
 
 
 class GGUFQuantTensor(QuantTensor):
-    """A packed GGUF weight read on demand: narrow_rows / narrow_cols convert only the raw blocks
-    of the slice (a tensor-parallel rank's shard); anything else converts the whole tensor once.
-
-    `heads`: llama Q/K rows are stored permuted per head; a slice of whole heads is un-permuted
-    on its own (the permutation never crosses a head).
-    """
+    """A packed GGUF weight read on demand: narrow_rows / narrow_cols convert only a rank's raw
+    blocks, anything else the whole tensor once. `heads`: llama Q/K rows are permuted per head,
+    so a slice of whole heads is un-permuted on its own."""
 
     __slots__ = ("kind", "raw", "rows", "cols", "heads", "_whole")
 
@@ -264,21 +230,11 @@ class GGUFQuantTensor(QuantTensor):
     def shape(self) -> tuple[int, int]:
         return self.rows, self.cols
 
-    @property
-    def fmt(self):  # type: ignore[override]
-        return self.whole().fmt
-
-    @property
-    def qweight(self) -> torch.Tensor:  # type: ignore[override]
-        return self.whole().qweight
-
-    @property
-    def scales(self) -> torch.Tensor:  # type: ignore[override]
-        return self.whole().scales
-
-    @property
-    def mins(self) -> torch.Tensor | None:  # type: ignore[override]
-        return self.whole().mins
+    def __getattr__(self, name: str) -> Any:
+        """fmt, qweight, scales, mins (this subclass leaves those slots unset): the whole one's."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.whole(), name)
 
     def narrow_rows(self, start: int, length: int) -> QuantTensor:
         """Rows [start, start + length), converted from those rows' raw blocks alone."""
@@ -355,14 +311,6 @@ def _release_pages(reader: Any, t: Any) -> None:
     mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
-def _drop_vocab_fields(reader: Any) -> None:
-    """Forget the tokenizer's arrays once the config is built (the tokenizer reads the file
-    itself): a 49k vocabulary with its merges is ~20 MB of Python strings."""
-    for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.")]:
-        if isinstance(reader.fields[key], list):
-            del reader.fields[key]
-
-
 def load_gguf(path: str) -> GGUFCheckpoint:
     """Open a GGUF file: validate it, map tensor names, build the HF-style config.
 
@@ -373,7 +321,11 @@ def load_gguf(path: str) -> GGUFCheckpoint:
     reader = _read(path)
     raw = {t.name: t for t in reader.tensors}
     config = _build_config(reader, path, raw)
-    _drop_vocab_fields(reader)
+    # NOTE: the tokenizer reads the file itself: its arrays (49k strings, merges: ~20 MB) go
+    for key in [
+        k for k, v in reader.fields.items() if k.startswith("tokenizer.ggml.") and type(v) is list
+    ]:
+        del reader.fields[key]
     by_hf: dict[str, Any] = {}
     for name, t in raw.items():
         if name in _CONFIG_TENSORS:

@@ -14,15 +14,6 @@ def is_local_path(model: str) -> bool:
     return os.path.exists(model) or model.startswith(PATH_PREFIXES) or model.endswith(".gguf")
 
 
-def hub_cache_dir(download_dir: str | None = None) -> str:
-    """Where huggingface_hub keeps models: --download-dir, else $HF_HUB_CACHE, else $HF_HOME/hub."""
-    if download_dir:
-        return os.path.expanduser(download_dir)
-    from huggingface_hub import constants
-
-    return os.path.expanduser(constants.HF_HUB_CACHE)
-
-
 def resolve_model_path(
     model: str, revision: str | None = None, download_dir: str | None = None
 ) -> str:
@@ -33,10 +24,11 @@ def resolve_model_path(
     """
     if is_local_path(model):
         return model
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    cache = hub_cache_dir(download_dir)
+    # --download-dir, else $HF_HUB_CACHE, else $HF_HOME/hub
+    cache = os.path.expanduser(download_dir or constants.HF_HUB_CACHE)
     try:
         snapshot = snapshot_download(
             model, revision=revision, cache_dir=cache, local_files_only=True

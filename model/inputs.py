@@ -1,7 +1,5 @@
-"""StepInput / StepOutput: the one contract between scheduler and model (and rank 0 and TP workers).
-
-Plain lists and ints only, so it pickles cheaply and no scheduler object crosses the boundary.
-"""
+"""StepInput / StepOutput: the one contract between scheduler and model (and rank 0 and TP workers),
+plain lists and ints: it pickles cheaply and no scheduler object crosses it."""
 
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-GiB = 1024**3
 CPU_DEFAULT_TOKENS = 32768  # twice llama-server's reference 16 x 1024 context: room for 64 streams
 CPU_RAM_FRACTION = 0.25  # of the RAM available when the cache is sized
 GPU_MEMORY_FRACTION = 0.9  # of the free memory left after the weights
@@ -68,13 +67,11 @@ def default_kv_cache_memory(
 def allocate_kv_cache(
     spec: KVCacheSpec, num_blocks: int, device: torch.device
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Zeroed (K, V) per layer, each [num_kv_heads, num_blocks, block_size, head_dim].
+    """Zeroed (K, V) per layer, each [num_kv_heads, num_blocks, block_size, head_dim] (heads
+    outermost: a batch's gathered blocks need no transpose).
 
-    Heads outermost: gathering a batch's blocks gives [kv_heads, B, L, head_dim] with no transpose.
-
-    NOTE: zeros, not empty: masked slots get probability 0, and 0 * NaN (garbage) = NaN. On
-    CPU the zeros come from calloc (numpy), whose large blocks are fresh zero pages that become
-    resident only when a block is first written: RSS follows the KV actually used.
+    NOTE: zeros, not empty: masked slots get probability 0, and 0 * NaN (garbage) = NaN. On CPU
+    they come from calloc (numpy): pages become resident only when a block is first written.
     """
     shape = (spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import logging
@@ -14,16 +15,6 @@ logger = logging.getLogger(__name__)
 
 # checkpoint tensors we recompute ourselves
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
-
-
-def release_freed_memory() -> None:
-    """Give the loader's garbage back to the OS (glibc keeps freed heap pages otherwise), so the
-    resident set after loading is the weights, not the conversion's leftovers."""
-    gc.collect()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 class WeightLoadError(ValueError):
@@ -48,18 +39,13 @@ def _names(names: Iterable[str], limit: int = 10) -> str:
 
 
 def load_weights(
-    model: nn.Module,
-    stream: Iterable[tuple[str, torch.Tensor]],
-    *,
-    total: int | None = None,
-    progress: bool = False,
+    model: nn.Module, stream: Iterable[tuple[str, torch.Tensor]], *, progress: bool = False
 ) -> None:
     """Copy every (hf_name, tensor) of `stream` into `model`.
 
     Args:
         model: a model with `packed_modules_mapping` and per-parameter `weight_loader`s.
         stream: (Hugging Face name, tensor) pairs from hf_weights or gguf_weights.
-        total: number of tensors, for the progress bar.
         progress: show a tqdm bar while loading.
     Raises:
         WeightLoadError: naming tensors the model has no place for, or parameters never loaded.
@@ -72,7 +58,7 @@ def load_weights(
     if progress:
         from tqdm import tqdm
 
-        stream = tqdm(stream, total=total, desc="Loading weights", unit="tensor", leave=False)
+        stream = tqdm(stream, desc="Loading weights", unit="tensor", leave=False)
     for name, tensor in stream:
         if name.endswith(IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
             continue
@@ -103,5 +89,9 @@ def load_weights(
         if missing:
             parts.append(f"{len(missing)} parameters not in the checkpoint: {_names(missing)}")
         raise WeightLoadError("; ".join(parts))
-    release_freed_memory()
+    # NOTE: glibc keeps freed heap pages: give the conversion's garbage back to the OS, so the
+    # resident set after loading is the weights
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
+        ctypes.CDLL(None).malloc_trim(0)
     logger.info("loaded %d parameters", len(params))

@@ -1,7 +1,6 @@
-"""Tensor-parallel context and collectives: the only file that touches torch.distributed.
+"""Tensor-parallel context, rendezvous and collectives: the one file touching torch.distributed.
 
-Each runner owns its own process group object (built from a TCPStore, not the global default
-group), so one process can hold several independent groups (tests) and nothing is ambient.
+Groups are built from a TCPStore, not the global default group: one process can hold several.
 """
 
 from __future__ import annotations
@@ -9,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,10 +112,10 @@ class ParallelConfig:
                 f"tensor_parallel_size {size} does not evenly split the model: {'; '.join(bad)}"
             )
 
-    def local_ranks(self, node: int | None = None) -> list[int]:
-        """Global ranks on `node` (default: this one), first one is the node's own process."""
-        node = self.node_rank if node is None else node
-        return list(range(node * self.ranks_per_node, (node + 1) * self.ranks_per_node))
+    def local_ranks(self) -> list[int]:
+        """Global ranks on this node; the first one is the node's own process."""
+        n = self.ranks_per_node
+        return list(range(self.node_rank * n, (self.node_rank + 1) * n))
 
 
 def connect_store(config: ParallelConfig, is_head: bool, port: int | None = None) -> Any:
@@ -150,14 +150,13 @@ def join(
     config: ParallelConfig,
     rank: int,
     fingerprint: dict[str, str],
-    check: Callable[[], None] = lambda: None,
+    dead: Callable[[], str | None] = lambda: None,
 ) -> None:
-    """Rendezvous on the store before anything is loaded.
+    """Rendezvous before anything is loaded: every rank posts its fingerprint, rank 0 compares
+    them (while `dead()` names no local rank that exited: RuntimeError) and posts the verdict.
 
-    Every rank posts its fingerprint (model, config, flags). Rank 0 waits for all of them for
-    distributed_timeout seconds (calling `check`, which raises if a local rank died), compares
-    each with its own and posts the verdict; the others wait for it. Raises TimeoutError naming
-    the ranks and nodes that never joined, ValueError naming the fields that differ.
+    Raises TimeoutError naming the ranks and nodes that never joined, ValueError naming the
+    fields that differ.
     """
     store.set(f"join/{rank}", json.dumps(fingerprint))
     timeout = config.distributed_timeout
@@ -176,7 +175,7 @@ def join(
             raise ValueError(verdict)
         return
     try:
-        _gather_fingerprints(store, config, fingerprint, check)
+        _gather_fingerprints(store, config, fingerprint, dead)
     except BaseException as e:
         store.set("start", str(e) or type(e).__name__)
         joined = [f"ack/{r}" for r in range(1, config.tensor_parallel_size)
@@ -188,14 +187,15 @@ def join(
 
 
 def _gather_fingerprints(
-    store: Any, config: ParallelConfig, mine: dict[str, str], check: Callable[[], None]
+    store: Any, config: ParallelConfig, mine: dict[str, str], dead: Callable[[], str | None]
 ) -> None:
     """Rank 0's half of join(): wait for every rank (bounded), then compare fingerprints."""
     size, timeout = config.tensor_parallel_size, config.distributed_timeout
     pending = list(range(1, size))
     start = time.monotonic()
     while pending:
-        check()
+        if (reason := dead()) is not None:
+            raise RuntimeError(reason)
         pending = [r for r in pending if not store.check([f"join/{r}"])]
         remote = [r for r in pending if config.node_of(r) != 0]
         waited = time.monotonic() - start
@@ -237,12 +237,8 @@ class RankGroups:
 def init_groups(
     store: Any, rank: int, size: int, local_size: int, device: torch.device
 ) -> RankGroups:
-    """Join the groups through `store` (nccl compute group on CUDA, gloo otherwise).
-
-    Every group's rendezvous is bounded by DEFAULT_TIMEOUT_S; waiting for the next step on the
-    control group is not (an idle server sends none for hours): a lost head breaks its
-    connection, and the heartbeats catch a silent one.
-    """
+    """Join the groups through `store` (nccl compute group on CUDA, gloo otherwise); waiting
+    for the next step is unbounded (STEP_WAIT): the heartbeats catch a silent head."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
@@ -267,45 +263,42 @@ def init_groups(
 
 
 def broadcast_bytes(payload: bytes | None, group: Any) -> bytes:
-    """Rank 0's payload on every rank of `group` (a length, then the bytes)."""
+    """Rank 0's (non-empty) payload on every rank of `group`: a length, then the bytes."""
     import torch.distributed as dist
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     opts.timeout = STEP_WAIT  # NOTE: the wait for the next step, not a rendezvous
-    header = torch.tensor([len(payload) if payload is not None else 0], dtype=torch.long)
+    header = torch.tensor([len(payload or b"")], dtype=torch.long)
     group.broadcast([header], opts).wait()
-    n = int(header.item())
-    if n == 0:
-        return b""
-    if payload is not None:
+    if payload is None:
+        data = torch.empty(int(header.item()), dtype=torch.uint8)
+    else:
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-    else:
-        data = torch.empty(n, dtype=torch.uint8)
     group.broadcast([data], opts).wait()
-    return payload if payload is not None else data.numpy().tobytes()
+    return data.numpy().tobytes()
 
 
-def ping(group: Any, first: bool) -> None:
-    """One heartbeat round trip on a pair group: rank 0 sends then hears back, the peer the
-    reverse; raises when the other side is gone (at once) or silent (HEARTBEAT_TIMEOUT_S)."""
-    beat = torch.zeros(1)
-    if first:
-        group.send([beat], 1, 0).wait()
-        group.recv([beat], 1, 0).wait()
-    else:
-        group.recv([beat], 0, 0).wait()
-        group.send([beat], 0, 0).wait()
+def heartbeat(group: Any, first: bool, stop: threading.Event) -> str | None:
+    """Round trips on a pair group (rank 0 is `first` and paces them) until the other side is
+    gone (at once) or silent (HEARTBEAT_TIMEOUT_S): its error; None once `stop` is set."""
+    beat, peer = torch.zeros(1), int(first)
+    while not stop.is_set():
+        try:
+            for send in (first, not first):
+                (group.send if send else group.recv)([beat], peer, 0).wait()
+        except RuntimeError as e:
+            return None if stop.is_set() else first_line(e)
+        if first:
+            stop.wait(HEARTBEAT_INTERVAL_S)  # NOTE: pacing, not synchronisation
+    return None
 
 
 def destroy_groups(groups: RankGroups) -> None:
     """Release every group's connections (best effort: a dead peer must not block shutdown)."""
     for group in (groups.ctx.group, groups.control, *groups.heartbeats.values()):
-        if hasattr(group, "shutdown"):
-            try:
-                group.shutdown()
-            except RuntimeError:
-                pass
+        with contextlib.suppress(RuntimeError, AttributeError):
+            group.shutdown()
 
 
 def _timed(ctx: ParallelContext, launch: Callable[[], Any]) -> None:
@@ -316,20 +309,19 @@ def _timed(ctx: ParallelContext, launch: Callable[[], Any]) -> None:
 
 
 def all_reduce(x: torch.Tensor, ctx: ParallelContext, op: str = "sum") -> torch.Tensor:
-    """Sum (or min/max) partial results across ranks in place; a no-op at size 1."""
+    """Sum (or min) partial results across ranks in place; a no-op at size 1."""
     if ctx.size == 1:
         return x
     import torch.distributed as dist
 
     opts = dist.AllreduceOptions()
-    ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
-    opts.reduceOp = ops[op]
+    opts.reduceOp = dist.ReduceOp.MIN if op == "min" else dist.ReduceOp.SUM
     _timed(ctx, lambda: ctx.group.allreduce([x], opts))
     return x
 
 
-def gather_to_first(x: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> torch.Tensor:
-    """Every rank's shard concatenated along `dim` on rank 0; other ranks get an empty tensor."""
+def gather_to_first(x: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
+    """Every rank's shard concatenated along the last dim on rank 0; the others get [..., 0]."""
     if ctx.size == 1:
         return x
     import torch.distributed as dist
@@ -340,6 +332,6 @@ def gather_to_first(x: torch.Tensor, ctx: ParallelContext, dim: int = -1) -> tor
     if ctx.is_first:
         parts = [torch.empty_like(x) for _ in range(ctx.size)]
         _timed(ctx, lambda: ctx.group.gather([parts], [x], opts))
-        return torch.cat(parts, dim=dim)
+        return torch.cat(parts, dim=-1)
     _timed(ctx, lambda: ctx.group.gather([], [x], opts))
-    return x.new_empty(*x.shape[:-1], 0) if dim in (-1, x.dim() - 1) else x.new_empty(0)
+    return x.new_empty(*x.shape[:-1], 0)

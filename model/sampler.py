@@ -1,9 +1,7 @@
 """Sampler: logits → token ids (+ logprobs) for one step, batched over rows, in vLLM's order.
 
-Order: grammar masks (constrained rows) → repetition/presence/frequency penalties → logit_bias →
-banned ids → greedy argmax → temperature → top-k → top-p → min-p → sample. Every stage is one
-tensor op over the rows that need it; per-row parameters become tensors once per call
-(mini-sglang's `prepare` idea).
+Grammar masks → penalties → logit_bias → banned ids → greedy argmax → temperature → top-k → top-p
+→ min-p → sample; each stage is one tensor op over the rows that need it.
 """
 
 from __future__ import annotations
@@ -15,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.bitmask import argmax_free
 from model.inputs import SamplingRow, StepOutput, TokenLogprob
 
 if TYPE_CHECKING:
@@ -44,10 +43,12 @@ def _has_penalty(row: SamplingRow) -> bool:
     )
 
 
-def _check_ids(ids: list[int], vocab: int, what: str) -> None:
-    if ids and (min(ids) < 0 or max(ids) >= vocab):
-        bad = next(t for t in ids if not 0 <= t < vocab)
+def _check_ids(ids: torch.Tensor, vocab: int, what: str) -> torch.Tensor:
+    """`ids` (CPU, long), after refusing any outside the vocabulary."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids[(ids < 0) | (ids >= vocab)][0])
         raise ValueError(f"{what} token id {bad} is outside the vocabulary [0, {vocab})")
+    return ids
 
 
 def _token_counts(
@@ -56,11 +57,8 @@ def _token_counts(
     """How often each token occurs in each row's sequence: one scatter-add over all rows."""
     counts = torch.zeros(len(seqs), vocab, device=device)  # [rows, vocab]
     flat = torch.tensor(list(itertools.chain.from_iterable(seqs)), dtype=torch.long)
-    if flat.numel() == 0:
+    if _check_ids(flat, vocab, what).numel() == 0:
         return counts
-    lo, hi = int(flat.min()), int(flat.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"{what} token id {lo if lo < 0 else hi} is outside [0, {vocab})")
     row_of = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor([len(s) for s in seqs]))
     counts.index_put_(
         (row_of.to(device), flat.to(device)),
@@ -68,14 +66,6 @@ def _token_counts(
         accumulate=True,
     )
     return counts
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(logits, dim=-1) (the first best, a NaN first): numpy's on CPU, which took 8 us
-    a row of SmolLM2's 49k logits here where torch's took 120 us (1.2 vs 4.7 ms for 64 rows)."""
-    if logits.device.type != "cpu" or logits.dtype != torch.float32:
-        return logits.argmax(dim=-1)
-    return torch.from_numpy(logits.numpy().argmax(axis=-1))  # [n] int64
 
 
 class Sampler:
@@ -96,10 +86,8 @@ class Sampler:
         rows: list[SamplingRow],
         constraints: ConstraintBatch | None = None,
     ) -> StepOutput:
-        """Sample one token per row of `logits` [num_rows, vocab]; logprobs come from raw logits.
-
-        `constraints` masks its rows to the tokens their grammars allow, before anything else.
-        """
+        """One token per row of `logits` [num_rows, vocab] (`constraints` first masks its rows to
+        their grammars); logprobs come from the raw logits."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits of shape {tuple(logits.shape)} do not match {len(rows)} sampling rows"
@@ -113,7 +101,7 @@ class Sampler:
         modifies = any(_has_penalty(r) or r.logit_bias or r.banned_token_ids for r in rows)
         if all(greedy) and not modifies and not wants_lp and constraints is None:
             # NOTE: fast path; ties go to the lowest index, like transformers
-            return StepOutput(token_ids=_argmax(logits).tolist(), logprobs=[None] * n)
+            return StepOutput(token_ids=argmax_free(logits).tolist(), logprobs=[None] * n)
 
         if constraints is not None and all(greedy) and not modifies:
             # NOTE: only grammar masks: the masked argmax writes no masked copy of the logits
@@ -136,7 +124,7 @@ class Sampler:
         greedy_idx = [i for i, g in enumerate(greedy) if g]
         sample_idx = [i for i, g in enumerate(greedy) if not g]
         if not sample_idx:
-            token_ids = _argmax(work)  # [n]
+            token_ids = argmax_free(work)  # [n]
         elif not greedy_idx:
             token_ids = self._sample(work, rows)
         else:
@@ -189,26 +177,21 @@ class Sampler:
     def _apply_bias_and_bans(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         """Add logit_bias, then mask banned ids (EOS/stop ids before min_tokens) to -inf."""
         vocab, device = logits.shape[1], logits.device
-        r_idx: list[int] = []
-        c_idx: list[int] = []
-        vals: list[float] = []
-        for i, r in enumerate(rows):
-            for tok, bias in (r.logit_bias or {}).items():
-                r_idx.append(i)
-                c_idx.append(int(tok))
-                vals.append(float(bias))
-        if r_idx:
-            _check_ids(c_idx, vocab, "logit_bias")
-            key = (torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device))
+
+        def index(r_idx: tuple[int, ...], c_idx: tuple[int, ...], what: str) -> tuple:
+            cols = _check_ids(torch.tensor(c_idx, dtype=torch.long), vocab, what)
+            return torch.tensor(r_idx, device=device), cols.to(device)
+
+        items = [(r.logit_bias or {}).items() for r in rows]
+        bias = [(i, int(t), float(b)) for i, kv in enumerate(items) for t, b in kv]
+        if bias:
+            r_idx, c_idx, vals = zip(*bias, strict=True)
+            key = index(r_idx, c_idx, "logit_bias")
             logits.index_put_(key, torch.tensor(vals, device=device), accumulate=True)
-        r_idx, c_idx = [], []
-        for i, r in enumerate(rows):
-            if r.banned_token_ids:
-                r_idx.extend([i] * len(r.banned_token_ids))
-                c_idx.extend(r.banned_token_ids)
-        if r_idx:
-            _check_ids(c_idx, vocab, "banned")
-            key = (torch.tensor(r_idx, device=device), torch.tensor(c_idx, device=device))
+        bans = [(i, t) for i, r in enumerate(rows) for t in r.banned_token_ids or []]
+        if bans:
+            r_idx, c_idx = zip(*bans, strict=True)
+            key = index(r_idx, c_idx, "banned")
             logits.index_put_(key, torch.tensor(float("-inf"), device=device))
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -234,10 +217,7 @@ class Sampler:
         self, x: torch.Tensor, idx: list[int], ks: list[int], ps: list[float]
     ) -> torch.Tensor:
         """Keep each row's top-k, then its smallest nucleus with mass >= top_p; rest to -inf.
-
-        A partial top-k over a few candidates is exact whenever the nucleus ends inside them;
-        only rows with a huge top_k or a nucleus wider than every candidate stage get a full sort.
-        """
+        A few candidates are exact when the nucleus ends inside them; the rest get a full sort."""
         pending = [j for j, k in enumerate(ks) if k <= _MAX_TOPK]
         slow = [j for j, k in enumerate(ks) if k > _MAX_TOPK]
         for num_cand in _TOP_P_CANDIDATES:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class SamplingParamsError(ValueError):
@@ -22,6 +24,23 @@ _KINDS = {
     "choice": "choice",
     "grammar": "grammar",
 }
+
+
+# (field, check, what the message says) for the range checks; None values are never checked
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("n", lambda v: v >= 1, "must be at least 1"),
+    ("temperature", lambda v: 0.0 <= v <= 2.0, "must be in [0, 2]"),
+    ("top_p", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("top_k", lambda v: v >= 0, "must be -1 (disabled), 0 (disabled) or positive"),
+    ("min_p", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    ("presence_penalty", lambda v: -2.0 <= v <= 2.0, "must be in [-2, 2]"),
+    ("frequency_penalty", lambda v: -2.0 <= v <= 2.0, "must be in [-2, 2]"),
+    # NOTE: not (0, 2]: logits / 1e-300 overflow to inf, and NaN probabilities sample -1
+    ("repetition_penalty", lambda v: 0.01 <= v <= 2.0, "must be in [0.01, 2]"),
+    ("max_tokens", lambda v: v >= 1, "must be at least 1"),
+    ("min_tokens", lambda v: v >= 0, "must be at least 0"),
+    ("logprobs", lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,44 +98,20 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        def bad(param: str, why: str) -> SamplingParamsError:
-            return SamplingParamsError(f"{param} {why}, got {getattr(self, param)!r}", param)
-
-        if self.n < 1:
-            raise bad("n", "must be at least 1")
-        if not 0.0 <= self.temperature <= 2.0:
-            raise bad("temperature", "must be in [0, 2]")
-        if not 0.0 < self.top_p <= 1.0:
-            raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < 0:
-            raise bad("top_k", "must be -1 (disabled), 0 (disabled) or positive")
-        if not 0.0 <= self.min_p <= 1.0:
-            raise bad("min_p", "must be in [0, 1]")
-        if not -2.0 <= self.presence_penalty <= 2.0:
-            raise bad("presence_penalty", "must be in [-2, 2]")
-        if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise bad("frequency_penalty", "must be in [-2, 2]")
-        # NOTE: not (0, 2]: logits / 1e-300 overflow to inf, and NaN probabilities sample -1
-        if not 0.01 <= self.repetition_penalty <= 2.0:
-            raise bad("repetition_penalty", "must be in [0.01, 2]")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", "must be at least 1")
-        if self.min_tokens < 0:
-            raise bad("min_tokens", "must be at least 0")
+        for param, ok, why in _RANGES:
+            value = getattr(self, param)
+            if value is not None and not ok(value):
+                raise SamplingParamsError(f"{param} {why}, got {value!r}", param)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise SamplingParamsError(
                 f"min_tokens {self.min_tokens} must not exceed max_tokens {self.max_tokens}",
                 "min_tokens",
             )
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad("logprobs", f"must be in [0, {MAX_LOGPROBS}]")
-        if self.logit_bias:
-            for tok, bias in self.logit_bias.items():
-                if not -100.0 <= bias <= 100.0:
-                    raise SamplingParamsError(
-                        f"logit_bias for token {tok} must be in [-100, 100], got {bias}",
-                        "logit_bias",
-                    )
+        for tok, bias in (self.logit_bias or {}).items():
+            if not -100.0 <= bias <= 100.0:
+                raise SamplingParamsError(
+                    f"logit_bias for token {tok} must be in [-100, 100], got {bias}", "logit_bias"
+                )
         if any(not s for s in self.stop):
             raise SamplingParamsError("stop strings must not be empty", "stop")
 

@@ -1,8 +1,5 @@
-"""Tokenizer: a transformers tokenizer (HF folder or GGUF metadata) plus what serving needs.
-
-Serving needs the stop ids (EOS and the chat template's end-of-turn token), chat rendering to ids,
-and readable token text for OpenAI logprobs.
-"""
+"""Tokenizer: a transformers tokenizer (HF folder or GGUF metadata) plus what serving needs:
+stop ids (EOS and the template's end-of-turn), chat rendering, token text for logprobs."""
 
 from __future__ import annotations
 
@@ -102,10 +99,8 @@ class Tokenizer:
         continue_final_message: bool = False,
         **template_kwargs: Any,
     ) -> list[int]:
-        """Render the chat template to token ids (the template writes its own special tokens).
-
-        `chat_template` overrides the model's; `template_kwargs` reach the template as variables.
-        """
+        """Render the chat template (or `chat_template`, with `template_kwargs` as variables) to
+        token ids; the template writes its own special tokens."""
         template = chat_template or self.hf.chat_template
         if not template:
             raise ValueError("this model has no chat template: use /v1/completions with a prompt")
@@ -247,11 +242,8 @@ def _save_cache(hf: Any, eos: list[int], cache: Path) -> None:
 
 
 def load_tokenizer(model_path: str) -> Tokenizer:
-    """Tokenizer of an HF model folder or a .gguf file.
-
-    Raises FileNotFoundError when the path or the folder's tokenizer files are missing, and
-    ValueError for a GGUF file that is corrupt or carries no usable tokenizer.
-    """
+    """Tokenizer of an HF model folder or a .gguf file; FileNotFoundError when the path or the
+    tokenizer files are missing, ValueError for a GGUF file without a usable tokenizer."""
     model_path = os.fspath(model_path)
     if os.path.isdir(model_path):
         return _load_folder(model_path)

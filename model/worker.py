@@ -1,9 +1,5 @@
-"""The ranks that do not schedule: rank processes spawned on a host (LocalRanks) and the loop each
-of them runs (serve_rank): join the group, build the shard, replay every step rank 0 broadcasts.
-
-`run_node` is `tokenmill worker`: a host other than the head spawns its tp/nnodes ranks (its own
-process is the first) and exits when the head stops them, or non-zero when the head is lost.
-"""
+"""The ranks that do not schedule: rank processes spawned on a host (LocalRanks), the loop each of
+them runs (serve_rank) and `tokenmill worker` (run_node), a host other than the head."""
 
 from __future__ import annotations
 
@@ -29,18 +25,15 @@ from typing import Any, NoReturn
 import torch
 
 from model.config import ModelConfig
-from model.inputs import StepInput
 from model.parallel import (
-    HEARTBEAT_INTERVAL_S,
     ParallelConfig,
-    RankGroups,
     broadcast_bytes,
     connect_store,
     destroy_groups,
     first_line,
+    heartbeat,
     init_groups,
     join,
-    ping,
 )
 from model.runner import ModelRunner, open_checkpoint, resolve_device, resolve_dtype
 
@@ -66,8 +59,7 @@ def fingerprint(
         "model_config": digest,
         "device": device.type,
         "dtype": str(dtype).removeprefix("torch."),
-        **{k: str(runner_kwargs.get(k)) for k in keys},
-        "max_num_batched_tokens": str(runner_kwargs.get("max_num_batched_tokens")),
+        **{k: str(runner_kwargs.get(k)) for k in (*keys, "max_num_batched_tokens")},
         "tensor_parallel_size": str(config.tensor_parallel_size),
         "nnodes": str(config.nnodes),
     }
@@ -79,14 +71,12 @@ def read_model_config(model: str, runner_kwargs: dict[str, Any]) -> ModelConfig:
     return ModelConfig.from_hf_dict(config)
 
 
-def exit_reason(rank: int, proc: multiprocessing.process.BaseProcess, message: str = "") -> str:
+def exit_reason(rank: int, proc: multiprocessing.process.BaseProcess) -> str:
     code = proc.exitcode
     how = f"exit code {code}"
     if code is not None and code < 0:
         how += f" ({signal.Signals(-code).name})"
-    return f"tensor-parallel worker rank {rank} (pid {proc.pid}) died: {how}" + (
-        f": {message}" if message else ""
-    )
+    return f"tensor-parallel worker rank {rank} (pid {proc.pid}) died: {how}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +101,9 @@ class LocalRanks:
         self, model: str, runner_kwargs: dict[str, Any], config: ParallelConfig, port: int,
         ranks: list[int],
     ) -> None:  # fmt: skip
-        self.ranks = ranks
         self._stopping = False
         mp = multiprocessing.get_context("spawn")
         self.procs: dict[int, multiprocessing.process.BaseProcess] = {}
-        self._stop_r, self._stop_w = os.pipe()
         self._monitor: threading.Thread | None = None
         pdeathsig = threading.current_thread() is threading.main_thread()
         level = logging.getLogger().getEffectiveLevel()
@@ -125,12 +113,9 @@ class LocalRanks:
                     model, runner_kwargs, config, rank, port, os.getpid(), pdeathsig,
                     torch.get_num_threads(), level,
                 )  # fmt: skip
-                proc = mp.Process(
-                    target=rank_main,
-                    args=(args,),
-                    name=f"tokenmill-tp{rank}",
-                    daemon=True,  # NOTE: also terminated by multiprocessing's atexit hook
-                )
+                # NOTE: daemon: also terminated by multiprocessing's atexit hook
+                proc = mp.Process(target=rank_main, args=(args,), name=f"tokenmill-tp{rank}",
+                                  daemon=True)  # fmt: skip
                 with _without_main_module():
                     proc.start()
                 self.procs[rank] = proc
@@ -138,30 +123,23 @@ class LocalRanks:
             self.stop()
             raise
 
-    def exited(self) -> str | None:
-        """The reason of the first rank that has exited, else None (no waiting)."""
-        for rank, proc in self.procs.items():
-            if proc.exitcode is not None:
-                return exit_reason(rank, proc)
-        return None
-
     def watch(self, on_exit: Callable[[int, str], None]) -> None:
         """Call on_exit(rank, reason) on a monitor thread when a rank exits outside stop()."""
 
         def run() -> None:
             sentinels = {p.sentinel: r for r, p in self.procs.items()}
-            ready = wait([*sentinels, self._stop_r])
-            if self._stop_r in ready or self._stopping:
+            ready = wait(list(sentinels))  # NOTE: stop() ends every rank, so this returns
+            if self._stopping:
                 return
-            rank = min(sentinels[s] for s in ready if s in sentinels)
+            rank = min(sentinels[s] for s in ready)
             self.procs[rank].join(1.0)
-            if self.procs[rank].exitcode == 0:
-                return  # NOTE: a rank exits 0 only after the stop message (a clean shutdown)
-            if not self._stopping:
+            # NOTE: a rank exits 0 only after the stop message (a clean shutdown)
+            if self.procs[rank].exitcode != 0 and not self._stopping:
                 on_exit(rank, exit_reason(rank, self.procs[rank]))
 
-        self._monitor = threading.Thread(target=run, name="tokenmill-tp-monitor", daemon=True)
-        self._monitor.start()
+        if self.procs:
+            self._monitor = threading.Thread(target=run, name="tokenmill-tp-monitor", daemon=True)
+            self._monitor.start()
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Join every rank (they got the stop message), terminating then killing stragglers."""
@@ -177,14 +155,8 @@ class LocalRanks:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-        if self._stop_w >= 0:
-            os.write(self._stop_w, b"x")
         if self._monitor is not None and self._monitor is not threading.current_thread():
             self._monitor.join(2.0)
-        for fd in (self._stop_r, self._stop_w):
-            if fd >= 0:
-                os.close(fd)
-        self._stop_r = self._stop_w = -1
 
 
 @contextlib.contextmanager
@@ -233,16 +205,10 @@ def rank_main(args: RankArgs) -> None:
 
 
 def serve_rank(
-    model: str,
-    runner_kwargs: dict[str, Any],
-    config: ParallelConfig,
-    rank: int,
-    port: int,
+    model: str, runner_kwargs: dict[str, Any], config: ParallelConfig, rank: int, port: int
 ) -> None:
-    """Rank r > 0: join, build the shard, then run every step rank 0 broadcasts until it says stop.
-
-    Raises when the head is lost (its connection breaks, or heartbeats stop).
-    """
+    """Rank r > 0: join, build the shard, then run every step rank 0 broadcasts until it says
+    stop; raises when the head is lost (its connection breaks, or heartbeats stop)."""
     cfg = read_model_config(model, runner_kwargs)
     config.check_model(cfg)
     local_rank = rank - config.node_rank * config.ranks_per_node
@@ -253,9 +219,16 @@ def serve_rank(
     join(store, config, rank, fingerprint(model, cfg, runner_kwargs, config))
     groups = init_groups(store, rank, config.tensor_parallel_size, config.ranks_per_node, device)
     head = f"{config.master_addr}:{port}"
-    threading.Thread(
-        target=_answer_heartbeats, args=(groups, head), name="tokenmill-heartbeat", daemon=True
-    ).start()
+
+    def answer_heartbeats() -> None:
+        """A head that is gone or silent ends this process."""
+        (group,) = groups.heartbeats.values()
+        detail = heartbeat(group, first=False, stop=threading.Event())
+        logger.error("the head at %s is lost (%s): exiting", head, detail)
+        logging.shutdown()
+        os._exit(1)
+
+    threading.Thread(target=answer_heartbeats, name="tokenmill-heartbeat", daemon=True).start()
     try:
         runner = ModelRunner(model, **runner_kwargs, parallel=groups.ctx, local_rank=local_rank)
         while True:
@@ -272,40 +245,6 @@ def serve_rank(
         raise
     finally:
         destroy_groups(groups)
-
-
-def _answer_heartbeats(groups: RankGroups, head: str) -> None:
-    """Heartbeat thread of a rank r > 0: a head that is gone or silent ends this process."""
-    (group,) = groups.heartbeats.values()
-    while True:
-        try:
-            ping(group, first=False)
-        except RuntimeError as e:
-            logger.error("the head at %s is lost (%s): exiting", head, first_line(e))
-            logging.shutdown()
-            os._exit(1)
-
-
-def send_step(groups: RankGroups, step: StepInput | None) -> None:
-    """Rank 0: the step (pickled once, without sampling rows: only rank 0 samples), or STOP."""
-    if step is None:
-        broadcast_bytes(STOP, groups.control)
-    else:
-        payload = pickle.dumps(dataclasses.replace(step, sampling=[]), pickle.HIGHEST_PROTOCOL)
-        broadcast_bytes(payload, groups.control)
-
-
-def heartbeat_loop(groups: RankGroups, peer: int, stop: threading.Event, on_lost) -> None:
-    """Rank 0's heartbeat thread for one peer: on_lost(peer, detail) once it is gone or silent."""
-    group = groups.heartbeats[peer]
-    while not stop.is_set():
-        try:
-            ping(group, first=True)
-        except RuntimeError as e:
-            if not stop.is_set():
-                on_lost(peer, first_line(e))
-            return
-        stop.wait(HEARTBEAT_INTERVAL_S)  # NOTE: pacing, not synchronisation
 
 
 def run_node(model: str, runner_kwargs: dict[str, Any], config: ParallelConfig) -> NoReturn:

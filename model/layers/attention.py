@@ -1,15 +1,12 @@
 """Paged attention: write K/V by slot mapping, read each sequence's context via its block table.
 
-One call per layer per step serves a mixed batch: decode rows (one query token each) are split
-into a few groups of similar context length, and each group is one SDPA against its gathered
-context with the grouped heads as query rows; prefill/chunk rows are padded only among themselves.
-`reference` is the plain float32 oracle the fast path is tested against.
+Decode rows go in a few groups of similar context length (one SDPA each, grouped heads as query
+rows); prefill rows are padded only among themselves. `reference` is the float32 oracle.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -137,11 +134,8 @@ class AttentionMetadata:
 
 
 def _group_by_blocks(seqs: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
-    """Split decode sequences into groups of similar block counts (min padding + group overhead).
-
-    Exact DP over the sorted distinct block counts: cost(group) = rows * max blocks + overhead.
-    Each group keeps the sequences' original order.
-    """
+    """Split decode sequences into groups of similar block counts, each in the original order:
+    an exact DP over the distinct counts, cost(group) = rows * max blocks + overhead."""
     if len(seqs) <= 1:
         return [seqs] if seqs else []
     blocks = {i: -(-context_lens[i] // block_size) for i in seqs}
@@ -160,7 +154,7 @@ def _group_by_blocks(seqs: list[int], context_lens: list[int], block_size: int) 
         ends = values
     below = [0] * len(ends)  # rows with at most ends[j] blocks
     for v, c in counts.items():
-        below[_first_at_least(ends, v)] += c
+        below[bisect.bisect_left(ends, v)] += c
     for j in range(1, len(ends)):
         below[j] += below[j - 1]
     best, cut = [0] * (len(ends) + 1), [0] * (len(ends) + 1)
@@ -178,12 +172,8 @@ def _group_by_blocks(seqs: list[int], context_lens: list[int], block_size: int) 
     bounds.reverse()  # ascending upper block counts of the groups
     groups: list[list[int]] = [[] for _ in bounds]
     for i in seqs:
-        groups[_first_at_least(bounds, blocks[i])].append(i)
+        groups[bisect.bisect_left(bounds, blocks[i])].append(i)
     return groups
-
-
-def _first_at_least(sorted_values: list[int], v: int) -> int:
-    return bisect.bisect_left(sorted_values, v)
 
 
 def sdpa_attention(
@@ -304,9 +294,8 @@ def reference_attention(
     return out.to(q.dtype)
 
 
-AttentionBackend = Callable[..., torch.Tensor]
 # NOTE: the dispatch point for FlashAttention / FlashInfer on CUDA: same signature, new entry.
-BACKENDS: dict[str, AttentionBackend] = {"sdpa": sdpa_attention, "reference": reference_attention}
+BACKENDS = {"sdpa": sdpa_attention, "reference": reference_attention}
 
 
 class Attention(nn.Module):

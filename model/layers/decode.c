@@ -2,11 +2,12 @@
  *   residual += h; x = RMSNorm(residual); qkv = x Wqkv^T (+b); RoPE(q, k); K/V -> paged cache;
  *   a = softmax(q K^T / sqrt(d)) V over each sequence's blocks; h = a Wo^T;
  *   residual += h; x = RMSNorm(residual); h = (silu(x Wg^T) * x Wu^T) Wd^T
- * for every layer, with the packed weights of quant.c. At one stream the step is ~30 layers x
- * ~60 small torch ops, and their dispatch (~3 us each) costs more than reading the 4-bit
- * weights; here it is one ctypes call. The torch modules (model/llama.py) stay the reference
- * and serve every other step (prefill chunks, mixed batches, tensor parallelism, float weights);
- * tests/model/test_decode_kernel.py compares the two. Built with quant.c by gemv.py.
+ * for every layer, with the packed weights of quant.c, then the final RMSNorm. At one stream the
+ * step is ~30 layers x ~60 small torch ops, and their dispatch (~3 us each) costs more than
+ * reading the 4-bit weights; here it is one ctypes call. The torch modules (model/llama.py) stay
+ * the reference and serve every other step (prefill chunks, mixed batches, tensor parallelism,
+ * float weights); tests/model/test_fused_decode.py compares the two. Built with quant.c by
+ * gemv.py.
  */
 #include <math.h>
 #include <stdint.h>

@@ -66,7 +66,7 @@ class VocabParallelEmbedding(nn.Module):
         """Full-vocabulary logits on rank 0 (gathered from every rank's slice); other ranks get
         an empty [num_rows, 0] tensor: only rank 0 samples."""
         logits = dense(self, hidden, self.weight, None)  # [num_rows, vocab_per_rank]
-        logits = gather_to_first(logits, self.ctx, dim=-1)  # rank 0: [num_rows, padded vocab]
+        logits = gather_to_first(logits, self.ctx)  # rank 0: [num_rows, padded vocab]
         return logits[:, : self.vocab_size] if logits.shape[1] > self.vocab_size else logits
 
 

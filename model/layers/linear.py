@@ -11,22 +11,22 @@ from model.layers.quant import QuantTensor, cat_rows, qlinear
 from model.parallel import ParallelContext, all_reduce
 
 
-def _param(*shape: int) -> nn.Parameter:
-    """A parameter; 2-D weights are [out, in] row-major: the layout the decode GEMV streams."""
-    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+def _param(loader, *shape: int) -> nn.Parameter:
+    """A parameter loaded by `loader`; 2-D weights are [out, in] row-major (the GEMV's layout)."""
+    param = nn.Parameter(torch.empty(*shape), requires_grad=False)
+    param.weight_loader = loader
+    return param
 
 
 _ONEDNN = hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available()
 
 
 def dense(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """x W^T + b; on CPU float32, decode rows go to gemv.c and larger batches to oneDNN on a
-    weight packed once (F.linear is the oracle).
+    """x W^T + b; on CPU float32, decode rows go to gemv.c (~50% faster at 1-2 rows) and larger
+    batches to oneDNN on a weight packed once (15-35% faster than MKL); F.linear is the oracle.
 
-    NOTE: on these CPUs oneDNN with a prepacked weight beats MKL's sgemm/sgemv by 15-35% at
-    every batch size, and gemv.c beats oneDNN by ~50% for 1-2 rows. The packed copy lives on
-    `owner` (not in its state_dict) and is rebuilt when the weight moves (data_ptr) or a
-    weight_loader writes it (drop_packed).
+    NOTE: the packed copy lives on `owner` (not in its state_dict) and is rebuilt when the weight
+    moves (data_ptr) or a weight_loader writes it (drop_packed).
     """
     packed = owner.__dict__.get("quant")
     if packed is not None:
@@ -88,11 +88,8 @@ class ColumnParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.output_size_per_rank = self.ctx.shard(output_size, "output size")
-        self.weight = _param(self.output_size_per_rank, input_size)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = _param(self.output_size_per_rank) if bias else None
-        if self.bias is not None:
-            self.bias.weight_loader = self.weight_loader
+        self.weight = _param(self.weight_loader, self.output_size_per_rank, input_size)
+        self.bias = _param(self.weight_loader, self.output_size_per_rank) if bias else None
         self.quant: QuantTensor | None = None
 
     def weight_loader(
@@ -128,6 +125,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias, ctx)
         self.output_sizes = list(output_sizes)
         self.shard_names: list[int | str] = list(range(len(output_sizes)))
+        self._float_parts: set = set()  # parts loaded as float: packed parts dequantize too
         for size in output_sizes:
             self.ctx.shard(size, "merged output size")
 
@@ -174,10 +172,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             offset, rows = self._offsets(k)
             _copy(param.data.narrow(0, offset, rows), p.dequantize(), name)
 
-    @property
-    def _float_parts(self) -> set:
-        return self.__dict__.setdefault("_float_part_ids", set())
-
 
 class QKVParallelLinear(MergedColumnParallelLinear):
     """q, k and v in one GEMM; heads split across ranks, KV heads replicated if fewer."""
@@ -214,11 +208,8 @@ class QKVParallelLinear(MergedColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x W^T + b with W split by input columns; each rank yields a partial sum.
-
-    reduce=True all-reduces here; reduce=False leaves partial sums for the next ResidualRMSNorm,
-    and then the bias is added on rank 0 only so that the later sum counts it once.
-    """
+    """y = x W^T + b with W split by input columns; reduce=False leaves partial sums for the next
+    ResidualRMSNorm (then rank 0 alone adds the bias, so that the sum counts it once)."""
 
     def __init__(
         self,
@@ -232,11 +223,8 @@ class RowParallelLinear(nn.Module):
         self.ctx = ctx or ParallelContext()
         self.reduce = reduce
         self.input_size_per_rank = self.ctx.shard(input_size, "input size")
-        self.weight = _param(output_size, self.input_size_per_rank)
-        self.weight.weight_loader = self.weight_loader
-        self.bias = _param(output_size) if bias else None
-        if self.bias is not None:
-            self.bias.weight_loader = self.weight_loader
+        self.weight = _param(self.weight_loader, output_size, self.input_size_per_rank)
+        self.bias = _param(self.weight_loader, output_size) if bias else None
         self.quant: QuantTensor | None = None
 
     def weight_loader(
