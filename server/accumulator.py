@@ -41,16 +41,13 @@ class Choice:
 
 @dataclass(slots=True)
 class RequestAccumulator:
-    """Fed every engine output of one API request (its prompts x n samples).
-
-    `convert(choice_index, token_logprobs)` turns the engine's logprobs into the endpoint's
-    entries (legacy or chat shape); `timings_on`: the request asked for llama-server timings.
-    """
+    """Fed every engine output of one API request (its prompts x n samples); `convert(choice
+    index, token logprobs)` makes the endpoint's logprob entries (legacy or chat shape)."""
 
     prompt_lens: list[int]
     n: int
     convert: Callable[[int, list[TokenLogprob]], list[Any]]
-    timings_on: bool = False
+    timings_on: bool = False  # the request asked for llama-server timings
     choices: list[Choice] = field(default_factory=list)
     cached: dict[int, int] = field(default_factory=dict)  # prompt index → cached prompt tokens
     metrics: dict[int, RequestMetrics] = field(default_factory=dict)
@@ -83,6 +80,12 @@ class RequestAccumulator:
                         c.logprobs.extend(entries)
                     yield i, co, entries
 
+    async def drain(self, stream: AsyncIterator[tuple[int, RequestOutput]]) -> None:
+        """Gather the whole request (the non-streamed answer)."""
+        async with aclosing(self.deltas(stream)) as deltas:
+            async for _ in deltas:
+                pass
+
     @property
     def prompt_tokens(self) -> int:
         return sum(self.prompt_lens)
@@ -104,38 +107,34 @@ class RequestAccumulator:
         )
 
     def timings(self) -> Timings | None:
-        """Queue, prefill and decode of the request (None unless asked for); several prompts:
-        earliest start, latest end.
-
-        NOTE: the first token of each sample comes out of the prefill, so decode rates count the
-        tokens after it (completion_tokens minus one per prompt that has produced a token).
-        """
+        """Queue, prefill and decode (None unless asked for); several prompts: earliest start,
+        latest end. NOTE: each sample's first token comes out of the prefill, so decode rates
+        count the tokens after it (completion_tokens minus one per prompt with a first token)."""
         if not self.timings_on:
             return None
-        ms = list(self.metrics.values())
 
         def times(attr: str) -> list[float]:
-            return [getattr(m, attr) for m in ms if getattr(m, attr) is not None]
+            return [t for m in self.metrics.values() if (t := getattr(m, attr)) is not None]
 
-        arrival = min(times("arrival_time"), default=None)
         scheduled = min(times("first_scheduled_time"), default=None)
         first_tokens = times("first_token_time")
-        completion_tokens = self.completion_tokens
         prompt_n = max(self.prompt_tokens - self.cached_tokens, 0)
         prompt_ms = _ms(scheduled, max(first_tokens, default=None))
-        last_token = max(times("last_token_time"), default=None)
-        predicted_ms = _ms(min(first_tokens, default=None), last_token)
-        prompt_rates = _rates(prompt_n, prompt_ms)
-        decode_rates = _rates(completion_tokens - len(first_tokens), predicted_ms)
+        predicted_ms = _ms(
+            min(first_tokens, default=None), max(times("last_token_time"), default=None)
+        )
+        prompt_per_token_ms, prompt_per_second = _rates(prompt_n, prompt_ms)
+        decoded = self.completion_tokens - len(first_tokens)
+        predicted_per_token_ms, predicted_per_second = _rates(decoded, predicted_ms)
         return Timings(
-            queue_ms=_ms(arrival, scheduled),
+            queue_ms=_ms(min(times("arrival_time"), default=None), scheduled),
             cache_n=self.cached_tokens,
             prompt_n=prompt_n,
             prompt_ms=prompt_ms,
-            prompt_per_token_ms=prompt_rates[0],
-            prompt_per_second=prompt_rates[1],
-            predicted_n=completion_tokens,
+            prompt_per_token_ms=prompt_per_token_ms,
+            prompt_per_second=prompt_per_second,
+            predicted_n=self.completion_tokens,
             predicted_ms=predicted_ms,
-            predicted_per_token_ms=decode_rates[0],
-            predicted_per_second=decode_rates[1],
+            predicted_per_token_ms=predicted_per_token_ms,
+            predicted_per_second=predicted_per_second,
         )

@@ -6,18 +6,19 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from scheduler.config import DEFAULT_MAX_PENDING_OUTPUTS
 from server.auth import APIKeyMiddleware
+from server.config import ServerConfig
 from server.errors import APIError, error_response, install_error_handlers
-from server.limits import BodySizeLimitMiddleware, ServingLimits, default_max_waiting
-from server.metrics import ServerMetrics
+from server.limits import BodySizeLimitMiddleware, default_max_waiting
+from server.metrics import ServerMetrics, StatsLogger
 from server.offload import Offload, offloaded_json_route
 from server.protocol import (
     ChatCompletionRequest,
@@ -26,42 +27,15 @@ from server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
-from server.request_logger import RequestLogger
-from server.root_path import RootPathMiddleware
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
 from server.serving_models import OpenAIServingModels, version
 from server.sse import sse_response
-from server.stats_logger import StatsLogger
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """HTTP-side settings; the engine's live in EngineConfig."""
-
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None  # None: no auth
-    shutdown_timeout: float = 10.0  # seconds in-flight requests get to finish on SIGTERM
-    model_path: str | None = None  # shown as `root` in /v1/models
-    chat_template: str | None = None  # --chat-template: replaces the model's template
-    disable_fastapi_docs: bool = False  # no /docs, /redoc, /openapi.json
-    limits: ServingLimits = field(default_factory=ServingLimits)  # max_waiting None: from KV
-    max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS  # AsyncEngine's, set by the CLI
-    served_model_names: tuple[str, ...] = ()  # every name clients may send; () → the engine's
-    allowed_origins: tuple[str, ...] = ()  # CORS; () sends no CORS headers (vLLM's default is *)
-    allowed_methods: tuple[str, ...] = ("*",)
-    allowed_headers: tuple[str, ...] = ("*",)
-    allow_credentials: bool = False
-    root_path: str = ""  # path prefix of a proxy in front (FastAPI's root_path)
-    enable_log_requests: bool = False  # log each request's prompt (user data) at info level
-    max_log_len: int | None = None  # prompt characters / token ids a logged request shows
-    log_stats: bool = True  # the 10 s throughput summary (--disable-log-stats turns it off)
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -127,17 +101,13 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     if cfg.log_stats:
         engine.add_stat_listener(StatsLogger())
 
-    limits = cfg.limits
-    if limits.max_waiting is None:
+    if cfg.limits.max_waiting is None:
         num_blocks = engine.get_stats().num_total_blocks
-        limits = replace(limits, max_waiting=default_max_waiting(num_blocks, engine.max_num_seqs))
-    names = cfg.served_model_names or (engine.model_name,)
-    logs = (
-        RequestLogger(engine.tokenizer.decode, cfg.max_log_len) if cfg.enable_log_requests else None
-    )
-    completion = OpenAIServingCompletion(engine, limits, names, logs, offload)
-    chat = OpenAIServingChat(engine, limits, names, logs, offload, cfg.chat_template)
-    models = OpenAIServingModels(engine, cfg.model_path, names, offload, metrics.finished_counts)
+        max_waiting = default_max_waiting(num_blocks, engine.max_num_seqs)
+        cfg = replace(cfg, limits=replace(cfg.limits, max_waiting=max_waiting))
+    completion = OpenAIServingCompletion(engine, cfg, offload)
+    chat = OpenAIServingChat(engine, cfg, offload)
+    models = OpenAIServingModels(engine, cfg, offload, metrics.finished_counts)
 
     def json(result: BaseModel) -> Response:
         return Response(result.model_dump_json(), media_type="application/json")
@@ -192,3 +162,26 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
         return models.stats()
 
     return app
+
+
+class RootPathMiddleware:
+    """Outermost: `/prefix/v1/...` becomes `/v1/...` with root_path `/prefix` (FastAPI's
+    root_path semantics), so routes, the API key check and metrics all see the plain path;
+    requests a stripping proxy already shortened pass unchanged."""
+
+    def __init__(self, app: ASGIApp, root_path: str) -> None:
+        self.app = app
+        self.root_path = "/" + root_path.strip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            scope = dict(scope)
+            path = scope.get("path", "")
+            root = self.root_path
+            if path == root or path.startswith(root + "/"):
+                scope["path"] = path[len(root) :] or "/"
+                raw = scope.get("raw_path")
+                if raw is not None and raw.startswith(root.encode()):
+                    scope["raw_path"] = raw[len(root) :] or b"/"
+            scope["root_path"] = scope.get("root_path", "") + root
+        await self.app(scope, receive, send)

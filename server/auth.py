@@ -23,10 +23,6 @@ def key_matches(header: str | None, api_key: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
-def is_protected(path: str) -> bool:
-    return path.rstrip("/") not in OPEN_PATHS or path == "/"
-
-
 class APIKeyMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware): it must not buffer or delay SSE streams."""
 
@@ -38,7 +34,8 @@ class APIKeyMiddleware:
         return "APIKeyMiddleware(api_key=<redacted>)"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_protected(scope.get("path", "")):
+        path = scope.get("path", "")
+        if scope["type"] != "http" or (path.rstrip("/") in OPEN_PATHS and path != "/"):
             await self.app(scope, receive, send)
             return
         header = None

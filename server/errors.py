@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import KW_ONLY, dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -14,24 +15,19 @@ from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+@dataclass(eq=False)
 class APIError(Exception):
     """An error the client should see with its HTTP status, OpenAI type, param and code."""
 
-    def __init__(
-        self,
-        message: str,
-        status_code: int = 400,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status_code = status_code
-        self.param = param
-        self.code = code
-        self.headers = headers
+    message: str
+    status_code: int = 400
+    _: KW_ONLY
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
 
 def error_body(
@@ -84,22 +80,16 @@ def validation_error(exc: RequestValidationError) -> APIError:
 def install_error_handlers(app: FastAPI) -> None:
     """Every error leaves the app in the OpenAI envelope, 422 becomes 400, unknown routes 404."""
 
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, RequestValidationError):
+            return error_response(validation_error(exc))
+        if not isinstance(exc, StarletteHTTPException):
+            return error_response(from_exception(exc))
         message = str(exc.detail)
         if exc.status_code == 404:
             message = f"route {request.method} {request.url.path} not found"
         code = getattr(exc, "code", None)
         return error_response(APIError(message, exc.status_code, code=code, headers=exc.headers))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(from_exception(exc))
+    for exc_type in (APIError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(exc_type, handler)

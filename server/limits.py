@@ -1,8 +1,5 @@
-"""Per-request limits (each a `tokenmill serve` flag) and the request-body size cap.
-
-A request over a limit is a 400 (413 for the body) that names the field and the limit, before any
-tokenization or engine work, so one request cannot buy unbounded CPU, memory or queue space.
-"""
+"""Per-request limits (each a `tokenmill serve` flag) and the body size cap: a 400 (413) naming
+the field and limit before any work, so one request cannot buy unbounded CPU, memory or queue."""
 
 from __future__ import annotations
 
@@ -35,49 +32,36 @@ class ServingLimits:
 
     def check(self, req: Any) -> None:
         """400 naming the field and the limit; reads the raw request fields (no tokenization)."""
-        n = getattr(req, "n", 1)
-        if isinstance(n, int) and n > self.max_n:
-            _over("n", f"n is {n}", f"--max-n {self.max_n}")
-        prompt = getattr(req, "prompt", None)
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str):
-            if len(prompt) > self.max_prompts_per_request:
-                _over(
-                    "prompt",
-                    f"{len(prompt)} prompts in one request",
-                    f"--max-prompts-per-request {self.max_prompts_per_request}",
-                )
-        stop = getattr(req, "stop", None)
+        stop, prompt = getattr(req, "stop", None), getattr(req, "prompt", None)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if len(stops) > self.max_stop_strings:
-            _over(
-                "stop", f"{len(stops)} stop strings", f"--max-stop-strings {self.max_stop_strings}"
-            )
-        longest = max((len(s) for s in stops), default=0)
-        if longest > self.max_stop_string_length:
-            _over(
-                "stop",
-                f"a stop string of {longest} characters",
-                f"--max-stop-string-length {self.max_stop_string_length}",
-            )
-        bias = getattr(req, "logit_bias", None) or {}
-        if len(bias) > self.max_logit_bias:
-            _over(
-                "logit_bias",
-                f"{len(bias)} logit_bias entries",
-                f"--max-logit-bias {self.max_logit_bias}",
-            )
-        # NOTE: min_tokens too: it raises a capped default max_tokens to itself (fit_params)
+        batched = isinstance(prompt, list) and prompt and isinstance(prompt[0], list | str)
+        num_prompts, longest = len(prompt) if batched else 0, max(map(len, stops), default=0)
+        num_bias = len(getattr(req, "logit_bias", None) or {})
+        # (field, value, the limit = its flag, what the value is)
+        rows = [
+            ("n", getattr(req, "n", 1), "max_n", "n is {}"),
+            ("prompt", num_prompts, "max_prompts_per_request", "{} prompts in one request"),
+            ("stop", len(stops), "max_stop_strings", "{} stop strings"),
+            ("stop", longest, "max_stop_string_length", "a stop string of {} characters"),
+            ("logit_bias", num_bias, "max_logit_bias", "{} logit_bias entries"),
+        ]
+        # NOTE: min_tokens too: it raises a capped default max_tokens to itself (fit_params); a
+        # default (completions' 16) is capped instead
         for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
-            if field not in req.model_fields_set:  # a default (completions' 16) is capped instead
-                continue
-            value = getattr(req, field, None)
-            limit = self.max_tokens_limit
-            if isinstance(value, int) and limit is not None and value > limit:
-                _over(field, f"{field} is {value}", f"--max-tokens-limit {limit}")
+            if field in req.model_fields_set:
+                rows.append((field, getattr(req, field), "max_tokens_limit", f"{field} is {{}}"))
         for field in ("logprobs", "top_logprobs"):
-            value = getattr(req, field, None)
-            if type(value) is int and value > self.max_logprobs:
-                _over(field, f"{field} is {value}", f"--max-logprobs {self.max_logprobs}")
+            if type(value := getattr(req, field, None)) is int:  # chat's logprobs is a bool
+                rows.append((field, value, "max_logprobs", f"{field} is {{}}"))
+        for field, value, name, what in rows:
+            limit = getattr(self, name)
+            if isinstance(value, int) and limit is not None and value > limit:
+                flag = "--" + name.replace("_", "-")
+                raise APIError(
+                    f"{what.format(value)} exceeds the server limit ({flag} {limit})",
+                    400,
+                    param=field,
+                )
 
     def check_admission(self, num_waiting: int, num_new: int) -> None:
         """503 + Retry-After when `num_new` more sequences would pass --max-waiting (400 if they
@@ -110,12 +94,8 @@ def default_max_waiting(num_kv_blocks: int, max_num_seqs: int) -> int:
 
 
 def check_text_length(engine: Any, num_chars: int, param: str) -> None:
-    """Reject text that cannot fit in max_model_len before paying to tokenize it.
-
-    NOTE: a token covers at most `tokenizer.max_token_chars` characters, so `num_chars`
-    characters are at least num_chars / max_token_chars tokens: a 10 MB prompt is refused in
-    microseconds instead of tokenizing for seconds (30 s on a busy 2-core machine).
-    """
+    """Refuse text longer than max_model_len tokens of `tokenizer.max_token_chars` characters
+    each: in microseconds, where tokenizing 10 MB takes seconds (30 s on a busy 2-core host)."""
     per_token = max(engine.tokenizer.max_token_chars, 1)
     at_least = num_chars // per_token
     if at_least > engine.max_model_len:
@@ -126,10 +106,6 @@ def check_text_length(engine: Any, num_chars: int, param: str) -> None:
             param=param,
             code="context_length_exceeded",
         )
-
-
-def _over(param: str, what: str, limit: str) -> None:
-    raise APIError(f"{what} exceeds the server limit ({limit})", 400, param=param)
 
 
 class BodyTooLarge(HTTPException):
@@ -162,15 +138,10 @@ class BodySizeLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    length = int(value)
-                except ValueError:
-                    length = 0
-                if length > self.max_size:
-                    await error_response(self._error(str(length)))(scope, receive, send)
-                    return
+        length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"")
+        if length.strip().isdigit() and int(length) > self.max_size:
+            await error_response(self._error(str(int(length))))(scope, receive, send)
+            return
         received = 0
         started = False
 

@@ -1,10 +1,11 @@
-"""ServerMetrics: engine stats and HTTP traffic as Prometheus metrics, served on GET /metrics."""
+"""Engine stats and HTTP traffic as Prometheus metrics (GET /metrics), and as vLLM's log line."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -62,16 +63,14 @@ class ServerMetrics:
         self.registry = registry
         self.model_name = model_name
         m = {"registry": registry}
-        name = ["model_name"]
 
-        def gauge(n: str, doc: str) -> Gauge:
-            return Gauge(n, doc, name, **m).labels(model_name)
+        def labelled(cls: type, n: str, doc: str, **kwargs: Any) -> Any:
+            return cls(n, doc, ["model_name"], registry=registry, **kwargs).labels(model_name)
 
-        def counter(n: str, doc: str) -> Counter:
-            return Counter(n, doc, name, **m).labels(model_name)
+        gauge, counter = partial(labelled, Gauge), partial(labelled, Counter)
 
         def histogram(n: str, doc: str, buckets: tuple) -> Histogram:
-            return Histogram(n, doc, name, buckets=buckets, **m).labels(model_name)
+            return labelled(Histogram, n, doc, buckets=buckets)
 
         # Gauges and counters that mirror a SchedulerStats field (counters: its running total).
         self.gauges = {
@@ -260,11 +259,8 @@ class ServerMetrics:
 
 def _request_reason(out: RequestOutput) -> str:
     """One finished_reason per request: the worst of its samples (error > abort > length > stop)."""
-    reasons = {c.finish_reason for c in out.outputs if c.finish_reason}
-    for reason in ("error", "abort", "length", "stop"):
-        if reason in reasons:
-            return reason
-    return "stop"
+    reasons = {c.finish_reason for c in out.outputs}
+    return next((r for r in ("error", "abort", "length") if r in reasons), "stop")
 
 
 class HTTPMetricsMiddleware:
@@ -298,5 +294,40 @@ class HTTPMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            elapsed = time.perf_counter() - start
-            self.metrics.count_http(self.route_template(scope), status, elapsed)
+            self.metrics.count_http(self.route_template(scope), status, time.perf_counter() - start)
+
+
+class StatsLogger:
+    """A stat listener: at most one line every `interval_s` seconds, only after steps ran."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        self.interval_s = interval_s
+        self._last_time = time.monotonic()
+        self._last = (0, 0, 0, 0)  # prompt tokens, generated tokens, prefix queries, prefix hits
+
+    def __call__(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
+        now = time.monotonic()
+        elapsed = now - self._last_time
+        if elapsed < self.interval_s:
+            return
+        totals = (
+            stats.prompt_tokens_total,
+            stats.generation_tokens_total,
+            stats.prefix_cache_queries_total,
+            stats.prefix_cache_hits_total,
+        )
+        prompt, generated, queries, hits = (a - b for a, b in zip(totals, self._last, strict=True))
+        self._last_time, self._last = now, totals
+        if not (prompt or generated or stats.num_running or stats.num_waiting):
+            return
+        logger.info(
+            "Avg prompt throughput: %.1f tokens/s, Avg generation throughput: %.1f tokens/s, "
+            "Running: %d reqs, Waiting: %d reqs, KV cache usage: %.1f%%, "
+            "Prefix cache hit rate: %.1f%%",
+            prompt / elapsed,
+            generated / elapsed,
+            stats.num_running,
+            stats.num_waiting,
+            stats.kv_cache_usage * 100,
+            100.0 * hits / queries if queries else 0.0,
+        )

@@ -37,24 +37,11 @@ UNSUPPORTED = {
     "audio": "audio output",
 }
 NEUTRAL = {"best_of": (1,), "modalities": (["text"],)}
-# vLLM's guided-decoding fields and their `structured_outputs` keys → constraint kinds
-_GUIDED = {
-    "guided_json": "json",
-    "guided_regex": "regex",
-    "guided_choice": "choice",
-    "guided_grammar": "grammar",
-}
+# vLLM's guided-decoding fields: guided_KIND, KIND as in `structured_outputs`
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 # sampling fields a request may omit (None): SamplingParams' default, or the generation config's
-OPTIONAL_SAMPLING = (
-    "temperature",
-    "top_p",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "top_k",
-    "min_p",
-    "repetition_penalty",
-)
+OPTIONAL_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty")
+OPTIONAL_SAMPLING += ("top_k", "min_p", "repetition_penalty")  # vLLM's extras
 
 
 class _Request(BaseModel):
@@ -115,10 +102,7 @@ class _SamplingRequest(_Request):
     def _unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         """A feature we lack is a 400 naming it; null, [], {} and neutral values pass."""
         field = info.field_name
-        neutral = value in (None, [], {}) or value in NEUTRAL.get(field, ())
-        if field == "response_format" and isinstance(value, dict):
-            neutral = value.get("type") == "text"
-        if not neutral:
+        if value not in (None, [], {}) and value not in NEUTRAL.get(field, ()):
             raise PydanticCustomError(
                 "unsupported", f"{UNSUPPORTED[field]} is not supported by tokenmill"
             )
@@ -130,45 +114,33 @@ class _SamplingRequest(_Request):
 
     def structured(self) -> StructuredOutputsParams | None:
         """The one decoding constraint asked for (response_format, guided_*, structured_outputs)."""
-        found: list[StructuredOutputsParams] = []
+        asked = [(name.removeprefix("guided_"), getattr(self, name), name) for name in _GUIDED]
         rf = self.response_format
-        if rf is not None:
-            kind = rf.get("type")
-            if kind == "json_object":
-                found.append(StructuredOutputsParams("json_object", "", "response_format"))
-            elif kind == "json_schema":
-                js = rf.get("json_schema")
-                schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
-                if not isinstance(schema, dict):
-                    raise SamplingParamsError(
-                        "response_format json_schema needs json_schema.schema (an object)",
-                        "response_format",
-                    )
-                found.append(StructuredOutputsParams("json", json.dumps(schema), "response_format"))
-            elif kind != "text":
+        if rf is not None and rf.get("type") != "text":
+            kind, js = rf.get("type"), rf.get("json_schema")
+            if kind not in ("json_object", "json_schema"):
                 raise SamplingParamsError(
                     "response_format type must be 'text', 'json_object' or 'json_schema', "
                     f"got {kind!r}",
                     "response_format",
                 )
-        for name, kind in _GUIDED.items():
-            value = getattr(self, name)
-            if value is not None:
-                found.append(_constraint(kind, value, name))
-        so = self.structured_outputs or {}
-        for key, value in so.items():
-            if value is None or value is False:
-                continue
-            if key == "json_object":
-                found.append(StructuredOutputsParams("json_object", "", "structured_outputs"))
-            elif key in ("json", "regex", "choice", "grammar"):
-                found.append(_constraint(key, value, "structured_outputs"))
-            else:
+            schema = js.get("schema", js.get("json_schema")) if isinstance(js, dict) else None
+            if kind == "json_schema" and not isinstance(schema, dict):
+                raise SamplingParamsError(
+                    "response_format json_schema needs json_schema.schema (an object)",
+                    "response_format",
+                )
+            spec = ("json", schema) if kind == "json_schema" else ("json_object", True)
+            asked.insert(0, (*spec, "response_format"))
+        for key, value in (self.structured_outputs or {}).items():
+            if key not in ("json", "json_object", "regex", "choice", "grammar"):
                 raise SamplingParamsError(
                     f"structured_outputs.{key} is not supported: use json, json_object, regex, "
                     "choice or grammar",
                     "structured_outputs",
                 )
+            asked.append((key, value, "structured_outputs"))
+        found = [_constraint(*a) for a in asked if a[1] is not None and a[1] is not False]
         if len(found) > 1:
             raise SamplingParamsError(
                 "only one constraint may be given, got "
@@ -212,6 +184,8 @@ class _SamplingRequest(_Request):
 
 def _constraint(kind: str, value: Any, param: str) -> StructuredOutputsParams:
     """A guided_* / structured_outputs value → a constraint spec, checked for its shape."""
+    if kind == "json_object":
+        return StructuredOutputsParams("json_object", "", param)
     if kind == "json":
         if isinstance(value, str):
             try:
@@ -222,11 +196,8 @@ def _constraint(kind: str, value: Any, param: str) -> StructuredOutputsParams:
             raise SamplingParamsError(f"{param} must be a JSON schema object", param)
         return StructuredOutputsParams("json", json.dumps(value), param)
     if kind == "choice":
-        if (
-            not isinstance(value, list)
-            or not value
-            or not all(isinstance(c, str) and c for c in value)
-        ):
+        strings = isinstance(value, list) and all(isinstance(c, str) and c for c in value)
+        if not strings or not value:
             raise SamplingParamsError(
                 f"{param} must be a non-empty list of non-empty strings", param
             )
@@ -284,6 +255,15 @@ class ToolCallMessage(_Request):
     type: Literal["function"] = "function"
     function: FunctionCall
 
+    def to_template(self) -> dict[str, Any]:
+        """Arguments as an object, as Hugging Face templates expect (text if not JSON)."""
+        try:
+            args: Any = json.loads(self.function.arguments)
+        except ValueError:
+            args = self.function.arguments
+        function = {"name": self.function.name, "arguments": args}
+        return {"id": self.id, "type": "function", "function": function}
+
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
@@ -313,20 +293,7 @@ class ChatMessage(_Request):
         role = "system" if self.role == "developer" else self.role
         msg: dict[str, Any] = {"role": role, "content": content or ""}
         if self.tool_calls:
-            calls = []
-            for c in self.tool_calls:
-                try:
-                    args: Any = json.loads(c.function.arguments)
-                except ValueError:
-                    args = c.function.arguments
-                calls.append(
-                    {
-                        "id": c.id,
-                        "type": "function",
-                        "function": {"name": c.function.name, "arguments": args},
-                    }
-                )
-            msg["tool_calls"] = calls
+            msg["tool_calls"] = [c.to_template() for c in self.tool_calls]
         if self.tool_call_id is not None:
             msg["tool_call_id"] = self.tool_call_id
         if self.name is not None and role == "tool":
@@ -378,7 +345,7 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.tool_choice or "auto"
 
     def to_sampling_params(self) -> SamplingParams:
-        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+        if self.tool_choice not in (None, "none") and not self.tools:
             raise SamplingParamsError("tool_choice needs tools", "tool_choice")
         if self.continue_final_message and self.add_generation_prompt:
             raise SamplingParamsError(
@@ -389,11 +356,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise SamplingParamsError("messages must not be empty", "messages")
         if self.top_logprobs is not None and not self.logprobs:
             raise SamplingParamsError("top_logprobs needs logprobs set to true", "top_logprobs")
-        max_tokens = (
-            self.max_completion_tokens
-            if self.max_completion_tokens is not None
-            else self.max_tokens
-        )
+        max_tokens = self.max_completion_tokens
+        if max_tokens is None:
+            max_tokens = self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
             return self._sampling_params(max_tokens, logprobs)
@@ -509,23 +474,12 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
-class ResponseFunction(BaseModel):
-    name: str
-    arguments: str
-
-
-class ResponseToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: ResponseFunction
-
-
 class ChatResponseMessage(_Omitting):
     _omit = ("tool_calls",)  # only when there are some, as OpenAI sends it
 
     role: Literal["assistant"] = "assistant"
     content: str | None
-    tool_calls: list[ResponseToolCall] | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # the request's shape, as vLLM does
 
 
 class ChatChoice(BaseModel):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scheduler import TokenLogprob
-from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
+from server.accumulator import LOGPROB_FLOOR
 from server.errors import APIError
 from server.protocol import (
     ChatChoice,
@@ -23,15 +22,14 @@ from server.protocol import (
     DeltaFunction,
     DeltaMessage,
     DeltaToolCall,
-    ResponseFunction,
-    ResponseToolCall,
+    FunctionCall,
+    ToolCallMessage,
     TopLogprob,
 )
-from server.serving_engine import OpenAIServing, ServingLimits
+from server.serving_engine import OpenAIServing
 from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
-    ToolCall,
     ToolCallDelta,
     ToolCallStreamer,
     parse_tool_calls,
@@ -39,26 +37,12 @@ from server.tool_calls import (
     tool_call_constraint,
 )
 
+if TYPE_CHECKING:
+    from scheduler.outputs import CompletionOutput
+
 
 class OpenAIServingChat(OpenAIServing):
     prefix = "chatcmpl"
-
-    def __init__(
-        self,
-        engine: Any,
-        limits: ServingLimits,
-        model_names: tuple[str, ...] = (),
-        request_logger: Any = None,
-        offload: Any = None,
-        chat_template: str | None = None,
-    ) -> None:
-        super().__init__(engine, limits, model_names, request_logger, offload)
-        self.chat_template = chat_template  # --chat-template: overrides the model's
-
-    async def create(
-        self, req: ChatCompletionRequest
-    ) -> ChatCompletionResponse | AsyncIterator | APIError:
-        return await self.run(lambda: self._create(req))
 
     def _tag_ids(self) -> tuple[int | None, int | None]:
         """The call tags' token ids where the tokenizer has each as one special token."""
@@ -76,7 +60,7 @@ class OpenAIServingChat(OpenAIServing):
         """Chat template → token ids; tools via the template or the built-in preamble; 400s."""
         messages = [m.to_template() for m in req_messages]
         self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
-        tok, template = self.engine.tokenizer, self.chat_template
+        tok, template = self.engine.tokenizer, self.config.chat_template
         kwargs: dict[str, Any] = dict((req.chat_template_kwargs or {}) if req else {})
         tools = None
         if req is not None and req.tool_mode != "none":
@@ -103,8 +87,6 @@ class OpenAIServingChat(OpenAIServing):
             raise APIError(f"cannot apply the chat template: {e}", 400, param=param) from e
 
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
-        self.check_model(req.model)
-        self.limits.check(req)
         params = self.sampling_params(req)
         mode = req.tool_mode
         if mode in ("required", "named") and params.structured_outputs is not None:
@@ -124,16 +106,13 @@ class OpenAIServingChat(OpenAIServing):
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
         params = self.fit_params(len(prompt), params, "messages")
-        head = self.head(req)
-        stream = self.generate(head["id"], [prompt], [params])
-        acc = RequestAccumulator(
-            [len(prompt)], params.n, lambda _, lps: self._logprobs(lps), req.timings_per_token
-        )
+        head, acc, stream = self.start(req, [prompt], [params], self._logprobs)
         if req.stream:
-            return self._stream(req, head, acc, acc.deltas(stream))
-        async with aclosing(acc.deltas(stream)) as deltas:
-            async for _ in deltas:
-                pass
+            role = DeltaMessage(role="assistant", content="")
+            first = [ChatStreamChoice(index=i, delta=role) for i in range(params.n)]
+            choices = self._chunk_choices(req, params.n)
+            return self.chunks(req, head, acc, stream, ChatCompletionChunk, choices, first)
+        await acc.drain(stream)
         choices = []
         for i, c in enumerate(acc.choices):
             message, finish = ChatResponseMessage(content=c.text), c.finish_reason
@@ -150,69 +129,55 @@ class OpenAIServingChat(OpenAIServing):
             **head, choices=choices, usage=acc.usage(), timings=acc.timings()
         )
 
-    async def _stream(self, req, head, acc, deltas):
-        """First chunk per choice carries role: assistant; then content deltas; usage chunk last."""
+    def _chunk_choices(self, req: ChatCompletionRequest, n: int) -> Callable:
+        """Content deltas, or with tools each call's deltas as the parser finds them; then the
+        finish reason (tool_calls when calls were made) and logprobs in a choice of their own."""
+        parsers = [ToolCallStreamer() for _ in range(n)] if req.tool_mode != "none" else None
 
-        def chunk(choice: ChatStreamChoice | None) -> ChatCompletionChunk:
-            """A chunk of one choice, or (None) the usage chunk with choices: []."""
-            choices, usage = ([choice], None) if choice is not None else ([], acc.usage())
-            return ChatCompletionChunk(**head, choices=choices, usage=usage, timings=acc.timings())
+        def choices(i: int, co: CompletionOutput, entries: list | None) -> list[ChatStreamChoice]:
+            lps = ChatLogprobs(content=entries) if entries is not None else None
+            finish, out = co.finish_reason, []
+            if parsers is None:
+                if not co.text and finish is None and lps is None:
+                    return []
+                delta = DeltaMessage(content=co.text or None)
+            else:
+                events = parsers[i].feed(co.text)
+                if finish is not None:
+                    events += parsers[i].flush()
+                out = [ChatStreamChoice(index=i, delta=d) for d in _tool_deltas(events)]
+                if finish == "stop" and parsers[i].num_calls:
+                    finish = "tool_calls"
+                if finish is None and lps is None:
+                    return out
+                delta = DeltaMessage()
+            return [
+                *out,
+                ChatStreamChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish),
+            ]
 
-        parsers = [ToolCallStreamer() for _ in range(acc.n)] if req.tool_mode != "none" else None
-        async with aclosing(deltas):
-            for i in range(acc.n):
-                yield chunk(
-                    ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
-                )
-            async for i, co, entries in deltas:
-                lps = ChatLogprobs(content=entries) if entries is not None else None
-                finish = co.finish_reason
-                if parsers is not None:
-                    events = parsers[i].feed(co.text)
-                    if finish is not None:
-                        events += parsers[i].flush()
-                    for delta in _tool_deltas(events):
-                        yield chunk(ChatStreamChoice(index=i, delta=delta))
-                    if finish == "stop" and parsers[i].num_calls:
-                        finish = "tool_calls"
-                    if finish is None and lps is None:
-                        continue
-                    delta = DeltaMessage()
-                else:
-                    if not co.text and finish is None and lps is None:
-                        continue
-                    delta = DeltaMessage(content=co.text or None)
-                yield chunk(
-                    ChatStreamChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish)
-                )
-        if req.include_usage:
-            yield chunk(None)
+        return choices
 
-    def _logprobs(self, lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
-        """New shape: token, logprob, bytes, top_logprobs."""
+    def _logprobs(self, _: int, lps: list[TokenLogprob]) -> list[ChatTokenLogprob]:
+        """New shape: token, logprob, bytes, top_logprobs (one choice per request: no index)."""
         tok = self.engine.tokenizer
 
-        def top(token_id: int, logprob: float) -> TopLogprob:
-            s, raw = tok.id_to_token(token_id), tok.token_bytes(token_id)
-            return TopLogprob(token=s, logprob=max(logprob, LOGPROB_FLOOR), bytes=list(raw))
+        def entry(token_id: int, logprob: float, cls: type = TopLogprob, **top: Any) -> Any:
+            logprob = max(logprob, LOGPROB_FLOOR)
+            raw = list(tok.token_bytes(token_id))
+            return cls(token=tok.id_to_token(token_id), logprob=logprob, bytes=raw, **top)
 
-        out = []
-        for lp in lps:
-            head = top(lp.token_id, lp.logprob)
-            out.append(
-                ChatTokenLogprob(
-                    token=head.token,
-                    logprob=head.logprob,
-                    bytes=head.bytes,
-                    top_logprobs=[top(t, v) for t, v in lp.top],
-                )
+        return [
+            entry(
+                lp.token_id, lp.logprob, ChatTokenLogprob, top_logprobs=[entry(*t) for t in lp.top]
             )
-        return out
+            for lp in lps
+        ]
 
 
-def _response(calls: list[ToolCall]) -> list[ResponseToolCall]:
+def _response(calls: list[ToolCallDelta]) -> list[ToolCallMessage]:
     return [
-        ResponseToolCall(id=c.id, function=ResponseFunction(name=c.name, arguments=c.arguments))
+        ToolCallMessage(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments))
         for c in calls
     ]
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
 
 from scheduler import TokenLogprob
 from scheduler.errors import SamplingParamsError
-from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
-from server.errors import APIError
+from server.accumulator import LOGPROB_FLOOR
 from server.protocol import (
     CompletionChoice,
     CompletionLogProbs,
@@ -18,6 +18,9 @@ from server.protocol import (
     CompletionResponse,
 )
 from server.serving_engine import OpenAIServing
+
+if TYPE_CHECKING:
+    from scheduler.outputs import CompletionOutput
 
 _UTF8 = codecs.getincrementaldecoder("utf-8")
 
@@ -46,33 +49,30 @@ def _legacy(entries: list[_Entry]) -> CompletionLogProbs:
 class OpenAIServingCompletion(OpenAIServing):
     prefix = "cmpl"
 
-    async def create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator | APIError:
-        return await self.run(lambda: self._create(req))
-
     async def _create(self, req: CompletionRequest) -> CompletionResponse | AsyncIterator:
-        self.check_model(req.model)
-        self.limits.check(req)
         base = self.sampling_params(req)
         prompts = await self.offload(self._prompt_ids, req.prompt)  # NOTE: tokenizing is heavy
         params = [self.fit_params(len(p), base, "prompt") for p in prompts]
         echo = [""] * len(prompts)
         if req.echo:
             echo = await self.offload(self._echo_texts, req.prompt, prompts)
-        head = self.head(req)
-        stream = self.generate(head["id"], prompts, params)
         n = base.n
         offsets = [_Offset(len(echo[i // n])) for i in range(len(prompts) * n)]
-        acc = RequestAccumulator(
-            [len(p) for p in prompts],
-            n,
-            lambda i, lps: self._logprobs(offsets[i], lps),
-            req.timings_per_token,
-        )
+        head, acc, stream = self.start(req, prompts, params, partial(self._logprobs, offsets))
         if req.stream:
-            return self._stream(req, head, acc, acc.deltas(stream), echo)
-        async with aclosing(acc.deltas(stream)) as deltas:
-            async for _ in deltas:
-                pass
+            started: set[int] = set()
+
+            def chunk_choices(i: int, co: CompletionOutput, entries: list | None) -> list:
+                """Echo before a choice's first text; nothing for an empty delta."""
+                text, finish = co.text if i in started else echo[i // n] + co.text, co.finish_reason
+                started.add(i)
+                if not text and finish is None and entries is None:
+                    return []
+                lps = _legacy(entries) if entries is not None else None
+                return [CompletionChoice(index=i, text=text, logprobs=lps, finish_reason=finish)]
+
+            return self.chunks(req, head, acc, stream, CompletionResponse, chunk_choices)
+        await acc.drain(stream)
         choices = [
             CompletionChoice(
                 index=i,
@@ -83,25 +83,6 @@ class OpenAIServingCompletion(OpenAIServing):
             for i, c in enumerate(acc.choices)
         ]
         return CompletionResponse(**head, choices=choices, usage=acc.usage(), timings=acc.timings())
-
-    async def _stream(self, req, head, acc, deltas, echo):
-        """One chunk per changed choice (echo before its first text); usage chunk last if asked."""
-        started: set[int] = set()
-        async with aclosing(deltas):
-            async for i, co, entries in deltas:
-                text = co.text
-                if i not in started:
-                    started.add(i)
-                    text = echo[i // acc.n] + text
-                if not text and co.finish_reason is None and entries is None:
-                    continue
-                logprobs = _legacy(entries) if entries is not None else None
-                choice = CompletionChoice(
-                    index=i, text=text, logprobs=logprobs, finish_reason=co.finish_reason
-                )
-                yield CompletionResponse(**head, choices=[choice], timings=acc.timings())
-        if req.include_usage:
-            yield CompletionResponse(**head, choices=[], usage=acc.usage(), timings=acc.timings())
 
     def _prompt_ids(self, prompt: str | list) -> list[list[int]]:
         """Token ids per prompt (runs off the event loop); ids outside the vocabulary are a 400."""
@@ -133,14 +114,14 @@ class OpenAIServingCompletion(OpenAIServing):
             return list(prompt)
         return [self.engine.tokenizer.decode(ids) for ids in prompts]
 
-    def _logprobs(self, at: _Offset, lps: list[TokenLogprob]) -> list[_Entry]:
+    def _logprobs(self, offsets: list[_Offset], i: int, lps: list[TokenLogprob]) -> list[_Entry]:
         """Legacy entries; top_logprobs include the sampled token.
 
         text_offset is where each token's text starts in the choice's text: a token that holds
         part of a UTF-8 character starts at that character and advances past it only once the
         character is complete (the engine reports only tokens whose text it returned).
         """
-        tok = self.engine.tokenizer
+        tok, at = self.engine.tokenizer, offsets[i]
         out = []
         for lp in lps:
             s = tok.id_to_token(lp.token_id)

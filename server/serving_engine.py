@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from scheduler import SamplingParams
 from scheduler.errors import fit_max_tokens
+from server.accumulator import RequestAccumulator
 from server.errors import APIError, from_exception
 from server.limits import ServingLimits, check_text_length
 from server.offload import Offload
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine, RequestStream
-    from scheduler.outputs import RequestOutput
-    from server.request_logger import RequestLogger
+    from scheduler.outputs import CompletionOutput, RequestOutput
+    from server.config import ServerConfig
+
+logger = logging.getLogger(__name__)
 
 _END = object()
 
@@ -40,38 +45,30 @@ class OpenAIServing:
 
     prefix = "cmpl"
 
-    def __init__(
-        self,
-        engine: AsyncEngine,
-        limits: ServingLimits,
-        model_names: tuple[str, ...] = (),
-        request_logger: RequestLogger | None = None,
-        offload: Offload | None = None,
-    ) -> None:
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, offload: Offload) -> None:
+        """`config.limits` has its max_waiting resolved (build_app)."""
         self.engine = engine
-        self.limits = limits
-        self.model_names = model_names or (engine.model_name,)  # --served-model-name a b ...
-        self.request_logger = request_logger  # --enable-log-requests
+        self.config = config
+        self.limits: ServingLimits = config.limits
+        self.model_names = config.served_model_names or (engine.model_name,)
         self.defaults: dict[str, Any] = dict(engine.default_sampling_params)
-        self.offload = offload or Offload()
+        self.offload = offload
 
-    @property
-    def model_name(self) -> str:
-        """The first served name; responses echo the name a request sent, as vLLM does."""
-        return self.engine.model_name
-
-    async def run(self, make: Callable[[], Any]) -> Any:
-        """Await a handler; return its result or the APIError it raised (the three-way return)."""
+    async def create(self, req: Any) -> Any:
+        """The three-way return: a response, an iterator of chunks, or the APIError raised."""
         try:
-            return await make()
+            return await self._create(req)
         except Exception as e:  # noqa: BLE001 - every error becomes an envelope
             return from_exception(e)
 
-    def check_model(self, model: str | None) -> None:
-        check_model_name(model, self.model_names)
+    async def _create(self, req: Any) -> Any:
+        raise NotImplementedError
 
     def sampling_params(self, req: Any) -> SamplingParams:
-        """The request's SamplingParams, with generation-config defaults for fields it omitted."""
+        """Model check and limits (404/400), then the request's SamplingParams with the
+        generation-config defaults for the fields it omitted."""
+        check_model_name(req.model, self.model_names)
+        self.limits.check(req)
         params = req.to_sampling_params()
         omitted = {
             k: v
@@ -99,14 +96,40 @@ class OpenAIServing:
         )
         return replace(params, max_tokens=max_tokens)
 
-    def head(self, req: Any) -> dict[str, Any]:
-        """id, created and model of a response and each of its chunks (the name it was sent)."""
-        created = int(time.time())
-        return {
+    def start(
+        self, req: Any, prompts: list[list[int]], params: list[SamplingParams], convert: Callable
+    ) -> tuple[dict[str, Any], RequestAccumulator, AsyncIterator[tuple[int, RequestOutput]]]:
+        """Queue the request (generate); the head (id, created, model: the name it was sent) of
+        the response and each chunk, and the accumulator that its outputs go through."""
+        head = {
             "id": f"{self.prefix}-{uuid.uuid4().hex}",
-            "created": created,
-            "model": req.model or self.model_name,
+            "created": int(time.time()),
+            "model": req.model or self.engine.model_name,
         }
+        stream = self.generate(head["id"], prompts, params)
+        lens = [len(p) for p in prompts]
+        return head, RequestAccumulator(lens, params[0].n, convert, req.timings_per_token), stream
+
+    async def chunks(
+        self,
+        req: Any,
+        head: dict[str, Any],
+        acc: RequestAccumulator,
+        stream: AsyncIterator[tuple[int, RequestOutput]],
+        cls: type,
+        choices: Callable[[int, CompletionOutput, list[Any] | None], list[Any]],
+        first: Iterable[Any] = (),
+    ) -> AsyncIterator[Any]:
+        """A `cls` chunk per choice that `choices(index, delta, logprob entries)` makes of each
+        engine delta (after `first`), then the usage chunk (choices: []) if asked for."""
+        async with aclosing(acc.deltas(stream)) as deltas:
+            for choice in first:
+                yield cls(**head, choices=[choice], timings=acc.timings())
+            async for delta in deltas:
+                for choice in choices(*delta):
+                    yield cls(**head, choices=[choice], timings=acc.timings())
+        if req.include_usage:
+            yield cls(**head, choices=[], usage=acc.usage(), timings=acc.timings())
 
     def generate(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
@@ -118,34 +141,37 @@ class OpenAIServing:
         loop, concurrent requests cannot all pass the check before any of them is counted.
         """
         self.limits.check_admission(self.engine.num_waiting(), sum(sp.n for sp in params))
-        if self.request_logger is not None:
-            self.request_logger.log(request_id, prompts, params)
-        ids = [
-            request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))
-        ]
+        if self.config.enable_log_requests and logger.isEnabledFor(logging.INFO):
+            self.log_request(request_id, prompts, params)
         streams: list[RequestStream] = []
         try:
-            for rid, p, sp in zip(ids, prompts, params, strict=True):
+            for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 streams.append(self.engine.generate(rid, p, sp))
         except BaseException:
             for stream in streams:
                 stream.close()
             raise
-        if len(streams) == 1:
-            return _chain_one(streams[0])
         return _merge(streams)
 
-
-async def _chain_one(stream: RequestStream) -> AsyncIterator[tuple[int, Any]]:
-    try:
-        async for out in stream:
-            yield 0, out
-    finally:
-        stream.close()
+    def log_request(
+        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> None:
+        """--enable-log-requests: prompts are user data, logged only when asked (vLLM's way),
+        cut to --max-log-len characters and token ids."""
+        cut = self.config.max_log_len
+        for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
+            logger.info(
+                "Received request %s: prompt: %r, params: %s, prompt_token_ids: %s",
+                request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                self.engine.tokenizer.decode(ids[:cut])[:cut],
+                sp,
+                ids[:cut],
+            )
 
 
 async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]:
-    """Interleave several engine streams; closing the merge closes (= aborts) all of them.
+    """Interleave the prompts' engine streams; closing the merge closes (= aborts) all of them.
 
     NOTE: the queue is bounded, so a slow consumer leaves outputs in the engine's per-request
     queues, where AsyncEngine's max_pending_outputs cuts it off (no unbounded copy here).
@@ -161,8 +187,13 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]
         finally:
             await queue.put((i, _END))
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    tasks: list[asyncio.Future] = []
     try:
+        if len(streams) == 1:  # the common case needs no tasks
+            async for out in streams[0]:
+                yield 0, out
+            return
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
         remaining = len(tasks)
         while remaining:
             i, item = await queue.get()

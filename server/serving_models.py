@@ -24,6 +24,7 @@ from server.serving_engine import check_model_name
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
+    from server.config import ServerConfig
 
 
 def version() -> str:
@@ -39,20 +40,16 @@ class OpenAIServingModels:
     def __init__(
         self,
         engine: AsyncEngine,
-        model_path: str | None = None,
-        model_names: tuple[str, ...] = (),
-        offload: Offload | None = None,
+        config: ServerConfig,
+        offload: Offload,
         finished: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.engine = engine
         self.finished = finished  # finished requests by finish_reason (ServerMetrics' counter)
-        self.offload = offload or Offload()
-        self.model_path = model_path
-        self.model_names = model_names or (engine.model_name,)
+        self.offload = offload
+        self.model_path = config.model_path
+        self.model_names = config.served_model_names or (engine.model_name,)
         self.created = int(time.time())
-
-    def check_model(self, model: str | None) -> None:
-        check_model_name(model, self.model_names)
 
     def card(self, name: str) -> ModelCard:
         return ModelCard(
@@ -75,7 +72,7 @@ class OpenAIServingModels:
         self, req: TokenizeCompletionRequest | TokenizeChatRequest, render
     ) -> TokenizeResponse:
         """Tokenize off the event loop (inputs are up to --max-request-body-size)."""
-        self.check_model(req.model)
+        check_model_name(req.model, self.model_names)
         return await self.offload(self._tokenize, req, render)
 
     def _tokenize(
@@ -93,16 +90,14 @@ class OpenAIServingModels:
         )
 
     async def detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
-        self.check_model(req.model)
+        check_model_name(req.model, self.model_names)
         return await self.offload(self._detokenize, req)
 
     def _detokenize(self, req: DetokenizeRequest) -> DetokenizeResponse:
-        vocab = getattr(self.engine.tokenizer, "vocab_size", None)
-        bad = [t for t in req.tokens if t < 0 or (vocab is not None and t >= vocab)]
-        if bad:
-            raise APIError(
-                f"token id {bad[0]} is outside the vocabulary [0, {vocab})", 400, param="tokens"
-            )
+        vocab = self.engine.tokenizer.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(f"token id {bad} is outside the vocabulary [0, {vocab})", param="tokens")
         return DetokenizeResponse(prompt=self.engine.tokenizer.decode(req.tokens))
 
     def stats(self) -> dict:

@@ -1,8 +1,5 @@
-"""Stream chunks as Server-Sent Events: `data: {json}` per chunk, `data: [DONE]` last.
-
-A client that disconnects makes sse-starlette cancel the iterator; the cancellation runs down
-through the serving generator into `engine.generate`, which aborts the request (frees its blocks).
-"""
+"""Chunks as Server-Sent Events, `data: [DONE]` last; a client that leaves cancels the iterator,
+which closes the engine stream: the request is aborted and its blocks freed."""
 
 from __future__ import annotations
 

@@ -1,18 +1,12 @@
-"""Tool calling: the tool preamble, the grammar that enforces calls, and parsing calls from text.
-
-The model writes each call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the
-Hermes / Qwen format that many chat templates teach, and the built-in preamble's). A Lark grammar
-(llguidance's, with `%json` for each function's parameter schema) enforces it: for `tool_choice`
-"required" or a named function it allows nothing but calls; for "auto" it allows free text until
-the opening tag (a lazy trigger), then only a well-formed call (llguidance's "structural tag").
-"""
+"""Tool calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes / Qwen, which
+many templates teach): the preamble, the llguidance grammar that enforces them, their parser."""
 
 from __future__ import annotations
 
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from scheduler import StructuredOutputsParams
@@ -35,8 +29,7 @@ def preamble(tools: list[dict[str, Any]]) -> str:
 
 
 def _closed(schema: Any) -> Any:
-    """Objects with `properties` and no `additionalProperties` get `false`: the arguments still
-    validate against the tool's schema, and a small model cannot invent keys for ever."""
+    """`additionalProperties: false` where unset: a small model cannot invent keys for ever."""
     if isinstance(schema, list):
         return [_closed(s) for s in schema]
     if not isinstance(schema, dict):
@@ -71,8 +64,8 @@ def tool_call_constraint(
     auto: bool = False,
     tag_ids: tuple[int | None, int | None] = (None, None),
 ) -> StructuredOutputsParams:
-    """A grammar for calls to `name` or to any tool (several only if `parallel`); with `auto`,
-    free text until the opening tag. `tag_ids`: the open/close tags' special token ids, if any."""
+    """Calls to `name` or any tool (several if `parallel`); `auto`: free text until the opening
+    tag (a lazy trigger), then only calls. `tag_ids`: the tags' special token ids, if any."""
     functions = [t["function"] for t in tools]
     if name is not None:
         functions = [f for f in functions if f["name"] == name]
@@ -87,8 +80,6 @@ def tool_call_constraint(
     # NOTE: no separator between parallel calls: after a newline small models start another call
     more = " call*" if parallel else ""
     if auto:
-        # free text, or free text up to the opening tag and then calls only (lazy: the trigger
-        # matches as soon as its text appears, so a started call cannot fall back to text)
         head = "head_text" if open_id is None else f"head_text | TEXT <[{open_id}]>"
         start = [
             f"start: TEXT | head args close{more}",
@@ -115,15 +106,9 @@ def _new_id() -> str:
 
 
 @dataclass(slots=True)
-class ToolCall:
-    name: str
-    arguments: str  # JSON text
-    id: str = field(default_factory=_new_id)
-
-
-@dataclass(slots=True)
 class ToolCallDelta:
-    """A piece of call `index` as OpenAI streams it: id and name first, then arguments."""
+    """A piece of call `index` as OpenAI streams it: id and name first, then arguments (JSON
+    text); parse_tool_calls returns whole calls in the same shape."""
 
     index: int
     arguments: str = ""
@@ -131,7 +116,8 @@ class ToolCallDelta:
     name: str | None = None
 
 
-def _parse_call(body: str) -> ToolCall | None:
+def _parse_call(body: str) -> tuple[str, str] | None:
+    """A whole call's name and arguments (JSON text), whatever the key order."""
     try:
         obj = json.loads(body)
     except ValueError:
@@ -140,19 +126,18 @@ def _parse_call(body: str) -> ToolCall | None:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
     text = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-    return ToolCall(obj["name"], text)
+    return obj["name"], text
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """Split model output into content (text outside calls, None if empty) and its calls; the
-    same parser as the stream, so both give the same calls."""
+def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCallDelta]]:
+    """Content (text outside calls; None if empty beside calls) and calls: the stream's parser."""
     streamer = ToolCallStreamer()
     content, calls = "", []
     for ev in streamer.feed(text) + streamer.flush():
         if isinstance(ev, str):
             content += ev
         elif ev.id is not None:
-            calls.append(ToolCall(ev.name or "", ev.arguments, ev.id))
+            calls.append(ev)
         else:
             calls[ev.index].arguments += ev.arguments
     return ((content.strip() or None) if calls else content), calls
@@ -163,12 +148,8 @@ _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:argument
 
 
 class ToolCallStreamer:
-    """Incremental parser: text deltas in, events out: content text and ToolCallDeltas.
-
-    Text that could be the start of `<tool_call>` is held back until it is known not to be; a
-    call's id and name go out once the name is complete, then its arguments as they arrive.
-    Calls in another shape (no name first, arguments as a string) go out whole at their end.
-    """
+    """Text deltas in; content and ToolCallDeltas out (id and name once complete, then arguments
+    as they come; other shapes whole at the end). A possible `<tool_call>` start is held back."""
 
     def __init__(self) -> None:
         self._buf = ""
@@ -186,14 +167,13 @@ class ToolCallStreamer:
         return out
 
     def flush(self) -> list[str | ToolCallDelta]:
-        """At the end: an unterminated call is parsed if it is complete JSON, else shown as text;
-        arguments cut short (by max_tokens) stay as they came."""
+        """An unterminated call: parsed if complete JSON, else text; cut arguments stay as sent."""
         out: list[str | ToolCallDelta] = []
         rest, self._buf = self._buf, ""
         if self._state == "head":
             call = _parse_call(rest)
             if call is not None:
-                self._emit_call(out, call)
+                self._emit_call(out, *call)
             else:
                 self._content(out, CALL_OPEN + rest)
         elif self._state == "text":
@@ -210,10 +190,10 @@ class ToolCallStreamer:
         else:
             self._pending = text
 
-    def _emit_call(self, out: list, call: ToolCall) -> None:
-        out.append(ToolCallDelta(self.num_calls, "", call.id, call.name))
-        if call.arguments:
-            out.append(ToolCallDelta(self.num_calls, call.arguments))
+    def _emit_call(self, out: list, name: str, arguments: str) -> None:
+        out.append(ToolCallDelta(self.num_calls, "", _new_id(), name))
+        if arguments:
+            out.append(ToolCallDelta(self.num_calls, arguments))
         self.num_calls += 1
 
     def _step(self, out: list) -> bool:
@@ -244,7 +224,7 @@ class ToolCallStreamer:
                 return False
             call = _parse_call(buf[:end])  # another shape: the whole call at once
             if call is not None:
-                self._emit_call(out, call)
+                self._emit_call(out, *call)
             else:
                 self._content(out, CALL_OPEN + buf[: end + len(CALL_CLOSE)])
             self._buf, self._state = buf[end + len(CALL_CLOSE) :], "text"
@@ -289,7 +269,4 @@ class ToolCallStreamer:
 
 def _partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
+    return next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)

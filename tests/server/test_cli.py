@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.cli import configs, main, make_parser
-from server.cli_vllm import uvicorn_settings
+from server.flags import uvicorn_settings
 
 pytestmark = pytest.mark.timeout(10)
 

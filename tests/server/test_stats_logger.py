@@ -7,13 +7,13 @@ import logging
 import pytest
 
 from scheduler.outputs import SchedulerStats
-from server.stats_logger import StatsLogger
+from server.metrics import StatsLogger
 
 pytestmark = pytest.mark.timeout(10)
 
 
 def test_logs_throughput_then_stays_quiet_when_idle(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="server.stats_logger")
+    caplog.set_level(logging.INFO, logger="server.metrics")
     stats_logger = StatsLogger(interval_s=0.0)
     busy = SchedulerStats(num_running=2, num_waiting=1, kv_cache_usage=0.5,
                           prompt_tokens_total=100, generation_tokens_total=40,
@@ -29,7 +29,7 @@ def test_logs_throughput_then_stays_quiet_when_idle(caplog: pytest.LogCaptureFix
 
 
 def test_at_most_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, logger="server.stats_logger")
+    caplog.set_level(logging.INFO, logger="server.metrics")
     stats_logger = StatsLogger(interval_s=3600.0)
     stats_logger(SchedulerStats(num_running=1, generation_tokens_total=5), [])
     assert caplog.records == []
