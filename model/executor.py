@@ -13,6 +13,7 @@ import pickle
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -199,10 +200,12 @@ class DistributedExecutor(Executor):
         if detail is None:
             return
         proc = self.local.procs.get(peer) if self.local is not None else None
-        if proc is not None:
-            proc.join(2.0)
-            if proc.exitcode is not None:
-                return self._mark_dead(self._with_error(peer, exit_reason(peer, proc)))
+        # NOTE: a local rank that exited is the monitor's to name (with its exit code); joining it
+        # here too races the monitor's waitpid and can read no exit code at all
+        if proc is not None and wait([proc.sentinel], 2.0):
+            if self._wait_dead(5.0) is None:
+                self._mark_dead(self._with_error(peer, exit_reason(peer, proc)))
+            return
         node = self.config.node_of(peer)
         self._mark_dead(self._with_error(peer, f"tensor-parallel rank {peer} on node {node} lost: "
                                                f"{detail}"))  # fmt: skip
