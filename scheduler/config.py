@@ -62,6 +62,7 @@ class EngineConfig:
     seed: int = 0
     quantization: str | None = None  # None: GGUF weights stay packed, HF weights float
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

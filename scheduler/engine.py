@@ -417,6 +417,7 @@ def runner_kwargs(config: EngineConfig) -> dict:
         seed=config.seed,
         quantization=config.quantization,
         kv_cache_dtype=config.kv_cache_dtype,
+        enforce_eager=config.enforce_eager,
     )
 
 

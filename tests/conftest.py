@@ -26,15 +26,18 @@ def smollm2_gguf() -> str:
 
 
 @pytest.fixture(scope="session")
-def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: str) -> Path:
-    """SmolLM2's real tokenizer (vocab, merges, chat template) saved as HF tokenizer files.
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, request) -> Path:
+    """SmolLM2's real tokenizer (vocab, merges, chat template) saved as HF tokenizer files, or
+    the folder $TOKENMILL_TEST_TOKENIZER names (a GPU host without the GGUF package).
 
     NOTE: through tokenmill's loader (transformers' GGUF conversion, cached on disk): the servers
     the tests start then find the conversion done."""
     from model.tokenizer import load_tokenizer
 
+    if os.environ.get("TOKENMILL_TEST_TOKENIZER"):
+        return Path(os.environ["TOKENMILL_TEST_TOKENIZER"])
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
-    load_tokenizer(smollm2_gguf).hf.save_pretrained(out)
+    load_tokenizer(request.getfixturevalue("smollm2_gguf")).hf.save_pretrained(out)
     return out
 
 

@@ -37,6 +37,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         # NOTE: a plain tuple, not a buffer: survives meta-device construction and .to_empty().
         self.inv_freq = tuple(inv_frequencies(head_dim, theta, scaling).tolist())
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin of shape [num_tokens, 1, head_dim] for broadcasting over heads.
@@ -44,7 +45,10 @@ class RotaryEmbedding(nn.Module):
         Both halves repeat the same angles; sin's first half is negated, so that rotating is
         x * cos + swap_halves(x) * sin (three kernels per layer instead of seven).
         """
-        inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32, device=positions.device)
+        inv_freq = self._inv_freq_on.get(positions.device)
+        if inv_freq is None:  # NOTE: once per device: a CUDA graph capture may not copy from host
+            inv_freq = torch.tensor(self.inv_freq, dtype=torch.float32, device=positions.device)
+            self._inv_freq_on[positions.device] = inv_freq
         freqs = positions.float()[:, None] * inv_freq[None, :]  # [num_tokens, head_dim // 2]
         cos, sin = freqs.cos(), freqs.sin()
         cos = torch.cat((cos, cos), dim=-1).to(dtype).unsqueeze(1)
