@@ -11,6 +11,8 @@
    sequences (float32), and the bfloat16 match count.
 3. Decode speed, graphs vs eager, bfloat16: SmolLM2-shaped and 1B-shaped random models,
    1/16/64 streams of 128 tokens.
+4. With --serve: `tokenmill serve` on the device, float32, with graphs and with --enforce-eager:
+   16 concurrent greedy completions (identical text), a chat stream with usage, /metrics.
 
 Random weights: the host has no model hub; the tokenizer folder (SmolLM2's) only names tokens.
 `--device cpu --quick` is a dry run of the same code (no graphs on CPU).
@@ -151,6 +153,66 @@ def speed(folder: Path, name: str, device: str, streams: tuple[int, ...], tokens
                f"({g_ms:.1f} ms/step): {g / e:.2f}x", None)  # fmt: skip
 
 
+def serve_check(folder: Path, device: str) -> None:
+    """The HTTP server on the device, graphs then eager: same greedy text, a stream, metrics."""
+    import concurrent.futures
+    import json
+    import subprocess
+
+    import httpx
+
+    base, texts = "http://127.0.0.1:8123", {}
+    for eager in (False, True):
+        args = [sys.executable, "-m", "server", "serve", str(folder), "--device", device,
+                "--dtype", "float32", "--port", "8123", "--served-model-name", "m",
+                "--log-level", "warning"] + (["--enforce-eager"] if eager else [])  # fmt: skip
+        proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[1])
+        try:
+            deadline = time.monotonic() + 240
+            while not _healthy(base):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"server did not come up (exit {proc.poll()})")
+                time.sleep(0.5)  # NOTE: polling a starting process, not synchronisation
+
+            def complete(i: int) -> str:
+                body = dict(model="m", prompt=f"Once upon a time number {i}", max_tokens=48,
+                            temperature=0)  # fmt: skip
+                r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+                r.raise_for_status()
+                return r.json()["choices"][0]["text"]
+
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                texts[eager] = list(pool.map(complete, range(16)))
+            dt = time.perf_counter() - t0
+            body = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=20,
+                        temperature=0, stream=True,
+                        stream_options={"include_usage": True})  # fmt: skip
+            with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
+                chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: {")]  # fmt: skip
+            usage = chunks[-1]["usage"]["completion_tokens"]
+            metrics = "tokenmill_num_requests_running" in httpx.get(f"{base}/metrics").text
+        finally:
+            proc.terminate()
+            code = proc.wait(30)
+        mode = "eager" if eager else "graphs"
+        report(f"serve {mode} float32", f"16 completions x 48 tokens in {dt:.2f} s, stream "
+               f"{len(chunks)} chunks (usage {usage}), metrics {metrics}, exit {code}",
+               usage == 20 and metrics and code == 0)  # fmt: skip
+    same = sum(a == b for a, b in zip(texts[False], texts[True], strict=True))
+    report("serve graphs vs eager", f"{same}/16 greedy completions identical", same == 16)
+
+
+def _healthy(base: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def guarded(check: str, run, *args) -> None:
     """A check that raises is a FAIL row with its error; the others still run."""
     try:
@@ -175,6 +237,7 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, required=True, help="HF tokenizer folder")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and no 1B (a dry run)")
+    ap.add_argument("--serve", action="store_true", help="also check `tokenmill serve` (HTTP)")
     args = ap.parse_args()
     dev, quick = args.device, args.quick
     steps = 8 if quick else 32
@@ -196,6 +259,8 @@ def main() -> None:
         for dtype in ("float32", "bfloat16"):
             check = f"graphs vs eager smollm2-shape {dtype}"
             guarded(check, graphs_report, check, smol, dtype, dev, steps)
+        if args.serve:
+            guarded("serve", serve_check, smol, dev)
         streams = (1, 4) if quick else (1, 16, 64)
         guarded("speed smollm2-shape", speed, smol, "smollm2-shape", dev, streams, steps * 4)
         if not quick:
