@@ -131,7 +131,7 @@ class Sampler:
             token_ids = torch.empty(n, dtype=torch.long, device=device)
             g = torch.tensor(greedy_idx, device=device)
             s = torch.tensor(sample_idx, device=device)
-            token_ids[g] = work[g].argmax(dim=-1)
+            token_ids[g] = argmax_free(work[g])
             token_ids[s] = self._sample(work[s], [rows[i] for i in sample_idx])
 
         logprobs = self._logprobs(logits, token_ids, rows) if wants_lp else [None] * n

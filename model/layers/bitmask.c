@@ -12,8 +12,8 @@
 #define LANES 32
 
 /* The first allowed index of the largest allowed value: torch.argmax of the masked row (a NaN
- * counts as the largest, the first one wins; an all -inf row gives 0, as torch does). A NULL
- * mask allows every token below limit (unmasked rows use numpy's argmax: bitmask.py). */
+ * counts as the largest, the first one wins; an all -inf row gives 0, as torch does). Unmasked
+ * rows use numpy's argmax (bitmask.py). */
 static long row_argmax(const float *x, long limit, const uint32_t *m) {
     float lane[LANES]; /* lane b: the best of indices 32 w + b, first seen in word at[b] */
     int32_t at[LANES];
@@ -21,7 +21,7 @@ static long row_argmax(const float *x, long limit, const uint32_t *m) {
     for (int b = 0; b < LANES; b++) lane[b] = -INFINITY, at[b] = -1;
     long full = limit / LANES, rem = limit % LANES;
     for (long w = 0; w < full; w++) {
-        uint32_t bits = m ? m[w] : ~0u;
+        uint32_t bits = m[w];
         if (!bits) continue;
         const float *xw = x + w * LANES;
         for (int b = 0; b < LANES; b++) {
@@ -32,7 +32,7 @@ static long row_argmax(const float *x, long limit, const uint32_t *m) {
             at[b] = gt ? (int32_t)w : at[b];
         }
     }
-    uint32_t tail = rem ? (m ? m[full] : ~0u) & ((1u << rem) - 1u) : 0u;
+    uint32_t tail = rem ? m[full] & ((1u << rem) - 1u) : 0u;
     for (long b = 0; b < rem; b++) {
         float v = ((tail >> b) & 1u) ? x[full * LANES + b] : -INFINITY;
         int gt = v > lane[b];
@@ -42,7 +42,7 @@ static long row_argmax(const float *x, long limit, const uint32_t *m) {
     }
     if (nan) {
         for (long j = 0; j < limit; j++)
-            if ((!m || ((m[j / LANES] >> (j % LANES)) & 1u)) && x[j] != x[j]) return j;
+            if (((m[j / LANES] >> (j % LANES)) & 1u) && x[j] != x[j]) return j;
     }
     float best = -INFINITY;
     for (int b = 0; b < LANES; b++) best = lane[b] > best ? lane[b] : best;
@@ -55,14 +55,13 @@ static long row_argmax(const float *x, long limit, const uint32_t *m) {
     return arg;
 }
 
-/* out[r] = argmax of row rows[r] of x [*, ld] under mask row r [n, words] (mask NULL: none). */
+/* out[r] = argmax of row rows[r] of x [*, ld] under mask row r [n, words]. */
 void bitmask_argmax(const float *x, long ld, long vocab, const int32_t *mask, long words,
                     const int64_t *rows, long n, int64_t *out, int nthreads) {
-    long limit = mask && words * LANES < vocab ? words * LANES : vocab;
+    long limit = words * LANES < vocab ? words * LANES : vocab;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (n > 1 && nthreads > 1)
     for (long r = 0; r < n; r++)
-        out[r] = row_argmax(x + rows[r] * ld, limit,
-                            mask ? (const uint32_t *)(mask + r * words) : (const uint32_t *)0);
+        out[r] = row_argmax(x + rows[r] * ld, limit, (const uint32_t *)(mask + r * words));
 }
 
 /* dst row rows[r] = src row rows[r] with the tokens mask row r forbids at -inf (src, dst [*, ld];

@@ -104,7 +104,7 @@ def test_bad_shapes_raise_with_the_numbers() -> None:
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("num_rows,vocab", [(1, 49152), (16, 49152), (3, 1003), (6, 31)])
-def test_argmax_free_is_torch_argmax(kernel, threads, num_rows, vocab) -> None:
+def test_argmax_free_is_torch_argmax(threads, num_rows, vocab) -> None:
     """Random rows, plus ties, a NaN, +inf and an all -inf row where there is room for them."""
     g = np.random.default_rng(num_rows * 31 + vocab)
     logits = torch.from_numpy(g.standard_normal((num_rows, vocab), dtype=np.float32))
