@@ -262,8 +262,12 @@ async def bench(args: argparse.Namespace) -> dict:
             args.request_timeout,
             args.extra_body,
         )
+        # NOTE: flushed: through a pipe (compare.py's callers, its test) the load's start shows
+        # when it happens, not when the whole run ends
         print(
-            f"model {model} at {cfg.url}; {num_words} words/prompt for ~{args.prompt_tokens} tokens"
+            f"model {model} at {cfg.url}; {num_words} words/prompt for "
+            f"~{args.prompt_tokens} tokens",
+            flush=True,
         )
         rng = random.Random(args.seed)
         levels = []
@@ -288,7 +292,8 @@ async def bench(args: argparse.Namespace) -> dict:
             levels.append(row)
             print(
                 f"concurrency {c}: {row['completed']}/{row['requests']} ok in {wall:.1f} s, "
-                f"{row['output_throughput']:.1f} tok/s"
+                f"{row['output_throughput']:.1f} tok/s",
+                flush=True,
             )
     return {
         "base_url": base,
