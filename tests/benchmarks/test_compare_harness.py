@@ -74,7 +74,12 @@ def test_ctrl_c_stops_the_server(tiny_llama_gguf: Path, tmp_path: Path) -> None:
     """SIGINT in the middle of the load: compare.py exits and its server does not outlive it."""
     cmd = compare_cmd(tiny_llama_gguf, tmp_path / "c.json")
     cmd[cmd.index("--num-requests") + 1] = "1000"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # NOTE: SIGINT as at a terminal: a suite started in the background (`make test &`) passes its
+    # children SIGINT ignored, and compare.py would then run to the end and exit 0
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     lines: list[str] = []
     loading = threading.Event()
 
