@@ -57,7 +57,6 @@ class CUDAGraphs:
         self.block_tables = torch.zeros(b, nb, dtype=torch.long, device=dev)
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = None  # one memory pool all graphs share (they never run at once)
-        self.capture_seconds = 0.0
 
     def shape(self, step: StepInput) -> tuple[int, int] | None:
         """(batch bucket, block bucket) of a pure-decode step, or None: the eager path takes it."""
@@ -97,13 +96,17 @@ class CUDAGraphs:
             ],
             dtype=torch.long,
         )  # [4, b]
-        rows = _pinned(rows)
+        rows = self._pinned(rows)
         self.input_ids[:b].copy_(rows[0], non_blocking=True)
         self.positions[:b].copy_(rows[1], non_blocking=True)
         self.slots[:b].copy_(rows[2], non_blocking=True)
         self.context_lens[:b].copy_(rows[3], non_blocking=True)
         self.block_tables[:b, :nb].fill_(pad)
-        self.block_tables[:n, :width].copy_(_pinned(tables), non_blocking=True)
+        self.block_tables[:n, :width].copy_(self._pinned(tables), non_blocking=True)
+
+    def _pinned(self, t: torch.Tensor) -> torch.Tensor:
+        """Page-locked for a GPU model, so that the copy to it is asynchronous; as is on CPU."""
+        return t.pin_memory() if self.slots.is_cuda else t
 
     def forward(self, b: int, nb: int) -> torch.Tensor:
         """The model on the static buffers ([b, hidden]): metadata built from them by device ops
@@ -148,11 +151,6 @@ class CUDAGraphs:
             self.pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self.pool):
             hidden = self.forward(b, nb)
-        self.capture_seconds += time.perf_counter() - t0
-        logger.info("captured a CUDA graph for %d rows x %d blocks", b, nb)
+        logger.info("captured a CUDA graph for %d rows x %d blocks in %.3f s", b, nb,
+                    time.perf_counter() - t0)  # fmt: skip
         return _Graph(graph, hidden)
-
-
-def _pinned(t: torch.Tensor) -> torch.Tensor:
-    """Page-locked, so that the copy to the GPU is asynchronous (as is, on a CPU-only host)."""
-    return t.pin_memory() if torch.cuda.is_available() else t

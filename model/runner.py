@@ -254,32 +254,33 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.parallel.timer.reset()
         dev = self.device
-        input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)  # [T]
-        positions = torch.tensor(step.positions, dtype=torch.long, device=dev)  # [T]
         ends, end = [], 0
         for q in step.query_lens:
             end += q
             ends.append(end - 1)
         rows = [ends[i] for i in step.sample_indices]
+        # NOTE: a graph copies the step into its own static buffers: no input tensors for it
         hidden = self.graphs.run(step) if self.graphs is not None else None  # [T, hidden]
-        if hidden is not None:
-            t1 = time.perf_counter()
-        elif self.fused is not None and FusedDecode.takes(step.query_lens):
-            t1 = time.perf_counter()
-            hidden = self.fused(  # [T, hidden]: every layer in one decode.c call
-                input_ids, positions, step.slot_mapping, step.context_lens, step.block_tables
-            )
-        else:
-            meta = AttentionMetadata.build(
-                step.query_lens,
-                step.context_lens,
-                step.block_tables,
-                step.slot_mapping,
-                self.block_size,
-                dev,
-            )
-            t1 = time.perf_counter()
-            hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        t1 = time.perf_counter()
+        if hidden is None:
+            input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)  # [T]
+            positions = torch.tensor(step.positions, dtype=torch.long, device=dev)  # [T]
+            if self.fused is not None and FusedDecode.takes(step.query_lens):
+                t1 = time.perf_counter()
+                hidden = self.fused(  # [T, hidden]: every layer in one decode.c call
+                    input_ids, positions, step.slot_mapping, step.context_lens, step.block_tables
+                )
+            else:
+                meta = AttentionMetadata.build(
+                    step.query_lens,
+                    step.context_lens,
+                    step.block_tables,
+                    step.slot_mapping,
+                    self.block_size,
+                    dev,
+                )
+                t1 = time.perf_counter()
+                hidden = self.model(input_ids, positions, meta)  # [T, hidden]
         if rows != list(range(step.num_tokens)):
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
         logits = self.model.compute_logits(hidden)  # [num_sample_rows, vocab] (rank 0)
