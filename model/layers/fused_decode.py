@@ -75,8 +75,9 @@ def _lin(module: nn.Module) -> _Lin:
 def _lib() -> ctypes.CDLL | None:
     lib = gemv.load()
     if lib is not None and lib.decode_layers.argtypes is None:
-        lib.decode_layers.argtypes = [_i, _p, _p, _p, _p, _p, _l, _p, _p, _p, _p, _p, _i, _p, _l]
-        lib.decode_layers.argtypes += [_i]
+        lib.decode_layers.argtypes = [
+            _i, _p, _p, _p, _p, _p, _l, _p, _p, _p, _p, _p, _i, _p, _l, _i,
+        ]  # fmt: skip
         lib.decode_layers.restype = _i
         lib.decode_scratch.argtypes = [_p, _l, _l, _i]
         lib.decode_scratch.restype = _l
@@ -173,8 +174,7 @@ class FusedDecode:
             self.scratch = torch.empty(need)
         rc = lib.decode_layers(
             len(self.layers), self.layers, inner.norm.weight.data_ptr(), ctypes.byref(self.shape),
-            h.data_ptr(),
-            residual.data_ptr(), b, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+            h.data_ptr(), residual.data_ptr(), b, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             ctx.data_ptr(), tables.data_ptr(), max_blocks, self.scratch.data_ptr(), max_ctx,
             threads,
         )  # fmt: skip
