@@ -12,19 +12,11 @@ import ctypes
 import numpy as np
 import torch
 
-from model.layers import gemv
-
-_p, _l, _i = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+from model.layers import kernels
 
 
 def _lib() -> ctypes.CDLL | None:
-    lib = gemv.load()
-    if lib is not None and lib.bitmask_argmax.argtypes is None:
-        lib.bitmask_argmax.argtypes = [_p, _l, _l, _p, _l, _p, _l, _p, _i]
-        lib.bitmask_argmax.restype = None
-        lib.bitmask_apply.argtypes = [_p, _p, _l, _l, _p, _l, _p, _l, _i]
-        lib.bitmask_apply.restype = None
-    return lib
+    return kernels.load()
 
 
 def _usable(logits: torch.Tensor, bitmask: torch.Tensor) -> bool:

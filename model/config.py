@@ -7,6 +7,8 @@ from typing import Any
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")  # auto: float32 on CPU, bfloat16 on CUDA
 QUANTIZATIONS = ("none", "int8", "int4")  # None (no flag): a GGUF's own, float for HF folders
+# auto: int8 for a GGUF's packed weights on a CPU with the C kernels, else float32 (the oracle)
+ACTIVATION_DTYPES = ("auto", "float32", "int8")
 
 
 def check_engine_args(
@@ -16,6 +18,7 @@ def check_engine_args(
     dtype: str = "auto",
     kv_cache_dtype: str = "auto",
     quantization: str | None = None,
+    activation_dtype: str = "auto",
 ) -> None:
     """The one check of the knobs EngineConfig and ModelRunner share; ValueError naming them."""
     for name, value in (("block_size", block_size), ("tensor_parallel_size", tensor_parallel_size)):
@@ -25,6 +28,7 @@ def check_engine_args(
         ("dtype", dtype, DTYPES),
         ("kv_cache_dtype", kv_cache_dtype, DTYPES),
         ("quantization", quantization, (None, *QUANTIZATIONS)),
+        ("activation_dtype", activation_dtype, ACTIVATION_DTYPES),
     ):
         if value not in allowed:
             names = ", ".join(a for a in allowed if a is not None)

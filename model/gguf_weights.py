@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from model.gguf_reader import GGUFFile, read_gguf
+from model.layers.qdot import GGML_TYPE_IDS, BlockTensor, permute_block_rows
 from model.layers.quant import PACKED_TYPES, QuantTensor, from_gguf_blocks, permute_rows
 
 logger = logging.getLogger(__name__)
@@ -27,7 +28,9 @@ logger = logging.getLogger(__name__)
 # general.architecture → (HF architectures entry, HF model_type)
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+)  # fmt: skip
 
 _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -270,9 +273,12 @@ class GGUFCheckpoint:
         """HF names of every weight tensor, in file order."""
         return list(self._by_hf_name)
 
-    def get(self, name: str, packed: bool = False) -> torch.Tensor | QuantTensor:
+    def get(
+        self, name: str, packed: bool = False, blocks: bool = False
+    ) -> torch.Tensor | QuantTensor:
         """One tensor by HF name, (llama Q/K) un-permuted: dequantized to float32, or with
-        packed=True a quantized tensor kept in its packed layout (model/layers/quant.py)."""
+        packed=True a quantized tensor kept in its packed layout (model/layers/quant.py), or with
+        blocks=True too, where qdot.c takes its type, in the file's own blocks (int8 path)."""
         import gguf
 
         t = self._by_hf_name.get(name)
@@ -285,18 +291,27 @@ class GGUFCheckpoint:
                 heads = self.config["num_attention_heads"]
             elif ".self_attn.k_proj." in name:
                 heads = self.config["num_key_value_heads"]
-        if packed and kind in PACKED_TYPES and len(t.shape) == 2:
+        if packed and blocks and kind in GGML_TYPE_IDS and len(t.shape) == 2:
             cols, rows = (int(n) for n in t.shape)  # GGUF lists the fastest dimension first
+            data = torch.from_numpy(np.array(t.data.reshape(rows, -1), dtype=np.uint8, copy=True))
+            out = BlockTensor([(kind, data)], cols)
+            if heads is None:
+                return out
+            return permute_block_rows(out, unpermute_qk(torch.arange(rows)[:, None], heads)[:, 0])
+        if packed and kind in PACKED_TYPES and len(t.shape) == 2:
+            cols, rows = (int(n) for n in t.shape)
             return GGUFQuantTensor(kind, t.data.reshape(rows, -1), rows, cols, heads)
         arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
         out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
         return unpermute_qk(out, heads) if heads is not None else out
 
-    def tensors(self, packed: bool = False) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
-        """Yield (hf_name, tensor) one at a time (packed: quantized types stay packed); a tied
-        model has no lm_head.weight."""
+    def tensors(
+        self, packed: bool = False, blocks: bool = False
+    ) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
+        """Yield (hf_name, tensor) one at a time (packed: quantized types stay packed; blocks: in
+        the file's blocks where the int8 kernels take them); a tied model has no lm_head.weight."""
         for name in self._by_hf_name:
-            yield name, self.get(name, packed)
+            yield name, self.get(name, packed, blocks)
             _release_pages(self.reader, self._by_hf_name[name])  # the consumer has converted it
 
 

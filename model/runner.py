@@ -14,10 +14,11 @@ from model.config import ModelConfig, check_engine_args
 from model.cuda_graphs import CUDAGraphs
 from model.inputs import StepInput, StepOutput
 from model.kv_cache import KVCacheSpec, allocate_kv_cache, default_kv_cache_memory
-from model.layers import gemv
+from model.layers import kernels
 from model.layers.attention import AttentionMetadata
 from model.layers.fused_decode import FusedDecode
 from model.layers.linear import packed_nbytes
+from model.layers.qdot import rtn_to_blocks
 from model.layers.quant import quantize_rtn
 from model.llama import LlamaForCausalLM
 from model.loader import load_weights
@@ -46,12 +47,32 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def open_checkpoint(path: str, quantization: str | None = None):
+def resolve_activation_dtype(
+    activation_dtype: str, path: str, quantization: str | None, device: torch.device, dtype
+) -> str:
+    """auto: int8 where its kernels serve (packed weights: a GGUF's own, or --quantization int8 /
+    int4 as Q8_0 / Q4_1 blocks; CPU, float32), else float32."""
+    packed = quantization in ("int8", "int4") or (path.endswith(".gguf") and quantization is None)
+    int8 = packed and device.type == "cpu" and dtype == torch.float32 and kernels.load() is not None
+    if activation_dtype == "int8" and not int8:
+        raise ValueError(
+            "activation_dtype int8 needs packed weights (a quantized GGUF, or --quantization int8 "
+            "or int4), served on CPU in float32 with the C kernels (got "
+            f"{path}, quantization {quantization}, device "
+            f"{device}, dtype {dtype}, kernels {'on' if kernels.load() else 'off'})"
+        )
+    if activation_dtype == "auto":
+        return "int8" if int8 else "float32"
+    return activation_dtype
+
+
+def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = False):
     """(config dict, weight stream) for an HF folder or a .gguf file.
 
     quantization None keeps a GGUF's quantized tensors packed and an HF checkpoint float;
     "none" dequantizes everything to float (the reference path); "int8"/"int4" also pack the
-    float 2-D weights (round to nearest, group 32).
+    float 2-D weights (round to nearest, group 32). blocks: a GGUF's quantized tensors stay in
+    the file's own blocks (the int8 activation path, model/layers/qdot.py).
     """
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -59,7 +80,7 @@ def open_checkpoint(path: str, quantization: str | None = None):
         from model.gguf_weights import load_gguf
 
         ckpt = load_gguf(path)
-        config, stream = ckpt.config, ckpt.tensors(packed=quantization != "none")
+        config, stream = ckpt.config, ckpt.tensors(packed=quantization != "none", blocks=blocks)
     else:
         from model.hf_weights import iterate_hf_weights, load_hf_config, safetensors_files
 
@@ -67,15 +88,17 @@ def open_checkpoint(path: str, quantization: str | None = None):
         safetensors_files(path)  # fail early, before the model is built
         stream = iterate_hf_weights(path)
     if quantization in ("int8", "int4"):
-        stream = _quantize_stream(stream, 8 if quantization == "int8" else 4)
+        stream = _quantize_stream(stream, 8 if quantization == "int8" else 4, blocks)
     return config, stream
 
 
-def _quantize_stream(stream, bits: int):
-    """Pack every float 2-D weight whose rows split into whole groups; the rest pass through."""
+def _quantize_stream(stream, bits: int, blocks: bool):
+    """Pack every float 2-D weight whose rows split into whole groups (as Q8_0 / Q4_1 blocks for
+    the int8 path); the rest pass through."""
     for name, tensor in stream:
         if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
             tensor = quantize_rtn(tensor, bits)
+            tensor = rtn_to_blocks(tensor) if blocks else tensor
         yield name, tensor
 
 
@@ -114,6 +137,7 @@ class ModelRunner:
         parallel: ParallelContext | None = None,
         local_rank: int = 0,
         enforce_eager: bool = False,
+        activation_dtype: str = "auto",
     ) -> None:
         check_engine_args(
             block_size=block_size,
@@ -121,6 +145,7 @@ class ModelRunner:
             dtype=dtype,
             kv_cache_dtype=kv_cache_dtype,
             quantization=quantization,
+            activation_dtype=activation_dtype,
         )
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -132,35 +157,42 @@ class ModelRunner:
         self.enforce_eager = enforce_eager
         self.parallel = parallel or ParallelContext()
         self.device = resolve_device(device, local_rank)
-        config, stream = open_checkpoint(model, quantization)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.activation_dtype = resolve_activation_dtype(
+            activation_dtype, model, quantization, self.device, self.dtype
+        )
+        blocks = self.activation_dtype == "int8"
+        config, stream = open_checkpoint(model, quantization, blocks)
         self.model_config = ModelConfig.from_hf_dict(config)
-        self._build(stream, dtype, kv_cache_memory, max_model_len, kv_cache_dtype)
+        self._build(stream, kv_cache_memory, max_model_len, kv_cache_dtype)
 
     def _build(
         self,
         stream,
-        dtype: str,
         kv_cache_memory: int | None,
         max_model_len: int | None,
         kv_cache_dtype: str = "auto",
     ) -> None:
         """Build this rank's shard, load its weights, size (same on all ranks) and bind the KV."""
         cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
-        self.dtype = resolve_dtype(dtype, self.device)
         with torch.device("meta"):
             net = LlamaForCausalLM(cfg, ctx)
         self.model = materialize(net, self.device, self.dtype).eval()
         if self.device.type == "cpu" and self.dtype == torch.float32:
-            gemv.load()  # the decode GEMV kernel, compiled once per machine (optional)
+            kernels.load()  # the CPU kernels, compiled once per machine (optional)
         load_weights(self.model, stream, progress=ctx.is_first)
         self.weight_bytes = packed_nbytes(self.model) + sum(
             p.numel() * p.element_size() for p in self.model.parameters()
         )
         logger.info(
-            "rank %d holds %.1f MiB of weights (%.1f MiB packed)",
+            "rank %d holds %.1f MiB of weights (%.1f MiB packed); %s activations%s",
             ctx.rank,
             self.weight_bytes / 2**20,
             packed_nbytes(self.model) / 2**20,
+            self.activation_dtype,
+            f" ({kernels.int8_isa(kernels.load())} on {kernels.cpu_name()})"
+            if self.activation_dtype == "int8"
+            else "",
         )
 
         attn = self.model.attention_layers()[0]

@@ -8,7 +8,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-# NOTE: DTYPES and QUANTIZATIONS are re-exported for the CLI (server/ never imports model/)
+# NOTE: the CLI takes ACTIVATION_DTYPES, DTYPES and QUANTIZATIONS from here (server/ never
+# imports model/)
+from model.config import ACTIVATION_DTYPES as ACTIVATION_DTYPES
 from model.config import DTYPES as DTYPES
 from model.config import QUANTIZATIONS as QUANTIZATIONS
 from model.config import check_engine_args
@@ -63,6 +65,7 @@ class EngineConfig:
     quantization: str | None = None  # None: GGUF weights stay packed, HF weights float
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    activation_dtype: str = "auto"  # int8: GGUF blocks x 8-bit activations; float32: the oracle
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -74,6 +77,7 @@ class EngineConfig:
             dtype=self.dtype,
             kv_cache_dtype=self.kv_cache_dtype,
             quantization=self.quantization,
+            activation_dtype=self.activation_dtype,
         )
 
 

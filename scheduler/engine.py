@@ -418,6 +418,7 @@ def runner_kwargs(config: EngineConfig) -> dict:
         quantization=config.quantization,
         kv_cache_dtype=config.kv_cache_dtype,
         enforce_eager=config.enforce_eager,
+        activation_dtype=config.activation_dtype,
     )
 
 

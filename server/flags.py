@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from scheduler.config import (
+    ACTIVATION_DTYPES,
     DEFAULT_MAX_PENDING_OUTPUTS,
     DTYPES,
     QUANTIZATIONS,
@@ -92,6 +93,12 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--dtype", choices=DTYPES, default="auto")
     s.add_argument("--quantization", "-q", choices=QUANTIZATIONS, help="default: the file's")
     s.add_argument("--kv-cache-dtype", choices=DTYPES, default="auto")
+    s.add_argument(
+        "--activation-dtype",
+        choices=ACTIVATION_DTYPES,
+        default="auto",
+        help="int8: a GGUF's blocks times 8-bit activations (auto on CPU); float32: exact path",
+    )
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
     s.add_argument("--seed", type=int, default=0)

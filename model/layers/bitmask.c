@@ -3,7 +3,7 @@
  * row's best allowed token without writing anything; bitmask_apply writes a row's logits with
  * the forbidden tokens at -inf. Token j is allowed iff its bit is set and j < limit, where
  * limit = min(vocab, 32 * words) (a padded LM head's extra columns are never allowed).
- * model/bitmask.py holds the plain-torch reference these are tested against. Built by gemv.py.
+ * model/bitmask.py holds the plain-torch reference these are tested against. Built by kernels.py.
  */
 #include <math.h>
 #include <stdint.h>

@@ -7,7 +7,7 @@
  * reading the 4-bit weights; here it is one ctypes call. The torch modules (model/llama.py) stay
  * the reference and serve every other step (prefill chunks, mixed batches, tensor parallelism,
  * float weights); tests/model/test_fused_decode.py compares the two. Built with quant.c by
- * gemv.py.
+ * kernels.py.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,12 +25,25 @@ int qgemm(const float *x, long ldx, const uint8_t *q, const void *scales, const 
           int bits, int group, int f32, const float *bias, float *y, long ldy, long m, long in,
           long out, int nthreads);
 
-typedef struct { /* one packed linear: quant.py's QuantTensor */
+long qx_row_bytes(long n, int k);
+int qx_act_kind(int type);
+int qx_quantize(const float *x, long ldx, long m, long n, int k, void *out, int nthreads);
+int qx_gemm(int type, const uint8_t *w, long row_bytes, long out, long n_in, const void *xq,
+            long m, float *y, long ldy, const float *bias, int nthreads);
+int px_gemm(int type, const uint8_t *w, long out, long n_in, const void *xq, long m, float *y,
+            long ldy, const float *bias, int nthreads);
+
+#define MAX_PARTS 3
+typedef struct { /* one linear: quant.py's QuantTensor, or (nparts > 0) qdot.py's BlockTensor */
     const uint8_t *q;
     const void *scales, *mins;
     const float *bias;
     int bits, group, f32;
     long in, out;
+    int nparts;                       /* GGUF-block parts (int8 activations), stacked by rows */
+    int types[MAX_PARTS], panel[MAX_PARTS]; /* GGML type; 1: px_gemm's panels, 0: file blocks */
+    const uint8_t *data[MAX_PARTS];
+    long rows[MAX_PARTS], row_bytes[MAX_PARTS];
 } dlin;
 
 typedef struct {
@@ -144,9 +157,28 @@ static void exp_inplace(float *a, long n) {
 }
 #endif
 
-static int lin(const dlin *l, const float *x, float *y, long m, int nt) {
-    return qgemm(x, l->in, l->q, l->scales, l->mins, l->bits, l->group, l->f32, l->bias, y, l->out,
-                 m, l->in, l->out, nt);
+/* y [m, out] = x W^T (+ bias); GGUF-block parts quantize x once per activation kind into xq */
+static int lin(const dlin *l, const float *x, float *y, long m, int nt, char *xq) {
+    if (l->nparts == 0)
+        return qgemm(x, l->in, l->q, l->scales, l->mins, l->bits, l->group, l->f32, l->bias, y,
+                     l->out, m, l->in, l->out, nt);
+    char *act[2] = {xq, xq + m * qx_row_bytes(l->in, 0)};
+    int done[2] = {0, 0};
+    long at = 0;
+    for (int p = 0; p < l->nparts; p++) {
+        const int k = qx_act_kind(l->types[p]);
+        if (k < 0) return -1;
+        if (!done[k] && qx_quantize(x, l->in, m, l->in, k, act[k], nt)) return -1;
+        done[k] = 1;
+        const float *b = l->bias ? l->bias + at : NULL;
+        const int rc = l->panel[p]
+            ? px_gemm(l->types[p], l->data[p], l->rows[p], l->in, act[k], m, y + at, l->out, b, nt)
+            : qx_gemm(l->types[p], l->data[p], l->row_bytes[p], l->rows[p], l->in, act[k], m,
+                      y + at, l->out, b, nt);
+        if (rc) return -1;
+        at += l->rows[p];
+    }
+    return 0;
 }
 
 /* residual += h (or = h for the first layer), x = residual / rms(residual) * w, one row */
@@ -258,7 +290,10 @@ static void merge(const float *part, int nparts, long stride, int d, float *out)
 long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
     long qkv = (long)(s->heads + 2 * s->kv_heads) * s->head_dim;
     long group = s->heads / s->kv_heads;
+    long widest = s->inter > s->hidden ? s->inter : s->hidden;
+    if ((long)s->heads * s->head_dim > widest) widest = (long)s->heads * s->head_dim;
     return B * (s->hidden + qkv + (long)s->heads * s->head_dim + 3L * s->inter) +
+           B * widest + /* int8 activations, both block kinds: ~2.4 bytes a value */
            (long)nthreads * group * max_ctx + /* scores of a run */
            B * s->heads * (long)nthreads * (s->head_dim + 2); /* each run's parts */
 }
@@ -312,6 +347,7 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
     float *x = scratch, *qkv = x + B * H, *att = qkv + B * qkv_n, *gu = att + B * (long)nh * d;
     float *act = gu + B * 2L * s->inter, *scores = act + B * (long)s->inter;
     float *parts = scores + (long)nthreads * (nh / nkv) * max_ctx;
+    char *xq = (char *)(parts + B * nh * (long)nthreads * (d + 2));
     const float scale = 1.0f / sqrtf((float)d);
     const long cache_head = s->num_blocks * s->block_size * d; /* floats per KV head */
     for (long b = 0; b < B; b++)
@@ -322,7 +358,7 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
         const dlayer *L = &layers[li];
         for (long b = 0; b < B; b++)
             add_norm(residual + b * H, h + b * H, li > 0, x + b * H, L->in_norm, H, s->eps);
-        if (lin(&L->qkv, x, qkv, B, nthreads)) return -1;
+        if (lin(&L->qkv, x, qkv, B, nthreads, xq)) return -1;
         for (long b = 0; b < B; b++) {
             float *row = qkv + b * qkv_n;
             for (int hh = 0; hh < nh + nkv; hh++) rope(row + hh * d, cos + b * d, sin + b * d, d);
@@ -334,10 +370,10 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
         }
         attention(L, s, qkv, qkv_n, B, ctx_lens, tables, max_blocks, max_ctx, scale, cache_head,
                   scores, parts, nthreads, att);
-        if (lin(&L->o, att, h, B, nthreads)) return -1;
+        if (lin(&L->o, att, h, B, nthreads, xq)) return -1;
         for (long b = 0; b < B; b++)
             add_norm(residual + b * H, h + b * H, 1, x + b * H, L->post_norm, H, s->eps);
-        if (lin(&L->gate_up, x, gu, B, nthreads)) return -1;
+        if (lin(&L->gate_up, x, gu, B, nthreads, xq)) return -1;
         for (long b = 0; b < B; b++) {
             const float *g = gu + b * 2L * s->inter, *u = g + s->inter;
             float *a = act + b * (long)s->inter;
@@ -345,7 +381,7 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
             exp_inplace(a, s->inter);
             for (int i = 0; i < s->inter; i++) a[i] = g[i] / (1.0f + a[i]) * u[i];
         }
-        if (lin(&L->down, act, h, B, nthreads)) return -1;
+        if (lin(&L->down, act, h, B, nthreads, xq)) return -1;
     }
     for (long b = 0; b < B; b++)
         add_norm(residual + b * H, h + b * H, n_layers > 0, x + b * H, final_norm, H, s->eps);

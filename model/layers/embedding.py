@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers.linear import dense, drop_packed, install_packed, keeps_packed
+from model.layers.qdot import BlockTensor, pad_block_rows
 from model.layers.quant import QuantTensor, pad_rows
 from model.parallel import ParallelContext, all_reduce, gather_to_first
 
@@ -40,9 +41,11 @@ class VocabParallelEmbedding(nn.Module):
             )
         rows = max(0, min(self.vocab_per_rank, self.vocab_size - self.vocab_start))
         if isinstance(loaded, QuantTensor):
-            part = pad_rows(loaded.narrow_rows(self.vocab_start, rows), self.vocab_per_rank)
+            part = loaded.narrow_rows(self.vocab_start, rows)
+            pad = pad_block_rows if isinstance(part, BlockTensor) else pad_rows
+            part = pad(part, self.vocab_per_rank)
             if keeps_packed(param):
-                return install_packed(self, part, type(self).__name__)
+                return install_packed(self, part, type(self).__name__, keep_file_blocks=True)
             param.data.copy_(part.dequantize())
             return
         param.data[rows:].zero_()

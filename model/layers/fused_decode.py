@@ -14,10 +14,14 @@ import os
 import torch
 from torch import nn
 
-from model.layers import gemv
+from model.layers import kernels
+from model.layers.qdot import GGML_TYPE_IDS, BlockTensor
 from model.layers.quant import KERNEL_MAX_ROWS, QuantTensor
 
 _p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+
+
+MAX_PARTS = 3  # decode.c's parts of one merged GGUF-block linear (q, k, v)
 
 
 class _Lin(ctypes.Structure):
@@ -31,6 +35,12 @@ class _Lin(ctypes.Structure):
         ("f32", _i),
         ("n_in", _l),
         ("n_out", _l),
+        ("nparts", _i),
+        ("types", _i * MAX_PARTS),
+        ("panel", _i * MAX_PARTS),
+        ("data", _p * MAX_PARTS),
+        ("rows", _l * MAX_PARTS),
+        ("row_bytes", _l * MAX_PARTS),
     ]
 
 
@@ -64,6 +74,14 @@ def _lin(module: nn.Module) -> _Lin:
     t: QuantTensor = module.quant
     rows, n_in = t.shape
     bias = module.bias.data_ptr() if module.bias is not None else None
+    if isinstance(t, BlockTensor):
+        lin = _Lin(None, None, None, bias, 0, 0, 0, n_in, rows, len(t.parts))
+        panels = t.panels or [None] * len(t.parts)
+        for i, ((kind, data), panel) in enumerate(zip(t.parts, panels, strict=True)):
+            lin.types[i], lin.panel[i] = GGML_TYPE_IDS[kind], int(panel is not None)
+            lin.data[i] = (panel if panel is not None else data).data_ptr()
+            lin.rows[i], lin.row_bytes[i] = data.shape[0], data.shape[1]
+        return lin
     mins = t.mins.data_ptr() if t.mins is not None else None
     f32 = int(t.fmt.scale_dtype == torch.float32)
     return _Lin(
@@ -73,15 +91,7 @@ def _lin(module: nn.Module) -> _Lin:
 
 
 def _lib() -> ctypes.CDLL | None:
-    lib = gemv.load()
-    if lib is not None and lib.decode_layers.argtypes is None:
-        lib.decode_layers.argtypes = [
-            _i, _p, _p, _p, _p, _p, _l, _p, _p, _p, _p, _p, _i, _p, _l, _i,
-        ]  # fmt: skip
-        lib.decode_layers.restype = _i
-        lib.decode_scratch.argtypes = [_p, _l, _l, _i]
-        lib.decode_scratch.restype = _l
-    return lib
+    return kernels.load()
 
 
 class FusedDecode:
@@ -131,7 +141,11 @@ class FusedDecode:
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
             linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-            if any(getattr(x, "quant", None) is None for x in linears):
+            quants = [getattr(x, "quant", None) for x in linears]
+            if any(q is None for q in quants):
+                return None
+            blocks = [q for q in quants if isinstance(q, BlockTensor)]
+            if blocks and (len(blocks) < 4 or any(len(q.parts) > MAX_PARTS for q in blocks)):
                 return None
             if a.o_proj.ctx.size != 1 or a.attn.backend != "sdpa" or a.attn.k_cache is None:
                 return None

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import gemv
+from model.layers.qdot import BlockTensor, cat_blocks, qx_linear
 from model.layers.quant import QuantTensor, cat_rows, qlinear
 from model.parallel import ParallelContext, all_reduce
 
@@ -29,6 +30,8 @@ def dense(owner: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     moves (data_ptr) or a weight_loader writes it (drop_packed).
     """
     packed = owner.__dict__.get("quant")
+    if isinstance(packed, BlockTensor):
+        return qx_linear(x, packed, bias)
     if packed is not None:
         return qlinear(x, packed, bias)
     if gemv.usable(x, weight, bias):
@@ -58,11 +61,16 @@ def keeps_packed(param: torch.Tensor | None) -> bool:
     return param is not None and param.device.type == "cpu" and param.dtype == torch.float32
 
 
-def install_packed(owner: nn.Module, packed: QuantTensor, name: str) -> None:
-    """Make `owner` compute with `packed`: its float weight is dropped, not kept beside it."""
+def install_packed(
+    owner: nn.Module, packed: QuantTensor, name: str, keep_file_blocks: bool = False
+) -> None:
+    """Make `owner` compute with `packed`: its float weight is dropped, not kept beside it (GGUF
+    blocks are repacked for the int8 kernels; keep_file_blocks: rows are looked up too)."""
     weight = owner.weight
     if weight is not None and tuple(weight.shape) != packed.shape:
         raise ValueError(f"{name}: expected shape {tuple(weight.shape)}, got {packed.shape}")
+    if isinstance(packed, BlockTensor):
+        packed.pack(drop_file_blocks=not keep_file_blocks)
     drop_packed(owner)
     owner.quant = packed
     owner.weight = None
@@ -167,7 +175,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             return
         del self.__dict__["_parts"]
         if keeps_packed(param) and not self._float_parts:
-            return install_packed(self, cat_rows([parts[k] for k in self.shard_names]), name)
+            ordered = [parts[k] for k in self.shard_names]
+            blocks = all(isinstance(p, BlockTensor) for p in ordered)
+            return install_packed(self, cat_blocks(ordered) if blocks else cat_rows(ordered), name)
         for k, p in parts.items():
             offset, rows = self._offsets(k)
             _copy(param.data.narrow(0, offset, rows), p.dequantize(), name)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.layers import gemv
+from model.layers import kernels
 
 GROUP = 32
 
@@ -354,14 +354,7 @@ def _args(t: QuantTensor, row: int = 0) -> tuple:
 
 
 def _lib() -> ctypes.CDLL | None:
-    """The CPU kernel library (gemv.py builds gemv.c and quant.c into one), signatures bound."""
-    lib = gemv.load()
-    if lib is not None and lib.qgemm.argtypes is None:
-        p, i, c = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
-        lib.qgemm.argtypes = [p, i, p, p, p, c, c, c, p, p, i, i, i, i, c]
-        lib.qdequant.argtypes = [p, p, p, c, c, c, p, i, i, c]
-        lib.qgemm.restype = lib.qdequant.restype = c
-    return lib
+    return kernels.load()
 
 
 def kernel_usable(x: torch.Tensor) -> bool:
