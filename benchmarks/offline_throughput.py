@@ -110,7 +110,7 @@ def main() -> None:
         ),
         "single_stream": run(engine, [make_prompt(engine, rng, 32)], args.decode_tokens),
     }
-    if gemv.max_rows and args.tensor_parallel_size == 1:  # A/B in this run: oneDNN's GEMV
+    if gemv.max_rows() and args.tensor_parallel_size == 1:  # A/B in this run: oneDNN's GEMV
         gemv.enabled = False
         results["single_stream_onednn"] = run(
             engine, [make_prompt(engine, rng, 32)], args.decode_tokens

@@ -75,6 +75,11 @@ class Executor:
     def last_timings(self) -> dict[str, float]:
         return self.runner.last_timings
 
+    @property
+    def last_path(self) -> str:
+        """What served the last step on rank 0 (ModelRunner.choose_path + activation dtype)."""
+        return self.runner.last_path
+
     def execute(self, step: StepInput, constraints: ConstraintBatch | None = None) -> StepOutput:
         """One step on every rank; rank 0 samples (constraints: its grammar masks, or None)."""
         return self.runner.execute(step, constraints)

@@ -151,6 +151,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.seed = seed
         self.last_timings: dict[str, float] = {}
+        self.last_path = ""  # what served the last step: choose_path() + activation dtype
         self._sampler = None
         self.fused: FusedDecode | None = None
         self.graphs: CUDAGraphs | None = None
@@ -270,6 +271,19 @@ class ModelRunner:
                 f"step has {step.num_seqs} query_lens, {len(step.context_lens)} context_lens and "
                 f"{len(step.block_tables)} block_tables"
             )
+        # NOTE: decode.c writes K/V at these slots: an id out of range is refused here, not
+        # turned into a heap write
+        blocks = self.num_kv_blocks
+        ids = [b for t in step.block_tables for b in t]
+        if (ids and not 0 <= min(ids) <= max(ids) < blocks) or (
+            step.slot_mapping
+            and not 0 <= min(step.slot_mapping) <= max(step.slot_mapping) < blocks * self.block_size
+        ):
+            raise ValueError(
+                f"step names a block or slot out of range: blocks {min(ids, default=0)}.."
+                f"{max(ids, default=0)}, slots {min(step.slot_mapping, default=0)}.."
+                f"{max(step.slot_mapping, default=0)}, for {blocks} blocks of {self.block_size}"
+            )
 
     def compute_logits(self, step: StepInput) -> torch.Tensor:
         """Run the batched forward (writing K/V) -> [len(sample_indices), vocab] float32 logits.
@@ -279,6 +293,16 @@ class ModelRunner:
         """
         self._check(step)
         return self.forward_step(step)
+
+    def choose_path(self, step: StepInput) -> str:
+        """The one place that decides what serves a step: "graph" (a CUDA graph replay), "fused"
+        (decode.c: every layer of a decode step in one call) or "torch" (the modules, the
+        reference); the linears inside follow the runner's activation dtype."""
+        if self.graphs is not None and self.graphs.shape(step) is not None:
+            return "graph"
+        if self.fused is not None and FusedDecode.takes(step.query_lens):
+            return "fused"
+        return "torch"
 
     @torch.inference_mode()
     def forward_step(self, step: StepInput) -> torch.Tensor:
@@ -291,13 +315,15 @@ class ModelRunner:
             end += q
             ends.append(end - 1)
         rows = [ends[i] for i in step.sample_indices]
-        # NOTE: a graph copies the step into its own static buffers: no input tensors for it
-        hidden = self.graphs.run(step) if self.graphs is not None else None  # [T, hidden]
+        path = self.choose_path(step)
+        self.last_path = f"{path}_{self.activation_dtype}" if path != "graph" else path
         t1 = time.perf_counter()
-        if hidden is None:
+        if path == "graph":  # NOTE: a graph copies the step into its own static buffers
+            hidden = self.graphs.run(step)  # [T, hidden]
+        else:
             input_ids = torch.tensor(step.input_ids, dtype=torch.long, device=dev)  # [T]
             positions = torch.tensor(step.positions, dtype=torch.long, device=dev)  # [T]
-            if self.fused is not None and FusedDecode.takes(step.query_lens):
+            if path == "fused":
                 t1 = time.perf_counter()
                 hidden = self.fused(  # [T, hidden]: every layer in one decode.c call
                     input_ids, positions, step.slot_mapping, step.context_lens, step.block_tables

@@ -91,6 +91,7 @@ class LLMEngine:
         self._aborts: list[tuple[str, str | None]] = []  # (request id, error or None)
         self._last_step = SchedulerStats()
         self.num_steps = 0
+        self.model_steps: dict[str, int] = {}  # steps by the path that served them (runner)
         self.prompt_tokens_total = 0  # vLLM's counting: a request's prompt at its first token
         self.generation_tokens_total = 0
 
@@ -217,6 +218,8 @@ class LLMEngine:
                 if self.constraints is not None:  # NOTE: unconstrained servers skip even this
                     constraints = self.constraints.batch([s.matcher for s in batch.sampling_seqs])
                 step_output = self.executor.execute(batch.step_input, constraints)
+                path = self.executor.last_path
+                self.model_steps[path] = self.model_steps.get(path, 0) + 1
                 t2 = time.perf_counter()
                 sampled = self.scheduler.update(batch, step_output)
                 if constraints is not None:  # the next step's masks, filled while this one ends
@@ -382,6 +385,7 @@ class LLMEngine:
             prefix_cache_queries_total=bm.prefix_queries,
             prefix_cache_hits_total=bm.prefix_hits,
             num_steps_total=self.num_steps,
+            model_steps_total=dict(self.model_steps),
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
         )

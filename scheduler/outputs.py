@@ -66,6 +66,7 @@ class SchedulerStats:
     step_num_tokens: int = 0
     step_time_split: dict[str, float] = field(default_factory=dict)  # schedule/prepare/forward/...
     num_steps_total: int = 0  # steps that ran the model; per-step fields below belong to this one
+    model_steps_total: dict[str, int] = field(default_factory=dict)  # by path: "fused_int8", ...
     prompt_tokens_total: int = 0  # prompt tokens of requests, counted at their first token
     generation_tokens_total: int = 0  # sampled tokens, all samples, counted every step
     step_inter_token_latencies: list[float] = field(default_factory=list)  # s, one per request

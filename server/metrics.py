@@ -126,6 +126,15 @@ class ServerMetrics:
             **m,
         )
         self.requests_finished = {r: finished.labels(model_name, r) for r in FINISHED_REASONS}
+        steps = Counter(
+            "tokenmill_model_steps",
+            "Model steps by the path that served them: graph (CUDA graph), fused (decode.c: a "
+            "decode step in one call) or torch (the modules), with the activation dtype "
+            "(int8: GGUF blocks x 8-bit activations; float32: the exact path).",
+            ["model_name", "path"],
+            **m,
+        )
+        self.model_steps = partial(steps.labels, model_name)
         self.http_requests = Counter(
             "tokenmill_http_requests",
             "HTTP responses by route template (not raw path) and status code.",
@@ -193,6 +202,11 @@ class ServerMetrics:
             if total > last:
                 c.inc(total - last)
             self._last_totals[attr] = total
+        for path, total in stats.model_steps_total.items():
+            last = self._last_totals.get(f"path:{path}", 0)
+            if total > last:
+                self.model_steps(path).inc(total - last)
+            self._last_totals[f"path:{path}"] = total
         if stats.step_num_seqs > 0:
             self.step_duration.observe(stats.step_duration)
             self.step_batch_size.observe(stats.step_num_seqs)

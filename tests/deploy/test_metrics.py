@@ -307,6 +307,9 @@ def test_live_metrics_move_with_load(tokenmill_server) -> None:
     assert delta("tokenmill_num_preemptions_total") > 0, "the small KV cache should preempt"
     steps = delta("tokenmill_step_duration_seconds_count")
     assert steps == delta("tokenmill_step_batch_size_count") > 0
+    # a float checkpoint: the torch modules serve every step (ModelRunner.choose_path)
+    assert delta("tokenmill_model_steps_total") == steps
+    assert delta("tokenmill_model_steps_total", path="torch_float32") == steps
     batched = steps - delta("tokenmill_step_batch_size_bucket", le="1.0")
     assert batched > 0, "no step ran more than one sequence"
     for (route, status), count in res.http.items():

@@ -119,3 +119,31 @@ def test_fused_decode_only_where_it_fits(tiny_checkpoint, monkeypatch) -> None:
     assert (
         FusedDecode.takes([1, 1, 1]) and not FusedDecode.takes([1, 2]) and not FusedDecode.takes([])
     )
+
+
+def test_choose_path_names_what_served_each_step(smollm2_gguf) -> None:
+    """Prefill and mixed steps run the torch modules, decode-only steps decode.c; the label
+    carries the activation dtype (tokenmill_model_steps_total{path=...})."""
+    for act in ("int8", "float32"):
+        runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 24, activation_dtype=act)
+        served = []
+        for _ in decode_steps(runner, [list(range(1000, 1020)), [5, 6]], steps=2):
+            served.append(runner.last_path)
+        assert served == [f"fused_{act}"] * 2
+        prefill = StepInput([1, 2, 3], [0, 1, 2], [0, 1, 2], [3], [3], [[0]], [0])
+        runner.compute_logits(prefill)
+        assert runner.last_path == f"torch_{act}"
+        runner.shutdown()
+
+
+def test_out_of_range_slots_and_blocks_are_refused(smollm2_gguf) -> None:
+    """A block or slot id past the KV cache is an error before any kernel writes there."""
+    runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 22)
+    n = runner.num_kv_blocks
+    bad_block = StepInput([1], [0], [0], [1], [1], [[n]], [0])
+    bad_slot = StepInput([1], [0], [n * runner.block_size], [1], [1], [[0]], [0])
+    negative = StepInput([1], [0], [-1], [1], [1], [[0]], [0])
+    for step in (bad_block, bad_slot, negative):
+        with pytest.raises(ValueError, match="out of range"):
+            runner.compute_logits(step)
+    runner.shutdown()
