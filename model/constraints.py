@@ -34,6 +34,7 @@ class ConstraintError(SamplingParamsError):
 def grammar_of(spec: StructuredOutputsParams) -> str:
     """The llguidance grammar (JSON-encoded) for one constraint spec; no tokenizer needed."""
     import llguidance
+    from llguidance.gbnf_to_lark import gbnf_to_lark
 
     M = llguidance.LLMatcher
     if spec.kind == "json":
@@ -57,7 +58,7 @@ def grammar_of(spec: StructuredOutputsParams) -> str:
         text = spec.spec
         if "::=" in text and not re.search(r"^\s*start\s*:", text, re.M):  # GBNF (llama.cpp)
             try:
-                text = llguidance.gbnf_to_lark(text)
+                text = gbnf_to_lark(text)
             except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions
                 raise ConstraintError(f"invalid grammar: {e}", spec.param) from e
         return M.grammar_from_lark(text)

@@ -49,6 +49,17 @@ def test_choice_walk_eos_only_at_the_end(compiler, tok):
     assert allowed[eos] and int(allowed.sum()) == len(set(tok.eos_token_ids))
 
 
+def test_gbnf_grammar_is_converted(compiler, tok):
+    """llama.cpp's GBNF (`::=`) goes through llguidance's converter: only its strings pass."""
+    spec = StructuredOutputsParams("grammar", 'root ::= "yes" | "no"')
+    m = compiler.matcher(spec)
+    for t in tok.encode("no", add_special_tokens=False):
+        assert m.accept(t)
+    assert m.is_finished
+    m = compiler.matcher(spec)
+    assert not all(m.accept(t) for t in tok.encode("maybe", add_special_tokens=False))
+
+
 def test_batch_of_rows_and_unconstrained_rows(compiler, tok):
     """Rows without a matcher are untouched; a batch of none is None (pays nothing)."""
     assert compiler.batch([None, None]) is None

@@ -44,7 +44,26 @@ def llm(smollm2_gguf):
     """One engine for the module: its runner serves the logits test, the engine the greedy one."""
     from scheduler.llm import LLM
 
-    engine = LLM(smollm2_gguf, dtype="float32", device="cpu", kv_cache_memory=KV_MEMORY)
+    engine = LLM(
+        smollm2_gguf,
+        dtype="float32",
+        device="cpu",
+        kv_cache_memory=KV_MEMORY,
+        activation_dtype="float32",
+    )
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm_int8(smollm2_gguf):
+    """The default path on a CPU with the kernels: GGUF blocks times int8 activations."""
+    from scheduler.llm import LLM
+
+    engine = LLM(smollm2_gguf, kv_cache_memory=KV_MEMORY)
+    if engine.engine.runner.activation_dtype != "int8":
+        engine.shutdown()
+        pytest.skip("no C kernels here: the int8 path is off")
     yield engine
     engine.shutdown()
 
@@ -106,4 +125,35 @@ def test_llm_greedy_matches_transformers(llm, smollm2_hf_reference, prompt_ids, 
             assert abs(lp.logprob - float(ref_lp[k, lp.token_id])) < 1e-3, f"prompt {i} step {k}"
             for tok, value in lp.top:
                 assert abs(value - float(ref_lp[k, tok])) < 1e-3, f"prompt {i} step {k} top {tok}"
+    assert results[0].outputs[0].text.startswith("The capital of France is Paris.")
+
+
+# The int8 path's stated tolerance (issue 20): llama-server's chosen-token logprobs differ from
+# transformers' by up to 0.09-0.10 on these prompts (benchmarks/README.md, int8 numerics).
+INT8_LOGPROB_TOL = 0.1
+
+
+def test_int8_greedy_stays_near_transformers(llm_int8, smollm2_hf_reference, prompt_ids):
+    """Int8 activations change the numbers, within a stated bound: over 32 greedy steps of the four
+    prompts, each chosen token's logprob within 0.1 of transformers' for that token, and a
+    divergence only where transformers' own top two are within 0.1 (a near-tie)."""
+    params = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True, logprobs=0)
+    results = llm_int8.generate(prompt_ids, params)
+    worst = []
+    for i, ids in enumerate(prompt_ids):
+        out = results[i].outputs[0]
+        ours = list(out.token_ids)
+        ref = hf_logits(smollm2_hf_reference, ids + ours)[len(ids) - 1 : -1]  # [STEPS, vocab]
+        ref_lp = torch.log_softmax(ref, dim=-1)
+        ref_greedy = ref.argmax(dim=-1).tolist()
+        first_diff = next((k for k in range(STEPS) if ref_greedy[k] != ours[k]), None)
+        if first_diff is not None:
+            gap = ref_lp[first_diff, ref_greedy[first_diff]] - ref_lp[first_diff, ours[first_diff]]
+            assert gap < INT8_LOGPROB_TOL, f"prompt {i} diverges at step {first_diff} (gap {gap})"
+        diffs = [
+            abs(lp.logprob - float(ref_lp[k, lp.token_id]))
+            for k, lp in enumerate(out.logprobs[: first_diff or STEPS])
+        ]
+        worst.append(max(diffs, default=0.0))
+        assert worst[-1] < INT8_LOGPROB_TOL, f"prompt {i}: chosen logprobs off by {worst[-1]:.3f}"
     assert results[0].outputs[0].text.startswith("The capital of France is Paris.")
