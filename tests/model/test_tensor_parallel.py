@@ -257,7 +257,7 @@ def smollm2_pair(smollm2_gguf):
     """TP=1 and TP=3 runners, one thread per rank (3 ranks share 2 cores)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    kw = dict(dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=16 << 20, activation_dtype="float32")
     r1 = ModelRunner(smollm2_gguf, **kw)
     r3 = None
     try:
