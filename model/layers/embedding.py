@@ -45,7 +45,7 @@ class VocabParallelEmbedding(nn.Module):
             pad = pad_block_rows if isinstance(part, BlockTensor) else pad_rows
             part = pad(part, self.vocab_per_rank)
             if keeps_packed(param):
-                return install_packed(self, part, type(self).__name__, keep_file_blocks=True)
+                return install_packed(self, part, type(self).__name__)
             param.data.copy_(part.dequantize())
             return
         param.data[rows:].zero_()

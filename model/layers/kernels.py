@@ -54,6 +54,7 @@ SIGNATURES: dict[str, tuple] = {
     "px_bytes": (_l, [_i, _l, _l]),
     "px_pack": (_i, [_i, _p, _l, _l, _l, _p, _i]),
     "px_gemm": (_i, [_i, _p, _l, _l, _p, _l, _p, _l, _p, _i]),
+    "px_rows": (_i, [_i, _p, _l, _l, _p, _l, _p]),
     "decode_layers": (_i, [_i, _p, _p, _p, _p, _p, _l, _p, _p, _p, _p, _p, _i, _p, _l, _i]),
     "decode_scratch": (_l, [_p, _l, _l, _i]),
     "bitmask_argmax": (None, [_p, _l, _l, _p, _l, _p, _l, _p, _i]),

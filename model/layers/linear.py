@@ -61,16 +61,14 @@ def keeps_packed(param: torch.Tensor | None) -> bool:
     return param is not None and param.device.type == "cpu" and param.dtype == torch.float32
 
 
-def install_packed(
-    owner: nn.Module, packed: QuantTensor, name: str, keep_file_blocks: bool = False
-) -> None:
+def install_packed(owner: nn.Module, packed: QuantTensor, name: str) -> None:
     """Make `owner` compute with `packed`: its float weight is dropped, not kept beside it (GGUF
-    blocks are repacked for the int8 kernels; keep_file_blocks: rows are looked up too)."""
+    blocks are repacked for the int8 kernels, in the same bytes)."""
     weight = owner.weight
     if weight is not None and tuple(weight.shape) != packed.shape:
         raise ValueError(f"{name}: expected shape {tuple(weight.shape)}, got {packed.shape}")
     if isinstance(packed, BlockTensor):
-        packed.pack(drop_file_blocks=not keep_file_blocks)
+        packed.pack()
     drop_packed(owner)
     owner.quant = packed
     owner.weight = None

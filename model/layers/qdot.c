@@ -691,3 +691,38 @@ int px_gemm(int type, const uint8_t *w, long out, long n_in, const void *xq, lon
     return -1;
 #endif
 }
+
+/* Rows `ids` of a panel-packed weight, dequantized into out [n, n_in] float32: the values
+ * gguf-py's dequantization gives (every product is exact in float32, so the order is free).
+ * Embedding lookups read a tied embedding's rows here instead of keeping the file's blocks. */
+int px_rows(int type, const uint8_t *w, long rows, long n_in, const long *ids, long n, float *out) {
+    const ptype *t = pfind(type);
+    if (t == NULL || n_in % t->bk) return -1;
+    const long nsb = n_in / t->bk, ng = t->bk / t->g;
+    for (long i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= rows) return -1;
+        const long pn = ids[i] / P, r = ids[i] % P;
+        for (long s = 0; s < nsb; s++) {
+            const uint8_t *o = w + (pn * nsb + s) * t->bytes;
+            const uint8_t *sc = o + (t->min ? 4 : 2) * P, *mn = sc + ng * P;
+            const uint8_t *q = t->sc ? (t->min == PX_KMIN ? mn + ng * P : sc + ng * P) : sc;
+            const uint8_t *qh = q + t->bk * P / 2;
+            const float d = ld_h(o + 2 * r), m = t->min ? ld_h(o + 2 * P + 2 * r) : 0.0f;
+            float *y = out + i * n_in + s * t->bk;
+            for (int k = 0; k < t->bk; k++) {
+                int v;
+                if (t->bits == 8) v = q[(k / 4) * 4 * P + r * 4 + k % 4];
+                else {
+                    v = (q[(k / 8) * 4 * P + r * 4 + k % 4] >> (k % 8 < 4 ? 0 : 4)) & 15;
+                    if (t->bits == 6) v |= ((qh[(k / 16) * 4 * P + r * 4 + k % 4] >> (2 * ((k % 16) / 4))) & 3) << 4;
+                }
+                const int g = k / t->g;
+                if (type == Q4_K) y[k] = d * (float)sc[g * P + r] * (float)v - m * (float)mn[g * P + r];
+                else if (type == Q6_K) y[k] = d * (float)(int8_t)sc[g * P + r] * (float)(v - 32);
+                else if (type == Q4_1) y[k] = d * (float)v + m;
+                else y[k] = d * (float)(v - t->off);
+            }
+        }
+    }
+    return 0;
+}

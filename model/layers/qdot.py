@@ -121,7 +121,19 @@ class BlockTensor(QuantTensor):
         if len(self.parts) != 1:
             return self.dequantize()[ids]
         kind, data = self.parts[0]
-        return _dequantize(kind, data[ids])
+        panel = self.panels[0] if self.panels else None
+        if panel is None:
+            return _dequantize(kind, data[ids])
+        ids = ids.to(torch.long).contiguous()
+        out = torch.empty(ids.numel(), self.cols)
+        lib = kernels.load()
+        rc = lib.px_rows(
+            GGML_TYPE_IDS[kind], panel.data_ptr(), data.shape[0], self.cols, ids.data_ptr(),
+            ids.numel(), out.data_ptr(),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"token ids out of range 0..{data.shape[0] - 1}: {ids.tolist()[:8]}")
+        return out
 
     def dequantize(self) -> torch.Tensor:
         """gguf-py's dequantization of every part: [out, in] float32."""

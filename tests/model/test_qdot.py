@@ -183,3 +183,18 @@ def test_rtn_packs_as_gguf_blocks(bits) -> None:
     b = rtn_to_blocks(q)
     assert b.parts[0][0] == ("Q8_0" if bits == 8 else "Q4_1") and b.nbytes == q.nbytes
     assert torch.equal(b.dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+def test_panel_rows_are_gguf_py_values(lib, kind) -> None:
+    """Embedding lookups read panel rows: exactly gguf-py's dequantized values, any row order;
+    an id past the table is refused."""
+    if not lib.px_supported(GGML_TYPE_IDS[kind]):
+        pytest.skip(f"this build ({kernels.int8_isa(lib)}) has no {kind} panels")
+    raw = random_blocks(kind, 21, 512, seed=4)
+    ref = BlockTensor([(kind, raw.clone())], 512).dequantize()
+    t = BlockTensor([(kind, raw)], 512).pack()
+    ids = torch.tensor([20, 0, 16, 15, 3, 3])
+    assert torch.equal(t.take_rows(ids), ref[ids])
+    with pytest.raises(ValueError, match="out of range"):
+        t.take_rows(torch.tensor([21]))
