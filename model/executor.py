@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model.inputs import StepInput, StepOutput
+from model.inputs import StepInput, StepOutput, encode_step
 from model.parallel import (
     HEARTBEAT_TIMEOUT_S,
     ParallelConfig,
@@ -137,11 +136,11 @@ class DistributedExecutor(Executor):
         )  # fmt: skip
 
     def _send(self, step: StepInput | None) -> None:
-        """The step to every rank (pickled once, without sampling rows: only rank 0 samples),
+        """The step to every rank (encoded once, without sampling rows: only rank 0 samples),
         or STOP."""
         payload = STOP
         if step is not None:
-            payload = pickle.dumps(dataclasses.replace(step, sampling=[]), pickle.HIGHEST_PROTOCOL)
+            payload = encode_step(dataclasses.replace(step, sampling=[]))
         broadcast_bytes(payload, self.groups.control)
 
     def compute_logits(self, step: StepInput) -> torch.Tensor:

@@ -26,6 +26,7 @@ LOCAL_START_TIMEOUT_S = 300.0  # spawn + import torch, for the head's own ranks 
 STEP_WAIT = timedelta(days=365)  # a rank waits this long for rank 0's next step (idle server)
 HEARTBEAT_INTERVAL_S = 1.0  # rank 0 pings every other rank this often
 HEARTBEAT_TIMEOUT_S = 30.0  # a rank (or head) silent this long is lost; a dead one at once
+MAX_BROADCAST_BYTES = 1 << 30  # a longer payload is refused before its buffer is allocated
 
 
 @dataclass(slots=True)
@@ -271,8 +272,11 @@ def broadcast_bytes(payload: bytes | None, group: Any) -> bytes:
     opts.timeout = STEP_WAIT  # NOTE: the wait for the next step, not a rendezvous
     header = torch.tensor([len(payload or b"")], dtype=torch.long)
     group.broadcast([header], opts).wait()
+    size = int(header.item())
+    if not 0 < size <= MAX_BROADCAST_BYTES:
+        raise ValueError(f"broadcast payload of {size} bytes is not in [1, {MAX_BROADCAST_BYTES}]")
     if payload is None:
-        data = torch.empty(int(header.item()), dtype=torch.uint8)
+        data = torch.empty(size, dtype=torch.uint8)
     else:
         data = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
     group.broadcast([data], opts).wait()

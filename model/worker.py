@@ -11,7 +11,6 @@ import json
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import Any, NoReturn
 import torch
 
 from model.config import ModelConfig
+from model.inputs import decode_step
 from model.parallel import (
     ParallelConfig,
     broadcast_bytes,
@@ -39,7 +39,7 @@ from model.runner import ModelRunner, open_checkpoint, resolve_device, resolve_d
 
 logger = logging.getLogger(__name__)
 
-STOP = b"\x00"  # the control message that ends every rank's loop (a pickled step is never this)
+STOP = b"\x00"  # the control message that ends every rank's loop (never an encoded step)
 STOP_TIMEOUT_S = 5.0  # a rank that ignores the stop message is terminated, then killed
 PR_SET_PDEATHSIG = 1
 
@@ -238,7 +238,7 @@ def serve_rank(
                 raise ConnectionError(f"the head at {head} is lost: {first_line(e)}") from e
             if payload == STOP:
                 break
-            runner.execute(pickle.loads(payload))
+            runner.execute(decode_step(payload))
     except BaseException as e:
         with contextlib.suppress(Exception):  # the head names this rank's error when it is lost
             store.set(f"error/{rank}", f"{type(e).__name__}: {e}")
