@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.inputs import StepInput, StepOutput, encode_step
-from model.parallel import (
+from model.rendezvous import (
     HEARTBEAT_TIMEOUT_S,
     ParallelConfig,
     RankGroups,

@@ -25,7 +25,7 @@ import torch
 
 from model.config import ModelConfig
 from model.inputs import decode_step
-from model.parallel import (
+from model.rendezvous import (
     ParallelConfig,
     broadcast_bytes,
     connect_store,

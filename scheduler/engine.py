@@ -12,7 +12,7 @@ from model.constraints import ConstraintCompiler
 from model.detokenizer import IncrementalDetokenizer
 from model.executor import make_executor
 from model.generation_config import generation_defaults
-from model.parallel import ParallelConfig
+from model.rendezvous import ParallelConfig
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams, SamplingParamsError
 from model.tokenizer import load_tokenizer
