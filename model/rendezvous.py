@@ -8,12 +8,9 @@ Groups are built from a TCPStore, not the global default group: one process can 
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +40,8 @@ class ParallelConfig:
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: a free port, picked by the head (single node only)
     distributed_timeout: float = DEFAULT_JOIN_TIMEOUT_S  # seconds for every host to join
+    # every node proves it on joining (model/join.py); never printed, logged or compared
+    cluster_secret: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         tp, n = self.tensor_parallel_size, self.nnodes
@@ -82,6 +81,14 @@ class ParallelConfig:
                 f"tensor_parallel_size {size} does not evenly split the model: {'; '.join(bad)}"
             )
 
+    def check_secret(self) -> None:
+        """A group spanning hosts needs the secret its nodes prove on joining."""
+        if self.nnodes > 1 and not self.cluster_secret:
+            raise ValueError(
+                f"nnodes {self.nnodes} needs a shared secret that every host proves on joining: "
+                "set --cluster-secret or TOKENMILL_CLUSTER_SECRET (the same on every host)"
+            )
+
     def local_ranks(self) -> list[int]:
         """Global ranks on this node; the first one is the node's own process."""
         n = self.ranks_per_node
@@ -113,85 +120,6 @@ def first_line(e: BaseException) -> str:
     """A c10d/gloo error without its C++ source location and hints."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return re.sub(r"^\[[^\]]*\] ?", "", text).split(". This is typically")[0]
-
-
-def join(
-    store: Any,
-    config: ParallelConfig,
-    rank: int,
-    fingerprint: dict[str, str],
-    dead: Callable[[], str | None] = lambda: None,
-) -> None:
-    """Rendezvous before anything is loaded: every rank posts its fingerprint, rank 0 compares
-    them (while `dead()` names no local rank that exited: RuntimeError) and posts the verdict.
-
-    Raises TimeoutError naming the ranks and nodes that never joined, ValueError naming the
-    fields that differ.
-    """
-    store.set(f"join/{rank}", json.dumps(fingerprint))
-    timeout = config.distributed_timeout
-    where = f"{config.master_addr}:{config.master_port}"
-    if rank != 0:
-        try:
-            store.wait(["start"], timedelta(seconds=timeout))
-        except RuntimeError as e:
-            raise TimeoutError(
-                f"the head at {where} did not start the group within {timeout:g} s "
-                f"(--distributed-timeout): {first_line(e)}"
-            ) from e
-        verdict = store.get("start").decode()
-        store.set(f"ack/{rank}", "")  # NOTE: the head keeps the store up until we read it
-        if verdict != "ok":
-            raise ValueError(verdict)
-        return
-    try:
-        _gather_fingerprints(store, config, fingerprint, dead)
-    except BaseException as e:
-        store.set("start", str(e) or type(e).__name__)
-        joined = [f"ack/{r}" for r in range(1, config.tensor_parallel_size)
-                  if store.check([f"join/{r}"])]  # fmt: skip
-        with contextlib.suppress(RuntimeError):  # they read the verdict (bounded)
-            store.wait(joined, timedelta(seconds=5))
-        raise
-    store.set("start", "ok")
-
-
-def _gather_fingerprints(
-    store: Any, config: ParallelConfig, mine: dict[str, str], dead: Callable[[], str | None]
-) -> None:
-    """Rank 0's half of join(): wait for every rank (bounded), then compare fingerprints."""
-    size, timeout = config.tensor_parallel_size, config.distributed_timeout
-    pending = list(range(1, size))
-    start = time.monotonic()
-    while pending:
-        if (reason := dead()) is not None:
-            raise RuntimeError(reason)
-        pending = [r for r in pending if not store.check([f"join/{r}"])]
-        remote = [r for r in pending if config.node_of(r) != 0]
-        waited = time.monotonic() - start
-        if remote and waited > timeout:
-            nodes = sorted({config.node_of(r) for r in remote})
-            raise TimeoutError(
-                f"tensor-parallel ranks {remote} (nodes {nodes}) did not join "
-                f"{config.master_addr}:{config.master_port} within {timeout:g} s "
-                f"(--distributed-timeout): start `tokenmill worker` with --node-rank "
-                f"{', '.join(map(str, nodes))} there"
-            )
-        if pending and waited > max(timeout, LOCAL_START_TIMEOUT_S):
-            raise TimeoutError(f"this host's tensor-parallel ranks {pending} did not start in "
-                               f"{max(timeout, LOCAL_START_TIMEOUT_S):g} s")  # fmt: skip
-        if pending:
-            time.sleep(0.05)  # NOTE: polling the store, bounded by the deadlines above
-    diffs = []
-    for r in range(1, size):
-        theirs = json.loads(store.get(f"join/{r}"))
-        fields = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in mine.items() if theirs.get(k) != v]
-        if fields:
-            diffs.append(f"rank {r} (node {config.node_of(r)}): {', '.join(fields)}")
-    if diffs:
-        raise ValueError(
-            "hosts disagree on the model or flags (theirs vs the head's): " + "; ".join(diffs)
-        )
 
 
 @dataclass(slots=True)

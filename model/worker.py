@@ -25,6 +25,7 @@ import torch
 
 from model.config import ModelConfig
 from model.inputs import decode_step
+from model.join import join
 from model.rendezvous import (
     ParallelConfig,
     broadcast_bytes,
@@ -33,7 +34,6 @@ from model.rendezvous import (
     first_line,
     heartbeat,
     init_groups,
-    join,
 )
 from model.runner import ModelRunner, open_checkpoint, resolve_device, resolve_dtype
 
@@ -256,6 +256,7 @@ def run_node(model: str, runner_kwargs: dict[str, Any], config: ParallelConfig) 
     """
     if config.node_rank == 0:
         raise ValueError("node rank 0 is the head: run `tokenmill serve` there")
+    config.check_secret()
     first, *others = config.local_ranks()
     local = LocalRanks(model, runner_kwargs, config, config.master_port, others)
 

@@ -89,6 +89,8 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--master-addr", default=env("MASTER_ADDR", "127.0.0.1"), help="the head")
     s.add_argument("--master-port", type=int, default=int(env("MASTER_PORT", 0)))
     s.add_argument("--distributed-timeout", type=float, default=300.0, help="s for hosts to join")
+    s.add_argument("--cluster-secret", help="proven by every host on joining (or, unseen by ps, "
+                   "TOKENMILL_CLUSTER_SECRET); needed with --nnodes > 1")  # fmt: skip
     s.add_argument("--dtype", choices=DTYPES, default="auto")
     s.add_argument("--quantization", "-q", choices=QUANTIZATIONS, help="default: the file's")
     s.add_argument("--kv-cache-dtype", choices=DTYPES, default="auto")
@@ -153,7 +155,12 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
             "with the wildcard origin '*'"
         )
     names = tuple(dict.fromkeys(args.served_model_name or ()))
-    engine_config = _pick(EngineConfig, args, served_model_name=names[0] if names else None)
+    engine_config = _pick(
+        EngineConfig,
+        args,
+        served_model_name=names[0] if names else None,
+        cluster_secret=args.cluster_secret or os.environ.get("TOKENMILL_CLUSTER_SECRET") or None,
+    )
     server_config = _pick(
         ServerConfig,
         args,
