@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from model.sampling_params import SamplingParams
@@ -52,9 +53,11 @@ class RequestStream:
 
     def __del__(self) -> None:
         # NOTE: a stream dropped unconsumed (its handler failed before iterating) must not keep
-        # generating: abort_request only appends to a locked list, safe from the collector.
+        # generating. No locks here: the collector may run this on a thread that holds one, so
+        # the step thread releases (and aborts) it; deque.append is atomic.
         if not getattr(self, "_closed", True):
-            self.close()
+            self._closed = True
+            self._engine._dropped.append((self.request_id, self._finished))
 
 
 class AsyncEngine:
@@ -86,6 +89,9 @@ class AsyncEngine:
         self._error: str | None = None
         self.max_pending_outputs = max_pending_outputs
         self._overflowed: set[str] = set()  # requests aborted because their consumer lagged
+        # streams the garbage collector finalized unclosed: (request id, finished), released by
+        # the step thread (a finalizer takes no lock)
+        self._dropped: deque[tuple[str, bool]] = deque()
         # a TP worker died: end every stream now; the step thread (maybe blocked in a collective)
         # frees the blocks when its step fails
         self.engine.executor.on_worker_death(lambda reason: self._fail(reason, free=False))
@@ -161,6 +167,7 @@ class AsyncEngine:
                         return
                 if self._error is not None:  # a TP worker died while we were idle
                     return self._fail(self._error)
+                self._release_dropped()
                 try:
                     outputs = self.engine.step()  # NOTE: a fault in one batch fails only it
                     stats = self.engine.get_stats()
@@ -250,6 +257,7 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._release_dropped()
         with self._lock:
             if self._error is not None:
                 raise EngineDeadError(self._error)
@@ -267,6 +275,15 @@ class AsyncEngine:
         self.start()
         self._wake()
         return RequestStream(self, request_id, queue)
+
+    def _release_dropped(self) -> None:
+        """Release the streams finalized unclosed since the last call (never from __del__)."""
+        while True:
+            try:
+                request_id, finished = self._dropped.popleft()
+            except IndexError:
+                return
+            self._release(request_id, finished)
 
     def _release(self, request_id: str, finished: bool) -> None:
         """The consumer is done with a stream: forget it, and abort the request if it runs."""

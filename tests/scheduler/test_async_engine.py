@@ -135,6 +135,30 @@ async def test_closing_or_cancelling_the_consumer_aborts(engine, assert_pool_fre
     assert_pool_free(engine.engine)
 
 
+@pytest.mark.parametrize("lock", ["AsyncEngine._lock", "LLMEngine._lock"])
+async def test_a_stream_finalized_under_a_lock_aborts_without_deadlock(
+    engine, assert_pool_free, lock
+):
+    """The collector may finalize a dropped stream on a thread that holds one of the engine's
+    (non-reentrant) locks: the finalizer takes none, and the request is still aborted."""
+    held = engine._lock if lock == "AsyncEngine._lock" else engine.engine._lock
+    params = SamplingParams(max_tokens=400, **GREEDY)
+    streams = [engine.generate("dropped", list(range(10, 40)), params)]
+    done = threading.Event()
+
+    def drop() -> None:
+        with held:
+            streams.clear()  # the last reference: __del__ runs here, under the lock
+        done.set()
+
+    threading.Thread(target=drop, daemon=True).start()
+    assert done.wait(10), f"the stream's finalizer deadlocked on {lock}"
+    await settle(engine)
+    assert "dropped" not in engine._streams and "dropped" not in engine.engine.requests
+    assert not engine._dropped
+    assert_pool_free(engine.engine)
+
+
 async def test_abort_ends_stream_with_abort(engine, assert_pool_free):
     agen = engine.generate("ab", list(range(10, 30)), SamplingParams(max_tokens=400, **GREEDY))
     outs = [await agen.__anext__()]
