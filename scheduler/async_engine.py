@@ -71,6 +71,7 @@ class AsyncEngine:
         max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS,  # unread, then the request aborts
     ) -> None:
         self.engine = LLMEngine(config)
+        self.engine.warm_up_constraints()  # NOTE: a server's loop must never wait on it
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.engine.model_name
@@ -275,6 +276,14 @@ class AsyncEngine:
         self.start()
         self._wake()
         return RequestStream(self, request_id, queue)
+
+    async def prepare(self, params: list[SamplingParams]) -> None:
+        """Compile the requests' constraints off the event loop (the server's first also builds
+        llguidance's tokenizer, ~1 s), so that generate() admits them at once.
+        Raises ConstraintError naming the field."""
+        specs = {p.structured_outputs for p in params} - {None}
+        for spec in specs:
+            await asyncio.wrap_future(self.engine.compile_constraint(spec))
 
     def _release_dropped(self) -> None:
         """Release the streams finalized unclosed since the last call (never from __del__)."""

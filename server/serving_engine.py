@@ -96,11 +96,13 @@ class OpenAIServing:
         )
         return replace(params, max_tokens=max_tokens)
 
-    def start(
+    async def start(
         self, req: Any, prompts: list[list[int]], params: list[SamplingParams], convert: Callable
     ) -> tuple[dict[str, Any], RequestAccumulator, AsyncIterator[tuple[int, RequestOutput]]]:
-        """Queue the request (generate); the head (id, created, model: the name it was sent) of
-        the response and each chunk, and the accumulator that its outputs go through."""
+        """Compile its constraint off the loop, then queue the request (generate); the head (id,
+        created, model: the name it was sent) of the response and each chunk, and the
+        accumulator that its outputs go through."""
+        await self.engine.prepare(params)  # NOTE: before admission (generate awaits nothing)
         head = {
             "id": f"{self.prefix}-{uuid.uuid4().hex}",
             "created": int(time.time()),
