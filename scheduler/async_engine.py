@@ -60,6 +60,26 @@ class RequestStream:
             self._engine._dropped.append((self.request_id, self._finished))
 
 
+class _Sink:
+    """Where one request's outputs go: its loop's queue, and how many outputs were handed to the
+    loop (`sent`, by the step thread) and reached the queue (`delivered`, by the loop)."""
+
+    __slots__ = ("loop", "queue", "sent", "delivered")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        self.loop, self.queue = loop, queue
+        self.sent = self.delivered = 0  # NOTE: each written by one thread only
+
+    def put(self, out: RequestOutput) -> None:
+        """On the loop: the output joins the queue."""
+        self.delivered += 1
+        self.queue.put_nowait(out)
+
+    def unread(self) -> int:
+        """Outputs not read yet: queued, or still in the loop's callbacks (a stalled loop)."""
+        return self.sent - self.delivered + self.queue.qsize()
+
+
 class AsyncEngine:
     """Steps on one thread (asleep on a Condition while idle); outputs reach each request's
     asyncio.Queue by `loop.call_soon_threadsafe`, so the event loop never waits on the model."""
@@ -80,7 +100,7 @@ class AsyncEngine:
         self.default_sampling_params = self.engine.default_sampling_params  # generation config
         self._cond = threading.Condition()  # wakes the step thread; notified after every step
         self._lock = threading.Lock()  # guards _streams, _error and starting the step thread
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Sink] = {}
         self._listeners: list[StatListener] = []
         self._thread: threading.Thread | None = None  # the thread that steps (ours or a caller's)
         self._spawn = step_thread  # False: the caller's thread steps, in run_forever()
@@ -202,11 +222,12 @@ class AsyncEngine:
                 stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # the consumer is gone (its abort is on the way)
-            loop, queue = stream
-            if queue.qsize() >= self.max_pending_outputs and not out.finished:
+            # NOTE: callbacks pending behind a stalled loop count too: they hold outputs as well
+            if stream.unread() >= self.max_pending_outputs and not out.finished:
                 self._cut_off(out.request_id)
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                stream.loop.call_soon_threadsafe(stream.put, out)
+                stream.sent += 1
             except RuntimeError:  # its event loop is closed
                 logger.debug("dropping output of %s: event loop closed", out.request_id)
 
@@ -266,7 +287,7 @@ class AsyncEngine:
                 raise EngineDeadError("engine is shut down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = (loop, queue)
+            self._streams[request_id] = _Sink(loop, queue)
         try:
             self.engine.add_request(request_id, prompt, params, arrival_time=time.monotonic())
         except BaseException:

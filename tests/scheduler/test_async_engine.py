@@ -294,3 +294,42 @@ async def test_caller_thread_steps_and_nothing_else_can(tiny_checkpoint):
     with pytest.raises(RuntimeError, match="step_thread=False"):
         own.run_forever()
     await own.shutdown(1.0)
+
+
+def test_a_stalled_loop_holds_at_most_max_pending_outputs(tiny_checkpoint):
+    """Outputs waiting as callbacks behind a stalled event loop count as unread: the request is
+    cut off at max_pending_outputs, not left to pile up callbacks for all its tokens."""
+    eng = AsyncEngine(config(tiny_checkpoint), max_pending_outputs=4)
+    eng.start()
+    loop = asyncio.new_event_loop()
+    started, release, result = threading.Event(), threading.Event(), {}
+
+    async def start_then_stall() -> list:
+        params = SamplingParams(max_tokens=300, **GREEDY)
+        stream = eng.generate("stalled", list(range(10, 20)), params)
+        started.set()
+        release.wait(60)  # the loop stalls: outputs can only queue up as its callbacks
+        return [o async for o in stream]
+
+    def run() -> None:
+        result["outs"] = loop.run_until_complete(start_then_stall())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(30)
+        assert eng._wait_idle(60)  # the engine ended the request while the loop stalled
+        pending = len(loop._ready)
+    finally:
+        release.set()
+        thread.join(60)
+        loop.close()
+        asyncio.run(eng.shutdown(5.0))
+    outs = result["outs"]
+    assert pending == len(outs) == 6  # 4 unread + the one that found them + the abort
+    assert [o.finished for o in outs] == [False] * 5 + [True]
+    assert outs[-1].outputs[0].finish_reason == "abort"
+    assert (
+        outs[-1].error
+        == "client too slow: 4 outputs unread (--max-pending-outputs); request aborted"
+    )
