@@ -123,7 +123,7 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-log-stats", action="store_true", help="no 10 s summary line")
     g.add_argument("--enable-log-requests", action="store_true", help="log prompts (user data)")
     g.add_argument("--disable-log-requests", action="store_true", help="the default (old scripts)")
-    g.add_argument("--max-log-len", type=positive, help="prompt chars and ids logged (all)")
+    g.add_argument("--max-log-len", type=positive, help="prompt chars and ids logged (4096)")
     g.add_argument("--enable-prompt-tokens-details", action="store_true", help="always on")
     d = ServingLimits()
     r = s.add_argument_group("request limits (a request over one gets a 400/413 naming it)")
