@@ -32,6 +32,9 @@ class SamplingRow:
     prompt_token_ids: list[int] | None = None  # only set when repetition_penalty != 1
     output_token_ids: list[int] | None = None  # only set when a penalty is on
     banned_token_ids: list[int] | None = None  # masked to -inf (EOS/stop ids before min_tokens)
+    # with sample_index, names the sequence across steps, so the sampler keeps its penalty
+    # counts and adds only new tokens; None: counted from the lists every step
+    seq_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -147,6 +150,7 @@ def _row_to_json(row: SamplingRow) -> dict[str, Any]:
     out = {f: getattr(row, f) for f in fields}
     bias = row.logit_bias
     out["logit_bias"] = None if bias is None else [[int(k), float(v)] for k, v in bias.items()]
+    out["seq_key"] = row.seq_key
     return out
 
 
@@ -170,7 +174,7 @@ def _ids(value: Any, what: str) -> list[int]:
 
 def _row_from_json(obj: Any) -> SamplingRow:
     """One sampling row, every field's type checked; unknown or missing fields raise."""
-    names = {*_INT_FIELDS, *_FLOAT_FIELDS, *_OPTIONAL_INT, *_OPTIONAL_IDS, "logit_bias"}
+    names = {*_INT_FIELDS, *_FLOAT_FIELDS, *_OPTIONAL_INT, *_OPTIONAL_IDS, "logit_bias", "seq_key"}
     if not isinstance(obj, dict) or set(obj) != names:
         raise ValueError(
             f"a sampling row must be an object with exactly the fields {sorted(names)}"
@@ -181,6 +185,9 @@ def _row_from_json(obj: Any) -> SamplingRow:
         **{f: None if obj[f] is None else _int(obj[f], f) for f in _OPTIONAL_INT},
         **{f: None if obj[f] is None else _ids(obj[f], f) for f in _OPTIONAL_IDS},
     )
+    if obj["seq_key"] is not None and not isinstance(obj["seq_key"], str):
+        raise ValueError(f"sampling row field seq_key is {type(obj['seq_key']).__name__}, not str")
+    row.seq_key = obj["seq_key"]
     bias = obj["logit_bias"]
     if bias is not None:
         if not isinstance(bias, list) or not all(isinstance(p, list) and len(p) == 2 for p in bias):

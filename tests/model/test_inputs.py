@@ -42,7 +42,7 @@ def rows() -> list[SamplingRow]:
             temperature=0.7, top_k=5, top_p=0.9, min_p=0.05, presence_penalty=0.5,
             frequency_penalty=-0.25, repetition_penalty=1.1, logit_bias={3: -100.0, 11: 2.5},
             seed=1234, sample_index=2, step=7, num_logprobs=3, prompt_token_ids=[5, 6, 7],
-            output_token_ids=[8], banned_token_ids=[0, 2],
+            output_token_ids=[8], banned_token_ids=[0, 2], seq_key="cmpl-1",
         ),
     ]  # fmt: skip
 
