@@ -302,6 +302,8 @@ class AsyncEngine:
         """Compile the requests' constraints off the event loop (the server's first also builds
         llguidance's tokenizer, ~1 s), so that generate() admits them at once.
         Raises ConstraintError naming the field."""
+        if self._closed or self._error is not None:
+            return  # generate() says why (EngineDeadError); the compile thread may be gone
         specs = {p.structured_outputs for p in params} - {None}
         for spec in specs:
             await asyncio.wrap_future(self.engine.compile_constraint(spec))

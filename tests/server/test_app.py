@@ -59,3 +59,6 @@ async def test_lifespan_health_and_catch_all(engine: AsyncEngine) -> None:
         assert (await client.get("/health")).status_code == 503
         resp = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable"
+        schema = {"prompt": "hi", "max_tokens": 3, "guided_json": {"type": "object"}}
+        resp = await client.post("/v1/completions", json=schema)  # constrained: a 503 too
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable"
