@@ -98,8 +98,8 @@ def _join_as_node(
     answer = wait(f"verdict/{attempt}")
     text = answer[PROOF_LEN:]
     if answer.startswith(REFUSED.encode()):
-        raise PermissionError(f"the head at {where} refused this node: "
-                              f"{answer[len(REFUSED):].decode(errors='replace')}")  # fmt: skip
+        reason = answer[len(REFUSED) : len(REFUSED) + 300].decode(errors="replace")  # unproven
+        raise PermissionError(f"the head at {where} refused this node: {reason}")
     if not hmac.compare_digest(answer[:PROOF_LEN], mac(secret, b"verdict", nonce.encode(), text)):
         raise PermissionError(
             f"the head at {where} did not prove the cluster secret: the {WRONG_SECRET} differs "
