@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.inputs import StepInput, StepOutput, encode_step
-from model.join import JoinGuard, join
+from model.join import JoinGuard, join, seal
 from model.rendezvous import (
     HEARTBEAT_TIMEOUT_S,
     ParallelConfig,
@@ -107,6 +107,7 @@ class DistributedExecutor(Executor):
         self._beats: list[threading.Thread] = []
         self.groups: RankGroups | None = None
         self._guard: JoinGuard | None = None
+        self._sent = 0  # control messages sent (each signed with its number)
         self.local: LocalRanks | None = None
         self.store = connect_store(config, is_head=True)
         self.config = config = dataclasses.replace(config, master_port=self.store.port)
@@ -146,7 +147,9 @@ class DistributedExecutor(Executor):
         payload = STOP
         if step is not None:
             payload = encode_step(dataclasses.replace(step, sampling=[]))
-        broadcast_bytes(payload, self.groups.control)
+        # NOTE: signed, so a rank reads only what the head sent (model/join.py)
+        self._sent += 1
+        broadcast_bytes(seal(self.config.cluster_secret, self._sent, payload), self.groups.control)
 
     def compute_logits(self, step: StepInput) -> torch.Tensor:
         """Send the step to every rank and run rank 0's part: [num_sample_rows, vocab] logits."""

@@ -39,6 +39,20 @@ def mac(secret: str, *parts: bytes) -> bytes:
     return hmac.new(secret.encode(), msg, hashlib.sha256).hexdigest().encode()
 
 
+def seal(secret: str, counter: int, payload: bytes) -> bytes:
+    """A control message signed for its place in the sequence: the MAC of (counter, payload),
+    then the payload (a replayed or reordered message fails its counter)."""
+    return mac(secret, b"step", str(counter).encode(), payload) + payload
+
+
+def unseal(secret: str, counter: int, sealed: bytes) -> bytes:
+    """The payload of a sealed message, after its MAC is checked (PermissionError if not)."""
+    proof, payload = sealed[:PROOF_LEN], sealed[PROOF_LEN:]
+    if not hmac.compare_digest(proof, mac(secret, b"step", str(counter).encode(), payload)):
+        raise PermissionError(f"control message {counter} is not signed with the cluster secret")
+    return payload
+
+
 class Refused(Exception):
     """A join attempt the head does not accept; the message is what the node hears."""
 

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -25,7 +26,7 @@ import torch
 
 from model.config import ModelConfig
 from model.inputs import decode_step
-from model.join import join
+from model.join import join, unseal
 from model.rendezvous import (
     ParallelConfig,
     broadcast_bytes,
@@ -231,11 +232,12 @@ def serve_rank(
     threading.Thread(target=answer_heartbeats, name="tokenmill-heartbeat", daemon=True).start()
     try:
         runner = ModelRunner(model, **runner_kwargs, parallel=groups.ctx, local_rank=local_rank)
-        while True:
+        for received in itertools.count(1):
             try:
-                payload = broadcast_bytes(None, groups.control)
+                sealed = broadcast_bytes(None, groups.control)
             except RuntimeError as e:
                 raise ConnectionError(f"the head at {head} is lost: {first_line(e)}") from e
+            payload = unseal(config.cluster_secret or "", received, sealed)
             if payload == STOP:
                 break
             runner.execute(decode_step(payload))

@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from model.join import PROOF_LEN, JoinGuard, join, mac
+from model.join import PROOF_LEN, JoinGuard, join, mac, seal, unseal
 from model.rendezvous import ParallelConfig, connect_store
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,3 +118,17 @@ def test_nnodes_above_one_needs_a_secret() -> None:
     configs(1234).check_secret()
     ParallelConfig(tensor_parallel_size=2).check_secret()  # one host: the head makes one up
     assert SECRET not in repr(configs(1234))
+
+
+def test_control_messages_are_signed_for_their_place() -> None:
+    sealed = seal(SECRET, 7, b"step bytes")
+    assert sealed[PROOF_LEN:] == b"step bytes" and unseal(SECRET, 7, sealed) == b"step bytes"
+    for secret, counter, data, why in (
+        ("other", 7, sealed, "another secret"),
+        (SECRET, 8, sealed, "replayed as the next message"),
+        (SECRET, 7, sealed[:-1] + b"X", "tampered"),
+        (SECRET, 7, b"short", "no MAC at all"),
+    ):
+        with pytest.raises(PermissionError, match=f"control message {counter} is not signed"):
+            unseal(secret, counter, data)
+            pytest.fail(why)
