@@ -89,6 +89,7 @@ class ModelConfig:
                 raise ValueError(
                     f"sliding_window {window} < max_position_embeddings {max_pos} is not supported"
                 )
+        _check_sizes(d, arch)
         hidden, heads = d["hidden_size"], d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads") or heads
         if heads % kv_heads:
@@ -114,6 +115,28 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
         )
+
+
+# the sizes a model is allocated from: positive ints (when present)
+SIZE_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "head_dim", "max_position_embeddings",
+)  # fmt: skip
+
+
+def _check_sizes(d: dict[str, Any], arch: str) -> None:
+    """Every size a model is built from is a positive int (0 heads would divide by zero later);
+    a missing head_dim needs hidden_size to split evenly over the heads."""
+    for key in SIZE_KEYS:
+        value = d.get(key)
+        if key not in d or (value is None and key in ("num_key_value_heads", "head_dim")):
+            continue
+        if type(value) is not int or value < 1:
+            raise ValueError(f"config of {arch}: {key} is {value!r}, not a positive integer")
+    hidden, heads = d["hidden_size"], d["num_attention_heads"]
+    if not d.get("head_dim") and hidden % heads:
+        raise ValueError(f"config of {arch}: hidden_size {hidden} is not divisible by "
+                         f"num_attention_heads {heads} (and no head_dim)")  # fmt: skip
 
 
 def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

@@ -1,7 +1,8 @@
 """Constrained decoding: grammars (JSON schema, regex, choice, Lark) → per-step token bitmasks.
 
 llguidance (README "Structured outputs"): each constraint compiles once into a template matcher
-(bounded LRU) that every sequence deep-copies. Matchers live on rank 0 only, outside the step
+(an LRU bounded by bytes) that every sequence deep-copies. The server compiles on the compiler's
+own thread (`compile_async`), off its event loop. Matchers live on rank 0 only, outside the step
 contract.
 """
 
@@ -65,27 +66,35 @@ def grammar_of(spec: StructuredOutputsParams) -> str:
     raise ConstraintError(f"unknown constraint kind {spec.kind!r}", spec.param)
 
 
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024  # of constraint text + grammar kept compiled (LRU)
+
+
 class ConstraintCompiler:
-    """Compiles constraints against one tokenizer; keeps the last `cache_size` compiled ones."""
+    """Compiles constraints against one tokenizer; keeps the most recent compiled ones, up to
+    `cache_bytes` of their text (a template's memory grows with its schema and grammar)."""
 
     def __init__(
         self,
         hf_tokenizer: Any,
         vocab_size: int,
         eos_token_ids: list[int],
-        cache_size: int = 256,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
         fill_during_forward: bool = False,
     ) -> None:
         self.hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
-        self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self.words = (vocab_size + 31) // 32  # int32 words per bitmask row
         self.eos_bits = _eos_bits(self.eos_token_ids)
         self._ll_tokenizer: Any = None
         self._lock = threading.Lock()  # add_request may run on several threads
-        self._cache: OrderedDict[StructuredOutputsParams, Any] = OrderedDict()
+        self._tokenizer_lock = threading.Lock()  # held for the ~1 s build, not with _lock
+        # spec → (template, its bytes); insertion order is recency
+        self._cache: OrderedDict[StructuredOutputsParams, tuple[Any, int]] = OrderedDict()
+        self.cached_bytes = 0
         self._fill_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-mask")
+        self._compile_thread = ThreadPoolExecutor(1, thread_name_prefix="tokenmill-grammar")
         self.overlap = True  # the next step's masks fill on a thread once its tokens are accepted
         # NOTE: on a CPU the forward's OpenMP threads own every core, and a fill thread beside
         # them slows the step more than it saves (README): fills there end before the forward
@@ -98,17 +107,34 @@ class ConstraintCompiler:
         self.compile_times: list[float] = []  # seconds of the last compiles (bounded)
 
     def _tokenizer(self) -> Any:
-        if self._ll_tokenizer is None:
-            import llguidance
-            import llguidance.hf
+        with self._tokenizer_lock:
+            if self._ll_tokenizer is None:
+                import llguidance
+                import llguidance.hf
 
-            # NOTE: ~1 s once, on the first constrained request (not at start-up: most never ask)
-            self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
-            )
-            # NOTE: every core: its default (80% of them) is 1 thread on a 2-core machine
-            self._executor = llguidance.LLExecutor(max(1, min(32, os.cpu_count() or 1)))
-        return self._ll_tokenizer
+                # NOTE: ~1 s once, on the first constrained request (not at start-up: most never
+                # ask); the server runs it on the compile thread, off its event loop
+                tok = llguidance.hf.from_tokenizer(
+                    self.hf_tokenizer, n_vocab=self.vocab_size, eos_token=self.eos_token_ids
+                )
+                # NOTE: every core: its default (80% of them) is 1 thread on a 2-core machine
+                self._executor = llguidance.LLExecutor(max(1, min(32, os.cpu_count() or 1)))
+                self._ll_tokenizer = tok
+            return self._ll_tokenizer
+
+    def warm_up(self) -> None:
+        """Build llguidance's tokenizer now rather than on the first constrained request."""
+        self._tokenizer()
+
+    def compile_async(self, spec: StructuredOutputsParams) -> Future:
+        """compile(spec) on the compiler's own thread (a cache hit is a done future)."""
+        with self._lock:
+            hit = self._cache.get(spec)
+        if hit is not None:
+            done: Future = Future()
+            done.set_result(hit[0])
+            return done
+        return self._compile_thread.submit(self.compile, spec)
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
         """A template matcher for `spec` (cached); raises ConstraintError naming the field."""
@@ -118,19 +144,23 @@ class ConstraintCompiler:
             hit = self._cache.get(spec)
             if hit is not None:
                 self._cache.move_to_end(spec)
-                return hit
-            tok = self._tokenizer()
+                return hit[0]
+        tok = self._tokenizer()
         t0 = time.perf_counter()
         grammar = grammar_of(spec)
         matcher = llguidance.LLMatcher(tok, grammar, log_level=0)
         if matcher.is_error():
             raise ConstraintError(f"invalid {spec.what}: {matcher.get_error()}", spec.param)
         elapsed = time.perf_counter() - t0
+        size = len(spec.spec.encode()) + len(grammar.encode())
         with self._lock:
             self.compile_times = (self.compile_times + [elapsed])[-100:]
-            self._cache[spec] = matcher
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            if spec not in self._cache and size <= self.cache_bytes:
+                self._cache[spec] = (matcher, size)
+                self.cached_bytes += size
+            while self.cached_bytes > self.cache_bytes:
+                _, (_, evicted) = self._cache.popitem(last=False)
+                self.cached_bytes -= evicted
         return matcher
 
     def matcher(self, spec: StructuredOutputsParams) -> Matcher:
@@ -183,7 +213,9 @@ class ConstraintCompiler:
             self._next = _Fill(live, self.words, self.eos_bits).start(self, background=True)
 
     def shutdown(self) -> None:
+        """Stop both threads; compiles not yet started are cancelled."""
         self._fill_thread.shutdown(wait=False)
+        self._compile_thread.shutdown(wait=False, cancel_futures=True)
 
 
 class Matcher:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import pickle
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from model.inputs import StepInput, StepOutput
-from model.parallel import (
+from model.inputs import StepInput, StepOutput, encode_step
+from model.join import JoinGuard, join, seal
+from model.rendezvous import (
     HEARTBEAT_TIMEOUT_S,
     ParallelConfig,
     RankGroups,
@@ -29,7 +30,6 @@ from model.parallel import (
     first_line,
     heartbeat,
     init_groups,
-    join,
 )
 from model.runner import ModelRunner, resolve_device
 from model.worker import (
@@ -102,12 +102,17 @@ class DistributedExecutor(Executor):
     def __init__(self, model: str, runner_kwargs: dict[str, Any], config: ParallelConfig) -> None:
         cfg = read_model_config(model, runner_kwargs)
         config.check_model(cfg)  # NOTE: before anything is spawned or bound
+        config.check_secret()
+        if not config.cluster_secret:  # one host: only the ranks it spawns learn it
+            config = dataclasses.replace(config, cluster_secret=secrets.token_hex(32))
         self._callbacks: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._dead = threading.Event()
         self._stop = threading.Event()
         self._beats: list[threading.Thread] = []
         self.groups: RankGroups | None = None
+        self._guard: JoinGuard | None = None
+        self._sent = 0  # control messages sent (each signed with its number)
         self.local: LocalRanks | None = None
         self.store = connect_store(config, is_head=True)
         self.config = config = dataclasses.replace(config, master_port=self.store.port)
@@ -116,7 +121,7 @@ class DistributedExecutor(Executor):
                 model, runner_kwargs, config, self.store.port, config.local_ranks()[1:]
             )
             mine = fingerprint(model, cfg, runner_kwargs, config)
-            join(self.store, config, 0, mine, self._local_exit)
+            self._guard = join(self.store, config, 0, mine, self._local_exit)
             device = resolve_device(runner_kwargs.get("device", "auto"), 0)
             size = config.tensor_parallel_size
             self.groups = init_groups(self.store, 0, size, config.ranks_per_node, device)
@@ -142,12 +147,14 @@ class DistributedExecutor(Executor):
         )  # fmt: skip
 
     def _send(self, step: StepInput | None) -> None:
-        """The step to every rank (pickled once, without sampling rows: only rank 0 samples),
+        """The step to every rank (encoded once, without sampling rows: only rank 0 samples),
         or STOP."""
         payload = STOP
         if step is not None:
-            payload = pickle.dumps(dataclasses.replace(step, sampling=[]), pickle.HIGHEST_PROTOCOL)
-        broadcast_bytes(payload, self.groups.control)
+            payload = encode_step(dataclasses.replace(step, sampling=[]))
+        # NOTE: signed, so a rank reads only what the head sent (model/join.py)
+        self._sent += 1
+        broadcast_bytes(seal(self.config.cluster_secret, self._sent, payload), self.groups.control)
 
     def compute_logits(self, step: StepInput) -> torch.Tensor:
         """Send the step to every rank and run rank 0's part: [num_sample_rows, vocab] logits."""
@@ -244,6 +251,8 @@ class DistributedExecutor(Executor):
             self.local.stop(STOP_TIMEOUT_S if healthy else 0.0)  # NOTE: no stop reached them
         for beat in self._beats:
             beat.join(1.0)
+        if self._guard is not None:
+            self._guard.stop()
         if self.groups is not None:
             destroy_groups(self.groups)
         self.groups, self.store = None, None

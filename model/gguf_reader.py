@@ -6,6 +6,7 @@ Python values. Little-endian files only, as llama.cpp writes them.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +14,11 @@ from typing import Any
 import numpy as np
 
 GGUF_VERSIONS = (2, 3)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_ITEMS = 1 << 22  # per metadata array (a vocabulary: ~10^5); a Python list of it is big
+MAX_ARRAY_DEPTH = 4  # arrays of arrays of ...
+MIN_KV_BYTES = 13  # key length (8) + value type (4) + the smallest value (1)
+MIN_TENSOR_INFO_BYTES = 24  # name length (8) + n_dims (4) + type (4) + offset (8)
 # GGUFValueType → struct format of its scalars (8: string, 9: array)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
             10: "Q", 11: "q", 12: "d"}  # fmt: skip
@@ -52,14 +58,18 @@ class _Cursor:
         self.pos += n
         return s
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, depth: int = 0) -> Any:
         if vtype == 8:
             return self.string()
         if vtype in _SCALARS:
             return self.take(_SCALARS[vtype])
         if vtype != 9:
             raise ValueError(f"unknown metadata value type {vtype} at byte {self.pos}")
+        if depth >= MAX_ARRAY_DEPTH:
+            raise ValueError(f"arrays nested deeper than {MAX_ARRAY_DEPTH} at byte {self.pos}")
         itype, n = self.take("I"), self.take("Q")
+        if n > MAX_ARRAY_ITEMS:
+            raise ValueError(f"array of {n} items at byte {self.pos} > {MAX_ARRAY_ITEMS}")
         if itype in _SCALARS:  # one numpy read, not n struct calls
             dtype = np.dtype("<" + _SCALARS[itype])
             if self.pos + n * dtype.itemsize > len(self.buf):
@@ -69,7 +79,7 @@ class _Cursor:
             return out
         if n > (len(self.buf) - self.pos) // 8:  # a string or an array takes at least 8 bytes
             raise ValueError(f"array of {n} items at byte {self.pos} runs past the file end")
-        return [self.value(itype) for _ in range(n)]
+        return [self.value(itype, depth + 1) for _ in range(n)]
 
 
 def read_gguf(path: str) -> GGUFFile:
@@ -84,6 +94,11 @@ def read_gguf(path: str) -> GGUFFile:
     if version not in GGUF_VERSIONS:
         raise ValueError(f"GGUF version {version} (big-endian or unknown): reads {GGUF_VERSIONS}")
     n_tensors, n_kv = cur.take("Q"), cur.take("Q")
+    # NOTE: counts are checked against the file's size before a loop runs on them
+    least = n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES
+    if cur.pos + least > len(data):
+        raise ValueError(f"{n_kv} metadata keys and {n_tensors} tensors need at least "
+                         f"{cur.pos + least} bytes: the file has {len(data)}")  # fmt: skip
     fields: dict[str, Any] = {}
     for _ in range(n_kv):
         key = cur.string()
@@ -93,7 +108,10 @@ def read_gguf(path: str) -> GGUFFile:
     infos = []
     for _ in range(n_tensors):
         name = cur.string()
-        dims = [cur.take("Q") for _ in range(cur.take("I"))]
+        n_dims = cur.take("I")
+        if n_dims > MAX_DIMS:
+            raise ValueError(f"tensor {name} has {n_dims} dimensions > {MAX_DIMS}")
+        dims = [cur.take("Q") for _ in range(n_dims)]
         infos.append((name, dims, cur.take("I"), cur.take("Q")))
     align = fields.get("general.alignment", 32)
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
@@ -105,8 +123,12 @@ def read_gguf(path: str) -> GGUFFile:
             raise ValueError(f"duplicate tensor {name}")
         seen.add(name)
         qtype = gguf.GGMLQuantizationType(raw_type)
+        if qtype not in gguf.GGML_QUANT_SIZES:
+            raise ValueError(f"tensor {name} has type {qtype.name} of no known block size")
         block, size = gguf.GGML_QUANT_SIZES[qtype]
-        n_elems = int(np.prod(dims, dtype=np.uint64)) if dims else 1
+        n_elems = math.prod(dims)  # NOTE: Python ints: no uint64 wrap-around
+        if n_elems % block or (dims and dims[0] % block):
+            raise ValueError(f"tensor {name} of {dims} elements is not whole {qtype.name} blocks")
         n_bytes = n_elems * size // block
         shape = tuple(reversed(dims))  # torch order: slowest dimension first
         if raw_type in _TYPED:

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 # general.architecture → (HF architectures entry, HF model_type)
 ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
+MAX_SIZE = 1 << 24  # any one dimension (hidden, heads, vocabulary, FFN width) a GGUF may declare
+MAX_LAYERS = 4096
 SUPPORTED_TYPES = (
     "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
@@ -144,44 +146,64 @@ def _build_config(reader: Any, path: str, tensors: dict[str, Any]) -> dict[str, 
             f"unsupported GGUF architecture {arch!r} in {path}: supported {sorted(ARCHITECTURES)}"
         )
 
-    def need(key: str) -> Any:
-        value = reader.fields.get(f"{arch}.{key}")
+    fields = reader.fields
+
+    def size(key: str, default: Any = None, hi: int = MAX_SIZE) -> int:
+        """A positive integer size from the metadata (ValueError naming it otherwise)."""
+        value = fields.get(f"{arch}.{key}", default)
         if value is None:
             raise ValueError(f"GGUF file {path} lacks metadata key {arch}.{key}")
+        if type(value) is not int or not 0 < value <= hi:
+            raise ValueError(f"GGUF file {path}: {arch}.{key} is {value!r}, not in [1, {hi}]")
         return value
 
-    hidden, n_head = int(need("embedding_length")), int(need("attention.head_count"))
-    n_kv = int(reader.fields.get(f"{arch}.attention.head_count_kv", n_head))
-    head_dim = int(reader.fields.get(f"{arch}.attention.key_length", hidden // n_head))
+    def number(key: str, default: float) -> float:
+        value = fields.get(key, default)
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ValueError(f"GGUF file {path}: {key} is {value!r}, not a finite number")
+        return float(value)
+
+    hidden, n_head = size("embedding_length"), size("attention.head_count")
+    n_kv = size("attention.head_count_kv", n_head)
+    if n_head % n_kv:
+        raise ValueError(f"GGUF file {path}: head_count {n_head} is not a multiple of "
+                         f"head_count_kv {n_kv}")  # fmt: skip
+    if hidden % n_head and f"{arch}.attention.key_length" not in fields:
+        raise ValueError(f"GGUF file {path}: embedding_length {hidden} is not divisible by "
+                         f"head_count {n_head}, and there is no attention.key_length")  # fmt: skip
+    head_dim = size("attention.key_length", hidden // n_head)
     embd = tensors.get("token_embd.weight")
-    vocab = reader.fields.get(f"{arch}.vocab_size", embd.shape[1] if embd is not None else None)
-    if vocab is None and "tokenizer.ggml.tokens" not in reader.fields:
+    vocab = fields.get(f"{arch}.vocab_size", int(embd.shape[1]) if embd is not None else None)
+    if vocab is None and "tokenizer.ggml.tokens" not in fields:
         raise ValueError(f"GGUF file {path} has neither vocab_size nor token_embd.weight")
-    vocab = vocab if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"])
-    theta = float(reader.fields.get(f"{arch}.rope.freq_base", 10000.0))
+    vocab = vocab if vocab is not None else len(fields["tokenizer.ggml.tokens"])
+    if type(vocab) is not int or not 0 < vocab <= MAX_SIZE:
+        raise ValueError(f"GGUF file {path}: vocabulary size {vocab!r} is not in [1, {MAX_SIZE}]")
+    theta = number(f"{arch}.rope.freq_base", 10000.0)
     config: dict[str, Any] = {
         "architectures": [ARCHITECTURES[arch][0]],
         "model_type": ARCHITECTURES[arch][1],
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": size("feed_forward_length"),
+        "num_hidden_layers": size("block_count", hi=MAX_LAYERS),
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
         "rope_theta": theta,
         "rope_scaling": _rope_scaling(reader, arch, path, tensors, head_dim, theta),
         # stored as float32: print 7 digits to get back the source's 1e-05, not 9.99999974e-06
-        "rms_norm_eps": float(
-            f"{reader.fields.get(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"
-        ),
-        "vocab_size": int(vocab),
-        "max_position_embeddings": int(reader.fields.get(f"{arch}.context_length", 2048)),
+        "rms_norm_eps": float(f"{number(f'{arch}.attention.layer_norm_rms_epsilon', 1e-6):.7g}"),
+        "vocab_size": vocab,
+        "max_position_embeddings": size("context_length", 2048, hi=1 << 31),
         "tie_word_embeddings": "output.weight" not in tensors,
     }
     for key in ("bos_token_id", "eos_token_id"):
-        value = reader.fields.get(f"tokenizer.ggml.{key}")
+        value = fields.get(f"tokenizer.ggml.{key}")
         if value is not None:
-            config[key] = int(value)
+            if type(value) is not int or not 0 <= value < vocab:
+                raise ValueError(f"GGUF file {path}: tokenizer.ggml.{key} {value!r} is not a "
+                                 f"token id in [0, {vocab})")  # fmt: skip
+            config[key] = value
     if arch == "qwen2":
         config["attention_bias"] = True
     return config
@@ -200,9 +222,11 @@ def _rope_scaling(
     kind = reader.fields.get(f"{arch}.rope.scaling.type")
     if kind in (None, "none"):
         return None
-    factor = float(reader.fields.get(f"{arch}.rope.scaling.factor", 1.0))
+    factor = reader.fields.get(f"{arch}.rope.scaling.factor", 1.0)
+    if type(factor) not in (int, float) or not 0 < factor < math.inf:
+        raise ValueError(f"GGUF file {path}: rope scaling factor {factor!r} is not positive")
     if kind == "linear":
-        return {"rope_type": "linear", "factor": factor}
+        return {"rope_type": "linear", "factor": float(factor)}
     raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF file {path}")
 
 
@@ -326,8 +350,54 @@ def _release_pages(reader: Any, t: Any) -> None:
     mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
+def _check_shapes(config: dict[str, Any], by_hf: dict[str, Any], path: str) -> None:
+    """Every size the header declares is a tensor the file holds, before a model is allocated
+    from them: token_embd is [vocab, hidden], block_count layers are there, each of the shapes
+    its heads and FFN width say."""
+    c = config
+    hidden, vocab, inter = c["hidden_size"], c["vocab_size"], c["intermediate_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    want = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+            "model.norm.weight": (hidden,)}  # fmt: skip
+    per_layer = {
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (q, hidden), "self_attn.k_proj.weight": (kv, hidden),
+        "self_attn.v_proj.weight": (kv, hidden), "self_attn.o_proj.weight": (hidden, q),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.bias": (kv,), "mlp.gate_proj.weight": (inter, hidden),
+        "mlp.up_proj.weight": (inter, hidden), "mlp.down_proj.weight": (hidden, inter),
+    }  # fmt: skip
+    if "model.embed_tokens.weight" not in by_hf:
+        raise ValueError(f"GGUF file {path} has no token_embd.weight")
+    layers = set()
+    for name, t in by_hf.items():
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the fastest dim first
+        if name.startswith("model.layers."):
+            index, _, role = name.removeprefix("model.layers.").partition(".")
+            layers.add(int(index))
+            expected = per_layer.get(role)
+        else:
+            expected = want.get(name)
+        if expected is not None and shape != expected:
+            raise ValueError(f"GGUF file {path}: tensor {name} is {list(shape)}, its header "
+                             f"says {list(expected)}")  # fmt: skip
+    n = c["num_hidden_layers"]
+    if layers != set(range(n)):
+        raise ValueError(f"GGUF file {path}: block_count {n}, but it holds tensors of "
+                         f"{len(layers)} layers")  # fmt: skip
+
+
 def load_gguf(path: str) -> GGUFCheckpoint:
-    """Open a GGUF file: validate it, map tensor names, build the HF-style config.
+    """open_gguf, then check that every size its header declares matches the tensors it holds
+    (a model is allocated from those sizes). Raises as open_gguf does, and ValueError naming
+    the size and tensor that disagree."""
+    ckpt = open_gguf(path)
+    _check_shapes(ckpt.config, ckpt._by_hf_name, ckpt.path)
+    return ckpt
+
+
+def open_gguf(path: str) -> GGUFCheckpoint:
+    """Open a GGUF file: validate its header, map tensor names, build the HF-style config.
 
     Raises FileNotFoundError for a missing file and ValueError (naming the file) for a corrupt or
     truncated file, an unsupported architecture, quantization type, or unknown tensor.

@@ -1,9 +1,16 @@
 """StepInput / StepOutput: the one contract between scheduler and model (and rank 0 and TP workers),
-plain lists and ints: it pickles cheaply and no scheduler object crosses it."""
+plain lists and ints (no scheduler object crosses it), sent between hosts in a fixed binary
+schema (encode_step / decode_step), never pickled."""
 
 from __future__ import annotations
 
+import itertools
+import json
+import struct
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 
 @dataclass(slots=True)
@@ -25,6 +32,9 @@ class SamplingRow:
     prompt_token_ids: list[int] | None = None  # only set when repetition_penalty != 1
     output_token_ids: list[int] | None = None  # only set when a penalty is on
     banned_token_ids: list[int] | None = None  # masked to -inf (EOS/stop ids before min_tokens)
+    # with sample_index, names the sequence across steps, so the sampler keeps its penalty
+    # counts and adds only new tokens; None: counted from the lists every step
+    seq_key: str | None = None
 
 
 @dataclass(slots=True)
@@ -63,3 +73,124 @@ class TokenLogprob:
 class StepOutput:
     token_ids: list[int]  # [len(sample_indices)] sampled token per sampling row
     logprobs: list[TokenLogprob | None]  # [len(sample_indices)] None where the row asked none
+
+
+# ── the wire form of a step (rank 0 → the other ranks): fixed schema, no pickle ──────────────
+# magic, then the counts (num_tokens, num_seqs, block ids in all tables, sample_indices, bytes
+# of the sampling rows' JSON), then int64 arrays in a fixed order, then the JSON.
+STEP_MAGIC = b"TMS1"
+_HEADER = struct.Struct("<4s5Q")
+MAX_STEP_BYTES = 1 << 30  # a step larger than this is refused before anything is allocated
+_INT_FIELDS = ("top_k", "sample_index", "step")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")  # fmt: skip
+_OPTIONAL_INT = ("seed", "num_logprobs")
+_OPTIONAL_IDS = ("prompt_token_ids", "output_token_ids", "banned_token_ids")
+_INT64 = np.dtype("<i8")
+
+
+def encode_step(step: StepInput) -> bytes:
+    """The step as bytes of a fixed schema: int64 arrays and the sampling rows as JSON."""
+    tables = step.block_tables
+    rows = json.dumps([_row_to_json(r) for r in step.sampling], separators=(",", ":")).encode()
+    head = _HEADER.pack(STEP_MAGIC, step.num_tokens, step.num_seqs, sum(map(len, tables)),
+                        len(step.sample_indices), len(rows))  # fmt: skip
+    ints = [*step.input_ids, *step.positions, *step.slot_mapping, *step.query_lens,
+            *step.context_lens, *map(len, tables), *itertools.chain.from_iterable(tables),
+            *step.sample_indices]  # fmt: skip
+    return head + np.asarray(ints, dtype=_INT64).tobytes() + rows
+
+
+def decode_step(payload: bytes) -> StepInput:
+    """encode_step's inverse; any payload that is not one raises ValueError (sizes are checked
+    against the payload's length before anything is allocated, types are fixed)."""
+    if len(payload) > MAX_STEP_BYTES:
+        raise ValueError(f"step payload of {len(payload)} bytes > {MAX_STEP_BYTES}")
+    if len(payload) < _HEADER.size:
+        raise ValueError(f"step payload of {len(payload)} bytes < its {_HEADER.size}-byte header")
+    magic, num_tokens, num_seqs, num_ids, num_samples, json_len = _HEADER.unpack_from(payload)
+    if magic != STEP_MAGIC:
+        raise ValueError(f"step payload starts with {magic!r}, not {STEP_MAGIC!r}")
+    num_ints = 3 * num_tokens + 3 * num_seqs + num_ids + num_samples
+    want = _HEADER.size + 8 * num_ints + json_len
+    if want != len(payload):
+        raise ValueError(f"step payload has {len(payload)} bytes, its header says {want}")
+    ints = np.frombuffer(payload, dtype=_INT64, count=num_ints, offset=_HEADER.size)
+    parts, at = [], 0
+    for n in (num_tokens,) * 3 + (num_seqs,) * 3 + (num_ids, num_samples):
+        parts.append(ints[at : at + n])
+        at += n
+    ids, pos, slots, query_lens, context_lens, table_lens, block_ids, samples = parts
+    if (table_lens < 0).any() or sum(table_lens.tolist()) != num_ids:  # NOTE: no int64 wrap
+        raise ValueError(f"step block table lengths do not sum to its {num_ids} block ids")
+    if ((samples < 0) | (samples >= num_seqs)).any():
+        raise ValueError(f"step sample_indices out of [0, {num_seqs})")
+    bounds = np.concatenate(([0], np.cumsum(table_lens))).tolist()
+    flat = block_ids.tolist()
+    try:
+        rows = json.loads(payload[len(payload) - json_len :].decode())
+    except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+        raise ValueError(f"step sampling rows are not JSON: {e}") from None
+    if not isinstance(rows, list) or len(rows) not in (0, num_samples):
+        raise ValueError(f"step sampling rows are not a list of 0 or {num_samples} rows")
+    return StepInput(
+        input_ids=ids.tolist(),
+        positions=pos.tolist(),
+        slot_mapping=slots.tolist(),
+        query_lens=query_lens.tolist(),
+        context_lens=context_lens.tolist(),
+        block_tables=[flat[a:b] for a, b in itertools.pairwise(bounds)],
+        sample_indices=samples.tolist(),
+        sampling=[_row_from_json(r) for r in rows],
+    )
+
+
+def _row_to_json(row: SamplingRow) -> dict[str, Any]:
+    fields = (*_INT_FIELDS, *_FLOAT_FIELDS, *_OPTIONAL_INT, *_OPTIONAL_IDS)
+    out = {f: getattr(row, f) for f in fields}
+    bias = row.logit_bias
+    out["logit_bias"] = None if bias is None else [[int(k), float(v)] for k, v in bias.items()]
+    out["seq_key"] = row.seq_key
+    return out
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise ValueError(f"sampling row field {what} is {type(value).__name__}, not int")
+    return value
+
+
+def _float(value: Any, what: str) -> float:
+    if type(value) not in (int, float):
+        raise ValueError(f"sampling row field {what} is {type(value).__name__}, not a number")
+    return float(value)
+
+
+def _ids(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"sampling row field {what} is {type(value).__name__}, not a list")
+    return [_int(v, what) for v in value]
+
+
+def _row_from_json(obj: Any) -> SamplingRow:
+    """One sampling row, every field's type checked; unknown or missing fields raise."""
+    names = {*_INT_FIELDS, *_FLOAT_FIELDS, *_OPTIONAL_INT, *_OPTIONAL_IDS, "logit_bias", "seq_key"}
+    if not isinstance(obj, dict) or set(obj) != names:
+        raise ValueError(
+            f"a sampling row must be an object with exactly the fields {sorted(names)}"
+        )
+    row = SamplingRow(
+        **{f: _int(obj[f], f) for f in _INT_FIELDS},
+        **{f: _float(obj[f], f) for f in _FLOAT_FIELDS},
+        **{f: None if obj[f] is None else _int(obj[f], f) for f in _OPTIONAL_INT},
+        **{f: None if obj[f] is None else _ids(obj[f], f) for f in _OPTIONAL_IDS},
+    )
+    if obj["seq_key"] is not None and not isinstance(obj["seq_key"], str):
+        raise ValueError(f"sampling row field seq_key is {type(obj['seq_key']).__name__}, not str")
+    row.seq_key = obj["seq_key"]
+    bias = obj["logit_bias"]
+    if bias is not None:
+        if not isinstance(bias, list) or not all(isinstance(p, list) and len(p) == 2 for p in bias):
+            raise ValueError("sampling row field logit_bias is not a list of [token id, bias]")
+        row.logit_bias = {_int(k, "logit_bias"): _float(v, "logit_bias") for k, v in bias}
+    return row

@@ -68,12 +68,49 @@ def _token_counts(
     return counts
 
 
+class _Counts:
+    """One sequence's output token counts (and prompt tokens, for the repetition penalty)."""
+
+    __slots__ = ("output", "num_counted", "last", "prompt_seen")
+
+    def __init__(self, output: torch.Tensor) -> None:
+        self.output = output  # [vocab] float32: occurrences of each token in the output so far
+        self.num_counted = 0
+        self.last = -1  # the last token counted: a key reused by another sequence is caught
+        self.prompt_seen: torch.Tensor | None = None  # [vocab] bool, once
+
+    def continues(self, ids: list[int], vocab: int, device: torch.device) -> bool:
+        """Whether `ids` extends what was counted (the same sequence, one or more steps on)."""
+        n = self.num_counted
+        return (
+            n > 0 and len(ids) >= n and ids[n - 1] == self.last
+            and self.output.shape[0] == vocab and self.output.device == device
+        )  # fmt: skip
+
+    def add(self, ids: list[int], vocab: int) -> None:
+        """Count the tokens after the ones already counted."""
+        new = ids[self.num_counted :]
+        if new:
+            t = _check_ids(torch.tensor(new, dtype=torch.long), vocab, "output")
+            self.output.index_add_(0, t.to(self.output.device), torch.ones(len(new),
+                                   device=self.output.device))  # fmt: skip
+            self.num_counted, self.last = len(ids), ids[-1]
+
+    def prompt_seen_of(self, row: SamplingRow, vocab: int) -> torch.Tensor:
+        if self.prompt_seen is None:
+            seen = _token_counts([row.prompt_token_ids or []], vocab, self.output.device, "prompt")
+            self.prompt_seen = seen[0] > 0
+        return self.prompt_seen
+
+
 class Sampler:
     """Turns one step's logits into tokens; seeded rows draw from their own per-step generator."""
 
     def __init__(self, seed: int) -> None:
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        # (seq_key, sample_index) → that sequence's penalty counts, kept from step to step
+        self._counts: dict[tuple[str, int], _Counts] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -156,15 +193,14 @@ class Sampler:
         sub = [rows[i] for i in idx]
         vocab, device = logits.shape[1], logits.device
         rows_t = torch.tensor(idx, device=device)
-        out_counts = _token_counts(
-            [r.output_token_ids or [] for r in sub], vocab, device, "output"
-        )  # [p, vocab]
+        counts = self._sequence_counts(sub, vocab, device)
+        out_counts = torch.stack([c.output for c in counts])  # [p, vocab]
         out_seen = out_counts > 0
         x = logits[rows_t]  # [p, vocab]
         rep = [r.repetition_penalty for r in sub]
         if any(v != 1.0 for v in rep):
-            prompt_seen = (
-                _token_counts([r.prompt_token_ids or [] for r in sub], vocab, device, "prompt") > 0
+            prompt_seen = torch.stack(
+                [c.prompt_seen_of(r, vocab) for c, r in zip(counts, sub, strict=True)]
             )
             rep_t = torch.tensor(rep, device=device).unsqueeze(1)  # [p, 1]
             penalized = torch.where(x > 0, x / rep_t, x * rep_t)
@@ -173,6 +209,27 @@ class Sampler:
         pres = torch.tensor([r.presence_penalty for r in sub], device=device).unsqueeze(1)
         x = x - freq * out_counts - pres * out_seen.float()
         logits[rows_t] = x
+
+    def _sequence_counts(
+        self, rows: list[SamplingRow], vocab: int, device: torch.device
+    ) -> list[_Counts]:
+        """Each row's output token counts: its sequence's counts from the last step plus this
+        step's new tokens (a row without seq_key, or whose sequence was not in the last step,
+        or whose key now names another sequence, is counted from its whole list)."""
+        kept: dict[tuple[str, int], _Counts] = {}
+        out = []
+        for r in rows:
+            ids = r.output_token_ids or []
+            key = None if r.seq_key is None else (r.seq_key, r.sample_index)
+            c = self._counts.get(key) if key is not None else None
+            if c is None or not c.continues(ids, vocab, device):
+                c = _Counts(torch.zeros(vocab, device=device))  # [vocab]
+            c.add(ids, vocab)
+            if key is not None:
+                kept[key] = c
+            out.append(c)
+        self._counts = kept  # NOTE: sequences absent from this step are dropped (bounded)
+        return out
 
     def _apply_bias_and_bans(self, logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         """Add logit_bias, then mask banned ids (EOS/stop ids before min_tokens) to -inf."""

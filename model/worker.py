@@ -7,11 +7,11 @@ import contextlib
 import ctypes
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import sys
 import threading
@@ -25,7 +25,9 @@ from typing import Any, NoReturn
 import torch
 
 from model.config import ModelConfig
-from model.parallel import (
+from model.inputs import decode_step
+from model.join import join, unseal
+from model.rendezvous import (
     ParallelConfig,
     broadcast_bytes,
     connect_store,
@@ -33,13 +35,12 @@ from model.parallel import (
     first_line,
     heartbeat,
     init_groups,
-    join,
 )
 from model.runner import ModelRunner, open_checkpoint, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-STOP = b"\x00"  # the control message that ends every rank's loop (a pickled step is never this)
+STOP = b"\x00"  # the control message that ends every rank's loop (never an encoded step)
 STOP_TIMEOUT_S = 5.0  # a rank that ignores the stop message is terminated, then killed
 PR_SET_PDEATHSIG = 1
 
@@ -231,14 +232,15 @@ def serve_rank(
     threading.Thread(target=answer_heartbeats, name="tokenmill-heartbeat", daemon=True).start()
     try:
         runner = ModelRunner(model, **runner_kwargs, parallel=groups.ctx, local_rank=local_rank)
-        while True:
+        for received in itertools.count(1):
             try:
-                payload = broadcast_bytes(None, groups.control)
+                sealed = broadcast_bytes(None, groups.control)
             except RuntimeError as e:
                 raise ConnectionError(f"the head at {head} is lost: {first_line(e)}") from e
+            payload = unseal(config.cluster_secret or "", received, sealed)
             if payload == STOP:
                 break
-            runner.execute(pickle.loads(payload))
+            runner.execute(decode_step(payload))
     except BaseException as e:
         with contextlib.suppress(Exception):  # the head names this rank's error when it is lost
             store.set(f"error/{rank}", f"{type(e).__name__}: {e}")
@@ -256,6 +258,7 @@ def run_node(model: str, runner_kwargs: dict[str, Any], config: ParallelConfig) 
     """
     if config.node_rank == 0:
         raise ValueError("node rank 0 is the head: run `tokenmill serve` there")
+    config.check_secret()
     first, *others = config.local_ranks()
     local = LocalRanks(model, runner_kwargs, config, config.master_port, others)
 

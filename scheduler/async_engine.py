@@ -6,6 +6,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from model.sampling_params import SamplingParams
@@ -52,9 +53,31 @@ class RequestStream:
 
     def __del__(self) -> None:
         # NOTE: a stream dropped unconsumed (its handler failed before iterating) must not keep
-        # generating: abort_request only appends to a locked list, safe from the collector.
+        # generating. No locks here: the collector may run this on a thread that holds one, so
+        # the step thread releases (and aborts) it; deque.append is atomic.
         if not getattr(self, "_closed", True):
-            self.close()
+            self._closed = True
+            self._engine._dropped.append((self.request_id, self._finished))
+
+
+class _Sink:
+    """Where one request's outputs go: its loop's queue, and how many outputs were handed to the
+    loop (`sent`, by the step thread) and reached the queue (`delivered`, by the loop)."""
+
+    __slots__ = ("loop", "queue", "sent", "delivered")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        self.loop, self.queue = loop, queue
+        self.sent = self.delivered = 0  # NOTE: each written by one thread only
+
+    def put(self, out: RequestOutput) -> None:
+        """On the loop: the output joins the queue."""
+        self.delivered += 1
+        self.queue.put_nowait(out)
+
+    def unread(self) -> int:
+        """Outputs not read yet: queued, or still in the loop's callbacks (a stalled loop)."""
+        return self.sent - self.delivered + self.queue.qsize()
 
 
 class AsyncEngine:
@@ -68,6 +91,7 @@ class AsyncEngine:
         max_pending_outputs: int = DEFAULT_MAX_PENDING_OUTPUTS,  # unread, then the request aborts
     ) -> None:
         self.engine = LLMEngine(config)
+        self.engine.warm_up_constraints()  # NOTE: a server's loop must never wait on it
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = self.engine.max_model_len
         self.model_name = self.engine.model_name
@@ -76,7 +100,7 @@ class AsyncEngine:
         self.default_sampling_params = self.engine.default_sampling_params  # generation config
         self._cond = threading.Condition()  # wakes the step thread; notified after every step
         self._lock = threading.Lock()  # guards _streams, _error and starting the step thread
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._streams: dict[str, _Sink] = {}
         self._listeners: list[StatListener] = []
         self._thread: threading.Thread | None = None  # the thread that steps (ours or a caller's)
         self._spawn = step_thread  # False: the caller's thread steps, in run_forever()
@@ -86,6 +110,9 @@ class AsyncEngine:
         self._error: str | None = None
         self.max_pending_outputs = max_pending_outputs
         self._overflowed: set[str] = set()  # requests aborted because their consumer lagged
+        # streams the garbage collector finalized unclosed: (request id, finished), released by
+        # the step thread (a finalizer takes no lock)
+        self._dropped: deque[tuple[str, bool]] = deque()
         # a TP worker died: end every stream now; the step thread (maybe blocked in a collective)
         # frees the blocks when its step fails
         self.engine.executor.on_worker_death(lambda reason: self._fail(reason, free=False))
@@ -161,6 +188,7 @@ class AsyncEngine:
                         return
                 if self._error is not None:  # a TP worker died while we were idle
                     return self._fail(self._error)
+                self._release_dropped()
                 try:
                     outputs = self.engine.step()  # NOTE: a fault in one batch fails only it
                     stats = self.engine.get_stats()
@@ -194,11 +222,12 @@ class AsyncEngine:
                 stream = self._streams.get(out.request_id)
             if stream is None:
                 continue  # the consumer is gone (its abort is on the way)
-            loop, queue = stream
-            if queue.qsize() >= self.max_pending_outputs and not out.finished:
+            # NOTE: callbacks pending behind a stalled loop count too: they hold outputs as well
+            if stream.unread() >= self.max_pending_outputs and not out.finished:
                 self._cut_off(out.request_id)
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, out)
+                stream.loop.call_soon_threadsafe(stream.put, out)
+                stream.sent += 1
             except RuntimeError:  # its event loop is closed
                 logger.debug("dropping output of %s: event loop closed", out.request_id)
 
@@ -250,6 +279,7 @@ class AsyncEngine:
         """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._release_dropped()
         with self._lock:
             if self._error is not None:
                 raise EngineDeadError(self._error)
@@ -257,7 +287,7 @@ class AsyncEngine:
                 raise EngineDeadError("engine is shut down")
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = (loop, queue)
+            self._streams[request_id] = _Sink(loop, queue)
         try:
             self.engine.add_request(request_id, prompt, params, arrival_time=time.monotonic())
         except BaseException:
@@ -267,6 +297,25 @@ class AsyncEngine:
         self.start()
         self._wake()
         return RequestStream(self, request_id, queue)
+
+    async def prepare(self, params: list[SamplingParams]) -> None:
+        """Compile the requests' constraints off the event loop (the server's first also builds
+        llguidance's tokenizer, ~1 s), so that generate() admits them at once.
+        Raises ConstraintError naming the field."""
+        if self._closed or self._error is not None:
+            return  # generate() says why (EngineDeadError); the compile thread may be gone
+        specs = {p.structured_outputs for p in params} - {None}
+        for spec in specs:
+            await asyncio.wrap_future(self.engine.compile_constraint(spec))
+
+    def _release_dropped(self) -> None:
+        """Release the streams finalized unclosed since the last call (never from __del__)."""
+        while True:
+            try:
+                request_id, finished = self._dropped.popleft()
+            except IndexError:
+                return
+            self._release(request_id, finished)
 
     def _release(self, request_id: str, finished: bool) -> None:
         """The consumer is done with a stream: forget it, and abort the request if it runs."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # NOTE: the CLI takes ACTIVATION_DTYPES, DTYPES and QUANTIZATIONS from here (server/ never
@@ -61,6 +61,8 @@ class EngineConfig:
     master_addr: str = "127.0.0.1"  # the head's rendezvous address, reachable from every host
     master_port: int = 0  # its port; 0: any free port (one host only)
     distributed_timeout: float = 300.0  # seconds every host gets to join
+    # what every host proves on joining (model/join.py); never printed or logged
+    cluster_secret: str | None = field(default=None, repr=False, compare=False)
     seed: int = 0
     quantization: str | None = None  # None: GGUF weights stay packed, HF weights float
     kv_cache_dtype: str = "auto"  # auto: the model's dtype

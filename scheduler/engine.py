@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, fields, replace
 from typing import NoReturn
 
@@ -12,9 +13,9 @@ from model.constraints import ConstraintCompiler
 from model.detokenizer import IncrementalDetokenizer
 from model.executor import make_executor
 from model.generation_config import generation_defaults
-from model.parallel import ParallelConfig
+from model.rendezvous import ParallelConfig
 from model.runner import ModelRunner
-from model.sampling_params import SamplingParams, SamplingParamsError
+from model.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
 from model.tokenizer import load_tokenizer
 from scheduler.block_manager import BlockManager
 from scheduler.config import (
@@ -143,6 +144,19 @@ class LLMEngine:
             if request_id in self.requests or any(r.request_id == request_id for r in self._new):
                 raise ValueError(f"request id {request_id!r} is already running")
             self._new.append(Request(request_id, ids, seqs, metrics))
+
+    def warm_up_constraints(self) -> None:
+        """Build llguidance's tokenizer now (~0.7 s, at start-up): it holds the GIL for ~0.4 s at
+        a stretch, which no thread could hide from a serving event loop. A tokenizer it cannot
+        take fails constrained requests later, with the same error."""
+        try:
+            self._constraint_compiler().warm_up()
+        except Exception as e:  # noqa: BLE001 - reported again by each constrained request
+            logger.warning("structured outputs will fail: %s: %s", type(e).__name__, e)
+
+    def compile_constraint(self, spec: StructuredOutputsParams) -> Future:
+        """Compile `spec` on the compiler's own thread; add_request then finds it cached."""
+        return self._constraint_compiler().compile_async(spec)
 
     def _constraint_compiler(self) -> ConstraintCompiler:
         with self._lock:

@@ -185,6 +185,7 @@ class Scheduler:
             prompt_token_ids=seq.prompt_token_ids if p.repetition_penalty != 1.0 else None,
             output_token_ids=seq.output_token_ids if p.needs_penalties else None,
             banned_token_ids=banned,
+            seq_key=seq.request_id if p.needs_penalties else None,  # penalty counts kept
         )
 
     def update(self, batch: ScheduledBatch, output: StepOutput) -> list[SampledToken]:

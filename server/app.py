@@ -72,13 +72,17 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             yield
         finally:
             logger.info("shutting down the engine (timeout %.1f s)", cfg.shutdown_timeout)
-            await engine.shutdown(cfg.shutdown_timeout)
+            try:
+                await engine.shutdown(cfg.shutdown_timeout)  # its grammar threads too
+            finally:
+                offload.shutdown()
 
     offload = Offload()
     no_docs = dict.fromkeys(("docs_url", "redoc_url", "openapi_url"))
     docs = no_docs if cfg.disable_fastapi_docs else {}
     app = FastAPI(title="tokenmill", version=version(), lifespan=lifespan, **docs)
     app.router.route_class = offloaded_json_route(offload)
+    app.state.offload = offload  # the lifespan shuts it down
     install_error_handlers(app)
     # NOTE: middleware added later wraps earlier: metrics (outermost, counts 401s and 413s) →
     # API key (no body is read for a caller without the key) → body size → routes.

@@ -90,6 +90,8 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--master-addr", default=env("MASTER_ADDR", "127.0.0.1"), help="the head")
     s.add_argument("--master-port", type=int, default=int(env("MASTER_PORT", 0)))
     s.add_argument("--distributed-timeout", type=float, default=300.0, help="s for hosts to join")
+    s.add_argument("--cluster-secret", help="proven by every host on joining (or, unseen by ps, "
+                   "TOKENMILL_CLUSTER_SECRET); needed with --nnodes > 1")  # fmt: skip
     s.add_argument("--dtype", choices=DTYPES, default="auto")
     s.add_argument("--quantization", "-q", choices=QUANTIZATIONS, help="default: the file's")
     s.add_argument("--kv-cache-dtype", choices=DTYPES, default="auto")
@@ -128,7 +130,7 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-log-stats", action="store_true", help="no 10 s summary line")
     g.add_argument("--enable-log-requests", action="store_true", help="log prompts (user data)")
     g.add_argument("--disable-log-requests", action="store_true", help="the default (old scripts)")
-    g.add_argument("--max-log-len", type=positive, help="prompt chars and ids logged (all)")
+    g.add_argument("--max-log-len", type=positive, help="prompt chars and ids logged (4096)")
     g.add_argument("--enable-prompt-tokens-details", action="store_true", help="always on")
     d = ServingLimits()
     r = s.add_argument_group("request limits (a request over one gets a 400/413 naming it)")
@@ -160,7 +162,12 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
             "with the wildcard origin '*'"
         )
     names = tuple(dict.fromkeys(args.served_model_name or ()))
-    engine_config = _pick(EngineConfig, args, served_model_name=names[0] if names else None)
+    engine_config = _pick(
+        EngineConfig,
+        args,
+        served_model_name=names[0] if names else None,
+        cluster_secret=args.cluster_secret or os.environ.get("TOKENMILL_CLUSTER_SECRET") or None,
+    )
     server_config = _pick(
         ServerConfig,
         args,

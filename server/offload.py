@@ -13,6 +13,8 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
+from scheduler.errors import EngineDeadError
+
 T = TypeVar("T")
 
 # NOTE: two threads: enough to keep a 2-core machine's loop free while one 10 MB prompt tokenizes
@@ -25,8 +27,16 @@ class Offload:
 
     def __init__(self, max_workers: int = DEFAULT_WORKERS) -> None:
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="tokenmill-offload")
+        self._closed = False
+
+    def shutdown(self) -> None:
+        """On server stop: no new work (a 503); work not yet started is cancelled."""
+        self._closed = True
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._closed:
+            raise EngineDeadError("the server is shutting down")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
 

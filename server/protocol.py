@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from contextvars import ContextVar
 from typing import Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     StrictBool,
     StrictInt,
     ValidationInfo,
@@ -44,16 +46,35 @@ OPTIONAL_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "freque
 OPTIONAL_SAMPLING += ("top_k", "min_p", "repetition_penalty")  # vLLM's extras
 
 
+# the unknown fields of the request being validated (its nested parts add theirs): one log line
+_UNKNOWN: ContextVar[list[str] | None] = ContextVar("_UNKNOWN", default=None)
+MAX_LOGGED_FIELDS = 8  # names in that line, each cut to 64 characters
+
+
 class _Request(BaseModel):
     """ "5" is not an int; other unknown fields are ignored (and logged), as vLLM does."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
-    @model_validator(mode="after")
-    def _log_extra(self) -> _Request:
-        for field in self.model_extra or {}:
-            logger.warning("ignoring unknown request field %r", field)
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _log_extra(cls, data: Any, handler: ModelWrapValidatorHandler[_Request]) -> _Request:
+        """One WARNING per request however many unknown fields it (or its parts) carries."""
+        outer = _UNKNOWN.get() is None
+        token = _UNKNOWN.set([]) if outer else None
+        try:
+            model = handler(data)
+            _UNKNOWN.get().extend(model.model_extra or ())
+            names = list(dict.fromkeys(_UNKNOWN.get()))
+        finally:
+            if token is not None:
+                _UNKNOWN.reset(token)
+        if outer and names:
+            shown = ", ".join(repr(n[:64]) for n in names[:MAX_LOGGED_FIELDS])
+            extra = len(names) - MAX_LOGGED_FIELDS
+            more = f" (+{extra} more)" if extra > 0 else ""
+            logger.warning("ignoring %d unknown request field(s): %s%s", len(names), shown, more)
+        return model
 
 
 class StreamOptions(_Request):

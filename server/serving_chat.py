@@ -106,7 +106,7 @@ class OpenAIServingChat(OpenAIServing):
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
         params = self.fit_params(len(prompt), params, "messages")
-        head, acc, stream = self.start(req, [prompt], [params], self._logprobs)
+        head, acc, stream = await self.start(req, [prompt], [params], self._logprobs)
         if req.stream:
             role = DeltaMessage(role="assistant", content="")
             first = [ChatStreamChoice(index=i, delta=role) for i in range(params.n)]

@@ -58,7 +58,7 @@ class OpenAIServingCompletion(OpenAIServing):
             echo = await self.offload(self._echo_texts, req.prompt, prompts)
         n = base.n
         offsets = [_Offset(len(echo[i // n])) for i in range(len(prompts) * n)]
-        head, acc, stream = self.start(req, prompts, params, partial(self._logprobs, offsets))
+        head, acc, stream = await self.start(req, prompts, params, partial(self._logprobs, offsets))
         if req.stream:
             started: set[int] = set()
 

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _END = object()
+# --enable-log-requests without --max-log-len: a prompt is logged cut to this many characters and
+# token ids (a 10 MB prompt is neither decoded in full on the event loop nor logged in full)
+DEFAULT_MAX_LOG_LEN = 4096
 
 
 def check_model_name(
@@ -96,11 +99,13 @@ class OpenAIServing:
         )
         return replace(params, max_tokens=max_tokens)
 
-    def start(
+    async def start(
         self, req: Any, prompts: list[list[int]], params: list[SamplingParams], convert: Callable
     ) -> tuple[dict[str, Any], RequestAccumulator, AsyncIterator[tuple[int, RequestOutput]]]:
-        """Queue the request (generate); the head (id, created, model: the name it was sent) of
-        the response and each chunk, and the accumulator that its outputs go through."""
+        """Compile its constraint off the loop, then queue the request (generate); the head (id,
+        created, model: the name it was sent) of the response and each chunk, and the
+        accumulator that its outputs go through."""
+        await self.engine.prepare(params)  # NOTE: before admission (generate awaits nothing)
         head = {
             "id": f"{self.prefix}-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -158,8 +163,8 @@ class OpenAIServing:
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]
     ) -> None:
         """--enable-log-requests: prompts are user data, logged only when asked (vLLM's way),
-        cut to --max-log-len characters and token ids."""
-        cut = self.config.max_log_len
+        cut to --max-log-len (default DEFAULT_MAX_LOG_LEN) characters and token ids."""
+        cut = self.config.max_log_len or DEFAULT_MAX_LOG_LEN
         for i, (ids, sp) in enumerate(zip(prompts, params, strict=True)):
             logger.info(
                 "Received request %s: prompt: %r, params: %s, prompt_token_ids: %s",

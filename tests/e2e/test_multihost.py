@@ -1,11 +1,13 @@
 """Two "hosts" on 127.0.0.1: `tokenmill serve --node-rank 0` and `tokenmill worker --node-rank 1`,
 separate process trees started by separate commands. TP=2 (1 rank a host) and TP=4 (2 a host)
 match TP=1 token for token; a lost host, a host that never joins and mismatched flags fail
-clearly; nothing is left running after either side is killed."""
+clearly; a node without the cluster secret is refused while the head serves on; nothing is left
+running after either side is killed."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ pytestmark = pytest.mark.timeout(240)
 REPO = Path(__file__).resolve().parents[2]
 
 PROMPTS = ("Hello, my name is", "The capital of France is")
+SECRET = "s3cret-shared-by-the-hosts"
 
 
 @dataclass
@@ -47,17 +50,23 @@ class Node:
             pytest.fail(f"still running after {timeout} s:\n{self.log()[-3000:]}")
 
 
-def start(command: str, model: str, args: list[str], log_path: Path) -> Node:
+def start(
+    command: str, model: str, args: list[str], log_path: Path, env: dict[str, str] | None = None
+) -> Node:
     cmd = [sys.executable, "-m", "server", command, model, *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, **(env or {})})  # fmt: skip
     return Node(proc, log_path)
 
 
-def cluster_args(tp: int, port: int, node_rank: int, *extra: str) -> list[str]:
+def cluster_args(
+    tp: int, port: int, node_rank: int, *extra: str, secret: str | None = SECRET
+) -> list[str]:
     return [
         *TINY_ARGS, "-tp", str(tp), "--nnodes", "2", "--node-rank", str(node_rank),
-        "--master-addr", "127.0.0.1", "--master-port", str(port), "--device", "cpu", *extra,
+        "--master-addr", "127.0.0.1", "--master-port", str(port), "--device", "cpu",
+        *(["--cluster-secret", secret] if secret else []), *extra,
     ]  # fmt: skip
 
 
@@ -65,6 +74,7 @@ def cluster_args(tp: int, port: int, node_rank: int, *extra: str) -> list[str]:
 class Cluster:
     head: Any  # conftest's ServerProcess
     worker: Node
+    port: int  # the head's rendezvous port
 
     def trees(self) -> list[psutil.Process]:
         return [*Node(self.head.proc, self.head.log_path).tree(), *self.worker.tree()]
@@ -80,7 +90,7 @@ def two_hosts(tmp: Path, launch_server, model: str, tp: int) -> Cluster:
         worker.proc.kill()
         print(worker.log()[-3000:])
         raise
-    return Cluster(head, worker)
+    return Cluster(head, worker, port)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +141,28 @@ def ranks(node: Node) -> list[psutil.Process]:
 
 def test_tp2_across_two_hosts_matches_tp1(tp2, tiny_server):
     assert len(ranks(tp2.worker)) == 1
+    assert_same_as_tp1(tp2.head.url, tiny_server.url)
+
+
+def test_wrong_or_missing_secret_is_refused_and_the_head_serves_on(
+    tp2, tiny_server, tiny_model, tmp_path
+):
+    """A node with the wrong secret (from the environment) is refused with a clear error, one
+    with none stops before connecting; the head logs the refusal (never a secret) and serves."""
+    env = {"TOKENMILL_CLUSTER_SECRET": "not-the-secret"}
+    intruder = start("worker", tiny_model, cluster_args(2, tp2.port, 1, secret=None),
+                     tmp_path / "wrong.log", env)  # fmt: skip
+    assert intruder.wait(120) == 1, intruder.log()[-3000:]
+    want = f"the head at 127.0.0.1:{tp2.port} refused this node: wrong or missing cluster secret"
+    assert want in intruder.log(), intruder.log()[-3000:]
+    none = start("worker", tiny_model, cluster_args(2, tp2.port, 1, secret=None),
+                 tmp_path / "none.log", {"TOKENMILL_CLUSTER_SECRET": ""})  # fmt: skip
+    assert none.wait(120) == 1
+    assert "nnodes 2 needs a shared secret that every host proves on joining" in none.log()
+    log = tp2.head.log()
+    assert "refused a node joining 127.0.0.1" in log and "wrong or missing cluster secret" in log
+    assert SECRET not in log and "not-the-secret" not in log
+    assert httpx.get(f"{tp2.head.url}/health", timeout=10).status_code == 200
     assert_same_as_tp1(tp2.head.url, tiny_server.url)
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
 import torch
 
-from model.constraints import ConstraintCompiler, ConstraintError, _eos_bits
+from model.constraints import ConstraintCompiler, ConstraintError, _eos_bits, grammar_of
 from model.inputs import SamplingRow
 from model.sampler import Sampler
 from model.sampling_params import StructuredOutputsParams
@@ -24,7 +25,7 @@ def tok(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def compiler(tok):
-    c = ConstraintCompiler(tok.hf, 49152, tok.eos_token_ids, cache_size=2)
+    c = ConstraintCompiler(tok.hf, 49152, tok.eos_token_ids)
     yield c
     c.shutdown()
 
@@ -90,7 +91,7 @@ def test_sampler_masks_first_and_logprobs_stay_raw(compiler, tok):
     assert sampled.token_ids == [no]
 
 
-def test_errors_name_the_field_and_cache_is_bounded(compiler):
+def test_errors_name_the_field(compiler):
     with pytest.raises(ConstraintError, match="uniqueItems") as e:
         compiler.compile(
             StructuredOutputsParams("json", '{"type":"array","uniqueItems":true}', "guided_json")
@@ -100,11 +101,50 @@ def test_errors_name_the_field_and_cache_is_bounded(compiler):
         compiler.compile(StructuredOutputsParams("regex", "(", "guided_regex"))
     with pytest.raises(ConstraintError, match="not valid JSON"):
         compiler.compile(StructuredOutputsParams("json", "{", "guided_json"))
+
+
+def test_cache_is_an_lru_bounded_by_bytes(tok):
     specs = [StructuredOutputsParams("regex", f"a{{{i}}}") for i in range(1, 5)]
-    for s in specs:
-        compiler.compile(s)
-    assert list(compiler._cache) == specs[-2:]  # LRU of size 2
-    assert compiler.compile(specs[-1]) is compiler.compile(specs[-1])  # a hit is the same object
+    size = len(specs[0].spec) + len(grammar_of(specs[0]))  # the same for each
+    c = ConstraintCompiler(tok.hf, 49152, tok.eos_token_ids, cache_bytes=2 * size + 1)
+    try:
+        for s in specs:
+            c.compile(s)
+        assert list(c._cache) == specs[-2:] and c.cached_bytes == 2 * size
+        assert c.compile(specs[2]) is c.compile(specs[2])  # a hit is the same object
+        assert list(c._cache) == [specs[3], specs[2]]  # and the most recent
+        big = StructuredOutputsParams("regex", "b" * (2 * size))  # more than the whole cache
+        assert c.compile(big) is not None
+        assert list(c._cache) == [specs[3], specs[2]] and c.cached_bytes == 2 * size
+        wide = StructuredOutputsParams("regex", "c" * (size - len(grammar_of(specs[0])) + 3))
+        c.compile(wide)  # a bit more than one small entry: displaces both
+        assert list(c._cache) == [wide] and c.cached_bytes == len(wide.spec) + len(grammar_of(wide))
+    finally:
+        c.shutdown()
+
+
+def test_compile_async_runs_on_the_compile_thread(tok):
+    c = ConstraintCompiler(tok.hf, 49152, tok.eos_token_ids)
+    spec = StructuredOutputsParams("regex", "[0-9]{3}")
+    threads = []
+    real = c.compile
+
+    def spy(s):
+        threads.append(threading.current_thread().name)
+        return real(s)
+
+    c.compile = spy
+    future = c.compile_async(spec)
+    template = future.result(30)
+    assert threads == ["tokenmill-grammar_0"]
+    hit = c.compile_async(spec)
+    assert hit.done() and hit.result() is template and threads == ["tokenmill-grammar_0"]
+    bad = c.compile_async(StructuredOutputsParams("regex", "(", "guided_regex"))
+    with pytest.raises(ConstraintError, match="regular expression"):
+        bad.result(30)
+    c.shutdown()
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        c.compile_async(StructuredOutputsParams("regex", "x"))
 
 
 @pytest.mark.parametrize("during_forward", [False, True])

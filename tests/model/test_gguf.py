@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from model.config import ModelConfig
 from model.gguf_reader import read_gguf
-from model.gguf_weights import _llama3_rope_scaling, load_gguf
+from model.gguf_weights import _llama3_rope_scaling, load_gguf, open_gguf
 from model.layers.rotary import inv_frequencies
 
 pytestmark = pytest.mark.timeout(60)
@@ -223,7 +223,7 @@ def test_quantized_tensor_round_trip(tiny_checkpoint, tmp_path, qtype, tol):
         cfg,
         {"blk.0.ffn_up.weight": (raw, None if qtype == "F16" else Q[qtype])},
     )
-    got = load_gguf(str(path)).get("model.layers.0.mlp.up_proj.weight")
+    got = open_gguf(str(path)).get("model.layers.0.mlp.up_proj.weight")  # one tensor alone
     assert got.shape == (64, 256) and got.dtype == torch.float32
     err = (got.numpy() - x).reshape(-1, 32)
     scale = np.abs(x).reshape(-1, 32).max(axis=1, keepdims=True)
@@ -248,7 +248,7 @@ def test_k_quant_tensor_round_trip(tiny_checkpoint, tmp_path, qtype):
     path = write_gguf(
         tmp_path / f"{qtype}.gguf", "qwen2", cfg, {"blk.0.ffn_down.weight": (raw, Q[qtype])}
     )
-    got = load_gguf(str(path)).get("model.layers.0.mlp.down_proj.weight")
+    got = open_gguf(str(path)).get("model.layers.0.mlp.down_proj.weight")
     want = gguf.quants.dequantize(raw, Q[qtype])
     assert got.shape == (8, 512) and np.isfinite(want).all() and np.abs(want).max() > 0
     np.testing.assert_array_equal(got.numpy(), want)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -129,6 +130,44 @@ def test_penalties_match_reference_formula() -> None:
     Sampler(0)._apply_penalties(work, rows)
     for i, row in enumerate(rows):
         assert torch.allclose(work[i], reference_penalties(logits[i], row), atol=1e-6), i
+
+
+def test_penalty_counts_carry_over_steps_and_equal_a_recount() -> None:
+    """A sequence's counts live from step to step (only its new tokens are added) and equal a
+    recount from its lists; a key that now names another sequence, or a gap, recounts."""
+    gen = torch.Generator().manual_seed(0)
+    kept, fresh = Sampler(0), Sampler(0)
+    out: list[int] = []
+    first = None
+    for tok in [3, 3, 7, 1, 3, 9]:
+        out.append(tok)
+        row = SamplingRow(
+            presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3,
+            prompt_token_ids=[1, 2], output_token_ids=list(out), seq_key="r",
+        )  # fmt: skip
+        logits = torch.randn(1, 16, generator=gen)
+        a, b = logits.clone(), logits.clone()
+        kept._apply_penalties(a, [row])
+        fresh._apply_penalties(b, [replace(row, seq_key=None)])
+        assert torch.equal(a, b)
+        assert torch.allclose(a[0], reference_penalties(logits[0], row), atol=1e-6)
+        counts = kept._counts[("r", 0)]
+        first = first or counts
+        assert counts is first and counts.num_counted == len(out)  # one object, added to
+    assert first.output.tolist() == [0, 1, 0, 3, 0, 0, 0, 1, 0, 1] + [0] * 6
+    assert fresh._counts == {}
+
+    def penalized(sampler: Sampler, ids: list[int], key: str = "r") -> list[float]:
+        logits = torch.zeros(1, 16)
+        row = SamplingRow(frequency_penalty=1.0, output_token_ids=ids, seq_key=key)
+        sampler._apply_penalties(logits, [row])
+        return logits[0].tolist()
+
+    assert penalized(kept, [5]) == [0.0] * 5 + [-1.0] + [0.0] * 10  # shorter: another sequence
+    assert penalized(kept, [5, 5]) == [0.0] * 5 + [-2.0] + [0.0] * 10
+    assert penalized(kept, [4, 6]) == [0.0] * 4 + [-1.0, 0.0, -1.0] + [0.0] * 9  # last differs
+    assert penalized(kept, [0], key="other")[0] == -1.0
+    assert list(kept._counts) == [("other", 0)]  # "r" was not in that step: dropped
 
 
 def test_penalties_change_the_greedy_choice() -> None:

@@ -18,7 +18,8 @@ from model.config import ModelConfig
 from model.executor import DistributedExecutor, make_executor
 from model.inputs import SamplingRow, StepInput
 from model.llama import LlamaForCausalLM
-from model.parallel import ParallelConfig, ParallelContext
+from model.parallel import ParallelContext
+from model.rendezvous import ParallelConfig
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams
 from model.tokenizer import load_tokenizer

@@ -135,6 +135,30 @@ async def test_closing_or_cancelling_the_consumer_aborts(engine, assert_pool_fre
     assert_pool_free(engine.engine)
 
 
+@pytest.mark.parametrize("lock", ["AsyncEngine._lock", "LLMEngine._lock"])
+async def test_a_stream_finalized_under_a_lock_aborts_without_deadlock(
+    engine, assert_pool_free, lock
+):
+    """The collector may finalize a dropped stream on a thread that holds one of the engine's
+    (non-reentrant) locks: the finalizer takes none, and the request is still aborted."""
+    held = engine._lock if lock == "AsyncEngine._lock" else engine.engine._lock
+    params = SamplingParams(max_tokens=400, **GREEDY)
+    streams = [engine.generate("dropped", list(range(10, 40)), params)]
+    done = threading.Event()
+
+    def drop() -> None:
+        with held:
+            streams.clear()  # the last reference: __del__ runs here, under the lock
+        done.set()
+
+    threading.Thread(target=drop, daemon=True).start()
+    assert done.wait(10), f"the stream's finalizer deadlocked on {lock}"
+    await settle(engine)
+    assert "dropped" not in engine._streams and "dropped" not in engine.engine.requests
+    assert not engine._dropped
+    assert_pool_free(engine.engine)
+
+
 async def test_abort_ends_stream_with_abort(engine, assert_pool_free):
     agen = engine.generate("ab", list(range(10, 30)), SamplingParams(max_tokens=400, **GREEDY))
     outs = [await agen.__anext__()]
@@ -270,3 +294,42 @@ async def test_caller_thread_steps_and_nothing_else_can(tiny_checkpoint):
     with pytest.raises(RuntimeError, match="step_thread=False"):
         own.run_forever()
     await own.shutdown(1.0)
+
+
+def test_a_stalled_loop_holds_at_most_max_pending_outputs(tiny_checkpoint):
+    """Outputs waiting as callbacks behind a stalled event loop count as unread: the request is
+    cut off at max_pending_outputs, not left to pile up callbacks for all its tokens."""
+    eng = AsyncEngine(config(tiny_checkpoint), max_pending_outputs=4)
+    eng.start()
+    loop = asyncio.new_event_loop()
+    started, release, result = threading.Event(), threading.Event(), {}
+
+    async def start_then_stall() -> list:
+        params = SamplingParams(max_tokens=300, **GREEDY)
+        stream = eng.generate("stalled", list(range(10, 20)), params)
+        started.set()
+        release.wait(60)  # the loop stalls: outputs can only queue up as its callbacks
+        return [o async for o in stream]
+
+    def run() -> None:
+        result["outs"] = loop.run_until_complete(start_then_stall())
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert started.wait(30)
+        assert eng._wait_idle(60)  # the engine ended the request while the loop stalled
+        pending = len(loop._ready)
+    finally:
+        release.set()
+        thread.join(60)
+        loop.close()
+        asyncio.run(eng.shutdown(5.0))
+    outs = result["outs"]
+    assert pending == len(outs) == 6  # 4 unread + the one that found them + the abort
+    assert [o.finished for o in outs] == [False] * 5 + [True]
+    assert outs[-1].outputs[0].finish_reason == "abort"
+    assert (
+        outs[-1].error
+        == "client too slow: 4 outputs unread (--max-pending-outputs); request aborted"
+    )

@@ -46,7 +46,19 @@ async def test_lifespan_health_and_catch_all(engine: AsyncEngine) -> None:
             resp = await client.post("/v1/completions", json=body)
             assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
 
+        # the server's thread pools are shut down with it: offload and the grammar compiler's
+        pools = [app.state.offload._pool, engine.engine.constraints._compile_thread]
+        assert all(p._shutdown for p in pools)
+        threads = [t for p in pools for t in p._threads]
+        assert threads  # each did work (a tokenized prompt; the tokenizer built at start)
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads)
+
         # after shutdown: unhealthy, and new requests get a 503 envelope (not a 500 or a hang)
         assert (await client.get("/health")).status_code == 503
         resp = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+        assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable"
+        schema = {"prompt": "hi", "max_tokens": 3, "guided_json": {"type": "object"}}
+        resp = await client.post("/v1/completions", json=schema)  # constrained: a 503 too
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "engine_unavailable"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -214,6 +216,22 @@ def test_unknown_fields_are_ignored_but_neutral_values_of_unsupported_ones_pass(
          "best_of": 1, "store": False, "metadata": {"a": "b"}}
     )  # fmt: skip
     assert req.to_sampling_params().n == 1
+
+
+def test_many_unknown_fields_log_one_line_per_request(caplog) -> None:
+    """A 4 MiB body can hold ~10^5 unknown fields, top-level or nested: one WARNING in all."""
+    msg = {"role": "user", "content": "hi", "zz": 1}
+    body = {"messages": [msg] * 50, "stream_options": {"include_usage": True, "q": 1},
+            **{f"f{i}": i for i in range(5000)}}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="server.protocol"):
+        ChatCompletionRequest.model_validate(body)
+        CompletionRequest.model_validate({"prompt": "x", "y" * 1000: 1})
+        CompletionRequest.model_validate({"prompt": "x"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "ignoring 5002 unknown request field(s): 'q', 'zz', 'f0', 'f1', 'f2', 'f3', 'f4', 'f5' "
+        "(+4994 more)",
+        f"ignoring 1 unknown request field(s): '{'y' * 64}'",
+    ]
 
 
 def test_image_parts_are_named_in_the_error() -> None:
