@@ -93,7 +93,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             allow_headers=list(cfg.allowed_headers),
             allow_credentials=cfg.allow_credentials,
         )
-    metrics = ServerMetrics(engine.model_name)
+    metrics = ServerMetrics(engine.model_name, vllm_gauges=cfg.vllm_metrics)
     engine.add_stat_listener(metrics.stat_listener)
     metrics.install(app)  # outermost but for the root path, so it also counts 401s
     if cfg.root_path:

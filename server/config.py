@@ -30,3 +30,4 @@ class ServerConfig:
     enable_log_requests: bool = False  # log each request's prompt (user data) at info level
     max_log_len: int | None = None  # prompt characters / token ids a logged request shows
     log_stats: bool = True  # the 10 s throughput summary (--disable-log-stats turns it off)
+    vllm_metrics: bool = True  # vllm:* gauges on /metrics (--disable-vllm-metrics turns off)

@@ -123,6 +123,9 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-log-requests", action="store_true", help="the default (old scripts)")
     g.add_argument("--max-log-len", type=positive, help="prompt chars and ids logged (all)")
     g.add_argument("--enable-prompt-tokens-details", action="store_true", help="always on")
+    g.add_argument(
+        "--disable-vllm-metrics", action="store_true", help="no vllm:* gauges on /metrics"
+    )
     d = ServingLimits()
     r = s.add_argument_group("request limits (a request over one gets a 400/413 naming it)")
     r.add_argument("--max-waiting", type=positive, help="queued sequences before 503 (KV blocks)")
@@ -166,6 +169,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         allowed_methods=tuple(args.allowed_methods),
         allowed_headers=tuple(args.allowed_headers),
         log_stats=not args.disable_log_stats,
+        vllm_metrics=not args.disable_vllm_metrics,
     )
     return engine_config, server_config
 
