@@ -16,7 +16,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.auth import APIKeyMiddleware
 from server.config import ServerConfig
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import (
+    AnthropicErrorMiddleware,
+    APIError,
+    error_response,
+    install_error_handlers,
+)
 from server.limits import BodySizeLimitMiddleware, default_max_waiting
 from server.metrics import ServerMetrics, StatsLogger
 from server.offload import Offload, offloaded_json_route
@@ -27,10 +32,12 @@ from server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from server.protocol_anthropic import AnthropicCountTokensRequest, AnthropicMessagesRequest
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
+from server.serving_messages import ServingMessages
 from server.serving_models import OpenAIServingModels, version
-from server.sse import sse_response
+from server.sse import EventStream, event_stream_response, sse_response
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
@@ -81,10 +88,12 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     app.router.route_class = offloaded_json_route(offload)
     install_error_handlers(app)
     # NOTE: middleware added later wraps earlier: metrics (outermost, counts 401s and 413s) →
-    # API key (no body is read for a caller without the key) → body size → routes.
+    # Anthropic's error shape → API key (no body is read for a caller without the key) → body
+    # size → routes.
     app.add_middleware(BodySizeLimitMiddleware, max_size=cfg.limits.max_request_body_size)
     if cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
+    app.add_middleware(AnthropicErrorMiddleware)  # errors of the above too, on /v1/messages
     if cfg.allowed_origins:  # outside the key check: 401s carry CORS headers too
         app.add_middleware(
             CORSMiddleware,
@@ -108,6 +117,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     completion = OpenAIServingCompletion(engine, cfg, offload)
     chat = OpenAIServingChat(engine, cfg, offload)
     models = OpenAIServingModels(engine, cfg, offload, metrics.finished_counts)
+    messages = ServingMessages(chat)
 
     def json(result: BaseModel) -> Response:
         return Response(result.model_dump_json(), media_type="application/json")
@@ -119,6 +129,8 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             return error_response(result)
         if isinstance(result, BaseModel):
             return json(result)
+        if isinstance(result, EventStream):
+            return event_stream_response(result, shutdown_grace_s=cfg.shutdown_timeout)
         return sse_response(result, shutdown_grace_s=cfg.shutdown_timeout)
 
     @app.post("/v1/completions")
@@ -128,6 +140,15 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, chat.create(body))
+
+    @app.post("/v1/messages")
+    async def create_message(body: AnthropicMessagesRequest, request: Request) -> Response:
+        return await respond(request, messages.create(body))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(body: AnthropicCountTokensRequest) -> Response:
+        result = await messages.count_tokens(body)
+        return error_response(result) if isinstance(result, APIError) else json(result)
 
     @app.get("/v1/models")
     async def list_models() -> Response:
