@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.auth import APIKeyMiddleware
+from server.auth import APIKeyMiddleware, owner_of
 from server.config import ServerConfig
 from server.errors import (
     AnthropicErrorMiddleware,
@@ -33,10 +33,13 @@ from server.protocol import (
     TokenizeCompletionRequest,
 )
 from server.protocol_anthropic import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from server.protocol_responses import ResponsesRequest
+from server.response_store import ResponseStore
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
 from server.serving_messages import ServingMessages
 from server.serving_models import OpenAIServingModels, version
+from server.serving_responses import ServingResponses
 from server.sse import EventStream, event_stream_response, sse_response
 
 if TYPE_CHECKING:
@@ -118,9 +121,18 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     chat = OpenAIServingChat(engine, cfg, offload)
     models = OpenAIServingModels(engine, cfg, offload, metrics.finished_counts)
     messages = ServingMessages(chat)
+    store = ResponseStore(cfg.max_stored_responses, cfg.max_stored_responses_bytes)
+    responses = ServingResponses(chat, store)
+
+    def owner(request: Request) -> str:
+        """Whose stored responses a request sees: its key's, where a key is required."""
+        return owner_of(request.headers.raw) if cfg.api_key else ""
 
     def json(result: BaseModel) -> Response:
         return Response(result.model_dump_json(), media_type="application/json")
+
+    def reply(result: BaseModel | APIError) -> Response:
+        return error_response(result) if isinstance(result, APIError) else json(result)
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:
         """The three-way return: error → JSON with its code, model → JSON, iterator → SSE."""
@@ -147,8 +159,26 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     @app.post("/v1/messages/count_tokens")
     async def count_message_tokens(body: AnthropicCountTokensRequest) -> Response:
-        result = await messages.count_tokens(body)
-        return error_response(result) if isinstance(result, APIError) else json(result)
+        return reply(await messages.count_tokens(body))
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await respond(request, responses.create(body, owner(request)))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str, request: Request) -> Response:
+        return reply(responses.retrieve(response_id, owner(request)))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> Response:
+        return reply(responses.delete(response_id, owner(request)))
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(
+        response_id: str, request: Request, after: str | None = None, limit: int = 20,
+        order: str = "desc",
+    ) -> Response:  # fmt: skip
+        return reply(responses.input_items(response_id, owner(request), after, limit, order))
 
     @app.get("/v1/models")
     async def list_models() -> Response:

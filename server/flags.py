@@ -137,6 +137,16 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     r.add_argument("--max-logit-bias", type=non_negative, default=d.max_logit_bias)
     r.add_argument("--max-tokens-limit", type=positive, help="default: max_model_len")
     r.add_argument("--max-logprobs", type=non_negative, default=d.max_logprobs)
+    c = ServerConfig()
+    kept = "/v1/responses kept (store: true); least recently used go first"
+    r.add_argument("--max-stored-responses", type=non_negative, default=c.max_stored_responses,
+                   help=kept)  # fmt: skip
+    r.add_argument(
+        "--max-stored-responses-bytes",
+        type=size,
+        default=c.max_stored_responses_bytes,
+        help="their JSON, all together",
+    )
     r.add_argument("--max-pending-outputs", type=positive, default=DEFAULT_MAX_PENDING_OUTPUTS)
 
 

@@ -26,6 +26,15 @@ from server.serving_engine import check_model_name
 from server.sse import EventStream
 
 STOP_REASONS = {"tool_calls": "tool_use", "length": "max_tokens"}  # else end_turn
+# vLLM's sampling extras a client may add (extra_body) to the Anthropic and Responses APIs
+VLLM_EXTRAS = ("top_k", "min_p", "repetition_penalty", "seed", "ignore_eos", "min_tokens",
+               "presence_penalty", "frequency_penalty", "logit_bias")  # fmt: skip
+
+
+def vllm_extras(req: Any) -> dict[str, Any]:
+    """The VLLM_EXTRAS a request carries, for its chat request (which checks them)."""
+    extra = req.model_extra or {}
+    return {k: extra[k] for k in VLLM_EXTRAS if k in extra}
 
 
 def _messages(req: _AnthropicPrompt) -> list[dict[str, Any]]:
@@ -79,6 +88,7 @@ def to_chat(req: _AnthropicPrompt) -> ChatCompletionRequest:
             body["tool_choice"] = {"auto": "auto", "any": "required", "tool": named}[choice.type]
             body["parallel_tool_calls"] = not choice.disable_parallel_tool_use
     if isinstance(req, AnthropicMessagesRequest):
+        body.update(vllm_extras(req))
         body["max_tokens"] = req.max_tokens
         for field in ("temperature", "top_p", "top_k"):
             if getattr(req, field) is not None:
