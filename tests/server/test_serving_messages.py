@@ -1,0 +1,72 @@
+"""Anthropic requests → the chat request they run as (no model): messages, tools, choices."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.errors import APIError
+from server.protocol_anthropic import AnthropicMessagesRequest
+from server.serving_messages import _cut_stop, to_chat
+
+pytestmark = pytest.mark.timeout(10)
+
+TOOL = {"name": "f", "description": "d", "input_schema": {"type": "object", "properties": {}}}
+
+
+def request(**kw) -> AnthropicMessagesRequest:
+    return AnthropicMessagesRequest.model_validate({"model": "m", "max_tokens": 5, **kw})
+
+
+def test_blocks_become_chat_messages_in_order() -> None:
+    req = request(
+        system=[{"type": "text", "text": "be"}, {"type": "text", "text": "brief"}],
+        messages=[
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [
+                {"type": "thinking", "thinking": "hmm", "signature": "s"},
+                {"type": "text", "text": "calling"},
+                {"type": "tool_use", "id": "t1", "name": "f", "input": {"a": 1}},
+            ]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1",
+                 "content": [{"type": "text", "text": "r1"}]},
+                {"type": "text", "text": "thanks"},
+            ]},
+        ],
+    )  # fmt: skip
+    messages = [m.to_template() for m in to_chat(req).messages]
+    assert messages == [
+        {"role": "system", "content": "be\nbrief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "calling", "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]},
+        {"role": "tool", "content": "r1", "tool_call_id": "t1"},
+        {"role": "user", "content": "thanks"},
+    ]  # fmt: skip
+
+
+def test_tool_choice_sampling_and_stop_sequences() -> None:
+    chat = to_chat(request(messages=[{"role": "user", "content": "x"}], tools=[TOOL],
+                           tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                           temperature=0.5, top_k=3, stop_sequences=["END"], stream=True,
+                           metadata={"user_id": "u"}, ignore_eos=True))  # fmt: skip
+    assert (chat.tool_mode, chat.parallel_tool_calls) == ("required", False)
+    assert chat.tools[0].function.model_dump(exclude_none=True) == {
+        "name": "f", "description": "d", "parameters": TOOL["input_schema"]}  # fmt: skip
+    assert (chat.max_tokens, chat.temperature, chat.top_k, chat.user) == (5, 0.5, 3, "u")
+    assert (chat.stop, chat.include_stop_str_in_output, chat.ignore_eos) == (["END"], True, True)
+    assert chat.include_usage
+    named = to_chat(request(messages=[], tools=[TOOL], tool_choice={"type": "tool", "name": "f"}))
+    assert named.tool_mode == "named" and named.tool_choice.function.name == "f"
+    none = to_chat(request(messages=[], tools=[TOOL], tool_choice={"type": "none"}))
+    assert none.tool_mode == "none" and none.tools is None
+    with pytest.raises(APIError, match="needs a name"):
+        to_chat(request(messages=[], tools=[TOOL], tool_choice={"type": "tool"}))
+    with pytest.raises(APIError, match="cannot hold tool_use"):
+        to_chat(request(messages=[{"role": "user", "content": [
+            {"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]))  # fmt: skip
+
+
+def test_cut_stop_names_the_longest_match() -> None:
+    assert _cut_stop("abc END", ["D", "END"]) == ("abc ", "END")
+    assert _cut_stop("abc", ["x"]) == ("abc", None)
