@@ -26,6 +26,9 @@ from server.serving_chat import OpenAIServingChat
 from server.serving_messages import vllm_extras
 from server.sse import EventStream
 
+# chat request fields → the Responses API's, for the param of an error the chat path raised
+PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
+
 
 def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
@@ -163,6 +166,7 @@ class ServingResponses:
             return e
         result = await self.chat.create(chat_req)
         if isinstance(result, APIError):
+            result.param = PARAMS.get(result.param or "", result.param)
             return result
         base = self._base(req)
         if isinstance(result, ChatCompletionResponse):

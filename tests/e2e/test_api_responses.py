@@ -10,7 +10,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from e2e_helpers import KEYED_KEY, TINY_NAME, assert_error
+from e2e_helpers import KEYED_KEY, TINY_NAME, assert_error, engine_stats, wait_for
 from pydantic import BaseModel
 
 pytestmark = pytest.mark.timeout(120)
@@ -216,7 +216,7 @@ def test_hostile_input_gets_openai_4xx(keyed_server) -> None:
     statuses: set[int] = set()
     with httpx.Client(base_url=url, headers=headers, timeout=60) as http:
         for field in good:
-            for value in WRONG:
+            for value in WRONG if field != "max_output_tokens" else WRONG[1:]:  # None: no limit
                 for stream in (False, True):
                     resp = http.post("/v1/responses", json={**good, field: value,
                                                             "stream": stream})  # fmt: skip
@@ -230,10 +230,9 @@ def test_hostile_input_gets_openai_4xx(keyed_server) -> None:
                         ), resp.text
         assert 400 in statuses and 200 in statuses
 
-        def bad(body: dict, status: int = 400) -> str:
-            return assert_error(http.post("/v1/responses", json={**good, **body}), status)[
-                "message"
-            ]
+        def bad(body: dict, status: int = 400, param: str | None = "any") -> str:
+            resp = http.post("/v1/responses", json={**good, **body})
+            return assert_error(resp, status, param)["message"]
 
         image = {"type": "input_image", "image_url": "http://x/y.png"}
         msg = bad({"input": [{"role": "user", "content": [image]}]})
@@ -245,7 +244,7 @@ def test_hostile_input_gets_openai_4xx(keyed_server) -> None:
         bad({"text": {"format": {"type": "json_schema", "name": "x"}}})
         bad({"tool_choice": {"type": "function", "name": "nope"}})
         many = [{"role": "user", "content": "word " * 20}] * 3000  # thousands of items
-        assert "max_model_len" in bad({"input": many})
+        assert "max_model_len" in bad({"input": many}, param="input")
         huge = http.post("/v1/responses", json={**good, "input": "x" * (5 * 2**20)})
         assert_error(huge, 413)
         for query in ("limit=0", "limit=101", "order=up", "limit=x"):
@@ -253,3 +252,27 @@ def test_hostile_input_gets_openai_4xx(keyed_server) -> None:
             assert_error(http.get(f"/v1/responses/{stored}/input_items?{query}"), 400)
         r = http.get(f"/v1/responses/{stored}/input_items?after=msg_nope")
         assert_error(r, 404, "after")
+
+
+def test_a_client_that_leaves_aborts_its_request(keyed_server) -> None:
+    """Both APIs' streams: closing the connection after the first delta frees the engine."""
+    url, headers = keyed_server.url, {"Authorization": f"Bearer {KEYED_KEY}"}
+    bodies = {
+        "/v1/responses": {"model": TINY_NAME, "input": QUESTION, "stream": True,
+                          "max_output_tokens": 3000, "ignore_eos": True},
+        "/v1/messages": {"model": TINY_NAME, "max_tokens": 3000, "stream": True,
+                         "messages": [{"role": "user", "content": QUESTION}], "ignore_eos": True},
+    }  # fmt: skip
+    for path, body in bodies.items():
+        aborted = engine_stats(url, KEYED_KEY)["finished_total"]["abort"]
+        with httpx.stream("POST", f"{url}{path}", json=body, headers=headers, timeout=60) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert any("delta" in line for line in lines)
+            lines.close()  # NOTE: closes the response: the client has left
+
+        def gone(aborted: int = aborted) -> bool:
+            stats = engine_stats(url, KEYED_KEY)
+            return stats["finished_total"]["abort"] == aborted + 1 and stats["num_running"] == 0
+
+        wait_for(gone, 30, f"{path}: the request aborted")
