@@ -43,11 +43,12 @@ class ResponseStore:
 
     def put(self, owner: str, response: dict[str, Any], input_items: list[dict[str, Any]]) -> bool:
         """Store (or replace) a response; False if it alone is over the byte bound."""
+        if self.max_entries < 1:
+            return False
         size = _size(response, input_items)
-        if self.max_entries < 1 or size > self.max_bytes:
+        if size > self.max_bytes:
             logger.warning(
-                "response %s not stored: %d bytes > --max-stored-responses-bytes %d "
-                "(or --max-stored-responses 0)",
+                "response %s not stored: %d bytes > --max-stored-responses-bytes %d",
                 response["id"],
                 size,
                 self.max_bytes,

@@ -145,6 +145,11 @@ class ServingMessages:
         """The three-way return: AnthropicResponse, an EventStream, or an APIError."""
         try:
             chat_req = to_chat(req)
+            num_prompt = 0
+            if req.stream:
+                # NOTE: message_start carries the prompt's tokens (clients track the context by
+                # it), and the chat stream tells them only at its end: rendered twice
+                num_prompt = len(await self._render(chat_req))
         except APIError as e:
             return e
         result = await self.chat.create(chat_req)
@@ -155,14 +160,16 @@ class ServingMessages:
         stops = req.stop_sequences or []
         if isinstance(result, ChatCompletionResponse):
             return _response(msg_id, model, result, stops)
-        return EventStream(_events(msg_id, model, result, stops), _error_event)
+        return EventStream(_events(msg_id, model, result, stops, num_prompt), _error_event)
+
+    async def _render(self, chat_req: ChatCompletionRequest) -> list[int]:
+        check_model_name(chat_req.model, self.chat.model_names)
+        return await self.chat.offload(self.chat.render, chat_req.messages, True, chat_req)
 
     async def count_tokens(self, req: AnthropicCountTokensRequest) -> Any:
         """The prompt's tokens as /v1/messages would render it (tools included)."""
         try:
-            check_model_name(req.model, self.chat.model_names)
-            chat_req = to_chat(req)
-            prompt = await self.chat.offload(self.chat.render, chat_req.messages, True, chat_req)
+            prompt = await self._render(to_chat(req))
         except APIError as e:
             return e
         return AnthropicCountTokensResponse(input_tokens=len(prompt))
@@ -233,13 +240,17 @@ class _Blocks:
 
 
 async def _events(
-    msg_id: str, model: str, chunks: AsyncIterator[ChatCompletionChunk], stops: list[str]
+    msg_id: str,
+    model: str,
+    chunks: AsyncIterator[ChatCompletionChunk],
+    stops: list[str],
+    num_prompt: int,
 ) -> AsyncIterator[tuple[str, dict]]:
     """Chat chunks → message_start, ping, content blocks (text_delta, input_json_delta),
-    message_delta (stop_reason, usage), message_stop. NOTE: the prompt's token count is known
-    only at the end: message_start says 0 and message_delta carries it (the SDK takes it)."""
+    message_delta (stop_reason, usage), message_stop. NOTE: prefix-cache hits are known only at
+    the end: message_start counts every prompt token as input, message_delta splits them."""
     start = AnthropicResponse(
-        id=msg_id, model=model, content=[], stop_reason=None, usage=_usage(0, 0, 0)
+        id=msg_id, model=model, content=[], stop_reason=None, usage=_usage(num_prompt, 0, 0)
     )
     yield "message_start", {"type": "message_start", "message": start.model_dump()}
     yield "ping", {"type": "ping"}

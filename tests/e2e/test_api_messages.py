@@ -115,6 +115,10 @@ def test_stream_events_in_order_and_equal_to_create(claude, keyed_server) -> Non
     assert n_deltas >= 1
     assert datas[-2]["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
     assert datas[-2]["usage"]["output_tokens"] == 7
+    num_prompt = whole.usage.input_tokens + whole.usage.cache_read_input_tokens
+    assert datas[0]["message"]["usage"]["input_tokens"] == num_prompt
+    end = datas[-2]["usage"]
+    assert end["input_tokens"] + end["cache_read_input_tokens"] == num_prompt
 
 
 def test_stop_sequences_name_the_one_that_matched(claude) -> None:
