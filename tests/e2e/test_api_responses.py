@@ -105,8 +105,7 @@ def test_parse_json_schema_by_grammar(client) -> None:
     obj = client.responses.create(model=TINY_NAME, input="JSON please", max_output_tokens=60,
                                   text={"format": {"type": "json_object"}},
                                   temperature=0)  # fmt: skip
-    if obj.status == "completed":
-        assert isinstance(json.loads(obj.output_text), dict)
+    assert obj.status == "completed" and isinstance(json.loads(obj.output_text), dict)
 
 
 def test_forced_call_then_its_output_and_previous_response_id(client) -> None:
