@@ -6,7 +6,8 @@ import pytest
 
 from server.errors import APIError
 from server.protocol_anthropic import AnthropicMessagesRequest
-from server.serving_messages import _cut_stop, to_chat
+from server.serving_messages import _cut_stop, _events, to_chat
+from tests.server.chat_chunks import chunk
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -70,3 +71,47 @@ def test_tool_choice_sampling_and_stop_sequences() -> None:
 def test_cut_stop_names_the_longest_match() -> None:
     assert _cut_stop("abc END", ["D", "END"]) == ("abc ", "END")
     assert _cut_stop("abc", ["x"]) == ("abc", None)
+
+
+async def events_of(chunks: list, stops: list[str]) -> list[tuple[str, dict]]:
+    async def gen():
+        for c in chunks:
+            yield c
+
+    return [e async for e in _events("msg_1", "m", gen(), stops, 12)]
+
+
+@pytest.mark.timeout(10)
+async def test_stream_of_text_then_tool_use_blocks() -> None:
+    events = await events_of([
+        chunk(content="Hi"), chunk(call=("call_1", "f", "")), chunk(call=(None, None, '{"a":')),
+        chunk(call=(None, None, "1}")), chunk(finish="tool_calls"), chunk(usage=(12, 6, 8)),
+    ], [])  # fmt: skip
+    assert [(n, d.get("index"), d.get("delta")) for n, d in events[2:-2]] == [
+        ("content_block_start", 0, None),
+        ("content_block_delta", 0, {"type": "text_delta", "text": "Hi"}),
+        ("content_block_stop", 0, None),
+        ("content_block_start", 1, None),
+        ("content_block_delta", 1, {"type": "input_json_delta", "partial_json": '{"a":'}),
+        ("content_block_delta", 1, {"type": "input_json_delta", "partial_json": "1}"}),
+        ("content_block_stop", 1, None),
+    ]  # fmt: skip
+    assert events[5][1]["content_block"] == {"type": "tool_use", "id": "toolu_1", "name": "f",
+                                             "input": {}}  # fmt: skip
+    assert events[0][1]["message"]["usage"]["input_tokens"] == 12
+    assert events[-2][1] == {
+        "type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None},
+        "usage": {"input_tokens": 4, "output_tokens": 6, "cache_creation_input_tokens": 0,
+                  "cache_read_input_tokens": 8},
+    }  # fmt: skip
+    assert events[-1] == ("message_stop", {"type": "message_stop"})
+
+
+@pytest.mark.timeout(10)
+async def test_a_stop_sequence_split_over_deltas_is_held_back_and_cut() -> None:
+    events = await events_of(
+        [chunk(content="abc E"), chunk(content="N"), chunk(content="D"), chunk(finish="stop"),
+         chunk(usage=(12, 3, 0))], ["END", "zz"])  # fmt: skip
+    texts = [d["delta"]["text"] for n, d in events if n == "content_block_delta"]
+    assert "".join(texts) == "abc " and all("E" not in t for t in texts)
+    assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}

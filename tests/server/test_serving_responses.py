@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from server.protocol_responses import ResponsesRequest
-from server.serving_responses import chat_messages, stored_items, to_chat
+from server.response_store import ResponseStore
+from server.serving_responses import ServingResponses, chat_messages, stored_items, to_chat
+from tests.server.chat_chunks import chunk
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -61,3 +63,65 @@ def test_tools_choice_format_and_sampling() -> None:
     assert chat.include_usage
     plain = to_chat(request(input="x", text={"format": {"type": "json_object"}}), [])
     assert plain.response_format == {"type": "json_object"} and plain.tools is None
+
+
+async def events_of(chunks: list, fail: bool = False) -> list[tuple[str, dict]]:
+    async def gen():
+        for c in chunks:
+            yield c
+        if fail:
+            raise RuntimeError("engine fell over")
+
+    serving = ServingResponses(chat=None, store=ResponseStore(10, 10**6))
+    req = request(input="x", stream=True)
+    base = serving._base(req)
+    out = [e async for e in serving._events(base, gen(), "", stored_items(req), req)]
+    return out, serving.store
+
+
+@pytest.mark.timeout(10)
+async def test_stream_of_text_then_a_call_in_order_and_stored() -> None:
+    events, store = await events_of([
+        chunk(content="Hi"), chunk(content=" there"), chunk(call=("call_1", "f", "")),
+        chunk(call=(None, None, '{"a":')), chunk(call=(None, None, "1}")),
+        chunk(finish="tool_calls"), chunk(usage=(10, 5, 4)),
+    ])  # fmt: skip
+    assert [name for name, _ in events] == [
+        "response.created", "response.in_progress",
+        "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta",
+        "response.output_text.done", "response.content_part.done", "response.output_item.done",
+        "response.output_item.added", "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed",
+    ]  # fmt: skip
+    assert [d["sequence_number"] for _, d in events] == list(range(15))
+    assert events[6][1]["text"] == "Hi there" and events[12][1]["arguments"] == '{"a":1}'
+    assert [d.get("output_index") for _, d in events[2:14]] == [0] * 7 + [1] * 5
+    final = events[-1][1]["response"]
+    assert final["status"] == "completed"
+    assert [o["type"] for o in final["output"]] == ["message", "function_call"]
+    assert final["output"][1]["call_id"] == "call_1"
+    assert final["usage"]["input_tokens_details"] == {"cached_tokens": 4}
+    assert (final["usage"]["input_tokens"], final["usage"]["output_tokens"]) == (10, 5)
+    assert store.get(final["id"], "").response == final
+
+
+@pytest.mark.timeout(10)
+async def test_an_error_mid_stream_ends_it_as_failed_and_unstored() -> None:
+    events, store = await events_of([chunk(content="Hi")], fail=True)
+    name, data = events[-1]
+    assert name == "response.failed" and data["sequence_number"] == len(events) - 1
+    assert data["response"]["status"] == "failed"
+    assert data["response"]["error"] == {
+        "code": "server_error", "message": "internal server error: RuntimeError"}  # fmt: skip
+    assert len(store) == 0
+
+
+@pytest.mark.timeout(10)
+async def test_nothing_generated_is_one_empty_message_and_length_is_incomplete() -> None:
+    events, _ = await events_of([chunk(finish="length"), chunk(usage=(3, 1, 0))])
+    final = events[-1][1]["response"]
+    assert events[-1][0] == "response.incomplete"
+    assert final["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert final["output"][0]["content"][0]["text"] == ""
