@@ -73,6 +73,11 @@ def _messages(req: _AnthropicPrompt) -> list[dict[str, Any]]:
 def to_chat(req: _AnthropicPrompt) -> ChatCompletionRequest:
     """The chat request that generates this Anthropic request's answer."""
     body: dict[str, Any] = {"model": req.model, "messages": _messages(req)}
+    last = req.messages[-1] if req.messages else None
+    if last is not None and last.role == "assistant" and body["messages"][-1].get("content"):
+        if "tool_calls" not in body["messages"][-1]:
+            # NOTE: Anthropic's prefill: a final assistant turn is continued, not closed
+            body.update(continue_final_message=True, add_generation_prompt=False)
     choice = req.tool_choice
     if req.tools and (choice is None or choice.type != "none"):
         body["tools"] = [
@@ -164,7 +169,8 @@ class ServingMessages:
 
     async def _render(self, chat_req: ChatCompletionRequest) -> list[int]:
         check_model_name(chat_req.model, self.chat.model_names)
-        return await self.chat.offload(self.chat.render, chat_req.messages, True, chat_req)
+        render, messages = self.chat.render, chat_req.messages
+        return await self.chat.offload(render, messages, chat_req.add_generation_prompt, chat_req)
 
     async def count_tokens(self, req: AnthropicCountTokensRequest) -> Any:
         """The prompt's tokens as /v1/messages would render it (tools included)."""

@@ -35,9 +35,9 @@ def claude(keyed_server) -> anthropic.Anthropic:
                                timeout=90)  # fmt: skip
 
 
-def chat_text(url: str, max_tokens: int, **extra) -> str:
+def chat_text(url: str, max_tokens: int, messages: list | None = None, **extra) -> str:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEYED_KEY, max_retries=0, timeout=90)
-    messages = [{"role": "system", "content": SYSTEM}, *MESSAGES]
+    messages = [{"role": "system", "content": SYSTEM}, *(messages or MESSAGES)]
     out = client.chat.completions.create(
         model=TINY_NAME, messages=messages, max_tokens=max_tokens, temperature=0,
         extra_body={"ignore_eos": True, **extra},
@@ -119,6 +119,16 @@ def test_stream_events_in_order_and_equal_to_create(claude, keyed_server) -> Non
     assert datas[0]["message"]["usage"]["input_tokens"] == num_prompt
     end = datas[-2]["usage"]
     assert end["input_tokens"] + end["cache_read_input_tokens"] == num_prompt
+
+
+def test_a_final_assistant_turn_is_continued(claude, keyed_server) -> None:
+    prefill = [*MESSAGES, {"role": "assistant", "content": "The capital is"}]
+    msg = claude.messages.create(model=TINY_NAME, max_tokens=5, system=SYSTEM, messages=prefill,
+                                 extra_body=GREEDY)  # fmt: skip
+    want = chat_text(keyed_server.url, 5, prefill, continue_final_message=True,
+                     add_generation_prompt=False)  # fmt: skip
+    assert msg.content[0].text == want and msg.usage.output_tokens == 5
+    assert msg.content[0].text != chat_text(keyed_server.url, 5)
 
 
 def test_stop_sequences_name_the_one_that_matched(claude) -> None:

@@ -115,3 +115,11 @@ async def test_a_stop_sequence_split_over_deltas_is_held_back_and_cut() -> None:
     texts = [d["delta"]["text"] for n, d in events if n == "content_block_delta"]
     assert "".join(texts) == "abc " and all("E" not in t for t in texts)
     assert events[-2][1]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}
+
+
+def test_a_final_assistant_turn_is_continued() -> None:
+    prefill = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer:"}]
+    chat = to_chat(request(messages=prefill))
+    assert (chat.continue_final_message, chat.add_generation_prompt) == (True, False)
+    closed = to_chat(request(messages=prefill[:1]))
+    assert (closed.continue_final_message, closed.add_generation_prompt) == (False, True)
