@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Literal
 
@@ -184,23 +185,36 @@ def test_openai_agents_agent_with_a_function_tool(keyed_server) -> None:
         calls.append(city)
         return f"21 degrees in {city}"
 
-    aclient = openai.AsyncOpenAI(base_url=f"{keyed_server.url}/v1", api_key=KEYED_KEY,
-                                 max_retries=0, timeout=90)  # fmt: skip
-    agent = agents.Agent(
-        name="weather", instructions="Answer with the weather tool.", tools=[get_weather],
-        model=agents.OpenAIResponsesModel(model=TINY_NAME, openai_client=aclient),
-        # NOTE: EOS made likely, so that the turn after the call (tool_choice auto again) ends
-        # before max_tokens (incomplete is an error to the SDK); the call's grammar holds it off
-        model_settings=agents.ModelSettings(tool_choice="required", max_tokens=40, temperature=0,
-                                            parallel_tool_calls=False,
-                                            extra_body={"logit_bias": {"2": 100}}),
-    )  # fmt: skip
-    result = agents.Runner.run_sync(agent, "What is the weather in Paris?", max_turns=3)
-    assert calls and all(c in ("Paris", "Rome", "Oslo") for c in calls)
+    def agent() -> agents.Agent:
+        """An agent with its own client: each asyncio loop needs one (run_sync runs its own)."""
+        aclient = openai.AsyncOpenAI(base_url=f"{keyed_server.url}/v1", api_key=KEYED_KEY,
+                                     max_retries=0, timeout=90)  # fmt: skip
+        return agents.Agent(
+            name="weather", instructions="Answer with the weather tool.", tools=[get_weather],
+            model=agents.OpenAIResponsesModel(model=TINY_NAME, openai_client=aclient),
+            # NOTE: EOS made likely, so that the turn after the call (tool_choice auto again)
+            # ends before max_tokens (incomplete is an error to the SDK); the call's grammar
+            # holds it off until the call is whole
+            model_settings=agents.ModelSettings(tool_choice="required", max_tokens=40,
+                                                temperature=0, parallel_tool_calls=False,
+                                                extra_body={"logit_bias": {"2": 100}}),
+        )  # fmt: skip
+
+    result = agents.Runner.run_sync(agent(), "What is the weather in Paris?", max_turns=3)
+    assert len(calls) == 1 and calls[0] in ("Paris", "Rome", "Oslo")
     assert isinstance(result.final_output, str)
     kinds = [item.type for item in result.new_items]
-    assert kinds[:2] == ["tool_call_item", "tool_call_output_item"], kinds
-    assert kinds[-1] == "message_output_item"
+    assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"], kinds
+
+    async def streamed() -> list[str]:  # the SDK's stream: true
+        run = agents.Runner.run_streamed(agent(), "What is the weather in Paris?", max_turns=3)
+        names = [event.type async for event in run.stream_events()]
+        assert [item.type for item in run.new_items] == kinds
+        assert run.final_output == result.final_output
+        return names
+
+    names = asyncio.run(streamed())
+    assert "raw_response_event" in names and len(calls) == 2 and calls[1] == calls[0]
 
 
 WRONG = [None, "text", 1.5, -1, 2**70, True, [], {}, [[1]], {"a": 1}, "\u0000", "🙂" * 3]
