@@ -79,6 +79,8 @@ def to_chat(req: _AnthropicPrompt) -> ChatCompletionRequest:
             # NOTE: Anthropic's prefill: a final assistant turn is continued, not closed
             body.update(continue_final_message=True, add_generation_prompt=False)
     choice = req.tool_choice
+    if choice is not None and choice.type in ("any", "tool") and not req.tools:
+        raise APIError(f"tool_choice type {choice.type!r} needs tools", 400)
     if req.tools and (choice is None or choice.type != "none"):
         body["tools"] = [
             {"type": "function", "function": {"name": t.name, "parameters": t.input_schema,

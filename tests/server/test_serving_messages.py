@@ -61,6 +61,8 @@ def test_tool_choice_sampling_and_stop_sequences() -> None:
     assert named.tool_mode == "named" and named.tool_choice.function.name == "f"
     none = to_chat(request(messages=[], tools=[TOOL], tool_choice={"type": "none"}))
     assert none.tool_mode == "none" and none.tools is None
+    with pytest.raises(APIError, match="'any' needs tools"):
+        to_chat(request(messages=[], tool_choice={"type": "any"}))
     with pytest.raises(APIError, match="needs a name"):
         to_chat(request(messages=[], tools=[TOOL], tool_choice={"type": "tool"}))
     with pytest.raises(APIError, match="cannot hold tool_use"):
