@@ -14,17 +14,26 @@ logger = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class StoredResponse:
-    """One response: its JSON, its own input items (with ids) and whose it is. The history
-    before it is its previous response's entry (a chain, so no history is copied)."""
+    """One response and its own input items, kept as JSON text (so the byte bound is the memory
+    it holds, not a fraction of it), and whose it is. The history before it is its previous
+    response's entry (a chain, so no history is copied)."""
 
     owner: str  # a digest of the API key that stored it ("" without --api-key)
-    response: dict[str, Any]
-    input_items: list[dict[str, Any]]
-    num_bytes: int
+    response_json: str
+    input_items_json: str
+    previous_response_id: str | None
 
+    @property
+    def num_bytes(self) -> int:
+        return len(self.response_json) + len(self.input_items_json)
 
-def _size(response: dict[str, Any], input_items: list[dict[str, Any]]) -> int:
-    return len(json.dumps(response)) + len(json.dumps(input_items))
+    @property
+    def response(self) -> dict[str, Any]:
+        return json.loads(self.response_json)
+
+    @property
+    def input_items(self) -> list[dict[str, Any]]:
+        return json.loads(self.input_items_json)
 
 
 class ResponseStore:
@@ -45,7 +54,9 @@ class ResponseStore:
         """Store (or replace) a response; False if it alone is over the byte bound."""
         if self.max_entries < 1:
             return False
-        size = _size(response, input_items)
+        prev = response.get("previous_response_id")
+        entry = StoredResponse(owner, json.dumps(response), json.dumps(input_items), prev)
+        size = entry.num_bytes
         if size > self.max_bytes:
             logger.warning(
                 "response %s not stored: %d bytes > --max-stored-responses-bytes %d",
@@ -58,7 +69,7 @@ class ResponseStore:
             old = self._entries.pop(response["id"], None)
             if old is not None:
                 self.num_bytes -= old.num_bytes
-            self._entries[response["id"]] = StoredResponse(owner, response, input_items, size)
+            self._entries[response["id"]] = entry
             self.num_bytes += size
             while len(self._entries) > self.max_entries or self.num_bytes > self.max_bytes:
                 evicted = self._entries.pop(next(iter(self._entries)))
@@ -95,7 +106,7 @@ class ResponseStore:
             if entry is None:
                 return None
             chain.append(entry)
-            next_id = entry.response.get("previous_response_id")
+            next_id = entry.previous_response_id
         items: list[dict[str, Any]] = []
         for entry in reversed(chain):
             items += entry.input_items + entry.response["output"]
