@@ -14,9 +14,14 @@ from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.auth import APIKeyMiddleware
+from server.auth import APIKeyMiddleware, owner_of
 from server.config import ServerConfig
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import (
+    AnthropicErrorMiddleware,
+    APIError,
+    error_response,
+    install_error_handlers,
+)
 from server.limits import BodySizeLimitMiddleware, default_max_waiting
 from server.metrics import ServerMetrics, StatsLogger
 from server.offload import Offload, offloaded_json_route
@@ -27,10 +32,15 @@ from server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from server.protocol_anthropic import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from server.protocol_responses import ResponsesRequest
+from server.response_store import ResponseStore
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
+from server.serving_messages import ServingMessages
 from server.serving_models import OpenAIServingModels, version
-from server.sse import sse_response
+from server.serving_responses import ServingResponses
+from server.sse import EventStream, event_stream_response, sse_response
 
 if TYPE_CHECKING:
     from scheduler.async_engine import AsyncEngine
@@ -85,10 +95,12 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     app.state.offload = offload  # the lifespan shuts it down
     install_error_handlers(app)
     # NOTE: middleware added later wraps earlier: metrics (outermost, counts 401s and 413s) →
-    # API key (no body is read for a caller without the key) → body size → routes.
+    # Anthropic's error shape → API key (no body is read for a caller without the key) → body
+    # size → routes.
     app.add_middleware(BodySizeLimitMiddleware, max_size=cfg.limits.max_request_body_size)
     if cfg.api_key:
         app.add_middleware(APIKeyMiddleware, api_key=cfg.api_key)
+    app.add_middleware(AnthropicErrorMiddleware)  # errors of the above too, on /v1/messages
     if cfg.allowed_origins:  # outside the key check: 401s carry CORS headers too
         app.add_middleware(
             CORSMiddleware,
@@ -97,7 +109,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             allow_headers=list(cfg.allowed_headers),
             allow_credentials=cfg.allow_credentials,
         )
-    metrics = ServerMetrics(engine.model_name)
+    metrics = ServerMetrics(engine.model_name, vllm_gauges=cfg.vllm_metrics)
     engine.add_stat_listener(metrics.stat_listener)
     metrics.install(app)  # outermost but for the root path, so it also counts 401s
     if cfg.root_path:
@@ -112,9 +124,19 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     completion = OpenAIServingCompletion(engine, cfg, offload)
     chat = OpenAIServingChat(engine, cfg, offload)
     models = OpenAIServingModels(engine, cfg, offload, metrics.finished_counts)
+    messages = ServingMessages(chat)
+    store = ResponseStore(cfg.max_stored_responses, cfg.max_stored_responses_bytes)
+    responses = ServingResponses(chat, store)
+
+    def owner(request: Request) -> str:
+        """Whose stored responses a request sees: its key's, where a key is required."""
+        return owner_of(request.headers.raw) if cfg.api_key else ""
 
     def json(result: BaseModel) -> Response:
         return Response(result.model_dump_json(), media_type="application/json")
+
+    def reply(result: BaseModel | APIError) -> Response:
+        return error_response(result) if isinstance(result, APIError) else json(result)
 
     async def respond(request: Request, work: Awaitable[Any]) -> Response:
         """The three-way return: error → JSON with its code, model → JSON, iterator → SSE."""
@@ -123,6 +145,8 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
             return error_response(result)
         if isinstance(result, BaseModel):
             return json(result)
+        if isinstance(result, EventStream):
+            return event_stream_response(result, shutdown_grace_s=cfg.shutdown_timeout)
         return sse_response(result, shutdown_grace_s=cfg.shutdown_timeout)
 
     @app.post("/v1/completions")
@@ -132,6 +156,33 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, chat.create(body))
+
+    @app.post("/v1/messages")
+    async def create_message(body: AnthropicMessagesRequest, request: Request) -> Response:
+        return await respond(request, messages.create(body))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_message_tokens(body: AnthropicCountTokensRequest) -> Response:
+        return reply(await messages.count_tokens(body))
+
+    @app.post("/v1/responses")
+    async def create_response(body: ResponsesRequest, request: Request) -> Response:
+        return await respond(request, responses.create(body, owner(request)))
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str, request: Request) -> Response:
+        return reply(responses.retrieve(response_id, owner(request)))
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str, request: Request) -> Response:
+        return reply(responses.delete(response_id, owner(request)))
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(
+        response_id: str, request: Request, after: str | None = None, limit: int = 20,
+        order: str = "desc",
+    ) -> Response:  # fmt: skip
+        return reply(responses.input_items(response_id, owner(request), after, limit, order))
 
     @app.get("/v1/models")
     async def list_models() -> Response:

@@ -1,8 +1,11 @@
-"""API key check: `Authorization: Bearer KEY` on every route but the operational ones."""
+"""API key check: `Authorization: Bearer KEY` (or Anthropic's `x-api-key: KEY`) on every route
+but the operational ones."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -23,6 +26,24 @@ def key_matches(header: str | None, api_key: str) -> bool:
     return hmac.compare_digest(token.strip().encode(), api_key.encode())
 
 
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The key a request bears: its bearer token, else its `x-api-key` (Anthropic's clients)."""
+    bearer = x_api_key = None
+    for name, value in headers:
+        if name == b"authorization" and bearer is None:
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            bearer = token.strip() if scheme.lower() == "bearer" else None
+        elif name == b"x-api-key" and x_api_key is None:
+            x_api_key = value.decode("latin-1").strip()
+    return bearer or x_api_key
+
+
+def owner_of(headers: Iterable[tuple[bytes, bytes]]) -> str:
+    """Who stored a response: a digest of the key it bore (never the key itself); "" if none."""
+    key = presented_key(headers)
+    return hashlib.sha256(key.encode()).hexdigest() if key else ""
+
+
 class APIKeyMiddleware:
     """Pure ASGI middleware (no BaseHTTPMiddleware): it must not buffer or delay SSE streams."""
 
@@ -38,16 +59,12 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or (path.rstrip("/") in OPEN_PATHS and path != "/"):
             await self.app(scope, receive, send)
             return
-        header = None
-        for name, value in scope.get("headers", ()):
-            if name == b"authorization":
-                header = value.decode("latin-1")
-                break
-        if key_matches(header, self.api_key):
+        key = presented_key(scope.get("headers", ()))
+        if key is not None and hmac.compare_digest(key.encode(), self.api_key.encode()):
             await self.app(scope, receive, send)
             return
         err = APIError(
-            "missing or invalid API key: send `Authorization: Bearer <key>`",
+            "missing or invalid API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
             401,
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},

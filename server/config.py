@@ -30,3 +30,6 @@ class ServerConfig:
     enable_log_requests: bool = False  # log each request's prompt (user data) at info level
     max_log_len: int | None = None  # prompt characters / token ids a logged request shows
     log_stats: bool = True  # the 10 s throughput summary (--disable-log-stats turns it off)
+    max_stored_responses: int = 1000  # /v1/responses kept for GET and previous_response_id
+    max_stored_responses_bytes: int = 64 * 1024 * 1024  # their JSON, least recently used first
+    vllm_metrics: bool = True  # vllm:* gauges on /metrics (--disable-vllm-metrics turns off)

@@ -132,6 +132,9 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument("--disable-log-requests", action="store_true", help="the default (old scripts)")
     g.add_argument("--max-log-len", type=positive, help="prompt chars and ids logged (4096)")
     g.add_argument("--enable-prompt-tokens-details", action="store_true", help="always on")
+    g.add_argument(
+        "--disable-vllm-metrics", action="store_true", help="no vllm:* gauges on /metrics"
+    )
     d = ServingLimits()
     r = s.add_argument_group("request limits (a request over one gets a 400/413 naming it)")
     r.add_argument("--max-waiting", type=positive, help="queued sequences before 503 (KV blocks)")
@@ -143,6 +146,16 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     r.add_argument("--max-logit-bias", type=non_negative, default=d.max_logit_bias)
     r.add_argument("--max-tokens-limit", type=positive, help="default: max_model_len")
     r.add_argument("--max-logprobs", type=non_negative, default=d.max_logprobs)
+    c = ServerConfig()
+    kept = "/v1/responses kept (store: true); least recently used go first"
+    r.add_argument("--max-stored-responses", type=non_negative, default=c.max_stored_responses,
+                   help=kept)  # fmt: skip
+    r.add_argument(
+        "--max-stored-responses-bytes",
+        type=size,
+        default=c.max_stored_responses_bytes,
+        help="their JSON, all together",
+    )
     r.add_argument("--max-pending-outputs", type=positive, default=DEFAULT_MAX_PENDING_OUTPUTS)
 
 
@@ -180,6 +193,7 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
         allowed_methods=tuple(args.allowed_methods),
         allowed_headers=tuple(args.allowed_headers),
         log_stats=not args.disable_log_stats,
+        vllm_metrics=not args.disable_vllm_metrics,
     )
     return engine_config, server_config
 

@@ -47,13 +47,25 @@ STEP_BUCKETS = (
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
+# The gauges the Gateway API Inference Extension and KEDA scrape from each pod, by vLLM's names
+# (SchedulerStats field → name, help). NOTE: colons are for recording rules by Prometheus'
+# convention (promtool's lint warns), so they are opt-in here and on by default in the server.
+VLLM_GAUGES = {
+    "num_running": ("vllm:num_requests_running", "Requests in model execution batches (vLLM)."),
+    "num_waiting": ("vllm:num_requests_waiting", "Requests waiting to be processed (vLLM)."),
+    "kv_cache_usage": ("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent (vLLM)."),
+}
+
 ASGIApp = Callable[[MutableMapping[str, Any], Callable, Callable], Awaitable[None]]
 
 
 class ServerMetrics:
     """Every tokenmill_* metric, fed by the engine's stat listener and by an HTTP middleware."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, model_name: str, registry: CollectorRegistry | None = None, vllm_gauges: bool = False
+    ) -> None:
+        """`vllm_gauges`: also export VLLM_GAUGES under vLLM's names (the server's default)."""
         # NOTE: process-wide: the *_created gauges double the series and no dashboard reads them.
         disable_created_metrics()
         if registry is None:
@@ -95,6 +107,9 @@ class ServerMetrics:
                 "tokenmill_kv_cache_total_blocks", "KV cache blocks allocated at startup."
             ),
         }
+        if vllm_gauges:
+            for attr, (name, doc) in VLLM_GAUGES.items():
+                self.gauges[f"vllm:{attr}"] = gauge(name, doc)
         self.counters = {
             "prompt_tokens_total": counter(
                 "tokenmill_prompt_tokens",
@@ -196,7 +211,7 @@ class ServerMetrics:
     def stat_listener(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
         """Called on the engine's step thread after each step; O(finished) and lock-light."""
         for attr, g in self.gauges.items():
-            g.set(getattr(stats, attr))
+            g.set(getattr(stats, attr.removeprefix("vllm:")))
         for attr, c in self.counters.items():
             total, last = getattr(stats, attr), self._last_totals.get(attr, 0)
             if total > last:

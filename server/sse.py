@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
-from server.errors import error_body, from_exception
+from server.errors import APIError, error_body, from_exception
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,41 @@ def sse_response(
     """EventSourceResponse over pydantic chunks; on server shutdown streams get a grace period."""
     return EventSourceResponse(
         _events(chunks),
+        sep="\n",
+        ping=15,
+        shutdown_grace_period=shutdown_grace_s,
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@dataclass(slots=True)
+class EventStream:
+    """Named events (Anthropic's and the Responses API's SSE: `event:` + `data:`, no [DONE]);
+    `on_error` turns an error raised mid-stream into that API's last event."""
+
+    events: AsyncIterator[tuple[str, dict]]
+    on_error: Callable[[APIError], tuple[str, dict]]
+
+
+async def _named(stream: EventStream) -> AsyncIterator[dict]:
+    try:
+        async for name, data in stream.events:
+            yield {"event": name, "data": json.dumps(data, ensure_ascii=False)}
+    except Exception as e:  # noqa: BLE001 - the status line is already sent; report in-band
+        name, data = stream.on_error(from_exception(e))
+        yield {"event": name, "data": json.dumps(data)}
+    finally:
+        aclose = getattr(stream.events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def event_stream_response(
+    stream: EventStream, shutdown_grace_s: float = 0.0
+) -> EventSourceResponse:
+    """EventSourceResponse over named events; a client that leaves aborts the request."""
+    return EventSourceResponse(
+        _named(stream),
         sep="\n",
         ping=15,
         shutdown_grace_period=shutdown_grace_s,

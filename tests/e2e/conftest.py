@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from e2e_helpers import TINY_ARGS
+from e2e_helpers import KEYED_KEY, TINY_ARGS
 
 REPO = Path(__file__).resolve().parents[2]
 STARTUP_TIMEOUT_S = 240.0
@@ -134,6 +134,12 @@ def tiny_model(tiny_checkpoint) -> str:
 def tiny_server(launch_server, tiny_model: str) -> ServerProcess:
     """The shared server (auth off) for most e2e tests."""
     return launch_server(TINY_ARGS, model=tiny_model)
+
+
+@pytest.fixture(scope="session")
+def keyed_server(launch_server, tiny_model: str) -> ServerProcess:
+    """A shared server with an API key (KEYED_KEY): the Anthropic and Responses API tests."""
+    return launch_server(TINY_ARGS, env={"TOKENMILL_API_KEY": KEYED_KEY}, model=tiny_model)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 TINY_NAME = "tiny"
+KEYED_KEY = "sk-keyed-test"  # keyed_server's API key
 TINY_MAX_MODEL_LEN = 4096
 # tiny model: 2 layers x 2 KV heads x 16 dims x (K, V) x 4 bytes = 512 B per token → 32k tokens
 TINY_ARGS = [

@@ -167,3 +167,13 @@ def test_bad_vllm_flags_exit_2_naming_them(argv, named, capsys: pytest.CaptureFi
 def test_contradictory_vllm_flags_exit_2(argv, message, capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_response_store_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TOKENMILL_API_KEY", raising=False)
+    _, server = parse()
+    assert (server.max_stored_responses, server.max_stored_responses_bytes) == (1000, 64 * 2**20)
+    _, server = parse("--max-stored-responses", "0", "--max-stored-responses-bytes", "1MiB")
+    assert (server.max_stored_responses, server.max_stored_responses_bytes) == (0, 2**20)
+    with pytest.raises(SystemExit):
+        parse("--max-stored-responses", "-1")
