@@ -28,20 +28,20 @@ def preamble(tools: list[dict[str, Any]]) -> str:
     return PREAMBLE.format(tools="\n".join(json.dumps(t["function"]) for t in tools))
 
 
-def _closed(schema: Any) -> Any:
+def closed(schema: Any) -> Any:
     """`additionalProperties: false` where unset: a small model cannot invent keys for ever."""
     if isinstance(schema, list):
-        return [_closed(s) for s in schema]
+        return [closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _closed(v) for k, v in schema.items()}
+    out = {k: closed(v) for k, v in schema.items()}
     if "properties" in schema and "additionalProperties" not in schema:
         out["additionalProperties"] = False
     return out
 
 
 def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
-    params = _closed(function.get("parameters") or {"type": "object", "properties": {}})
+    params = closed(function.get("parameters") or {"type": "object", "properties": {}})
     return {
         "type": "object",
         "properties": {"name": {"const": function["name"]}, "arguments": params},
@@ -52,7 +52,7 @@ def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _tag(text: str, token_id: int | None) -> str:
+def tag(text: str, token_id: int | None) -> str:
     """A tag as a Lark alternative: its text, or its single special token where it has one."""
     return json.dumps(text) if token_id is None else f"({json.dumps(text)} | <[{token_id}]>)"
 
@@ -93,15 +93,15 @@ def tool_call_constraint(
         "%llguidance {}",
         *start,
         "call: open args close",
-        f"open: {_tag(CALL_OPEN, open_id)}",
-        f"close: {_tag(CALL_CLOSE, close_id)}",
+        f"open: {tag(CALL_OPEN, open_id)}",
+        f"close: {tag(CALL_CLOSE, close_id)}",
         "args: " + " | ".join(f"fn_{i}" for i in range(len(functions))),
         *(f"fn_{i}: %json{json.dumps(_call_schema(f))}" for i, f in enumerate(functions)),
     ]
     return StructuredOutputsParams("grammar", "\n".join(lines), param="tools")
 
 
-def _new_id() -> str:
+def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
@@ -191,7 +191,7 @@ class ToolCallStreamer:
             self._pending = text
 
     def _emit_call(self, out: list, name: str, arguments: str) -> None:
-        out.append(ToolCallDelta(self.num_calls, "", _new_id(), name))
+        out.append(ToolCallDelta(self.num_calls, "", new_call_id(), name))
         if arguments:
             out.append(ToolCallDelta(self.num_calls, arguments))
         self.num_calls += 1
@@ -202,7 +202,7 @@ class ToolCallStreamer:
         if self._state == "text":
             start = buf.find(CALL_OPEN)
             if start < 0:
-                keep = _partial_suffix(buf, CALL_OPEN)
+                keep = partial_suffix(buf, CALL_OPEN)
                 self._content(out, buf[: len(buf) - keep])
                 self._buf = buf[len(buf) - keep :]
                 return False
@@ -215,7 +215,7 @@ class ToolCallStreamer:
             value = buf[m.end() :].lstrip() if m else ""
             if m and value[:1] in ("{", "["):
                 name = json.loads(f'"{m.group(1)}"')
-                out.append(ToolCallDelta(self.num_calls, "", _new_id(), name))
+                out.append(ToolCallDelta(self.num_calls, "", new_call_id(), name))
                 self._buf, self._state = value, "args"
                 self._depth, self._in_str, self._esc = 0, False, False
                 return True
@@ -267,6 +267,6 @@ class ToolCallStreamer:
         return len(text)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     return next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
