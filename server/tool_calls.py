@@ -57,6 +57,18 @@ def tag(text: str, token_id: int | None) -> str:
     return json.dumps(text) if token_id is None else f"({json.dumps(text)} | <[{token_id}]>)"
 
 
+def functions(tools: list[dict[str, Any]], name: str | None) -> list[dict[str, Any]]:
+    """The tools' functions a call may use: all, or the one `tool_choice` names (a 400 if none)."""
+    fns = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    if not fns:
+        known = ", ".join(repr(t["function"]["name"]) for t in tools)
+        raise SamplingParamsError(
+            f"tool_choice names function {name!r}, which is not in tools ({known})",
+            "tool_choice",
+        )
+    return fns
+
+
 def tool_call_constraint(
     tools: list[dict[str, Any]],
     name: str | None,
@@ -66,15 +78,8 @@ def tool_call_constraint(
 ) -> StructuredOutputsParams:
     """Calls to `name` or any tool (several if `parallel`); `auto`: free text until the opening
     tag (a lazy trigger), then only calls. `tag_ids`: the tags' special token ids, if any."""
-    functions = [t["function"] for t in tools]
+    fns = functions(tools, name)
     if name is not None:
-        functions = [f for f in functions if f["name"] == name]
-        if not functions:
-            known = ", ".join(repr(t["function"]["name"]) for t in tools)
-            raise SamplingParamsError(
-                f"tool_choice names function {name!r}, which is not in tools ({known})",
-                "tool_choice",
-            )
         parallel = False
     open_id, close_id = tag_ids
     # NOTE: no separator between parallel calls: after a newline small models start another call
@@ -95,8 +100,8 @@ def tool_call_constraint(
         "call: open args close",
         f"open: {tag(CALL_OPEN, open_id)}",
         f"close: {tag(CALL_CLOSE, close_id)}",
-        "args: " + " | ".join(f"fn_{i}" for i in range(len(functions))),
-        *(f"fn_{i}: %json{json.dumps(_call_schema(f))}" for i, f in enumerate(functions)),
+        "args: " + " | ".join(f"fn_{i}" for i in range(len(fns))),
+        *(f"fn_{i}: %json{json.dumps(_call_schema(f))}" for i, f in enumerate(fns)),
     ]
     return StructuredOutputsParams("grammar", "\n".join(lines), param="tools")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import ToolCallDelta, closed, new_call_id, partial_suffix, tag
+from server.tool_calls import ToolCallDelta, closed, functions, new_call_id, partial_suffix, tag
 
 
 @dataclass(slots=True)
@@ -65,7 +65,7 @@ class ToolParser:
 
     def functions(self, name: str | None) -> list[dict[str, Any]]:
         """The tools' functions a grammar offers: all, or the one named."""
-        return [t["function"] for t in self.tools if name is None or t["function"]["name"] == name]
+        return functions(self.tools, name)
 
 
 class ExtractStreamer:

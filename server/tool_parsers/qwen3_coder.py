@@ -51,8 +51,9 @@ class Qwen3CoderToolParser(ToolParser):
         return Extracted(content=content, calls=calls)
 
     def _schema(self, function: str, key: str) -> dict[str, Any] | None:
-        for f in self.functions(function):
-            return ((f.get("parameters") or {}).get("properties") or {}).get(key)
+        for t in self.tools:
+            if t["function"]["name"] == function:
+                return ((t["function"].get("parameters") or {}).get("properties") or {}).get(key)
         return None
 
     def constraint(
