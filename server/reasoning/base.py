@@ -4,6 +4,7 @@ decoding constraint moved behind it, as vLLM applies structured outputs after th
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from scheduler import StructuredOutputsParams
@@ -88,10 +89,10 @@ def _body(spec: StructuredOutputsParams) -> str:
     if spec.kind == "regex":
         return "%lark {\nstart: /" + _slash_escaped(spec.spec) + "/\n}"
     text = spec.spec
-    if "::=" in text and "start:" not in text:  # GBNF (llama.cpp), as model/constraints reads it
-        import llguidance
+    if "::=" in text and not re.search(r"^\s*start\s*:", text, re.M):  # GBNF, as grammar_of
+        from llguidance.gbnf_to_lark import gbnf_to_lark
 
-        text = llguidance.gbnf_to_lark(text)
+        text = gbnf_to_lark(text)
     return "%lark {\n" + text + "\n}"
 
 
