@@ -63,6 +63,10 @@ class ToolParser:
         """Earlier calls (OpenAI's shape, arguments as objects) as the model writes them."""
         raise NotImplementedError
 
+    def new_id(self) -> str:
+        """A fresh call id (a family whose template checks ids makes its own)."""
+        return new_call_id()
+
     def functions(self, name: str | None) -> list[dict[str, Any]]:
         """The tools' functions a grammar offers: all, or the one named."""
         return functions(self.tools, name)
@@ -93,7 +97,7 @@ class ExtractStreamer:
             self._content = len(now.content)
         for i, (name, args) in enumerate(now.calls):
             if i == len(self._calls):
-                out.append(ToolCallDelta(i, "", new_call_id(), name))
+                out.append(ToolCallDelta(i, "", self.parser.new_id(), name))
                 self._calls.append(0)
             if len(args) > self._calls[i]:
                 out.append(ToolCallDelta(i, args[self._calls[i] :]))

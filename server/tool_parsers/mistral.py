@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
+import string
 from typing import Any
 
 from scheduler import StructuredOutputsParams
@@ -22,12 +24,17 @@ TOOL_CALLS = "[TOOL_CALLS]"
 # v11+: a name, an optional [CALL_ID]id, then [ARGS]
 _NAMED = re.compile(r"\s*([A-Za-z0-9_.-]+)(?:\[CALL_ID\][A-Za-z0-9]*)?\[ARGS\]")
 _COMMA = re.compile(r"\s*,")
+_ID_CHARS = string.ascii_letters + string.digits
 
 
 class MistralToolParser(ToolParser):
     name = "mistral"
     tags = (TOOL_CALLS,)
     keep_special_tokens = True  # [TOOL_CALLS] is a special token
+
+    def new_id(self) -> str:
+        """9 letters and digits: Mistral's template refuses any other call id."""
+        return "".join(secrets.choice(_ID_CHARS) for _ in range(9))
 
     def extract(self, text: str, final: bool) -> Extracted:
         content, at = text_before(text, TOOL_CALLS, final)

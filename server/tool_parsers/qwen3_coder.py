@@ -96,6 +96,8 @@ def _typed(raw: str, schema: dict[str, Any] | None) -> Any:
     kind = (schema or {}).get("type", "string")
     if kind == "string" or schema is None:
         return value
+    if kind == "boolean" and value in ("True", "False"):  # the template writes Python's bools
+        return value == "True"
     try:
         return json.loads(value)
     except ValueError:
