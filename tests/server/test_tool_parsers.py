@@ -97,6 +97,7 @@ def test_the_calls_each_template_writes_parse_back(smollm2_gguf, name, tmpl, sta
         add_generation_prompt=True,
     )  # fmt: skip
     assert "21" in text.split(end, 1)[1]  # the tool result follows the call
+    # the call's turn (Llama's header comes once more, for the generation prompt)
     turn = text.split(start)[-2 if end == "<|eot_id|>" else 1].split(end)[0]
     turn = turn.removesuffix(tok.eos_token or "")
     content, calls = parser.parse(turn)
