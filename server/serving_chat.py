@@ -89,7 +89,8 @@ class OpenAIServingChat(OpenAIServing):
         tools, native = None, self.config.tool_call_parser
         if req is not None and req.tool_mode != "none":
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
-            if not native and not tok.template_takes("tools", template):
+            # NOTE: the preamble teaches tokenmill's own format, which is hermes'
+            if native in (None, "hermes") and not tok.template_takes("tools", template):
                 messages = _with_preamble(messages, preamble(tools))
                 tools = None
         if not tok.template_takes("tool_calls", template):
