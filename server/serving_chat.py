@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from scheduler import TokenLogprob
+from scheduler import SamplingParams, TokenLogprob
 from server.accumulator import LOGPROB_FLOOR
 from server.errors import APIError
 from server.protocol import (
@@ -122,40 +122,10 @@ class OpenAIServingChat(OpenAIServing):
                 400,
                 param="tool_choice",
             )
-        if mode in ("required", "named") and params.structured_outputs is not None:
-            raise APIError(
-                f"tool_choice {mode!r} cannot be combined with {params.structured_outputs.param}",
-                400,
-                param="tool_choice",
-            )
-        if mode != "none" and params.structured_outputs is None:
-            # NOTE: auto with response_format keeps the user's constraint: no call grammar
-            name = req.tool_choice.function.name if mode == "named" else None
-            tools = [t.model_dump(exclude_none=True) for t in req.tools]
-            if parser is None:
-                constraint = tool_call_constraint(
-                    tools, name, req.parallel_tool_calls, mode == "auto", self._tag_ids()
-                )
-            else:
-                functions(tools, name)  # an unknown name is a 400 before anything runs
-                ids = self._special_ids(*parser.tags)
-                constraint = parser.constraint(name, req.parallel_tool_calls, mode == "auto", ids)
-            params = replace(params, structured_outputs=constraint)
-        if parser is not None and parser.keep_special_tokens:
-            params = replace(params, skip_special_tokens=False)  # its tags are special tokens
+        params = self._tool_params(req, params, parser)
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
-        in_reasoning = None
-        if self.reasoning is not None:
-            tail = self.engine.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], False)
-            in_reasoning = self.reasoning.starts_in_reasoning(tail)
-            if params.structured_outputs is not None:  # it applies after the reasoning
-                r = self.reasoning
-                ids = self._special_ids(r.start_tag, r.end_tag)
-                constraint = r.constraint(
-                    params.structured_outputs, in_reasoning, (ids[r.start_tag], ids[r.end_tag])
-                )
-                params = replace(params, structured_outputs=constraint)
+        params, in_reasoning = self._reasoning_params(prompt, params)
         params = self.fit_params(len(prompt), params, "messages")
         head, acc, stream = self.start(req, [prompt], [params], self._logprobs)
         if req.stream:
@@ -176,6 +146,54 @@ class OpenAIServingChat(OpenAIServing):
         return ChatCompletionResponse(
             **head, choices=choices, usage=acc.usage(), timings=acc.timings()
         )
+
+    def _tool_params(
+        self, req: ChatCompletionRequest, params: SamplingParams, parser: ToolParser | None
+    ) -> SamplingParams:
+        """The call grammar (tokenmill's format, or the parser's), unless the request has a
+        constraint already; special tokens kept where the parser's tags are special."""
+        mode = req.tool_mode
+        if mode in ("required", "named") and params.structured_outputs is not None:
+            raise APIError(
+                f"tool_choice {mode!r} cannot be combined with {params.structured_outputs.param}",
+                400,
+                param="tool_choice",
+            )
+        if mode != "none" and params.structured_outputs is None:
+            # NOTE: auto with response_format keeps the user's constraint: no call grammar
+            name = req.tool_choice.function.name if mode == "named" else None
+            if parser is None:
+                tools = [t.model_dump(exclude_none=True) for t in req.tools]
+                constraint = tool_call_constraint(
+                    tools, name, req.parallel_tool_calls, mode == "auto", self._tag_ids()
+                )
+            else:
+                functions(parser.tools, name)  # an unknown name is a 400 before anything runs
+                ids = self._special_ids(*parser.tags)
+                constraint = parser.constraint(name, req.parallel_tool_calls, mode == "auto", ids)
+            params = replace(params, structured_outputs=constraint)
+        if parser is not None and parser.keep_special_tokens:
+            params = replace(params, skip_special_tokens=False)  # its tags are special tokens
+        return params
+
+    def _reasoning_params(
+        self, prompt: list[int], params: SamplingParams
+    ) -> tuple[SamplingParams, bool | None]:
+        """Where the reply starts (the prompt's tail: in a reasoning block, after one, or
+        either), and the constraint moved behind the reasoning."""
+        r = self.reasoning
+        if r is None:
+            return params, None
+        in_reasoning = r.starts_in_reasoning(
+            self.engine.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], False)
+        )
+        if params.structured_outputs is not None:
+            ids = self._special_ids(r.start_tag, r.end_tag)
+            constraint = r.constraint(
+                params.structured_outputs, in_reasoning, (ids[r.start_tag], ids[r.end_tag])
+            )
+            params = replace(params, structured_outputs=constraint)
+        return params, in_reasoning
 
     def _message(
         self, text: str, mode: str, parser: ToolParser | None, in_reasoning: bool | None
