@@ -137,8 +137,13 @@ def _parse_call(body: str) -> tuple[str, str] | None:
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCallDelta]]:
     """Content (text outside calls; None if empty beside calls) and calls: the stream's parser."""
     streamer = ToolCallStreamer()
+    return gather(streamer.feed(text) + streamer.flush())
+
+
+def gather(events: list[str | ToolCallDelta]) -> tuple[str | None, list[ToolCallDelta]]:
+    """A streamer's events as a whole reply: content (None if blank beside calls), whole calls."""
     content, calls = "", []
-    for ev in streamer.feed(text) + streamer.flush():
+    for ev in events:
         if isinstance(ev, str):
             content += ev
         elif ev.id is not None:

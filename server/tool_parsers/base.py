@@ -9,7 +9,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import ToolCallDelta, closed, functions, new_call_id, partial_suffix, tag
+from server.tool_calls import (
+    ToolCallDelta,
+    closed,
+    functions,
+    gather,
+    new_call_id,
+    partial_suffix,
+    tag,
+)
 
 
 @dataclass(slots=True)
@@ -43,15 +51,7 @@ class ToolParser:
     def parse(self, text: str) -> tuple[str | None, list[ToolCallDelta]]:
         """Content (None if empty beside calls) and whole calls: the stream's parser."""
         s = self.streamer()
-        content, calls = "", []
-        for ev in s.feed(text) + s.flush():
-            if isinstance(ev, str):
-                content += ev
-            elif ev.id is not None:
-                calls.append(ev)
-            else:
-                calls[ev.index].arguments += ev.arguments
-        return ((content.strip() or None) if calls else content), calls
+        return gather(s.feed(text) + s.flush())
 
     def constraint(
         self, name: str | None, parallel: bool, auto: bool, tag_ids: dict[str, int | None]
