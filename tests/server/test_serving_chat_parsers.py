@@ -110,6 +110,10 @@ CASES = [
      '{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
      "I should call the tool.", None, [PARIS]),  # tokenmill's own format, by its preamble
     ("deepseek_r1", "deepseek_r1", None, "Easy.\n</think>\n\nSunny.", "Easy.", "Sunny.", []),
+    ("deepseek_r1", "deepseek_r1", "deepseek_v3", "Weather: a tool.\n</think>\n\n"
+     "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+     '{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', "Weather: a tool.", None,
+     [PARIS]),
 ]  # fmt: skip
 
 
@@ -164,9 +168,10 @@ async def test_golden_replies_whole_and_streamed(
     for chunk in chunks:  # no markup ever leaks into content
         for choice in chunk["choices"]:
             text = (choice["delta"].get("content") or "") + (choice["delta"].get("reasoning") or "")
-            assert not any(t in text for t in ("<tool_call", "</think", "[TOOL_CALLS", "<function"))
+            markup = ("<tool_call", "</think", "[TOOL_CALLS", "<function", "<｜tool")
+            assert not any(t in text for t in markup)
     prompt, params = engine.requests[0]
-    assert params.skip_special_tokens is (tools not in ("mistral", "llama3_json"))
+    assert params.skip_special_tokens is (tools not in ("mistral", "llama3_json", "deepseek_v3"))
     if reasoning is not None and params.structured_outputs is not None:  # auto's call grammar
         assert "think_text[lazy]" in params.structured_outputs.spec
 

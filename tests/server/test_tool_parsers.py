@@ -40,6 +40,14 @@ GOLDEN = [
      "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>", None,
      [("get_weather", '{"city": "New\\nYork <3", "days": 3}')]),
     ("qwen3_coder", "Use <tool_call> tags? No.", "Use <tool_call> tags? No.", []),
+    ("deepseek_v3", "Checking.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>"
+     'get_weather\n```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>'
+     'function<｜tool▁sep｜>get_weather\n```json\n{"city": "Rome", "days": 2}\n```'
+     "<｜tool▁call▁end｜><｜tool▁calls▁end｜>", "Checking.",
+     [PARIS, ("get_weather", '{"city": "Rome", "days": 2}')]),
+    ("deepseek_v31", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>"
+     '{"city": "Paris"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>', None, [PARIS]),  # V3.1
+    ("deepseek_v3", "A ```json\n{}``` block.", "A ```json\n{}``` block.", []),
 ]  # fmt: skip
 
 
@@ -57,7 +65,7 @@ def test_golden_whole_and_streamed(name, text, content, calls, size):
     got_content, got = joined(stream_events(parser.streamer(), text, size))
     assert got == calls
     assert got_content.strip() == (content or "")
-    for tag in ("<tool_call", "[TOOL_CALLS", "<|python_tag", "<function"):
+    for tag in ("<tool_call", "[TOOL_CALLS", "<|python_tag", "<function", "<｜tool"):
         assert tag not in got_content or not calls
 
 
@@ -73,6 +81,7 @@ ROUND_TRIP = [
     ("llama3_json", "llama3_1", "assistant<|end_header_id|>\n\n", "<|eot_id|>"),
     ("mistral", "mistral", "[/INST]", "[TOOL_RESULTS]"),
     ("qwen3_coder", "qwen3_coder", "<|im_start|>assistant", "<|im_end|>"),
+    ("deepseek_v3", "deepseek_r1", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"),
 ]
 
 
@@ -85,8 +94,10 @@ def test_the_calls_each_template_writes_parse_back(smollm2_gguf, name, tmpl, sta
     tok = load_tokenizer(smollm2_gguf).hf
     parser = TOOL_PARSERS[name]([WEATHER])
     args = {"city": "Paris", "days": 2}
+    # DeepSeek's template joins the arguments as text; the others take the object
+    written = json.dumps(args) if tmpl == "deepseek_r1" else args
     call = {"id": "abcDEF123", "type": "function",
-            "function": {"name": "get_weather", "arguments": args}}  # fmt: skip
+            "function": {"name": "get_weather", "arguments": written}}  # fmt: skip
     msgs = [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": "", "tool_calls": [call]},
@@ -124,6 +135,8 @@ GRAMMAR_CASES = [
     ("mistral", '[TOOL_CALLS][{"name":"get_weather","arguments":{"city":"Paris","days":2}}]'),
     ("qwen3_coder", "<tool_call>\n<function=get_weather>\n<parameter=city>\nNew York\n"
      "</parameter>\n<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>"),
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"
+     '\n```json\n{"city":"Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'),
 ]  # fmt: skip
 
 
