@@ -184,6 +184,8 @@ class OpenAIServingChat(OpenAIServing):
         r = self.reasoning
         if r is None:
             return params, None
+        if r.keep_special_tokens:
+            params = replace(params, skip_special_tokens=False)  # its tags are special tokens
         in_reasoning = r.starts_in_reasoning(
             self.engine.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], False)
         )

@@ -29,6 +29,7 @@ class ReasoningParser:
     start_tag = "<think>"
     end_tag = "</think>"
     implicit_start = False
+    keep_special_tokens = False  # the tags are special tokens: skip_special_tokens off
 
     def starts_in_reasoning(self, prompt_tail: str) -> bool | None:
         """True: the prompt ends inside a reasoning block (its template opened it); False: it

@@ -13,6 +13,7 @@ pytestmark = pytest.mark.timeout(60)
 
 QWEN3 = REASONING_PARSERS["qwen3"]()
 R1 = REASONING_PARSERS["deepseek_r1"]()
+MAGISTRAL = REASONING_PARSERS["mistral"]()
 
 # (parser, in_reasoning, model output, reasoning, content)
 GOLDEN = [
@@ -30,6 +31,8 @@ GOLDEN = [
      "Old templates: the model opens it.", "OK"),
     (R1, True, "No end tag: all reasoning.", "No end tag: all reasoning.", None),
     (R1, False, "An answer after a closed think.", None, "An answer after a closed think."),
+    (MAGISTRAL, None, "[THINK]Two plus two.[/THINK]4", "Two plus two.", "4"),
+    (MAGISTRAL, None, "<think>not its tags</think>", None, "<think>not its tags</think>"),
 ]  # fmt: skip
 
 
@@ -56,6 +59,17 @@ def test_reasoning_streams_before_the_end_tag_arrives():
     assert s.in_reasoning
     assert s.feed("ink>\n\nIt") == ReasoningDelta("", "It") and not s.in_reasoning
     assert s.feed(" is") == ReasoningDelta("", " is") and s.flush() == ReasoningDelta("", "")
+
+
+def test_glm45_and_deepseek_v3_read_the_prompt_as_qwen3_does():
+    """DeepSeek-V3.1's template opens `<think>` with thinking on and closes it with it off."""
+    for name in ("glm45", "deepseek_v3"):
+        p = REASONING_PARSERS[name]()
+        assert p.starts_in_reasoning("<｜Assistant｜><think>") is True
+        assert p.starts_in_reasoning("<｜Assistant｜></think>") is False
+        assert p.starts_in_reasoning("<|assistant|>") is None
+        assert p.parse("<think>a</think>b", None) == ("a", "b")
+    assert MAGISTRAL.keep_special_tokens and not QWEN3.keep_special_tokens
 
 
 def _tail(tok, name: str, **kwargs) -> str:

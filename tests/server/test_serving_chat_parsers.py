@@ -269,3 +269,17 @@ def test_flags():
         configs(make_parser().parse_args(["serve", "--enable-auto-tool-choice"]))
     with pytest.raises(SystemExit):
         make_parser().parse_args(["serve", "--reasoning-parser", "nope"])
+
+
+async def test_a_reasoning_parser_with_special_tags_keeps_special_tokens(tokenizer):
+    """Magistral's [THINK] tags are special tokens: the detokenizer must not drop them."""
+    chat, engine = serving(tokenizer, "[THINK]Easy.[/THINK]Sunny.", "mistral",
+                           reasoning_parser="mistral")  # fmt: skip
+    whole = await chat.create(ChatCompletionRequest(messages=USER))
+    message = whole.choices[0].message
+    assert (message.reasoning, message.reasoning_content, message.content) == (
+        "Easy.",
+        "Easy.",
+        "Sunny.",
+    )
+    assert engine.requests[0][1].skip_special_tokens is False
