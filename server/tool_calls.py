@@ -40,12 +40,13 @@ def closed(schema: Any) -> Any:
     return out
 
 
-def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
+def call_schema(function: dict[str, Any], args_key: str = "arguments") -> dict[str, Any]:
+    """One call as a JSON object: this function's name, then its arguments' schema."""
     params = closed(function.get("parameters") or {"type": "object", "properties": {}})
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": params},
-        "required": ["name", "arguments"],
+        "properties": {"name": {"const": function["name"]}, args_key: params},
+        "required": ["name", args_key],
         "additionalProperties": False,
         # compact JSON: with free whitespace small models can emit newlines for ever
         "x-guidance": {"whitespace_flexible": False},
@@ -101,7 +102,7 @@ def tool_call_constraint(
         f"open: {tag(CALL_OPEN, open_id)}",
         f"close: {tag(CALL_CLOSE, close_id)}",
         "args: " + " | ".join(f"fn_{i}" for i in range(len(fns))),
-        *(f"fn_{i}: %json{json.dumps(_call_schema(f))}" for i, f in enumerate(fns)),
+        *(f"fn_{i}: %json{json.dumps(call_schema(f))}" for i, f in enumerate(fns)),
     ]
     return StructuredOutputsParams("grammar", "\n".join(lines), param="tools")
 

@@ -11,7 +11,6 @@ from typing import Any
 from scheduler import StructuredOutputsParams
 from server.tool_calls import (
     ToolCallDelta,
-    closed,
     functions,
     gather,
     new_call_id,
@@ -172,18 +171,6 @@ def json_call(text: str, at: int, final: bool) -> tuple[tuple[str, str] | None, 
         return (name, text[start:]), -1
     close = text.find("}", end)  # the call object's own closing brace
     return (name, text[start:end]), (close + 1 if close >= 0 else -1)
-
-
-def call_schema(function: dict[str, Any], args_key: str = "arguments") -> dict[str, Any]:
-    """One call as a JSON object: this function's name, then its arguments' schema."""
-    params = closed(function.get("parameters") or {"type": "object", "properties": {}})
-    return {
-        "type": "object",
-        "properties": {"name": {"const": function["name"]}, args_key: params},
-        "required": ["name", args_key],
-        "additionalProperties": False,
-        "x-guidance": {"whitespace_flexible": False},
-    }
 
 
 def start_lines(open_text: str, open_id: int | None, body: str, auto: bool) -> list[str]:

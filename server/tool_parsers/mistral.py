@@ -10,10 +10,10 @@ import string
 from typing import Any
 
 from scheduler import StructuredOutputsParams
+from server.tool_calls import call_schema
 from server.tool_parsers.base import (
     Extracted,
     ToolParser,
-    call_schema,
     json_call,
     json_end,
     start_lines,
