@@ -125,7 +125,7 @@ class OpenAIServingChat(OpenAIServing):
         params = self._tool_params(req, params, parser)
         # NOTE: templating is heavy: off the event loop
         prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
-        params, in_reasoning = self._reasoning_params(prompt, params)
+        params, in_reasoning = self._reasoning_params(req, prompt, params)
         params = self.fit_params(len(prompt), params, "messages")
         head, acc, stream = self.start(req, [prompt], [params], self._logprobs)
         if req.stream:
@@ -177,7 +177,7 @@ class OpenAIServingChat(OpenAIServing):
         return params
 
     def _reasoning_params(
-        self, prompt: list[int], params: SamplingParams
+        self, req: ChatCompletionRequest, prompt: list[int], params: SamplingParams
     ) -> tuple[SamplingParams, bool | None]:
         """Where the reply starts (the prompt's tail: in a reasoning block, after one, or
         either), and the constraint moved behind the reasoning."""
@@ -186,9 +186,11 @@ class OpenAIServingChat(OpenAIServing):
             return params, None
         if r.keep_special_tokens:
             params = replace(params, skip_special_tokens=False)  # its tags are special tokens
-        in_reasoning = r.starts_in_reasoning(
-            self.engine.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], False)
-        )
+        continued = None
+        if req.continue_final_message:
+            continued = req.messages[-1].to_template()["content"]
+        tail = self.engine.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], False)
+        in_reasoning = r.starts_in_reasoning(tail, continued)
         if params.structured_outputs is not None:
             ids = self._special_ids(r.start_tag, r.end_tag)
             constraint = r.constraint(

@@ -31,9 +31,16 @@ class ReasoningParser:
     implicit_start = False
     keep_special_tokens = False  # the tags are special tokens: skip_special_tokens off
 
-    def starts_in_reasoning(self, prompt_tail: str) -> bool | None:
+    def starts_in_reasoning(self, prompt_tail: str, continued: str | None = None) -> bool | None:
         """True: the prompt ends inside a reasoning block (its template opened it); False: it
-        closed one (e.g. `enable_thinking: false`); None: the model may open one itself."""
+        closed one (e.g. `enable_thinking: false`); None: the model may open one itself.
+        `continued`: the assistant text a `continue_final_message` reply goes on from."""
+        if continued is not None:
+            start, end = continued.rfind(self.start_tag), continued.rfind(self.end_tag)
+            if start > end:
+                return True  # a reasoning block left open for the model to finish
+            if end >= 0:
+                return False
         tail = prompt_tail.rstrip()
         if tail.endswith(self.start_tag):
             return True

@@ -61,6 +61,16 @@ def test_reasoning_streams_before_the_end_tag_arrives():
     assert s.feed(" is") == ReasoningDelta("", " is") and s.flush() == ReasoningDelta("", "")
 
 
+def test_a_continued_assistant_message_says_where_the_reply_starts():
+    """continue_final_message: an unclosed `<think>` in the text continued means reasoning,
+    a closed one content; without tags the prompt's tail decides as usual."""
+    assert QWEN3.starts_in_reasoning("x", "<think>\nThe user asks") is True
+    assert QWEN3.starts_in_reasoning("x", "<think>a</think>\n\nThe answer") is False
+    assert R1.starts_in_reasoning("x", "Hmm, a </think> then more") is False
+    assert QWEN3.starts_in_reasoning("<think>\n", "plain") is True
+    assert QWEN3.starts_in_reasoning("x", "we <think> then </think> then <think>") is True
+
+
 def test_glm45_and_deepseek_v3_read_the_prompt_as_qwen3_does():
     """DeepSeek-V3.1's template opens `<think>` with thinking on and closes it with it off."""
     for name in ("glm45", "deepseek_v3"):

@@ -283,3 +283,17 @@ async def test_a_reasoning_parser_with_special_tags_keeps_special_tokens(tokeniz
         "Sunny.",
     )
     assert engine.requests[0][1].skip_special_tokens is False
+
+
+async def test_continue_final_message_inside_the_reasoning(tokenizer):
+    """A reply that goes on from an unclosed `<think>` starts in the reasoning."""
+    chat, engine = serving(
+        tokenizer, " says hi.\n</think>\n\nHello!", "qwen3", reasoning_parser="qwen3"
+    )
+    messages = [*USER, {"role": "assistant", "content": "<think>\nThe user"}]
+    req = ChatCompletionRequest(
+        messages=messages, continue_final_message=True, add_generation_prompt=False
+    )
+    message = (await chat.create(req)).choices[0].message
+    assert (message.reasoning, message.content) == ("says hi.", "Hello!")
+    assert tokenizer.decode(engine.requests[0][0], False).endswith("<think>\nThe user")
