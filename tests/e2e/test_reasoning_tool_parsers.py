@@ -6,6 +6,7 @@ a few earlier answers greedily (its template keeps them), which makes the markup
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import openai
@@ -13,6 +14,7 @@ import pytest
 
 pytestmark = pytest.mark.timeout(600)
 
+REPO = Path(__file__).resolve().parents[2]
 MODEL = "SmolLM2-135M-Instruct"
 FLAGS = ["--reasoning-parser", "qwen3", "--tool-call-parser", "hermes",
          "--enable-auto-tool-choice", "--max-model-len", "2048"]  # fmt: skip
@@ -135,4 +137,66 @@ def test_reasoning_then_a_native_call(client):
     call = ("get_weather", '{"city":"Paris"}')
     assert whole == {"reasoning": "The weather in Paris is hot and sunny.", "content": "",
                      "calls": [call], "finish": "tool_calls"}  # fmt: skip
+    assert _stream(client, **kw) == (whole, usage)
+
+
+@pytest.fixture(scope="module")
+def qwen3_server(launch_server):
+    """The same flags with Qwen3's own chat template (SmolLM2 speaks its ChatML tokens)."""
+    template = REPO / "tests" / "server" / "chat_templates" / "qwen3.jinja"
+    return launch_server([*FLAGS, "--chat-template", str(template)])
+
+
+def test_qwen3_template_thinking_off_and_interleaved_reasoning(qwen3_server):
+    """enable_thinking false closes the reasoning in the prompt: the schema applies from the
+    first token and nothing is reasoning. An earlier turn's reasoning (either name) reaches the
+    template, which writes it back before that turn's call."""
+    client = openai.OpenAI(base_url=f"{qwen3_server.url}/v1", api_key="x", max_retries=0,
+                           timeout=300)  # fmt: skip
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}},
+              "required": ["capital"]}  # fmt: skip
+    rf = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    kw = dict(model=MODEL, messages=FEW_SHOT[1:], temperature=0, max_tokens=30,
+              response_format=rf, extra_body=off)  # fmt: skip
+    whole, usage = _whole(client, **kw)
+    assert whole == {"reasoning": "", "content": '{"capital":"Paris","country":"FRANCE"}',
+                     "calls": [], "finish": "stop"}  # fmt: skip
+    assert _stream(client, **kw) == (whole, usage)
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    for key in ("reasoning", "reasoning_content"):
+        messages = [
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {
+                "role": "assistant",
+                "content": None,
+                key: "I need the weather.",
+                "tool_calls": [call],
+            },
+            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'},
+        ]
+        ids = httpx.post(f"{qwen3_server.url}/tokenize", json={"messages": messages},
+                         timeout=30).json()["tokens"]  # fmt: skip
+        text = httpx.post(f"{qwen3_server.url}/detokenize", json={"tokens": ids},
+                          timeout=30).json()["prompt"]  # fmt: skip
+        assert text == (  # /detokenize leaves out the special <|im_start|> / <|im_end|>
+            "user\nWhat is the weather in Paris?\nassistant\n<think>\nI need the weather.\n"
+            '</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+            '</tool_call>\nuser\n<tool_response>\n{"temp": 21}\n</tool_response>\nassistant\n'
+        )
+
+
+def test_qwen3_template_takes_the_tools_and_the_call_is_native(qwen3_server):
+    """The tools go to Qwen3's template (its `# Tools` system block, no preamble); the required
+    call is written in its hermes format and parsed, whole and streamed."""
+    client = openai.OpenAI(base_url=f"{qwen3_server.url}/v1", api_key="x", max_retries=0,
+                           timeout=300)  # fmt: skip
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    kw = dict(model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required",
+              temperature=0, max_tokens=120)  # fmt: skip
+    whole, usage = _whole(client, **kw)
+    assert whole == {"reasoning": "", "content": "", "finish": "tool_calls",
+                     "calls": [("get_weather", '{"city":"Paris"}')]}  # fmt: skip
+    assert usage["prompt_tokens"] == 173  # Qwen3's tools block (tokenmill's preamble: 119)
     assert _stream(client, **kw) == (whole, usage)
