@@ -102,15 +102,12 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=10.0, help="s to drain on SIGTERM")
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     t = s.add_argument_group("reasoning and tool calls (vLLM)")
-    t.add_argument(
-        "--reasoning-parser", choices=sorted(REASONING_PARSERS), help="<think> → reasoning"
-    )
-    t.add_argument(
-        "--tool-call-parser", choices=sorted(TOOL_PARSERS), help="the model's call format"
-    )
-    t.add_argument(
-        "--enable-auto-tool-choice", action="store_true", help="tool_choice auto with it"
-    )
+    why = "split <think>…</think> off replies into message.reasoning"
+    t.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), help=why)
+    why = "parse and enforce the model's own tool-call format"
+    t.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), help=why)
+    why = "allow tool_choice auto with --tool-call-parser"
+    t.add_argument("--enable-auto-tool-choice", action="store_true", help=why)
     m = s.add_argument_group("model source (vLLM)")
     m.add_argument("--tokenizer", help="folder, .gguf or cached repo id (default: the model's)")
     m.add_argument("--revision", help="of a repo-id model (default: main)")
