@@ -97,10 +97,11 @@ class OpenAIServingChat(OpenAIServing):
             write = TOOL_PARSERS[native]().format_calls if native else _hermes_calls
             messages = [_calls_as_text(m, write) for m in messages]
         continue_final = bool(req and req.continue_final_message)
-        try:
+
+        def apply(msgs: list[dict[str, Any]]) -> list[int]:
             return list(
                 tok.apply_chat_template(
-                    messages,
+                    msgs,
                     add_generation_prompt,
                     tools=tools,
                     chat_template=template,
@@ -108,7 +109,16 @@ class OpenAIServingChat(OpenAIServing):
                     **kwargs,
                 )
             )
+
+        try:
+            return apply(messages)
         except ValueError as e:
+            texts = [_arguments_as_text(m) for m in messages]
+            if texts != messages:  # NOTE: DeepSeek's templates join `arguments` as a string
+                try:
+                    return apply(texts)
+                except ValueError:
+                    pass
             param = "chat_template_kwargs" if kwargs else "messages"
             raise APIError(f"cannot apply the chat template: {e}", 400, param=param) from e
 
@@ -323,6 +333,20 @@ def _hermes_calls(calls: list[dict[str, Any]]) -> str:
         {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls
     ]
     return "\n".join(f"{CALL_OPEN}{json.dumps(b)}{CALL_CLOSE}" for b in bodies)
+
+
+def _arguments_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant's calls with their arguments as JSON text, for templates that want text."""
+    calls = message.get("tool_calls")
+    if not calls or all(isinstance(c["function"]["arguments"], str) for c in calls):
+        return message
+
+    def text(args: Any) -> str:
+        return args if isinstance(args, str) else json.dumps(args)
+
+    out = [{**c, "function": {**c["function"], "arguments": text(c["function"]["arguments"])}}
+           for c in calls]  # fmt: skip
+    return {**message, "tool_calls": out}
 
 
 def _calls_as_text(message: dict[str, Any], write: Callable[[list], str]) -> dict[str, Any]:

@@ -297,3 +297,23 @@ async def test_continue_final_message_inside_the_reasoning(tokenizer):
     message = (await chat.create(req)).choices[0].message
     assert (message.reasoning, message.content) == ("says hi.", "Hello!")
     assert tokenizer.decode(engine.requests[0][0], False).endswith("<think>\nThe user")
+
+
+async def test_deepseek_template_gets_earlier_arguments_as_text(tokenizer):
+    """DeepSeek's template joins `arguments` to strings: the objects other templates want fail
+    there, so the history is rendered again with the arguments as JSON text."""
+    chat, engine = serving(tokenizer, "Done.\n</think>\n\nSunny.", "deepseek_r1",
+                           **_flags("deepseek_r1", "deepseek_v3"))  # fmt: skip
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}  # fmt: skip
+    messages = [*USER, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]  # fmt: skip
+    whole = await chat.create(ChatCompletionRequest(messages=messages, tools=[WEATHER]))
+    assert whole.choices[0].message.content == "Sunny."
+    assert tokenizer.decode(engine.requests[0][0], False).endswith(
+        "<｜Assistant｜><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n"
+        '```json\n{"city": "Paris"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+        "<｜end▁of▁sentence｜>"
+        '<｜tool▁outputs▁begin｜><｜tool▁output▁begin｜>{"temp": 21}<｜tool▁output▁end｜>'
+        "<｜tool▁outputs▁end｜>"
+    )
