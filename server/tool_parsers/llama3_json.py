@@ -24,11 +24,7 @@ class Llama3JsonToolParser(ToolParser):
         rest = text.lstrip()
         i = len(text) - len(rest)
         if rest.startswith(PYTHON_TAG):
-            i += (
-                len(PYTHON_TAG)
-                + len(rest[len(PYTHON_TAG) :])
-                - len(rest[len(PYTHON_TAG) :].lstrip())
-            )
+            i = len(text) - len(rest[len(PYTHON_TAG) :].lstrip())
         elif rest and PYTHON_TAG.startswith(rest) and not final:
             return Extracted()
         if i >= len(text) or text[i] != "{":
