@@ -29,6 +29,9 @@ class ServerConfig:
     root_path: str = ""  # path prefix of a proxy in front (FastAPI's root_path)
     enable_log_requests: bool = False  # log each request's prompt (user data) at info level
     max_log_len: int | None = None  # prompt characters / token ids a logged request shows
+    reasoning_parser: str | None = None  # --reasoning-parser: <think> text → `reasoning`
+    tool_call_parser: str | None = None  # --tool-call-parser: the model's own call format
+    enable_auto_tool_choice: bool = False  # tool_choice auto with a tool-call parser (vLLM)
     log_stats: bool = True  # the 10 s throughput summary (--disable-log-stats turns it off)
     max_stored_responses: int = 1000  # /v1/responses kept for GET and previous_response_id
     max_stored_responses_bytes: int = 64 * 1024 * 1024  # their JSON, least recently used first

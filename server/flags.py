@@ -21,6 +21,8 @@ from scheduler.config import (
 )
 from server.config import ServerConfig
 from server.limits import ServingLimits
+from server.reasoning import REASONING_PARSERS
+from server.tool_parsers import TOOL_PARSERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -108,6 +110,13 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
     s.add_argument("--shutdown-timeout", type=float, default=10.0, help="s to drain on SIGTERM")
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    t = s.add_argument_group("reasoning and tool calls (vLLM)")
+    why = "split <think>…</think> off replies into message.reasoning"
+    t.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), help=why)
+    why = "parse and enforce the model's own tool-call format"
+    t.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), help=why)
+    why = "allow tool_choice auto with --tool-call-parser"
+    t.add_argument("--enable-auto-tool-choice", action="store_true", help=why)
     m = s.add_argument_group("model source (vLLM)")
     m.add_argument("--tokenizer", help="folder, .gguf or cached repo id (default: the model's)")
     m.add_argument("--revision", help="of a repo-id model (default: main)")
@@ -174,6 +183,8 @@ def configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
             "--allow-credentials needs explicit --allowed-origins: browsers refuse credentials "
             "with the wildcard origin '*'"
         )
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (the model's format)")
     names = tuple(dict.fromkeys(args.served_model_name or ()))
     engine_config = _pick(
         EngineConfig,

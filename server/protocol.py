@@ -292,6 +292,8 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[ToolCallMessage] | None = None
     tool_call_id: str | None = None
+    reasoning: str | None = None  # vLLM's name for an assistant's earlier reasoning
+    reasoning_content: str | None = None  # DeepSeek's and the AI SDK's name for it
 
     @field_validator("content", mode="before")
     @classmethod
@@ -317,6 +319,9 @@ class ChatMessage(_Request):
             msg["tool_calls"] = [c.to_template() for c in self.tool_calls]
         if self.tool_call_id is not None:
             msg["tool_call_id"] = self.tool_call_id
+        reasoning = self.reasoning if self.reasoning is not None else self.reasoning_content
+        if reasoning is not None:  # both names: templates read one or the other
+            msg["reasoning"] = msg["reasoning_content"] = reasoning
         if self.name is not None and role == "tool":
             msg["name"] = self.name
         return msg
@@ -496,10 +501,12 @@ class ChatLogprobs(BaseModel):
 
 
 class ChatResponseMessage(_Omitting):
-    _omit = ("tool_calls",)  # only when there are some, as OpenAI sends it
+    _omit = ("tool_calls", "reasoning", "reasoning_content")  # only when there are some
 
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning: str | None = None  # with --reasoning-parser (vLLM's name)
+    reasoning_content: str | None = None  # the same text (DeepSeek's and the AI SDK's name)
     tool_calls: list[ToolCallMessage] | None = None  # the request's shape, as vLLM does
 
 
@@ -533,10 +540,12 @@ class DeltaToolCall(_Omitting):
 
 
 class DeltaMessage(_Omitting):
-    _omit = ("role", "content", "tool_calls")
+    _omit = ("role", "content", "reasoning", "reasoning_content", "tool_calls")
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[DeltaToolCall] | None = None
 
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from scheduler import TokenLogprob
+from scheduler import SamplingParams, TokenLogprob
 from server.accumulator import LOGPROB_FLOOR
 from server.errors import APIError
 from server.protocol import (
@@ -26,33 +26,57 @@ from server.protocol import (
     ToolCallMessage,
     TopLogprob,
 )
+from server.reasoning import REASONING_PARSERS, ReasoningParser, ReasoningStreamer
 from server.serving_engine import OpenAIServing
 from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
     ToolCallDelta,
     ToolCallStreamer,
+    functions,
     parse_tool_calls,
     preamble,
     tool_call_constraint,
 )
+from server.tool_parsers import TOOL_PARSERS, ToolParser
 
 if TYPE_CHECKING:
+    from scheduler.async_engine import AsyncEngine
     from scheduler.outputs import CompletionOutput
+    from server.config import ServerConfig
+    from server.offload import Offload
+
+PROMPT_TAIL_TOKENS = 16  # the prompt's last tokens, read for a reasoning tag its template wrote
 
 
 class OpenAIServingChat(OpenAIServing):
     prefix = "chatcmpl"
 
-    def _tag_ids(self) -> tuple[int | None, int | None]:
-        """The call tags' token ids where the tokenizer has each as one special token."""
+    def __init__(self, engine: AsyncEngine, config: ServerConfig, offload: Offload) -> None:
+        super().__init__(engine, config, offload)
+        name = config.reasoning_parser
+        self.reasoning: ReasoningParser | None = REASONING_PARSERS[name]() if name else None
+
+    def _special_ids(self, *texts: str) -> dict[str, int | None]:
+        """Each tag's token id where the tokenizer has it as one special token."""
         tok = self.engine.tokenizer
 
         def one(text: str) -> int | None:
             ids = tok.encode(text, add_special_tokens=False)
             return ids[0] if len(ids) == 1 and tok.is_special(ids[0]) else None
 
-        return one(CALL_OPEN), one(CALL_CLOSE)
+        return {t: one(t) for t in texts}
+
+    def _tag_ids(self) -> tuple[int | None, int | None]:
+        ids = self._special_ids(CALL_OPEN, CALL_CLOSE)
+        return ids[CALL_OPEN], ids[CALL_CLOSE]
+
+    def _tool_parser(self, req: ChatCompletionRequest) -> ToolParser | None:
+        """The --tool-call-parser for this request's tools (None: tokenmill's own format)."""
+        name = self.config.tool_call_parser
+        if name is None or req.tool_mode == "none":
+            return None
+        return TOOL_PARSERS[name]([t.model_dump(exclude_none=True) for t in req.tools])
 
     def render(
         self, req_messages: list, add_generation_prompt: bool = True, req: Any = None
@@ -62,19 +86,22 @@ class OpenAIServingChat(OpenAIServing):
         self.check_text_length(sum(len(m["content"]) for m in messages), "messages")
         tok, template = self.engine.tokenizer, self.config.chat_template
         kwargs: dict[str, Any] = dict((req.chat_template_kwargs or {}) if req else {})
-        tools = None
+        tools, native = None, self.config.tool_call_parser
         if req is not None and req.tool_mode != "none":
             tools = [t.model_dump(exclude_none=True) for t in req.tools]
-            if not tok.template_takes("tools", template):
+            # NOTE: the preamble teaches tokenmill's own format, which is hermes'
+            if native in (None, "hermes") and not tok.template_takes("tools", template):
                 messages = _with_preamble(messages, preamble(tools))
                 tools = None
         if not tok.template_takes("tool_calls", template):
-            messages = [_calls_as_text(m) for m in messages]
+            write = TOOL_PARSERS[native]().format_calls if native else _hermes_calls
+            messages = [_calls_as_text(m, write) for m in messages]
         continue_final = bool(req and req.continue_final_message)
-        try:
+
+        def apply(msgs: list[dict[str, Any]]) -> list[int]:
             return list(
                 tok.apply_chat_template(
-                    messages,
+                    msgs,
                     add_generation_prompt,
                     tools=tools,
                     chat_template=template,
@@ -82,12 +109,59 @@ class OpenAIServingChat(OpenAIServing):
                     **kwargs,
                 )
             )
+
+        try:
+            return apply(messages)
         except ValueError as e:
+            texts = [_arguments_as_text(m) for m in messages]
+            if texts != messages:  # NOTE: DeepSeek's templates join `arguments` as a string
+                try:
+                    return apply(texts)
+                except ValueError:
+                    pass
             param = "chat_template_kwargs" if kwargs else "messages"
             raise APIError(f"cannot apply the chat template: {e}", 400, param=param) from e
 
     async def _create(self, req: ChatCompletionRequest) -> ChatCompletionResponse | AsyncIterator:
         params = self.sampling_params(req)
+        mode, parser = req.tool_mode, self._tool_parser(req)
+        if mode == "auto" and parser is not None and not self.config.enable_auto_tool_choice:
+            raise APIError(
+                '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                "to be set",
+                400,
+                param="tool_choice",
+            )
+        params = self._tool_params(req, params, parser)
+        # NOTE: templating is heavy: off the event loop
+        prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
+        params, in_reasoning = self._reasoning_params(req, prompt, params)
+        params = self.fit_params(len(prompt), params, "messages")
+        head, acc, stream = await self.start(req, [prompt], [params], self._logprobs)
+        if req.stream:
+            role = DeltaMessage(role="assistant", content="")
+            first = [ChatStreamChoice(index=i, delta=role) for i in range(params.n)]
+            choices = self._chunk_choices(req, params.n, parser, in_reasoning)
+            return self.chunks(req, head, acc, stream, ChatCompletionChunk, choices, first)
+        await acc.drain(stream)
+        choices = []
+        for i, c in enumerate(acc.choices):
+            message, finish = self._message(c.text, mode, parser, in_reasoning), c.finish_reason
+            if message.tool_calls and finish == "stop":
+                finish = "tool_calls"
+            logprobs = ChatLogprobs(content=c.logprobs) if req.logprobs else None
+            choices.append(
+                ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
+            )
+        return ChatCompletionResponse(
+            **head, choices=choices, usage=acc.usage(), timings=acc.timings()
+        )
+
+    def _tool_params(
+        self, req: ChatCompletionRequest, params: SamplingParams, parser: ToolParser | None
+    ) -> SamplingParams:
+        """The call grammar (tokenmill's format, or the parser's), unless the request has a
+        constraint already; special tokens kept where the parser's tags are special."""
         mode = req.tool_mode
         if mode in ("required", "named") and params.structured_outputs is not None:
             raise APIError(
@@ -98,63 +172,112 @@ class OpenAIServingChat(OpenAIServing):
         if mode != "none" and params.structured_outputs is None:
             # NOTE: auto with response_format keeps the user's constraint: no call grammar
             name = req.tool_choice.function.name if mode == "named" else None
-            tools = [t.model_dump(exclude_none=True) for t in req.tools]
-            constraint = tool_call_constraint(
-                tools, name, req.parallel_tool_calls, auto=mode == "auto", tag_ids=self._tag_ids()
+            if parser is None:
+                tools = [t.model_dump(exclude_none=True) for t in req.tools]
+                constraint = tool_call_constraint(
+                    tools, name, req.parallel_tool_calls, mode == "auto", self._tag_ids()
+                )
+            else:
+                functions(parser.tools, name)  # an unknown name is a 400 before anything runs
+                ids = self._special_ids(*parser.tags)
+                constraint = parser.constraint(name, req.parallel_tool_calls, mode == "auto", ids)
+            params = replace(params, structured_outputs=constraint)
+        if parser is not None and parser.keep_special_tokens:
+            params = replace(params, skip_special_tokens=False)  # its tags are special tokens
+        return params
+
+    def _reasoning_params(
+        self, req: ChatCompletionRequest, prompt: list[int], params: SamplingParams
+    ) -> tuple[SamplingParams, bool | None]:
+        """Where the reply starts (the prompt's tail: in a reasoning block, after one, or
+        either), and the constraint moved behind the reasoning."""
+        r = self.reasoning
+        if r is None:
+            return params, None
+        if r.keep_special_tokens:
+            params = replace(params, skip_special_tokens=False)  # its tags are special tokens
+        continued = None
+        if req.continue_final_message:
+            continued = req.messages[-1].to_template()["content"]
+        tail = self.engine.tokenizer.decode(prompt[-PROMPT_TAIL_TOKENS:], False)
+        in_reasoning = r.starts_in_reasoning(tail, continued)
+        if params.structured_outputs is not None:
+            ids = self._special_ids(r.start_tag, r.end_tag)
+            constraint = r.constraint(
+                params.structured_outputs, in_reasoning, (ids[r.start_tag], ids[r.end_tag])
             )
             params = replace(params, structured_outputs=constraint)
-        # NOTE: templating is heavy: off the event loop
-        prompt = await self.offload(self.render, req.messages, req.add_generation_prompt, req)
-        params = self.fit_params(len(prompt), params, "messages")
-        head, acc, stream = await self.start(req, [prompt], [params], self._logprobs)
-        if req.stream:
-            role = DeltaMessage(role="assistant", content="")
-            first = [ChatStreamChoice(index=i, delta=role) for i in range(params.n)]
-            choices = self._chunk_choices(req, params.n)
-            return self.chunks(req, head, acc, stream, ChatCompletionChunk, choices, first)
-        await acc.drain(stream)
-        choices = []
-        for i, c in enumerate(acc.choices):
-            message, finish = ChatResponseMessage(content=c.text), c.finish_reason
-            if mode != "none":
-                content, calls = parse_tool_calls(c.text)  # the stream's parser: same calls
-                if calls:
-                    message = ChatResponseMessage(content=content, tool_calls=_response(calls))
-                    finish = "tool_calls" if finish == "stop" else finish
-            logprobs = ChatLogprobs(content=c.logprobs) if req.logprobs else None
-            choices.append(
-                ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
-            )
-        return ChatCompletionResponse(
-            **head, choices=choices, usage=acc.usage(), timings=acc.timings()
+        return params, in_reasoning
+
+    def _message(
+        self, text: str, mode: str, parser: ToolParser | None, in_reasoning: bool | None
+    ) -> ChatResponseMessage:
+        """A whole reply: reasoning split off first, then calls parsed out of the content."""
+        reasoning, content = None, text
+        if self.reasoning is not None:
+            reasoning, content = self.reasoning.parse(text, in_reasoning)
+        if mode != "none" and content:
+            # the stream's parser: the same calls
+            rest, calls = parser.parse(content) if parser else parse_tool_calls(content)
+            if calls:
+                return ChatResponseMessage(
+                    content=rest,
+                    reasoning=reasoning,
+                    reasoning_content=reasoning,
+                    tool_calls=_response(calls),
+                )
+        return ChatResponseMessage(
+            content=content, reasoning=reasoning, reasoning_content=reasoning
         )
 
-    def _chunk_choices(self, req: ChatCompletionRequest, n: int) -> Callable:
-        """Content deltas, or with tools each call's deltas as the parser finds them; then the
-        finish reason (tool_calls when calls were made) and logprobs in a choice of their own."""
-        parsers = [ToolCallStreamer() for _ in range(n)] if req.tool_mode != "none" else None
+    def _chunk_choices(
+        self,
+        req: ChatCompletionRequest,
+        n: int,
+        parser: ToolParser | None,
+        in_reasoning: bool | None,
+    ) -> Callable:
+        """Reasoning deltas (with a reasoning parser), content deltas, or with tools each call's
+        deltas as the parser finds them; then the finish reason (tool_calls when calls were
+        made) and logprobs in a choice of their own."""
+        parsers = None
+        if req.tool_mode != "none":
+            parsers = [parser.streamer() if parser else ToolCallStreamer() for _ in range(n)]
+        thinking: list[ReasoningStreamer] | None = None
+        if self.reasoning is not None:
+            thinking = [self.reasoning.streamer(in_reasoning) for _ in range(n)]
 
         def choices(i: int, co: CompletionOutput, entries: list | None) -> list[ChatStreamChoice]:
             lps = ChatLogprobs(content=entries) if entries is not None else None
-            finish, out = co.finish_reason, []
-            if parsers is None:
-                if not co.text and finish is None and lps is None:
-                    return []
-                delta = DeltaMessage(content=co.text or None)
-            else:
-                events = parsers[i].feed(co.text)
+            finish, out, text = co.finish_reason, [], co.text
+            if thinking is not None:
+                d = thinking[i].feed(text)
                 if finish is not None:
-                    events += parsers[i].flush()
-                out = [ChatStreamChoice(index=i, delta=d) for d in _tool_deltas(events)]
-                if finish == "stop" and parsers[i].num_calls:
-                    finish = "tool_calls"
-                if finish is None and lps is None:
-                    return out
-                delta = DeltaMessage()
-            return [
-                *out,
-                ChatStreamChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish),
-            ]
+                    end = thinking[i].flush()
+                    d.reasoning, d.content = d.reasoning + end.reasoning, d.content + end.content
+                text = d.content
+                if d.reasoning:
+                    delta = DeltaMessage(reasoning=d.reasoning, reasoning_content=d.reasoning)
+                    out.append(ChatStreamChoice(index=i, delta=delta))
+            if parsers is None:
+                if text or finish is not None or lps is not None:
+                    delta = DeltaMessage(content=text or None)
+                    out.append(
+                        ChatStreamChoice(index=i, delta=delta, logprobs=lps, finish_reason=finish)
+                    )
+                return out
+            events = parsers[i].feed(text)
+            if finish is not None:
+                events += parsers[i].flush()
+            out += [ChatStreamChoice(index=i, delta=d) for d in _tool_deltas(events)]
+            if finish == "stop" and parsers[i].num_calls:
+                finish = "tool_calls"
+            if finish is None and lps is None:
+                return out
+            last = ChatStreamChoice(
+                index=i, delta=DeltaMessage(), logprobs=lps, finish_reason=finish
+            )
+            return [*out, last]
 
         return choices
 
@@ -204,15 +327,35 @@ def _with_preamble(messages: list[dict[str, Any]], text: str) -> list[dict[str, 
     return [{"role": "system", "content": text}, *messages]
 
 
-def _calls_as_text(message: dict[str, Any]) -> dict[str, Any]:
+def _hermes_calls(calls: list[dict[str, Any]]) -> str:
+    """Calls in tokenmill's own format (its preamble's), one per line."""
+    bodies = [
+        {"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls
+    ]
+    return "\n".join(f"{CALL_OPEN}{json.dumps(b)}{CALL_CLOSE}" for b in bodies)
+
+
+def _arguments_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant's calls with their arguments as JSON text, for templates that want text."""
+    calls = message.get("tool_calls")
+    if not calls or all(isinstance(c["function"]["arguments"], str) for c in calls):
+        return message
+
+    def text(args: Any) -> str:
+        return args if isinstance(args, str) else json.dumps(args)
+
+    out = [{**c, "function": {**c["function"], "arguments": text(c["function"]["arguments"])}}
+           for c in calls]  # fmt: skip
+    return {**message, "tool_calls": out}
+
+
+def _calls_as_text(message: dict[str, Any], write: Callable[[list], str]) -> dict[str, Any]:
     """For templates that know no tool_calls: an assistant's calls written as the model would."""
     calls = message.get("tool_calls")
     if not calls:
         return message
     lines = [message["content"]] if message["content"] else []
-    for c in calls:
-        body = {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
-        lines.append(f"{CALL_OPEN}{json.dumps(body)}{CALL_CLOSE}")
+    lines.append(write(calls))
     out = {k: v for k, v in message.items() if k != "tool_calls"}
     out["content"] = "\n".join(lines)
     return out

@@ -28,33 +28,46 @@ def preamble(tools: list[dict[str, Any]]) -> str:
     return PREAMBLE.format(tools="\n".join(json.dumps(t["function"]) for t in tools))
 
 
-def _closed(schema: Any) -> Any:
+def closed(schema: Any) -> Any:
     """`additionalProperties: false` where unset: a small model cannot invent keys for ever."""
     if isinstance(schema, list):
-        return [_closed(s) for s in schema]
+        return [closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _closed(v) for k, v in schema.items()}
+    out = {k: closed(v) for k, v in schema.items()}
     if "properties" in schema and "additionalProperties" not in schema:
         out["additionalProperties"] = False
     return out
 
 
-def _call_schema(function: dict[str, Any]) -> dict[str, Any]:
-    params = _closed(function.get("parameters") or {"type": "object", "properties": {}})
+def call_schema(function: dict[str, Any], args_key: str = "arguments") -> dict[str, Any]:
+    """One call as a JSON object: this function's name, then its arguments' schema."""
+    params = closed(function.get("parameters") or {"type": "object", "properties": {}})
     return {
         "type": "object",
-        "properties": {"name": {"const": function["name"]}, "arguments": params},
-        "required": ["name", "arguments"],
+        "properties": {"name": {"const": function["name"]}, args_key: params},
+        "required": ["name", args_key],
         "additionalProperties": False,
         # compact JSON: with free whitespace small models can emit newlines for ever
         "x-guidance": {"whitespace_flexible": False},
     }
 
 
-def _tag(text: str, token_id: int | None) -> str:
+def tag(text: str, token_id: int | None) -> str:
     """A tag as a Lark alternative: its text, or its single special token where it has one."""
     return json.dumps(text) if token_id is None else f"({json.dumps(text)} | <[{token_id}]>)"
+
+
+def functions(tools: list[dict[str, Any]], name: str | None) -> list[dict[str, Any]]:
+    """The tools' functions a call may use: all, or the one `tool_choice` names (a 400 if none)."""
+    fns = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
+    if not fns:
+        known = ", ".join(repr(t["function"]["name"]) for t in tools)
+        raise SamplingParamsError(
+            f"tool_choice names function {name!r}, which is not in tools ({known})",
+            "tool_choice",
+        )
+    return fns
 
 
 def tool_call_constraint(
@@ -66,15 +79,8 @@ def tool_call_constraint(
 ) -> StructuredOutputsParams:
     """Calls to `name` or any tool (several if `parallel`); `auto`: free text until the opening
     tag (a lazy trigger), then only calls. `tag_ids`: the tags' special token ids, if any."""
-    functions = [t["function"] for t in tools]
+    fns = functions(tools, name)
     if name is not None:
-        functions = [f for f in functions if f["name"] == name]
-        if not functions:
-            known = ", ".join(repr(t["function"]["name"]) for t in tools)
-            raise SamplingParamsError(
-                f"tool_choice names function {name!r}, which is not in tools ({known})",
-                "tool_choice",
-            )
         parallel = False
     open_id, close_id = tag_ids
     # NOTE: no separator between parallel calls: after a newline small models start another call
@@ -93,15 +99,15 @@ def tool_call_constraint(
         "%llguidance {}",
         *start,
         "call: open args close",
-        f"open: {_tag(CALL_OPEN, open_id)}",
-        f"close: {_tag(CALL_CLOSE, close_id)}",
-        "args: " + " | ".join(f"fn_{i}" for i in range(len(functions))),
-        *(f"fn_{i}: %json{json.dumps(_call_schema(f))}" for i, f in enumerate(functions)),
+        f"open: {tag(CALL_OPEN, open_id)}",
+        f"close: {tag(CALL_CLOSE, close_id)}",
+        "args: " + " | ".join(f"fn_{i}" for i in range(len(fns))),
+        *(f"fn_{i}: %json{json.dumps(call_schema(f))}" for i, f in enumerate(fns)),
     ]
     return StructuredOutputsParams("grammar", "\n".join(lines), param="tools")
 
 
-def _new_id() -> str:
+def new_call_id() -> str:
     return f"call_{uuid.uuid4().hex[:24]}"
 
 
@@ -132,8 +138,13 @@ def _parse_call(body: str) -> tuple[str, str] | None:
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCallDelta]]:
     """Content (text outside calls; None if empty beside calls) and calls: the stream's parser."""
     streamer = ToolCallStreamer()
+    return gather(streamer.feed(text) + streamer.flush())
+
+
+def gather(events: list[str | ToolCallDelta]) -> tuple[str | None, list[ToolCallDelta]]:
+    """A streamer's events as a whole reply: content (None if blank beside calls), whole calls."""
     content, calls = "", []
-    for ev in streamer.feed(text) + streamer.flush():
+    for ev in events:
         if isinstance(ev, str):
             content += ev
         elif ev.id is not None:
@@ -191,7 +202,7 @@ class ToolCallStreamer:
             self._pending = text
 
     def _emit_call(self, out: list, name: str, arguments: str) -> None:
-        out.append(ToolCallDelta(self.num_calls, "", _new_id(), name))
+        out.append(ToolCallDelta(self.num_calls, "", new_call_id(), name))
         if arguments:
             out.append(ToolCallDelta(self.num_calls, arguments))
         self.num_calls += 1
@@ -202,7 +213,7 @@ class ToolCallStreamer:
         if self._state == "text":
             start = buf.find(CALL_OPEN)
             if start < 0:
-                keep = _partial_suffix(buf, CALL_OPEN)
+                keep = partial_suffix(buf, CALL_OPEN)
                 self._content(out, buf[: len(buf) - keep])
                 self._buf = buf[len(buf) - keep :]
                 return False
@@ -215,7 +226,7 @@ class ToolCallStreamer:
             value = buf[m.end() :].lstrip() if m else ""
             if m and value[:1] in ("{", "["):
                 name = json.loads(f'"{m.group(1)}"')
-                out.append(ToolCallDelta(self.num_calls, "", _new_id(), name))
+                out.append(ToolCallDelta(self.num_calls, "", new_call_id(), name))
                 self._buf, self._state = value, "args"
                 self._depth, self._in_str, self._esc = 0, False, False
                 return True
@@ -267,6 +278,6 @@ class ToolCallStreamer:
         return len(text)
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
     return next((n for n in range(len(tag) - 1, 0, -1) if text.endswith(tag[:n])), 0)
