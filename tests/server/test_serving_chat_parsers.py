@@ -66,6 +66,9 @@ class ScriptedEngine:
     def num_waiting(self) -> int:
         return 0
 
+    async def prepare(self, params: list[Any]) -> None:
+        """AsyncEngine compiles grammars here; the requests record what would compile."""
+
     def generate(self, request_id: str, prompt: list[int], params: Any) -> _Stream:
         self.requests.append((prompt, params))
         return _Stream(request_id, prompt, self.reply)
