@@ -19,8 +19,8 @@ from model.layers.attention import AttentionMetadata
 from model.layers.fused_decode import FusedDecode
 from model.layers.linear import packed_nbytes
 from model.layers.quant import quantize_rtn
-from model.llama import LlamaForCausalLM
 from model.loader import load_weights
+from model.models import MODELS
 from model.parallel import ParallelContext, all_reduce
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ class ModelRunner:
         cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
         self.dtype = resolve_dtype(dtype, self.device)
         with torch.device("meta"):
-            net = LlamaForCausalLM(cfg, ctx)
+            net = MODELS[cfg.architecture](cfg, ctx)
         self.model = materialize(net, self.device, self.dtype).eval()
         if self.device.type == "cpu" and self.dtype == torch.float32:
             gemv.load()  # the decode GEMV kernel, compiled once per machine (optional)
@@ -198,7 +198,9 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(spec, self.num_kv_blocks + use_graphs, self.device)
         for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
             layer.bind_kv_cache(k, v)
-        self.fused = FusedDecode.build(self.model, block_size)  # None: torch serves every step
+        self.fused = None  # None: torch serves every step
+        if self.model.fits_fused_decode:  # decode.c knows the Llama layer only
+            self.fused = FusedDecode.build(self.model, block_size)
         if use_graphs:
             self.graphs = CUDAGraphs(self.model, block_size, self.max_model_len, self.num_kv_blocks)
         if self.device.type == "cuda":

@@ -7,7 +7,7 @@ rows); prefill rows are padded only among themselves. `reference` is the float32
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,16 @@ class AttentionMetadata:
     prefill_mask: torch.Tensor | None  # [P, 1, max_query, max_blocks * block_size] bool
     num_prefill_seqs: int
     max_prefill_query: int
+    prefill_qpos: torch.Tensor | None = None  # [P, max_query] long positions (window masks)
+    # sliding window -> WindowMasks, built by the first windowed layer of the step, then shared
+    windows: dict[int, WindowMasks] = field(default_factory=dict)
+
+    def windowed(self, window: int) -> WindowMasks:
+        """This step's masks narrowed to the last `window` positions before each query."""
+        masks = self.windows.get(window)
+        if masks is None:
+            masks = self.windows[window] = WindowMasks.build(self, window)
+        return masks
 
     @staticmethod
     def build(
@@ -93,7 +103,7 @@ class AttentionMetadata:
             if len(members) != num_tokens:
                 rows = torch.tensor([starts[i] for i in members], dtype=torch.long, device=device)
             groups.append(DecodeGroup(rows, tab.view(-1), len(members), span, keep, first))
-        pre_rows = pre_pad = pre_tables = pre_mask = None
+        pre_rows = pre_pad = pre_tables = pre_mask = pre_qpos = None
         max_q = max((query_lens[i] for i in pre), default=0)
         if pre:
             if len(dec) > 0:
@@ -116,6 +126,7 @@ class AttentionMetadata:
                 qpos = torch.minimum(ctx[:, None] - qlen[:, None] + j, ctx[:, None] - 1)
                 keys = torch.arange(span, device=device)
                 pre_mask = (keys[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+                pre_qpos = qpos
         return AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             query_lens=tuple(query_lens),
@@ -130,7 +141,44 @@ class AttentionMetadata:
             prefill_mask=pre_mask,
             num_prefill_seqs=len(pre),
             max_prefill_query=max_q,
+            prefill_qpos=pre_qpos,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowMasks:
+    """Masks of one sliding window (True = attend): keys older than `window` positions before
+    the query drop out. None where the window hides nothing."""
+
+    decode_keep: tuple[torch.Tensor | None, ...]  # one per decode group
+    prefill_mask: torch.Tensor | None  # [P, 1, max_query, span] bool
+    causal_mask: torch.Tensor | None  # [T, T] bool: one fresh sequence (no block tables)
+
+    @staticmethod
+    def build(meta: AttentionMetadata, window: int) -> WindowMasks:
+        """From device tensors only (a CUDA graph's decode metadata has no host lengths)."""
+        keeps = []
+        for g in meta.decode_groups:
+            if g.keep is None:  # every row's context is exactly span
+                keep = None
+                if g.span > window:
+                    keys = torch.arange(g.span, device=g.block_tables.device)
+                    keep = (keys >= g.span - window).view(1, 1, 1, g.span)
+            else:
+                ctx = g.keep.sum(-1, keepdim=True)  # [b, 1, 1, 1]
+                keys = torch.arange(g.keep.shape[-1], device=g.keep.device)
+                keep = g.keep & (keys >= ctx - window)
+            keeps.append(keep)
+        pre = causal = None
+        if meta.prefill_mask is not None:
+            keys = torch.arange(meta.prefill_mask.shape[-1], device=meta.prefill_mask.device)
+            band = keys[None, None, :] > meta.prefill_qpos[:, :, None] - window
+            pre = meta.prefill_mask & band.unsqueeze(1)
+        elif meta.num_prefill_seqs and meta.max_prefill_query > window:
+            t = meta.max_prefill_query
+            pos = torch.arange(t, device=meta.slot_mapping.device)
+            causal = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        return WindowMasks(tuple(keeps), pre, causal)
 
 
 def _group_by_blocks(seqs: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
@@ -184,27 +232,63 @@ def sdpa_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Fast path: one SDPA per decode group, one for all prefill rows -> [num_tokens, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
     groups = meta.decode_groups
+    masks = meta.windowed(window) if window is not None else None
+    keeps = masks.decode_keep if masks is not None else tuple(g.keep for g in groups)
     if meta.num_prefill_seqs == 0 and len(groups) == 1:
-        return _decode(q, k_cache, v_cache, groups[0], scale)
+        return _decode(q, k_cache, v_cache, groups[0], keeps[0], scale, soft_cap)
     if meta.num_decode == 0:
-        return _prefill(q, k, v, k_cache, v_cache, meta, scale)
+        return _prefill(q, k, v, k_cache, v_cache, meta, masks, scale, soft_cap)
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    for group in groups:
+    for group, keep in zip(groups, keeps, strict=True):
         rows = group.rows
-        out.index_copy_(0, rows, _decode(q.index_select(0, rows), k_cache, v_cache, group, scale))
+        o = _decode(q.index_select(0, rows), k_cache, v_cache, group, keep, scale, soft_cap)
+        out.index_copy_(0, rows, o)
     if meta.num_prefill_seqs:
         rows = meta.prefill_rows
         if meta.prefill_block_tables is None:  # fresh K/V are only read on the causal fast path
             k, v = k[rows], v[rows]
-        out.index_copy_(0, rows, _prefill(q[rows], k, v, k_cache, v_cache, meta, scale))
+        o = _prefill(q[rows], k, v, k_cache, v_cache, meta, masks, scale, soft_cap)
+        out.index_copy_(0, rows, o)
     return out
 
 
-def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None,
+    scale: float,
+    soft_cap: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """SDPA on [B, H, Lq, D] x [B, kv_heads, Lk, D]; with soft_cap (Gemma 2: SDPA has none),
+    explicit scores: tanh(s / cap) * cap before the mask and softmax."""
+    gqa = q.shape[1] != k.shape[1]
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    s = torch.tanh(s / soft_cap) * soft_cap
+    if causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.matmul(s.softmax(dim=-1), v)
+
+
+def _decode(
+    q, k_cache, v_cache, group: DecodeGroup, keep, scale: float, soft_cap: float | None
+) -> torch.Tensor:
     """Grouped heads become query rows: [B, kv_heads, group, D] against [B, kv_heads, L, D]."""
     b, num_heads, head_dim = q.shape
     num_kv, _, bs, _ = k_cache.shape
@@ -219,12 +303,13 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     if span != group.span:  # one row: its exact context
         keys, values = keys[:, :, : group.span], values[:, :, : group.span]
     keys, values = keys.to(q.dtype), values.to(q.dtype)  # no-op unless the cache is narrower
-    o = F.scaled_dot_product_attention(
+    o = _attend(
         q.view(b, num_kv, num_heads // num_kv, head_dim),
         keys.transpose(0, 1),
         values.transpose(0, 1),
-        attn_mask=group.keep,
-        scale=scale,
+        keep,
+        scale,
+        soft_cap,
     )  # [B, kv_heads, group, D]
     return o.reshape(b, num_heads, head_dim)
 
@@ -236,17 +321,21 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return cache.index_select(1, tables.view(-1)).view(num_kv, b, nb * bs, head_dim)
 
 
-def _prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _prefill(
+    q, k, v, k_cache, v_cache, meta: AttentionMetadata, masks, scale: float, soft_cap
+) -> torch.Tensor:
     """Prompt chunks, padded only among themselves; causal within the chunk after cached context."""
     t, num_heads, head_dim = q.shape
     if meta.prefill_block_tables is None:  # one sequence, nothing cached: causal on fresh K/V
-        o = F.scaled_dot_product_attention(
+        band = masks.causal_mask if masks is not None else None
+        o = _attend(
             q.transpose(0, 1).unsqueeze(0),
             k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
+            band,
+            scale,
+            soft_cap,
+            causal=band is None,
         )  # [1, H, T, D]
         return o[0].transpose(0, 1)
     p, max_q = meta.num_prefill_seqs, meta.max_prefill_query
@@ -257,9 +346,8 @@ def _prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -
     qp = qp.view(p, max_q, num_heads, head_dim).transpose(1, 2)  # [P, H, max_q, D]
     keys = _gather(k_cache, meta.prefill_block_tables).transpose(0, 1).to(q.dtype)  # [P, kv, L, D]
     values = _gather(v_cache, meta.prefill_block_tables).transpose(0, 1).to(q.dtype)
-    o = F.scaled_dot_product_attention(
-        qp, keys, values, attn_mask=meta.prefill_mask, scale=scale, enable_gqa=True
-    )  # [P, H, max_q, D]
+    mask = masks.prefill_mask if masks is not None else meta.prefill_mask
+    o = _attend(qp, keys, values, mask, scale, soft_cap)  # [P, H, max_q, D]
     o = o.transpose(1, 2).reshape(p * max_q, num_heads, head_dim)
     return o if meta.prefill_pad is None else o[meta.prefill_pad]
 
@@ -272,6 +360,8 @@ def reference_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """The oracle: one sequence at a time, float32, explicit scores, mask and softmax."""
     num_tokens, num_heads, head_dim = q.shape
@@ -286,8 +376,13 @@ def reference_attention(
         values = values.repeat_interleave(num_heads // num_kv, dim=1)
         qs = q[start : start + qlen].float()  # [qlen, H, D]
         scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale  # [H, qlen, ctx]
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
         qpos = torch.arange(ctx - qlen, ctx, device=q.device)
-        future = torch.arange(ctx, device=q.device)[None, :] > qpos[:, None]  # [qlen, ctx]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        future = kpos > qpos[:, None]  # [qlen, ctx]
+        if window is not None:
+            future |= kpos <= qpos[:, None] - window  # out of the window counts as unseen
         probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
         out[start : start + qlen] = torch.einsum("hqk,khd->qhd", probs, values)
         start += qlen
@@ -302,13 +397,23 @@ class Attention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends through block tables."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, backend: str = "sdpa"
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        backend: str = "sdpa",
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; have {', '.join(BACKENDS)}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window  # None: every key; else the last this many
+        self.logits_soft_cap = logits_soft_cap
         self.backend = backend
         self.k_cache: torch.Tensor | None = None  # [kv_heads, num_blocks, block_size, head_dim]
         self.v_cache: torch.Tensor | None = None
@@ -326,5 +431,15 @@ class Attention(nn.Module):
         dt = self.k_cache.dtype  # --kv-cache-dtype may store narrower than the activations
         self.k_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(dt))
         self.v_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(dt))
-        o = BACKENDS[self.backend](q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = BACKENDS[self.backend](
+            q,
+            k,
+            v,
+            self.k_cache,
+            self.v_cache,
+            meta,
+            self.scale,
+            self.sliding_window,
+            self.logits_soft_cap,
+        )
         return o.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -17,7 +17,7 @@ import torch
 from model.config import ModelConfig
 from model.executor import DistributedExecutor, make_executor
 from model.inputs import SamplingRow, StepInput
-from model.llama import LlamaForCausalLM
+from model.models.llama import LlamaForCausalLM
 from model.parallel import ParallelConfig, ParallelContext
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams
