@@ -1,6 +1,6 @@
 """Tensor parallelism over gloo on CPU: TP=N logits and greedy tokens equal TP=1's.
 
-Tiny Llama/Qwen2 (4 heads, 2 KV heads) at TP=2, SmolLM2 GGUF (9 heads, 3 KV heads) at TP=3,
+Tiny Llama/Qwen2 and Gemma 2/3, Phi-3, Granite (4 heads, 2 KV heads) at TP=2, SmolLM2 GGUF (9 heads, 3 KV heads) at TP=3,
 KV-head replication at TP=4, the engine under batching and preemption, and a killed worker.
 """
 
@@ -190,6 +190,21 @@ def test_tp2_mixed_batch_logits_match(tiny_pair) -> None:
 def test_tp2_greedy_32_steps_identical(tiny_pair) -> None:
     r1, r2 = tiny_pair
     assert_same_greedy(r1, r2, [prompt(12, 4), prompt(30, 5)])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "granite"])
+def test_tp2_families_greedy_identical(family_checkpoint, family: str) -> None:
+    """Gemma's post-norms reduce before they norm (windows, soft-caps, q/k norms per rank's
+    heads), Phi-3's fused qkv / gate_up split per rank, Granite's multipliers after the reduce."""
+    folder = str(family_checkpoint(family))
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    r1 = ModelRunner(folder, **kw)
+    r2 = tp(folder, 2, **kw)
+    try:
+        assert_same_greedy(r1, r2, [prompt(12, 4), prompt(30, 5)])  # both cross the window
+    finally:
+        r2.shutdown()
 
 
 @pytest.mark.timeout(120)
