@@ -149,7 +149,11 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", defaults.get("attention_bias", False))),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
-            hidden_act=d.get("hidden_activation") or d.get("hidden_act") or "silu",
+            hidden_act=(
+                d.get("hidden_activation")
+                or d.get("hidden_act")
+                or defaults.get("hidden_act", "silu")
+            ),
             qk_norm=defaults.get("qk_norm", False),
             sliding_window=window,
             layer_types=layer_types,

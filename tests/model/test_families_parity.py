@@ -100,14 +100,9 @@ def assert_greedy_parity(ours: list[int], logits: torch.Tensor, ref: list[int], 
             return
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("family", FAMILIES)
-def test_family_matches_transformers(family_checkpoint, family: str) -> None:
-    runner, hf = load_pair(family_checkpoint(family))
-    assert type(runner.model).__name__ == CLASSES[family]
-    assert runner.fused is None  # decode.c knows none of these layers (nor float weights)
+def check_against_transformers(runner: ModelRunner, hf: torch.nn.Module) -> None:
+    """Prompt log-probs at every position, then a chunked prefill and greedy decode steps."""
     ids = prompt(37, seed=1)
-
     # whole-prompt log-probs at every position (37 > the window: the masks bite)
     meta = AttentionMetadata.build([37], [37], [[0, 1, 2]], list(range(37)), runner.block_size)
     with torch.inference_mode():
@@ -129,6 +124,15 @@ def test_family_matches_transformers(family_checkpoint, family: str) -> None:
     tokens.append(int(logits[-1].argmax()))
     ref_tokens, ref_logits = hf_greedy(hf, ids, STEPS)
     assert_greedy_parity(tokens, torch.stack(logits), ref_tokens, ref_logits)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_transformers(family_checkpoint, family: str) -> None:
+    runner, hf = load_pair(family_checkpoint(family))
+    assert type(runner.model).__name__ == CLASSES[family]
+    assert runner.fused is None  # decode.c knows none of these layers (nor float weights)
+    check_against_transformers(runner, hf)
 
 
 @pytest.mark.timeout(120)

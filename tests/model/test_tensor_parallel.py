@@ -1,7 +1,8 @@
 """Tensor parallelism over gloo on CPU: TP=N logits and greedy tokens equal TP=1's.
 
-Tiny Llama/Qwen2 and Gemma 2/3, Phi-3, Granite (4 heads, 2 KV heads) at TP=2, SmolLM2 GGUF (9 heads, 3 KV heads) at TP=3,
-KV-head replication at TP=4, the engine under batching and preemption, and a killed worker.
+Tiny Llama/Qwen2 and Gemma 2/3, Phi-3, Granite (4 heads, 2 KV heads) at TP=2, SmolLM2 GGUF
+(9 heads, 3 KV heads) at TP=3, KV-head replication at TP=4, the engine under batching and
+preemption, and a killed worker.
 """
 
 from __future__ import annotations
