@@ -164,3 +164,30 @@ def test_mixed_batch_matches_each_alone(family_checkpoint, family: str) -> None:
         torch.testing.assert_close(
             got.log_softmax(-1), ref.log_softmax(-1), atol=LOGPROB_ATOL, rtol=0
         )
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["gemma2", "mistral"])
+def test_graph_padded_decode_keeps_windows(family_checkpoint, family: str) -> None:
+    """What a CUDA graph replays, run eagerly on the CPU: the window masks come from the padded
+    `keep` mask alone (a graph's metadata has no host lengths); real rows equal the eager step."""
+    from model.cuda_graphs import CUDAGraphs
+
+    runner = ModelRunner(
+        str(family_checkpoint(family)), dtype="float32", device="cpu", kv_cache_memory=4 << 20
+    )
+    drv = Driver(runner)
+    graphs = CUDAGraphs(runner.model, runner.block_size, runner.max_model_len, drv.free.pop())
+    prompts = {f"s{i}": prompt(n, seed=i) for i, n in enumerate([3, 17, 40])}
+    runner.forward_step(drv.step([(sid, p, 0) for sid, p in prompts.items()]))
+    step = drv.step([(sid, [7 + i], len(p)) for i, (sid, p) in enumerate(prompts.items())])
+    with torch.inference_mode():
+        b, nb = graphs.shape(step)
+        graphs.load(step, b, nb)
+        padded = graphs.forward(b, nb)[:3].clone()
+        meta = AttentionMetadata.build(
+            step.query_lens, step.context_lens, step.block_tables, step.slot_mapping, drv.bs
+        )
+        eager = runner.model(torch.tensor(step.input_ids), torch.tensor(step.positions), meta)
+    assert b > 3 and nb * drv.bs > 41 > WINDOW
+    torch.testing.assert_close(padded, eager, atol=1e-5, rtol=1e-5)
