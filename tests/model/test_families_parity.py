@@ -191,3 +191,19 @@ def test_graph_padded_decode_keeps_windows(family_checkpoint, family: str) -> No
         eager = runner.model(torch.tensor(step.input_ids), torch.tensor(step.positions), meta)
     assert b > 3 and nb * drv.bs > 41 > WINDOW
     torch.testing.assert_close(padded, eager, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_families_are_refused_by_fused_decode(family_checkpoint, tiny_checkpoint, family):
+    """decode.c serves the plain Llama layer only: packed weights of every other layer (q/k norm,
+    window, soft-cap, GELU, NoPE, partial or scaled rotary, multipliers) stay on the torch path,
+    while the Llama-shaped tiny checkpoint, packed the same way, takes decode.c."""
+    from model.layers import gemv
+
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
+    runner = ModelRunner(str(family_checkpoint(family)), **kw)
+    assert runner.model.model.layers[0].mlp.down_proj.quant is not None  # packed, yet refused
+    assert runner.fused is None and not runner.model.fits_fused_decode
+    if gemv.load() is not None:  # the C kernels compiled on this machine
+        assert ModelRunner(str(tiny_checkpoint("llama")), **kw).fused is not None
