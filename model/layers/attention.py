@@ -29,6 +29,7 @@ class DecodeGroup:
     span: int  # max_blocks * block_size (or the exact context when num_seqs == 1)
     keep: torch.Tensor | None  # [b, 1, 1, span] bool, True = attend; None: nothing padded
     first_block: int | None = None  # one row whose blocks are consecutive: read a view, no gather
+    members: tuple[int, ...] = ()  # the rows' sequence indices in the step (windows narrow by it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,8 @@ class AttentionMetadata:
             rows = None
             if len(members) != num_tokens:
                 rows = torch.tensor([starts[i] for i in members], dtype=torch.long, device=device)
-            groups.append(DecodeGroup(rows, tab.view(-1), len(members), span, keep, first))
+            group = DecodeGroup(rows, tab.view(-1), len(members), span, keep, first, tuple(members))
+            groups.append(group)
         pre_rows = pre_pad = pre_tables = pre_mask = pre_qpos = None
         max_q = max((query_lens[i] for i in pre), default=0)
         if pre:
@@ -150,15 +152,21 @@ class WindowMasks:
     """Masks of one sliding window (True = attend): keys older than `window` positions before
     the query drop out. None where the window hides nothing."""
 
-    decode_keep: tuple[torch.Tensor | None, ...]  # one per decode group
+    # per decode group: the group to read (narrowed to the window's blocks where the host knows
+    # the lengths) and its mask
+    decode: tuple[tuple[DecodeGroup, torch.Tensor | None], ...]
     prefill_mask: torch.Tensor | None  # [P, 1, max_query, span] bool
     causal_mask: torch.Tensor | None  # [T, T] bool: one fresh sequence (no block tables)
 
     @staticmethod
     def build(meta: AttentionMetadata, window: int) -> WindowMasks:
         """From device tensors only (a CUDA graph's decode metadata has no host lengths)."""
-        keeps = []
+        decode = []
         for g in meta.decode_groups:
+            narrowed = _narrow(meta, g, window) if g.members else None
+            if narrowed is not None:
+                decode.append((narrowed, narrowed.keep))
+                continue
             if g.keep is None:  # every row's context is exactly span
                 keep = None
                 if g.span > window:
@@ -168,7 +176,7 @@ class WindowMasks:
                 ctx = g.keep.sum(-1, keepdim=True)  # [b, 1, 1, 1]
                 keys = torch.arange(g.keep.shape[-1], device=g.keep.device)
                 keep = g.keep & (keys >= ctx - window)
-            keeps.append(keep)
+            decode.append((g, keep))
         pre = causal = None
         if meta.prefill_mask is not None:
             keys = torch.arange(meta.prefill_mask.shape[-1], device=meta.prefill_mask.device)
@@ -178,7 +186,29 @@ class WindowMasks:
             t = meta.max_prefill_query
             pos = torch.arange(t, device=meta.slot_mapping.device)
             causal = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
-        return WindowMasks(tuple(keeps), pre, causal)
+        return WindowMasks(tuple(decode), pre, causal)
+
+
+def _narrow(meta: AttentionMetadata, g: DecodeGroup, window: int) -> DecodeGroup | None:
+    """The group over only the blocks its window covers (row r from block (ctx_r - W) // bs on),
+    or None when that reads no fewer keys. Blocks freed behind the window are never read."""
+    bs = meta.block_size
+    ctxs = [meta.context_lens[i] for i in g.members]
+    firsts = [max(c - window, 0) // bs for c in ctxs]
+    nb = max((c - 1) // bs - f + 1 for c, f in zip(ctxs, firsts, strict=True))
+    if nb * bs >= g.span:
+        return None
+    dev = g.block_tables.device
+    tables = [
+        (list(meta.block_tables[i][f : f + nb]) + [0] * nb)[:nb]
+        for i, f in zip(g.members, firsts, strict=True)
+    ]
+    tab = torch.tensor(tables, dtype=torch.long, device=dev)  # [b, nb]
+    start = torch.tensor(firsts, dtype=torch.long, device=dev)[:, None] * bs  # [b, 1]
+    ctx = torch.tensor(ctxs, dtype=torch.long, device=dev)[:, None]
+    keys = start + torch.arange(nb * bs, device=dev)[None, :]  # [b, nb * bs] positions
+    keep = ((keys >= ctx - window) & (keys < ctx)).view(len(ctxs), 1, 1, nb * bs)
+    return DecodeGroup(g.rows, tab.view(-1), g.num_seqs, nb * bs, keep, None, g.members)
 
 
 def _group_by_blocks(seqs: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
@@ -239,13 +269,13 @@ def sdpa_attention(
     num_tokens, num_heads, head_dim = q.shape
     groups = meta.decode_groups
     masks = meta.windowed(window) if window is not None else None
-    keeps = masks.decode_keep if masks is not None else tuple(g.keep for g in groups)
+    decode = masks.decode if masks is not None else tuple((g, g.keep) for g in groups)
     if meta.num_prefill_seqs == 0 and len(groups) == 1:
-        return _decode(q, k_cache, v_cache, groups[0], keeps[0], scale, soft_cap)
+        return _decode(q, k_cache, v_cache, decode[0][0], decode[0][1], scale, soft_cap)
     if meta.num_decode == 0:
         return _prefill(q, k, v, k_cache, v_cache, meta, masks, scale, soft_cap)
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    for group, keep in zip(groups, keeps, strict=True):
+    for group, keep in decode:
         rows = group.rows
         o = _decode(q.index_select(0, rows), k_cache, v_cache, group, keep, scale, soft_cap)
         out.index_copy_(0, rows, o)
@@ -283,7 +313,7 @@ def _attend(
         keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
-    return torch.matmul(s.softmax(dim=-1), v)
+    return torch.matmul(s.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _decode(

@@ -49,9 +49,10 @@ class GemmaDecoderLayer(nn.Module):
 class GemmaModel(LlamaModel):
     decoder_layer = GemmaDecoderLayer
 
-    @staticmethod
-    def embedding_scale(cfg: ModelConfig) -> float:
-        return cfg.hidden_size**0.5
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        # NOTE: sqrt(hidden) rounded to the activations' dtype first, as transformers does
+        return h * torch.tensor(self.hidden_size**0.5, dtype=h.dtype)
 
     @staticmethod
     def final_norm(cfg: ModelConfig, ctx: ParallelContext) -> nn.Module:

@@ -137,13 +137,13 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """embed -> layers -> final norm; `decoder_layer` and `embed_scale` are the family's knobs."""
+    """embed -> layers -> final norm; `decoder_layer`, `embed` and `final_norm` are the knobs."""
 
     decoder_layer: type[nn.Module] = LlamaDecoderLayer
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: str) -> None:
         super().__init__()
-        self.embed_scale = self.embedding_scale(cfg)
+        self.hidden_size, self.embedding_multiplier = cfg.hidden_size, cfg.embedding_multiplier
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, ctx)
         scaling = cfg.rope_scaling_dict
         self.rotary_emb = RotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, scaling)
@@ -155,9 +155,9 @@ class LlamaModel(nn.Module):
         )
         self.norm = self.final_norm(cfg, ctx)
 
-    @staticmethod
-    def embedding_scale(cfg: ModelConfig) -> float:
-        return cfg.embedding_multiplier
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [T, hidden]
+        return h * self.embedding_multiplier if self.embedding_multiplier != 1.0 else h  # Granite
 
     @staticmethod
     def final_norm(cfg: ModelConfig, ctx: ParallelContext) -> nn.Module:
@@ -168,9 +168,7 @@ class LlamaModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)  # [T, hidden]
-        if self.embed_scale != 1.0:
-            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        h = self.embed(input_ids)  # [T, hidden]
         rope = self.rotary_emb.cos_sin(positions, h.dtype)  # cos, sin: [T, 1, rotary_dim] each
         local = rope
         if self.rotary_emb_local is not None:
