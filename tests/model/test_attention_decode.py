@@ -83,3 +83,38 @@ def test_one_row_on_consecutive_blocks_reads_a_view(ctx: int) -> None:
         fast = sdpa_attention(q, k, v, kc, vc, meta, 0.3)
         ref = reference_attention(q, k, v, kc, vc, meta, 0.3)
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize(("window", "soft_cap"), [(5, None), (13, None), (None, 2.0), (7, 3.0)])
+def test_windows_and_soft_cap_match_reference(seed: int, window, soft_cap) -> None:
+    """Decode groups (narrowed to the window's blocks), chunks after cached context, a fresh
+    prompt on the causal path: every path against the float32 oracle."""
+    rng = random.Random(seed)
+    n = rng.randint(6, 30)
+    context_lens = [rng.choice([rng.randint(1, 12), rng.randint(30, 120)]) for _ in range(n)]
+    query_lens = [1] * n
+    for j in rng.sample(range(n), 2):  # prompt chunks, some longer than the window
+        query_lens[j] = min(context_lens[j], rng.randint(2, 20))
+    q, k, v, kc, vc, meta = paged_case(query_lens, context_lens, seed)
+    fast = sdpa_attention(q, k, v, kc, vc, meta, 0.3, window, soft_cap)
+    ref = reference_attention(q, k, v, kc, vc, meta, 0.3, window, soft_cap)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    if window is not None:  # the window changes the answer: the masks were not a no-op
+        unwindowed = sdpa_attention(q, k, v, kc, vc, meta, 0.3, None, soft_cap)
+        assert (fast - unwindowed).abs().max() > 1e-3
+        narrowed = [g for g, _ in meta.windowed(window).decode]
+        assert max(g.span for g in narrowed) <= (-(-(window - 1) // BS) + 1) * BS
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("t", [3, 9, 20])
+def test_fresh_prompt_window_matches_reference(t: int) -> None:
+    """One fresh prompt (no block tables): the causal fast path with the window's band."""
+    q, k, v, kc, vc, meta = paged_case([t], [t], seed=t)
+    assert meta.prefill_block_tables is None
+    for window, cap in ((4, None), (4, 1.5), (64, None)):
+        fast = sdpa_attention(q, k, v, kc, vc, meta, 0.25, window, cap)
+        ref = reference_attention(q, k, v, kc, vc, meta, 0.25, window, cap)
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
