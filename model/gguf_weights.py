@@ -284,7 +284,8 @@ def _family_config(
 def _rope_scaling(
     reader: Any, arch: str, path: str, tensors: dict[str, Any], head_dim: int, theta: float
 ) -> dict[str, Any] | None:
-    """rope_scaling from `rope_freqs` (llama3) or `{arch}.rope.scaling.*`; unknown kinds raise."""
+    """rope_scaling from `rope_freqs` (llama3) or `{arch}.rope.scaling.*` (linear, yarn; Phi-3's
+    longrope in _family_config); unknown kinds raise."""
     if "rope_freqs.weight" in tensors:
         import gguf
 
@@ -297,6 +298,18 @@ def _rope_scaling(
     factor = float(reader.fields.get(f"{arch}.rope.scaling.factor", 1.0))
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": factor}
+        for key, hf in (
+            ("original_context_length", "original_max_position_embeddings"),
+            ("yarn_attn_factor", "attention_factor"),
+            ("yarn_beta_fast", "beta_fast"),
+            ("yarn_beta_slow", "beta_slow"),
+        ):
+            value = reader.fields.get(f"{arch}.rope.scaling.{key}")
+            if value is not None:
+                scaling[hf] = int(value) if key == "original_context_length" else float(value)
+        return scaling
     raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF file {path}")
 
 

@@ -207,7 +207,7 @@ class LlamaForCausalLM(nn.Module):
     @property
     def fits_fused_decode(self) -> bool:
         """decode.c's layer: plain Llama attention (no q/k norm, window, soft-cap, NoPE, partial
-        rotary, scaled rope cos/sin or multipliers) and a SwiGLU MLP."""
+        rotary or multipliers; any rope scaling: it takes the torch cos/sin) and a SwiGLU MLP."""
         cfg = self.config
         return (
             not cfg.qk_norm
@@ -221,8 +221,6 @@ class LlamaForCausalLM(nn.Module):
             and cfg.embedding_multiplier == cfg.residual_multiplier == cfg.logits_scaling == 1.0
             and cfg.attention_multiplier is None
             and cfg.query_pre_attn_scalar is None
-            and self.model.rotary_emb.attention_scaling == 1.0
-            and self.model.rotary_emb.long_inv_freq is None
             and type(self.model) is LlamaModel
         )
 

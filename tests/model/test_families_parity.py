@@ -27,6 +27,7 @@ CLASSES = {
     "granite": "GraniteForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "mistral": "LlamaForCausalLM",
+    "qwen2_yarn": "LlamaForCausalLM",
 }
 
 
@@ -131,7 +132,7 @@ def check_against_transformers(runner: ModelRunner, hf: torch.nn.Module) -> None
 def test_family_matches_transformers(family_checkpoint, family: str) -> None:
     runner, hf = load_pair(family_checkpoint(family))
     assert type(runner.model).__name__ == CLASSES[family]
-    assert runner.fused is None  # decode.c knows none of these layers (nor float weights)
+    assert runner.fused is None  # float weights: the torch path
     check_against_transformers(runner, hf)
 
 
@@ -194,7 +195,7 @@ def test_graph_padded_decode_keeps_windows(family_checkpoint, family: str) -> No
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_yarn"])
 def test_packed_families_are_refused_by_fused_decode(family_checkpoint, tiny_checkpoint, family):
     """decode.c serves the plain Llama layer only: packed weights of every other layer (q/k norm,
     window, soft-cap, GELU, NoPE, partial or scaled rotary, multipliers) stay on the torch path,
@@ -207,3 +208,20 @@ def test_packed_families_are_refused_by_fused_decode(family_checkpoint, tiny_che
     assert runner.fused is None and not runner.model.fits_fused_decode
     if gemv.load() is not None:  # the C kernels compiled on this machine
         assert ModelRunner(str(tiny_checkpoint("llama")), **kw).fused is not None
+
+
+@pytest.mark.timeout(120)
+def test_yarn_qwen2_decodes_through_decode_c(family_checkpoint) -> None:
+    """A Llama-shaped layer with scaled RoPE: decode.c takes the torch cos/sin (yarn's factor
+    folded in) and matches the torch layers step by step."""
+    from model.layers import gemv
+    from tests.model.test_fused_decode import decode_steps
+
+    if gemv.load() is None:
+        pytest.skip("the C kernels did not compile on this machine")
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
+    runner = ModelRunner(str(family_checkpoint("qwen2_yarn")), **kw)
+    assert runner.fused is not None and runner.model.model.rotary_emb.attention_scaling > 1.0
+    for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=16):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
