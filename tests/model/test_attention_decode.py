@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from model.layers import attention
+from model.layers import attention_metadata
 from model.layers.attention import AttentionMetadata, reference_attention, sdpa_attention
 
 H, KV, D, BS = 6, 2, 16, 4
@@ -56,13 +56,15 @@ def test_grouped_decodes_match_reference(seed: int) -> None:
 def test_grouping_partitions_rows_and_cuts_padding() -> None:
     rng = random.Random(1)
     ctx = [rng.randint(1, 5000) for _ in range(300)]  # > 64 distinct block counts: coarsened
-    groups = attention._group_by_blocks(list(range(300)), ctx, 16)
+    groups = attention_metadata._group_by_blocks(list(range(300)), ctx, 16)
     assert sorted(i for grp in groups for i in grp) == list(range(300))
     assert all(grp == sorted(grp) for grp in groups)  # each group keeps the batch order
     assert 2 <= len(groups) < 64
     padded = sum(len(grp) * max(-(-ctx[i] // 16) for i in grp) for grp in groups)
     assert padded < 0.7 * 300 * max(-(-c // 16) for c in ctx)
-    assert attention._group_by_blocks([0, 1], [16, 32], 16) == [[0, 1]]  # not worth a group
+    assert attention_metadata._group_by_blocks([0, 1], [16, 32], 16) == [
+        [0, 1]
+    ]  # not worth a group
 
 
 @pytest.mark.timeout(30)
