@@ -157,7 +157,7 @@ class ModelConfig:
             qk_norm=defaults.get("qk_norm", False),
             sliding_window=window,
             layer_types=layer_types,
-            rope_layers=tuple(bool(x) for x in d.get("no_rope_layers") or ()),
+            rope_layers=_rope_layers(d, n),
             partial_rotary_factor=float(partial or d.get("partial_rotary_factor") or 1.0),
             rope_local_theta=local_theta,
             query_pre_attn_scalar=d.get("query_pre_attn_scalar"),
@@ -168,6 +168,18 @@ class ModelConfig:
             attention_multiplier=d.get("attention_multiplier"),
             logits_scaling=float(d.get("logits_scaling", 1.0)),
         )
+
+
+def _rope_layers(d: dict[str, Any], n: int) -> tuple[bool, ...]:
+    """SmolLM3's per-layer RoPE flags: `no_rope_layers` (1 = RoPE), else every
+    `no_rope_layer_interval`-th layer without; () where every layer rotates."""
+    flags = d.get("no_rope_layers")
+    if flags is None and d.get("no_rope_layer_interval"):
+        step = int(d["no_rope_layer_interval"])
+        flags = [int((i + 1) % step != 0) for i in range(n)]
+    if flags is not None and len(flags) != n:
+        raise ValueError(f"no_rope_layers has {len(flags)} entries for {n} layers")
+    return tuple(bool(x) for x in flags or ())
 
 
 def _windows(d: dict[str, Any], arch: str, n: int, max_pos: int) -> tuple[int | None, tuple]:

@@ -15,7 +15,12 @@ from model.layers.norm import ResidualRMSNorm, RMSNorm
 from model.layers.rotary import RotaryEmbedding
 from model.parallel import ParallelContext
 
-ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
 
 
 def attention_scale(cfg: ModelConfig) -> float:

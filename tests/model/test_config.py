@@ -117,3 +117,18 @@ def test_yarn_and_unknown_rope_types() -> None:
     assert cfg.rope_scaling_dict == dict(yarn, max_position_embeddings=131072)
     with pytest.raises(ValueError, match="unsupported rope_scaling type 'mrope'"):
         ModelConfig.from_hf_dict(dict(base, rope_scaling={"rope_type": "mrope", "factor": 1.0}))
+
+
+def test_smollm3_nope_layers_from_the_interval() -> None:
+    base = {
+        "architectures": ["SmolLM3ForCausalLM"],
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 4,
+    }
+    cfg = ModelConfig.from_hf_dict(dict(base, no_rope_layer_interval=4))
+    assert [cfg.uses_rope(i) for i in range(8)] == [True, True, True, False] * 2
+    assert ModelConfig.from_hf_dict(base).rope_layers == ()
+    with pytest.raises(ValueError, match="no_rope_layers has 2 entries for 8 layers"):
+        ModelConfig.from_hf_dict(dict(base, no_rope_layers=[1, 0]))
