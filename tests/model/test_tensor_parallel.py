@@ -265,6 +265,45 @@ def test_engine_tp2_batching_and_preemption_identical(tiny_checkpoint) -> None:
     assert t1 == t2
 
 
+@pytest.mark.timeout(240)
+def test_engine_tp2_sliding_window_frees_the_same_blocks(family_checkpoint) -> None:
+    """Mistral with a window of 16 on blocks of 4, 8 requests in 20 blocks: TP=2 frees the same
+    blocks behind the window, preempts the same and samples the same tokens as TP=1."""
+    folder = str(family_checkpoint("mistral"))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [prompt(16 + 5 * i, 30 + i) for i in range(8)]
+    block_bytes = 4 * 2 * 2 * 16 * 4 * 4  # 4 layers x (K + V) x 2 heads x 16 dims x 4 B x 4
+    results = []
+    for tp, memory in ((1, 20 * block_bytes), (2, 20 * block_bytes // 2)):
+        engine = LLMEngine(
+            EngineConfig(
+                model=folder,
+                dtype="float32",
+                device="cpu",
+                block_size=4,
+                kv_cache_memory=memory,
+                tensor_parallel_size=tp,
+                max_model_len=80,
+            )
+        )
+        try:
+            assert engine.block_manager.num_total_blocks == 20
+            for i, p in enumerate(prompts):
+                engine.add_request(f"r{i}", p, params)
+            tokens: dict[str, list[int]] = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+            bm = engine.block_manager
+            results.append((tokens, engine.scheduler.num_preemptions, bm.num_window_freed_blocks))
+        finally:
+            engine.shutdown()
+    (t1, p1, f1), (t2, p2, f2) = results
+    # each request ends at 40..75 tokens: at least (40 - 15) // 4 = 6 blocks freed each
+    assert (p1, f1) == (p2, f2) and p1 > 0 and f1 >= 8 * 6
+    assert all(len(t) == 24 for t in t1.values()) and t1 == t2
+
+
 # -- SmolLM2 GGUF at TP=3 ------------------------------------------------------------------------
 
 
