@@ -110,6 +110,8 @@ class ModelConfig:
         """Reads classic `rope_theta`/`rope_scaling` keys and transformers-5 `rope_parameters`."""
         archs = d.get("architectures") or []
         arch = archs[0] if archs else None
+        if arch == "Gemma3ForConditionalGeneration":  # served as its text model
+            return cls.from_hf_dict(_gemma3_text(d))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {arch!r}; "
@@ -168,6 +170,20 @@ class ModelConfig:
             attention_multiplier=d.get("attention_multiplier"),
             logits_scaling=float(d.get("logits_scaling", 1.0)),
         )
+
+
+def _gemma3_text(d: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal Gemma 3 config's text model, with transformers' defaults for what the hub's
+    config.json leaves out (its text_config lists only what differs from them)."""
+    from transformers import AutoConfig
+
+    text = dict(d.get("text_config") or {})
+    text.pop("model_type", None)
+    full = AutoConfig.for_model("gemma3_text", **text).to_dict()
+    full["architectures"] = ["Gemma3ForCausalLM"]
+    if "tie_word_embeddings" in d and "tie_word_embeddings" not in text:
+        full["tie_word_embeddings"] = d["tie_word_embeddings"]
+    return full
 
 
 def _rope_layers(d: dict[str, Any], n: int) -> tuple[bool, ...]:

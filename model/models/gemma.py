@@ -4,6 +4,8 @@ query_pre_attn_scalar) comes from the config through the shared Llama attention.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 import torch
 from torch import nn
 
@@ -12,6 +14,20 @@ from model.layers.attention import AttentionMetadata
 from model.layers.norm import PostRMSNorm, ResidualRMSNorm
 from model.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, LlamaModel
 from model.parallel import ParallelContext
+
+# Gemma3ForConditionalGeneration: tensors of the image path, and the text model's prefixes (as
+# the hub's checkpoints save them, and as transformers names them in memory)
+MULTIMODAL_ONLY = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
+TEXT_PREFIXES = (
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.language_model.", "model."),
+)
 
 
 class GemmaAttention(LlamaAttention):
@@ -66,3 +82,16 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     """Gemma 3 text: q/k norms (SUPPORTED_ARCHITECTURES' default) and a local RoPE base on the
     sliding layers (ModelConfig.rope_local_theta); no soft-caps in its configs."""
+
+    def adapt_weights(
+        self, stream: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """A Gemma3ForConditionalGeneration checkpoint (4B and up): its language model only."""
+        for name, tensor in stream:
+            if name.startswith(MULTIMODAL_ONLY):
+                continue
+            for prefix, ours in TEXT_PREFIXES:
+                if name.startswith(prefix):
+                    name = ours + name[len(prefix) :]
+                    break
+            yield name, tensor

@@ -19,7 +19,7 @@ def _rows(t: torch.Tensor | QuantTensor, start: int, length: int) -> torch.Tenso
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    def split_fused_weights(
+    def adapt_weights(
         self, stream: Iterable[tuple[str, torch.Tensor | QuantTensor]]
     ) -> Iterator[tuple[str, torch.Tensor | QuantTensor]]:
         """qkv_proj -> q_proj, k_proj, v_proj and gate_up_proj -> gate_proj, up_proj."""

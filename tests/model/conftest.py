@@ -22,7 +22,17 @@ FAMILY_DIMS = dict(
     pad_token_id=0,
 )
 SLIDING, FULL = "sliding_attention", "full_attention"
-FAMILIES = ("qwen3", "gemma2", "gemma3", "smollm3", "granite", "phi3", "mistral", "qwen2_yarn")
+FAMILIES = (
+    "qwen3",
+    "gemma2",
+    "gemma3",
+    "gemma3_mm",  # Gemma3ForConditionalGeneration (4B and up): served as its text model
+    "smollm3",
+    "granite",
+    "phi3",
+    "mistral",
+    "qwen2_yarn",
+)
 
 
 def family_model(name: str):
@@ -53,6 +63,19 @@ def family_model(name: str):
             **d, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW, rope_parameters=rope
         )
         return tf.Gemma3ForCausalLM(cfg)
+    if name == "gemma3_mm":
+        text = dict(d, head_dim=16, query_pre_attn_scalar=16, sliding_window=WINDOW)
+        text["num_hidden_layers"] = 6
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=28,
+            patch_size=14,
+        )
+        cfg = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+        return tf.Gemma3ForConditionalGeneration(cfg)
     if name == "smollm3":
         return tf.SmolLM3ForCausalLM(tf.SmolLM3Config(**d, no_rope_layers=[1, 0, 1, 0]))
     if name == "granite":
