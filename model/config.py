@@ -35,17 +35,29 @@ def check_engine_args(
             raise ValueError(f"{name} must be one of {names}, got {value!r}")
 
 
-# architecture name -> (qkv bias by default)
-SUPPORTED_ARCHITECTURES = {
-    "LlamaForCausalLM": False,
-    "MistralForCausalLM": False,
-    "Qwen2ForCausalLM": True,
+# architecture name -> its family's defaults where config.json leaves a key out
+SUPPORTED_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "LlamaForCausalLM": {},
+    "MistralForCausalLM": {},
+    "Qwen2ForCausalLM": {"attention_bias": True},
+    "Qwen3ForCausalLM": {"qk_norm": True},
+    "Gemma2ForCausalLM": {"hidden_act": "gelu_pytorch_tanh", "tie_word_embeddings": True},
+    "Gemma3ForCausalLM": {
+        "hidden_act": "gelu_pytorch_tanh",
+        "tie_word_embeddings": True,
+        "qk_norm": True,
+    },
+    "SmolLM3ForCausalLM": {"tie_word_embeddings": True},
+    "GraniteForCausalLM": {},
+    "Phi3ForCausalLM": {},
 }
+ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 @dataclass(frozen=True, slots=True)
 class ModelConfig:
-    """Frozen subset of a Hugging Face config.json that the Llama family needs."""
+    """Frozen subset of a Hugging Face config.json: what every supported family needs."""
 
     architecture: str
     vocab_size: int
@@ -63,32 +75,56 @@ class ModelConfig:
     attention_bias: bool  # bias on q/k/v (Qwen2)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    hidden_act: str = "silu"  # gelu_pytorch_tanh: Gemma's gated MLP
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3, Gemma 3)
+    sliding_window: int | None = None  # None: no layer is windowed (or the window is moot)
+    layer_types: tuple[str, ...] = ()  # per layer: FULL or SLIDING; () = all FULL
+    rope_layers: tuple[bool, ...] = ()  # per layer: RoPE applied (SmolLM3's NoPE layers); () = all
+    partial_rotary_factor: float = 1.0  # Phi-3/4: RoPE on the first part of each head
+    rope_local_theta: float | None = None  # Gemma 3's sliding layers: their own base, unscaled
+    query_pre_attn_scalar: float | None = None  # Gemma: scale = this ** -0.5
+    attn_logit_softcapping: float | None = None  # Gemma 2
+    final_logit_softcapping: float | None = None  # Gemma 2
+    embedding_multiplier: float = 1.0  # Granite (Gemma's sqrt(hidden) is the family's own)
+    residual_multiplier: float = 1.0  # Granite
+    attention_multiplier: float | None = None  # Granite: the attention scale itself
+    logits_scaling: float = 1.0  # Granite: logits are divided by it
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
         return dict(self.rope_scaling) if self.rope_scaling is not None else None
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_sliding(self, layer: int) -> bool:
+        return self.sliding_window is not None and self.layer_types[layer] == SLIDING
+
+    def uses_rope(self, layer: int) -> bool:
+        return not self.rope_layers or self.rope_layers[layer]
+
+    @property
+    def all_layers_sliding(self) -> bool:
+        """Every layer is windowed: KV blocks behind the window can be freed."""
+        return self.sliding_window is not None and all(t == SLIDING for t in self.layer_types)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Reads classic `rope_theta`/`rope_scaling` keys and transformers-5 `rope_parameters`."""
         archs = d.get("architectures") or []
         arch = archs[0] if archs else None
+        if arch == "Gemma3ForConditionalGeneration":  # served as its text model
+            return cls.from_hf_dict(_gemma3_text(d))
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"unsupported architecture {arch!r}; "
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
+        defaults = SUPPORTED_ARCHITECTURES[arch]
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
             if key not in d:
                 raise ValueError(f"config of {arch} lacks required key {key!r}")
-        window = d.get("sliding_window")
-        uses_window = window is not None and d.get("use_sliding_window", True)
-        if arch == "MistralForCausalLM" and uses_window:
-            max_pos = d.get("max_position_embeddings", 0)
-            if window < max_pos:
-                raise ValueError(
-                    f"sliding_window {window} < max_position_embeddings {max_pos} is not supported"
-                )
         _check_sizes(d, arch)
         hidden, heads = d["hidden_size"], d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads") or heads
@@ -96,24 +132,48 @@ class ModelConfig:
             raise ValueError(
                 f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
             )
-        rope_theta, scaling = _rope(d)
+        n = d["num_hidden_layers"]
+        max_pos = d.get("max_position_embeddings", 2048)
+        rope_theta, scaling, local_theta = _rope(d)
+        window, layer_types = _windows(d, arch, n, max_pos)
+        partial = (d.get("rope_parameters") or {}).get("partial_rotary_factor")
         return cls(
             architecture=arch,
             vocab_size=d["vocab_size"],
             hidden_size=hidden,
             intermediate_size=d.get("intermediate_size", 4 * hidden),
-            num_hidden_layers=d["num_hidden_layers"],
+            num_hidden_layers=n,
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=d.get("head_dim") or hidden // heads,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", SUPPORTED_ARCHITECTURES[arch])),
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(
+                d.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))
+            ),
+            attention_bias=bool(d.get("attention_bias", defaults.get("attention_bias", False))),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
+            hidden_act=(
+                d.get("hidden_activation")
+                or d.get("hidden_act")
+                or defaults.get("hidden_act", "silu")
+            ),
+            qk_norm=defaults.get("qk_norm", False),
+            sliding_window=window,
+            layer_types=layer_types,
+            rope_layers=_rope_layers(d, n),
+            partial_rotary_factor=float(partial or d.get("partial_rotary_factor") or 1.0),
+            rope_local_theta=local_theta,
+            query_pre_attn_scalar=d.get("query_pre_attn_scalar"),
+            attn_logit_softcapping=d.get("attn_logit_softcapping"),
+            final_logit_softcapping=d.get("final_logit_softcapping"),
+            embedding_multiplier=float(d.get("embedding_multiplier", 1.0)),
+            residual_multiplier=float(d.get("residual_multiplier", 1.0)),
+            attention_multiplier=d.get("attention_multiplier"),
+            logits_scaling=float(d.get("logits_scaling", 1.0)),
         )
 
 
@@ -139,9 +199,66 @@ def _check_sizes(d: dict[str, Any], arch: str) -> None:
                          f"num_attention_heads {heads} (and no head_dim)")  # fmt: skip
 
 
-def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, scaling dict or None); `default` rope types mean no scaling."""
+def _gemma3_text(d: dict[str, Any]) -> dict[str, Any]:
+    """A multimodal Gemma 3 config's text model, with transformers' defaults for what the hub's
+    config.json leaves out (its text_config lists only what differs from them)."""
+    from transformers import AutoConfig
+
+    text = dict(d.get("text_config") or {})
+    text.pop("model_type", None)
+    full = AutoConfig.for_model("gemma3_text", **text).to_dict()
+    full["architectures"] = ["Gemma3ForCausalLM"]
+    if "tie_word_embeddings" in d and "tie_word_embeddings" not in text:
+        full["tie_word_embeddings"] = d["tie_word_embeddings"]
+    return full
+
+
+def _rope_layers(d: dict[str, Any], n: int) -> tuple[bool, ...]:
+    """SmolLM3's per-layer RoPE flags: `no_rope_layers` (1 = RoPE), else every
+    `no_rope_layer_interval`-th layer without; () where every layer rotates."""
+    flags = d.get("no_rope_layers")
+    if flags is None and d.get("no_rope_layer_interval"):
+        step = int(d["no_rope_layer_interval"])
+        flags = [int((i + 1) % step != 0) for i in range(n)]
+    if flags is not None and len(flags) != n:
+        raise ValueError(f"no_rope_layers has {len(flags)} entries for {n} layers")
+    return tuple(bool(x) for x in flags or ())
+
+
+def _windows(d: dict[str, Any], arch: str, n: int, max_pos: int) -> tuple[int | None, tuple]:
+    """(sliding_window or None, per-layer types) as transformers decides them for each family."""
+    window = d.get("sliding_window")
+    if window is None or arch == "LlamaForCausalLM":
+        return None, (FULL,) * n
+    if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM") and d.get("layer_types") is None:
+        pattern = 2 if arch == "Gemma2ForCausalLM" else d.get("sliding_window_pattern", 6)
+        types = tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
+    elif d.get("layer_types") is not None:
+        types = tuple(d["layer_types"])
+    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"):
+        if not d.get("use_sliding_window", False):
+            return None, (FULL,) * n
+        first = d.get("max_window_layers", n)
+        types = tuple(SLIDING if i >= first else FULL for i in range(n))
+    else:  # Mistral, Phi-3: every layer
+        types = (SLIDING,) * n
+    if len(types) != n or any(t not in (FULL, SLIDING) for t in types):
+        raise ValueError(f"layer_types {list(types)} do not describe {n} layers")
+    if window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {window}")
+    if window >= max_pos or SLIDING not in types:
+        return None, (FULL,) * n  # no sequence is long enough to leave the window
+    return int(window), types
+
+
+def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None, float | None]:
+    """(rope_theta, scaling dict or None, Gemma 3's local theta or None); `default` rope types
+    mean no scaling."""
     params = d.get("rope_parameters")
+    local = d.get("rope_local_base_freq")
+    if isinstance(params, dict) and FULL in params:  # transformers 5: one dict per layer type
+        local = params.get(SLIDING, {}).get("rope_theta", local)
+        params = params[FULL]
     if isinstance(params, dict) and params:
         params = dict(params)
         theta = float(params.pop("rope_theta", d.get("rope_theta", 10000.0)))
@@ -149,13 +266,25 @@ def _rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     else:
         theta = float(d.get("rope_theta", 10000.0))
         scaling = dict(d["rope_scaling"]) if d.get("rope_scaling") else None
+    local = float(local) if local is not None else None
     if scaling is not None:
         scaling.pop("rope_theta", None)
+        scaling.pop("partial_rotary_factor", None)
         kind = scaling.get("rope_type", scaling.get("type", "default"))
         if kind == "default":
-            return theta, None
-        if kind not in ("llama3", "linear"):
-            raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: llama3, linear")
+            return theta, None, local
+        if kind not in ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope_scaling type {kind!r}; supported: {', '.join(ROPE_TYPES)}"
+            )
         scaling["rope_type"] = kind
         scaling.pop("type", None)
-    return theta, scaling
+        if kind in ("yarn", "longrope", "dynamic"):
+            scaling.setdefault("max_position_embeddings", d.get("max_position_embeddings", 2048))
+            orig = d.get("original_max_position_embeddings")
+            if orig is not None:
+                scaling.setdefault("original_max_position_embeddings", orig)
+        for key, value in list(scaling.items()):
+            if isinstance(value, list):
+                scaling[key] = tuple(value)  # hashable: the config is frozen
+    return theta, scaling, local

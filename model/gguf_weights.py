@@ -25,8 +25,20 @@ from model.layers.quant import PACKED_TYPES, QuantTensor, from_gguf_blocks, perm
 
 logger = logging.getLogger(__name__)
 
-# general.architecture → (HF architectures entry, HF model_type)
-ARCHITECTURES = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
+# general.architecture → (HF architectures entry, HF model_type). NOTE: llama.cpp's converter
+# writes Mistral as "llama" and keeps no sliding_window: such a file serves full attention.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama"),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2"),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+    "smollm3": ("SmolLM3ForCausalLM", "smollm3"),
+    "granite": ("GraniteForCausalLM", "granite"),
+    "phi3": ("Phi3ForCausalLM", "phi3"),
+}
+PERMUTED_QK = ("llama", "smollm3", "granite")  # the converter's LlamaModel.permute: undone here
+NORM_PLUS_ONE = ("gemma2", "gemma3")  # the converter stores Gemma's (1 + w): w is given back
 
 MAX_SIZE = 1 << 24  # any one dimension (hidden, heads, vocabulary, FFN width) a GGUF may declare
 MAX_LAYERS = 4096
@@ -45,24 +57,37 @@ _PER_LAYER = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_norm": "post_attention_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# per architecture: the names whose meaning differs from _PER_LAYER's
+_PER_LAYER_ARCH = {
+    "gemma2": {
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+    },
+    "phi3": {"attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"},  # fused
+}
+_PER_LAYER_ARCH["gemma3"] = _PER_LAYER_ARCH["gemma2"]
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Tensors that configure the model instead of holding weights (consumed into the config).
-_CONFIG_TENSORS = {"rope_freqs.weight"}
+_CONFIG_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """'blk.3.attn_q.weight' → 'model.layers.3.self_attn.q_proj.weight'; None when unknown."""
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
     m = _LAYER_NAME.match(name)
-    if m is None or m.group(2) not in _PER_LAYER:
+    if m is None:
         return None
-    return f"model.layers.{m.group(1)}.{_PER_LAYER[m.group(2)]}.{m.group(3)}"
+    hf = _PER_LAYER_ARCH.get(arch, {}).get(m.group(2)) or _PER_LAYER.get(m.group(2))
+    return None if hf is None else f"model.layers.{m.group(1)}.{hf}.{m.group(3)}"
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -206,13 +231,86 @@ def _build_config(reader: Any, path: str, tensors: dict[str, Any]) -> dict[str, 
             config[key] = value
     if arch == "qwen2":
         config["attention_bias"] = True
+    config.update(_family_config(reader, arch, config, tensors))
     return config
+
+
+def _dequantized(tensors: dict[str, Any], name: str) -> list[float]:
+    import gguf
+
+    t = tensors[name]
+    return gguf.quants.dequantize(t.data, t.tensor_type).reshape(-1).tolist()
+
+
+def _family_config(
+    reader: Any, arch: str, config: dict[str, Any], tensors: dict[str, Any]
+) -> dict[str, Any]:
+    """The HF config keys a family adds, from its metadata, or as llama.cpp assumes them where
+    the converter stores nothing (Gemma's layer pattern and query scale, SmolLM3's NoPE step)."""
+
+    def get(key: str, default: Any = None) -> Any:
+        return reader.fields.get(f"{arch}.{key}", default)
+
+    n, out = config["num_hidden_layers"], {}
+    head_dim = config["head_dim"]
+    rot = get("rope.dimension_count")
+    if rot is not None and int(rot) != head_dim:
+        out["partial_rotary_factor"] = int(rot) / head_dim
+    window = get("attention.sliding_window")
+    if arch in ("gemma2", "gemma3"):
+        if window:
+            pattern = get("attention.sliding_window_pattern", 2 if arch == "gemma2" else 6)
+            if isinstance(pattern, list):  # one flag per layer
+                sliding = [bool(x) for x in pattern]
+            else:  # llama.cpp's set_swa_pattern: the last layer of each period is global
+                sliding = [
+                    int(pattern) == 0 or i % int(pattern) < int(pattern) - 1 for i in range(n)
+                ]
+            out["sliding_window"] = int(window)
+            out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+        # NOTE: not in the file: llama.cpp scales by 1/sqrt(head_dim), by hidden/heads for 27B
+        big = n == (46 if arch == "gemma2" else 62)
+        out["query_pre_attn_scalar"] = (
+            config["hidden_size"] // config["num_attention_heads"] if big else head_dim
+        )
+        out["attn_logit_softcapping"] = get("attn_logit_softcapping")
+        out["final_logit_softcapping"] = get("final_logit_softcapping")
+        if arch == "gemma3":
+            out["rope_local_base_freq"] = float(get("rope.freq_base_swa", 10000.0))
+    elif arch == "smollm3":  # NOTE: not in the file: llama.cpp's n_no_rope_layer_step = 4
+        out["no_rope_layers"] = [int((i + 1) % 4 != 0) for i in range(n)]
+    elif arch == "granite":
+        for key, hf in (
+            ("attention.scale", "attention_multiplier"),
+            ("embedding_scale", "embedding_multiplier"),
+            ("residual_scale", "residual_multiplier"),
+            ("logit_scale", "logits_scaling"),
+        ):
+            if get(key) is not None:
+                out[hf] = float(get(key))
+    elif arch == "phi3":
+        if window:
+            out["sliding_window"] = int(window)
+        if "rope_factors_long.weight" in tensors:
+            orig = int(
+                get("rope.scaling.original_context_length", config["max_position_embeddings"])
+            )
+            out["original_max_position_embeddings"] = orig
+            out["rope_scaling"] = {
+                "rope_type": "longrope",
+                "long_factor": _dequantized(tensors, "rope_factors_long.weight"),
+                "short_factor": _dequantized(tensors, "rope_factors_short.weight"),
+                "original_max_position_embeddings": orig,
+                "attention_factor": float(get("rope.scaling.attn_factor", 1.0)),
+            }
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _rope_scaling(
     reader: Any, arch: str, path: str, tensors: dict[str, Any], head_dim: int, theta: float
 ) -> dict[str, Any] | None:
-    """rope_scaling from `rope_freqs` (llama3) or `{arch}.rope.scaling.*`; unknown kinds raise."""
+    """rope_scaling from `rope_freqs` (llama3) or `{arch}.rope.scaling.*` (linear, yarn; Phi-3's
+    longrope in _family_config); unknown kinds raise."""
     if "rope_freqs.weight" in tensors:
         import gguf
 
@@ -227,6 +325,18 @@ def _rope_scaling(
         raise ValueError(f"GGUF file {path}: rope scaling factor {factor!r} is not positive")
     if kind == "linear":
         return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": factor}
+        for key, hf in (
+            ("original_context_length", "original_max_position_embeddings"),
+            ("yarn_attn_factor", "attention_factor"),
+            ("yarn_beta_fast", "beta_fast"),
+            ("yarn_beta_slow", "beta_slow"),
+        ):
+            value = reader.fields.get(f"{arch}.rope.scaling.{key}")
+            if value is not None:
+                scaling[hf] = int(value) if key == "original_context_length" else float(value)
+        return scaling
     raise ValueError(f"unsupported rope scaling type {kind!r} in GGUF file {path}")
 
 
@@ -310,7 +420,8 @@ class GGUFCheckpoint:
             raise KeyError(f"no tensor {name!r} in {self.path}")
         kind = t.tensor_type.name
         heads = None
-        if self.config["model_type"] == "llama":
+        arch = self.reader.fields.get("general.architecture")
+        if arch in PERMUTED_QK:
             if ".self_attn.q_proj." in name:
                 heads = self.config["num_attention_heads"]
             elif ".self_attn.k_proj." in name:
@@ -327,6 +438,8 @@ class GGUFCheckpoint:
             return GGUFQuantTensor(kind, t.data.reshape(rows, -1), rows, cols, heads)
         arr = gguf.quants.dequantize(t.data, t.tensor_type)  # [rows, cols] torch order
         out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True))
+        if arch in NORM_PLUS_ONE and name.endswith("norm.weight"):
+            out -= 1.0
         return unpermute_qk(out, heads) if heads is not None else out
 
     def tensors(
@@ -415,7 +528,7 @@ def open_gguf(path: str) -> GGUFCheckpoint:
     for name, t in raw.items():
         if name in _CONFIG_TENSORS:
             continue
-        hf_name = gguf_to_hf_name(name)
+        hf_name = gguf_to_hf_name(name, reader.fields.get("general.architecture"))
         if hf_name is None:
             raise ValueError(f"unknown tensor {name!r} in GGUF file {path}")
         if t.tensor_type.name not in SUPPORTED_TYPES:

@@ -50,6 +50,9 @@ def load_weights(
     Raises:
         WeightLoadError: naming tensors the model has no place for, or parameters never loaded.
     """
+    adapt = getattr(model, "adapt_weights", None)  # Phi-3's fused qkv, Gemma 3's vision tower
+    if adapt is not None:
+        stream = adapt(stream)
     params = dict(model.named_parameters())
     mapping: dict[str, tuple[str, int | str]] = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "lm_head", "absent") is None

@@ -20,8 +20,8 @@ from model.layers.fused_decode import FusedDecode
 from model.layers.linear import packed_nbytes
 from model.layers.qdot import rtn_to_blocks
 from model.layers.quant import quantize_rtn
-from model.llama import LlamaForCausalLM
 from model.loader import load_weights
+from model.models import MODELS
 from model.parallel import ParallelContext, all_reduce
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class ModelRunner:
         """Build this rank's shard, load its weights, size (same on all ranks) and bind the KV."""
         cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
         with torch.device("meta"):
-            net = LlamaForCausalLM(cfg, ctx)
+            net = MODELS[cfg.architecture](cfg, ctx)
         self.model = materialize(net, self.device, self.dtype).eval()
         if self.device.type == "cpu" and self.dtype == torch.float32:
             kernels.load()  # the CPU kernels, compiled once per machine (optional)
@@ -233,7 +233,9 @@ class ModelRunner:
         self.kv_cache = allocate_kv_cache(spec, self.num_kv_blocks + use_graphs, self.device)
         for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
             layer.bind_kv_cache(k, v)
-        self.fused = FusedDecode.build(self.model, block_size)  # None: torch serves every step
+        self.fused = None  # None: torch serves every step
+        if self.model.fits_fused_decode:  # decode.c knows the Llama layer only
+            self.fused = FusedDecode.build(self.model, block_size)
         if use_graphs:
             self.graphs = CUDAGraphs(self.model, block_size, self.max_model_len, self.num_kv_blocks)
         if self.device.type == "cuda":

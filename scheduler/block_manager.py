@@ -13,6 +13,8 @@ from scheduler.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 _ROOT_HASH = b"tokenmill-prefix-cache-v1"  # parent of a sequence's first block
+# a block_table entry whose block went back to the pool: behind every layer's sliding window
+NULL_BLOCK = -1
 
 
 def hash_block(parent_hash: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
@@ -41,6 +43,8 @@ class BlockManager:
     one while fewer than `resident_floor` (None: all) are resident, else the least recently used
     cached one, else a fresh one: on CPU the pool's resident pages follow the working set.
     `allocate_slots` returns None when blocks run out: the scheduler's signal to preempt.
+    With `sliding_window` (a model whose every layer is windowed) a sequence's blocks that no
+    future query can see go back to the pool as it advances; its table keeps NULL_BLOCK there.
     """
 
     def __init__(
@@ -49,6 +53,7 @@ class BlockManager:
         block_size: int,
         enable_prefix_caching: bool = True,
         resident_floor: int | None = None,
+        sliding_window: int | None = None,
     ):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
@@ -62,6 +67,8 @@ class BlockManager:
         self.resident_floor = num_blocks if resident_floor is None else resident_floor
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # prompt tokens found
+        self.sliding_window = sliding_window
+        self.num_window_freed_blocks = 0  # blocks released behind a sliding window, in total
 
     @property
     def num_total_blocks(self) -> int:
@@ -125,6 +132,7 @@ class BlockManager:
             The newly allocated block ids, or None (nothing changed) when the pool is short.
         """
         hits = new_computed_blocks or []
+        self.free_outside_window(seq)
         num_tokens = seq.num_computed_tokens + len(hits) * self.block_size + num_new_tokens
         num_new = max(-(-num_tokens // self.block_size) - len(seq.block_table) - len(hits), 0)
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
@@ -144,7 +152,39 @@ class BlockManager:
                 self.prefix_hits += len(hits) * self.block_size
         new_blocks = [self._pop_free() for _ in range(num_new)]
         seq.block_table.extend(new_blocks)
+        if hits:
+            self.free_outside_window(seq)  # hits the window has already left
         return new_blocks
+
+    def free_outside_window(self, seq: Sequence) -> int:
+        """Release the blocks wholly before the sliding window of the next query; returns how many.
+
+        NOTE: the next token computed sits at num_computed_tokens and sees the `sliding_window`
+        positions ending there; later queries see less. Freed blocks stay in the prefix cache
+        (their K/V do not change), so another prompt can still hit them.
+        """
+        if self.sliding_window is None:
+            return 0
+        first_seen = seq.num_computed_tokens - self.sliding_window + 1
+        end = min(max(first_seen, 0) // self.block_size, len(seq.block_table))
+        start = end
+        while start > 0 and seq.block_table[start - 1] != NULL_BLOCK:  # freed ones are a prefix
+            start -= 1
+        for i in range(start, end):  # oldest first: the LRU order evicts them first
+            self._release(seq.block_table[i])
+            seq.block_table[i] = NULL_BLOCK
+        self.num_window_freed_blocks += end - start
+        return end - start
+
+    def _release(self, b: int) -> None:
+        block = self.blocks[b]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {b} freed twice"
+        if block.ref_count == 0:
+            if block.hash is not None:
+                self.evictable[b] = None
+            else:
+                self.free[b] = None
 
     def _pop_free(self) -> int:
         """A resident uncached block, else a fresh one under the floor, else evict the least
@@ -177,6 +217,8 @@ class BlockManager:
             return
         bs, hashes = self.block_size, self._hashes(seq, num_full)
         for i in range(seq.num_hashed_blocks, num_full):
+            if seq.block_table[i] == NULL_BLOCK:  # freed behind the window before it was hashed
+                continue
             block = self.blocks[seq.block_table[i]]
             # NOTE: a block whose hash another block already holds stays uncached (no duplicates)
             if block.hash is None and hashes[i] not in self.cached:
@@ -189,14 +231,8 @@ class BlockManager:
     def deallocate(self, seq: Sequence) -> None:
         """Release the sequence's blocks, tail first (evicted first); it keeps 0 computed tokens."""
         for b in reversed(seq.block_table):
-            block = self.blocks[b]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {b} freed twice"
-            if block.ref_count == 0:
-                if block.hash is not None:
-                    self.evictable[b] = None
-                else:
-                    self.free[b] = None
+            if b != NULL_BLOCK:
+                self._release(b)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
@@ -214,7 +250,7 @@ class BlockManager:
                 assert self.cached.get(b.hash) == b.block_id, f"block {b.block_id} hash unmapped"
         assert sum(b.hash is not None for b in self.blocks) == len(self.cached), "stale hashes"
         if seqs:
-            refs = Counter(b for seq in seqs for b in seq.block_table)
+            refs = Counter(b for seq in seqs for b in seq.block_table if b != NULL_BLOCK)
             for b in self.blocks:
                 assert refs[b.block_id] == b.ref_count, (
                     f"block {b.block_id}: ref count {b.ref_count} but {refs[b.block_id]} block "

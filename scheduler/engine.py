@@ -71,8 +71,13 @@ class LLMEngine:
         device = "cpu" if self.runner.device.type == "cpu" else "cuda"
         # CPU: KV pages become resident as blocks are written; keep RSS near the working set
         floor = num_blocks // 8 if device == "cpu" else None
+        window = self.model_config.sliding_window  # freeing needs every layer windowed
         self.block_manager = BlockManager(
-            num_blocks, self.executor.block_size, config.enable_prefix_caching, floor
+            num_blocks,
+            self.executor.block_size,
+            config.enable_prefix_caching,
+            floor,
+            sliding_window=window if self.model_config.all_layers_sliding else None,
         )
         self.max_num_seqs: int = config.max_num_seqs or DEFAULT_MAX_NUM_SEQS[device]
         self.max_num_batched_tokens: int = (

@@ -165,7 +165,8 @@ class Scheduler:
             slot_mapping=slots,
             query_lens=counts,
             context_lens=context_lens,
-            block_tables=[list(s.block_table) for s in seqs],
+            # NOTE: a freed block's entry reads block 0: behind the window, masked, never written
+            block_tables=[[max(b, 0) for b in s.block_table] for s in seqs],
             sample_indices=sample_indices,
             sampling=rows,
         )

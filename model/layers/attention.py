@@ -1,179 +1,17 @@
 """Paged attention: write K/V by slot mapping, read each sequence's context via its block table.
 
 Decode rows go in a few groups of similar context length (one SDPA each, grouped heads as query
-rows); prefill rows are padded only among themselves. `reference` is the float32 oracle.
+rows); prefill rows are padded only among themselves; sliding windows and soft-capping on every
+path. `reference` is the float32 oracle. The index tensors are model/layers/attention_metadata.py's.
 """
 
 from __future__ import annotations
-
-import bisect
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A decode group costs this many extra block-rows of padding in fixed per-layer overhead (about
-# six kernel launches); rows are split into groups by context only where that saves more padding.
-GROUP_COST_BLOCKS = 12
-MAX_GROUP_CANDIDATES = 64  # distinct block counts the grouping DP considers (keeps it ~O(4k))
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeGroup:
-    """Decode rows of similar context length, padded only to the longest context among them."""
-
-    rows: torch.Tensor | None  # [b] token rows; None: every token row, in order
-    block_tables: torch.Tensor  # [b * max_blocks] long, flattened
-    num_seqs: int
-    span: int  # max_blocks * block_size (or the exact context when num_seqs == 1)
-    keep: torch.Tensor | None  # [b, 1, 1, span] bool, True = attend; None: nothing padded
-    first_block: int | None = None  # one row whose blocks are consecutive: read a view, no gather
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionMetadata:
-    """Index tensors built once per step and shared by every layer."""
-
-    slot_mapping: torch.Tensor  # [num_tokens] long
-    query_lens: tuple[int, ...]
-    context_lens: tuple[int, ...]
-    block_tables: tuple[tuple[int, ...], ...]
-    block_size: int
-    # decode rows (one query token each), grouped by context length
-    decode_groups: tuple[DecodeGroup, ...]
-    num_decode: int
-    # prefill group: sequences with several query tokens (prompt chunks)
-    prefill_rows: torch.Tensor | None  # [num_prefill_tokens]; None when every row is prefill
-    prefill_pad: torch.Tensor | None  # [num_prefill_tokens] rows of [P * max_query]; None: no pad
-    prefill_block_tables: torch.Tensor | None  # [P, max_blocks] long; None: causal on fresh K/V
-    prefill_mask: torch.Tensor | None  # [P, 1, max_query, max_blocks * block_size] bool
-    num_prefill_seqs: int
-    max_prefill_query: int
-
-    @staticmethod
-    def build(
-        query_lens: list[int],
-        context_lens: list[int],
-        block_tables: list[list[int]],
-        slot_mapping: list[int],
-        block_size: int,
-        device: torch.device | str = "cpu",
-    ) -> AttentionMetadata:
-        """Group rows into decodes and prefills and build their gather indices and masks."""
-        num_tokens = len(slot_mapping)
-        starts, start = [], 0
-        for q in query_lens:
-            starts.append(start)
-            start += q
-        dec = [i for i, q in enumerate(query_lens) if q == 1]
-        pre = [i for i, q in enumerate(query_lens) if q > 1]
-
-        def tables(seqs: list[int]) -> tuple[torch.Tensor, int]:
-            nb = max(-(-context_lens[i] // block_size) for i in seqs)
-            rows = [(block_tables[i][:nb] + [0] * nb)[:nb] for i in seqs]
-            return torch.tensor(rows, dtype=torch.long, device=device), nb * block_size
-
-        def lens(seqs: list[int], which: list[int]) -> torch.Tensor:
-            return torch.tensor([which[i] for i in seqs], dtype=torch.long, device=device)
-
-        groups = []
-        for members in _group_by_blocks(dec, context_lens, block_size):
-            tab, span = tables(members)
-            keep = first = None
-            if len(members) == 1:
-                span = context_lens[members[0]]  # one row: narrow to the exact context, no mask
-                used = block_tables[members[0]][: -(-span // block_size)]
-                if used == list(range(used[0], used[0] + len(used))):
-                    first = used[0]
-            elif any(context_lens[i] != span for i in members):
-                keys = torch.arange(span, device=device)
-                keep = (keys[None, :] < lens(members, context_lens)[:, None]).view(-1, 1, 1, span)
-            rows = None
-            if len(members) != num_tokens:
-                rows = torch.tensor([starts[i] for i in members], dtype=torch.long, device=device)
-            groups.append(DecodeGroup(rows, tab.view(-1), len(members), span, keep, first))
-        pre_rows = pre_pad = pre_tables = pre_mask = None
-        max_q = max((query_lens[i] for i in pre), default=0)
-        if pre:
-            if len(dec) > 0:
-                pre_rows = torch.tensor(
-                    [starts[i] + j for i in pre for j in range(query_lens[i])],
-                    dtype=torch.long,
-                    device=device,
-                )
-            if len(pre) > 1:
-                pre_pad = torch.tensor(
-                    [k * max_q + j for k, i in enumerate(pre) for j in range(query_lens[i])],
-                    dtype=torch.long,
-                    device=device,
-                )
-            if len(pre) > 1 or context_lens[pre[0]] != query_lens[pre[0]]:
-                pre_tables, span = tables(pre)
-                ctx, qlen = lens(pre, context_lens), lens(pre, query_lens)
-                # NOTE: padded query rows attend like the last token: no empty rows, no NaN
-                j = torch.arange(max_q, device=device)[None, :]
-                qpos = torch.minimum(ctx[:, None] - qlen[:, None] + j, ctx[:, None] - 1)
-                keys = torch.arange(span, device=device)
-                pre_mask = (keys[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
-        return AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
-            query_lens=tuple(query_lens),
-            context_lens=tuple(context_lens),
-            block_tables=tuple(tuple(t) for t in block_tables),
-            block_size=block_size,
-            decode_groups=tuple(groups),
-            num_decode=len(dec),
-            prefill_rows=pre_rows,
-            prefill_pad=pre_pad,
-            prefill_block_tables=pre_tables,
-            prefill_mask=pre_mask,
-            num_prefill_seqs=len(pre),
-            max_prefill_query=max_q,
-        )
-
-
-def _group_by_blocks(seqs: list[int], context_lens: list[int], block_size: int) -> list[list[int]]:
-    """Split decode sequences into groups of similar block counts, each in the original order:
-    an exact DP over the distinct counts, cost(group) = rows * max blocks + overhead."""
-    if len(seqs) <= 1:
-        return [seqs] if seqs else []
-    blocks = {i: -(-context_lens[i] // block_size) for i in seqs}
-    counts: dict[int, int] = {}
-    for i in seqs:
-        counts[blocks[i]] = counts.get(blocks[i], 0) + 1
-    values = sorted(counts)
-    if len(values) == 1:
-        return [seqs]
-    if len(values) > MAX_GROUP_CANDIDATES:  # coarsen: only every k-th value may end a group
-        k = -(-len(values) // MAX_GROUP_CANDIDATES)
-        ends = values[k - 1 :: k]
-        if ends[-1] != values[-1]:
-            ends.append(values[-1])
-    else:
-        ends = values
-    below = [0] * len(ends)  # rows with at most ends[j] blocks
-    for v, c in counts.items():
-        below[bisect.bisect_left(ends, v)] += c
-    for j in range(1, len(ends)):
-        below[j] += below[j - 1]
-    best, cut = [0] * (len(ends) + 1), [0] * (len(ends) + 1)
-    for j in range(1, len(ends) + 1):
-        options = (
-            (best[i] + (below[j - 1] - (below[i - 1] if i else 0)) * ends[j - 1], i)
-            for i in range(j)
-        )
-        cost, cut[j] = min(options)
-        best[j] = cost + GROUP_COST_BLOCKS
-    bounds, j = [], len(ends)
-    while j > 0:
-        bounds.append(ends[j - 1])
-        j = cut[j]
-    bounds.reverse()  # ascending upper block counts of the groups
-    groups: list[list[int]] = [[] for _ in bounds]
-    for i in seqs:
-        groups[bisect.bisect_left(bounds, blocks[i])].append(i)
-    return groups
+from model.layers.attention_metadata import AttentionMetadata, DecodeGroup, WindowMasks
 
 
 def sdpa_attention(
@@ -184,27 +22,63 @@ def sdpa_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Fast path: one SDPA per decode group, one for all prefill rows -> [num_tokens, H, D]."""
     num_tokens, num_heads, head_dim = q.shape
     groups = meta.decode_groups
+    masks = meta.windowed(window) if window is not None else None
+    decode = masks.decode if masks is not None else tuple((g, g.keep) for g in groups)
     if meta.num_prefill_seqs == 0 and len(groups) == 1:
-        return _decode(q, k_cache, v_cache, groups[0], scale)
+        return _decode(q, k_cache, v_cache, decode[0][0], decode[0][1], scale, soft_cap)
     if meta.num_decode == 0:
-        return _prefill(q, k, v, k_cache, v_cache, meta, scale)
+        return _prefill(q, k, v, k_cache, v_cache, meta, masks, scale, soft_cap)
     out = q.new_empty(num_tokens, num_heads, head_dim)
-    for group in groups:
+    for group, keep in decode:
         rows = group.rows
-        out.index_copy_(0, rows, _decode(q.index_select(0, rows), k_cache, v_cache, group, scale))
+        o = _decode(q.index_select(0, rows), k_cache, v_cache, group, keep, scale, soft_cap)
+        out.index_copy_(0, rows, o)
     if meta.num_prefill_seqs:
         rows = meta.prefill_rows
         if meta.prefill_block_tables is None:  # fresh K/V are only read on the causal fast path
             k, v = k[rows], v[rows]
-        out.index_copy_(0, rows, _prefill(q[rows], k, v, k_cache, v_cache, meta, scale))
+        o = _prefill(q[rows], k, v, k_cache, v_cache, meta, masks, scale, soft_cap)
+        out.index_copy_(0, rows, o)
     return out
 
 
-def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tensor:
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None,
+    scale: float,
+    soft_cap: float | None,
+    causal: bool = False,
+) -> torch.Tensor:
+    """SDPA on [B, H, Lq, D] x [B, kv_heads, Lk, D]; with soft_cap (Gemma 2: SDPA has none),
+    explicit scores: tanh(s / cap) * cap before the mask and softmax."""
+    gqa = q.shape[1] != k.shape[1]
+    if soft_cap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=keep, is_causal=causal, scale=scale, enable_gqa=gqa
+        )
+    if gqa:
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, H, Lq, Lk]
+    s = torch.tanh(s / soft_cap) * soft_cap
+    if causal:
+        keep = torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).tril()
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return torch.matmul(s.softmax(dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def _decode(
+    q, k_cache, v_cache, group: DecodeGroup, keep, scale: float, soft_cap: float | None
+) -> torch.Tensor:
     """Grouped heads become query rows: [B, kv_heads, group, D] against [B, kv_heads, L, D]."""
     b, num_heads, head_dim = q.shape
     num_kv, _, bs, _ = k_cache.shape
@@ -219,12 +93,13 @@ def _decode(q, k_cache, v_cache, group: DecodeGroup, scale: float) -> torch.Tens
     if span != group.span:  # one row: its exact context
         keys, values = keys[:, :, : group.span], values[:, :, : group.span]
     keys, values = keys.to(q.dtype), values.to(q.dtype)  # no-op unless the cache is narrower
-    o = F.scaled_dot_product_attention(
+    o = _attend(
         q.view(b, num_kv, num_heads // num_kv, head_dim),
         keys.transpose(0, 1),
         values.transpose(0, 1),
-        attn_mask=group.keep,
-        scale=scale,
+        keep,
+        scale,
+        soft_cap,
     )  # [B, kv_heads, group, D]
     return o.reshape(b, num_heads, head_dim)
 
@@ -236,17 +111,21 @@ def _gather(cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return cache.index_select(1, tables.view(-1)).view(num_kv, b, nb * bs, head_dim)
 
 
-def _prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _prefill(
+    q, k, v, k_cache, v_cache, meta: AttentionMetadata, masks: WindowMasks | None, scale, soft_cap
+) -> torch.Tensor:
     """Prompt chunks, padded only among themselves; causal within the chunk after cached context."""
     t, num_heads, head_dim = q.shape
     if meta.prefill_block_tables is None:  # one sequence, nothing cached: causal on fresh K/V
-        o = F.scaled_dot_product_attention(
+        band = masks.causal_mask if masks is not None else None
+        o = _attend(
             q.transpose(0, 1).unsqueeze(0),
             k.transpose(0, 1).unsqueeze(0),
             v.transpose(0, 1).unsqueeze(0),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
+            band,
+            scale,
+            soft_cap,
+            causal=band is None,
         )  # [1, H, T, D]
         return o[0].transpose(0, 1)
     p, max_q = meta.num_prefill_seqs, meta.max_prefill_query
@@ -255,11 +134,13 @@ def _prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -
     else:
         qp = q
     qp = qp.view(p, max_q, num_heads, head_dim).transpose(1, 2)  # [P, H, max_q, D]
-    keys = _gather(k_cache, meta.prefill_block_tables).transpose(0, 1).to(q.dtype)  # [P, kv, L, D]
-    values = _gather(v_cache, meta.prefill_block_tables).transpose(0, 1).to(q.dtype)
-    o = F.scaled_dot_product_attention(
-        qp, keys, values, attn_mask=meta.prefill_mask, scale=scale, enable_gqa=True
-    )  # [P, H, max_q, D]
+    tables, mask = meta.prefill_block_tables, meta.prefill_mask
+    if masks is not None:
+        mask = masks.prefill_mask
+        tables = masks.prefill_tables if masks.prefill_tables is not None else tables
+    keys = _gather(k_cache, tables).transpose(0, 1).to(q.dtype)  # [P, kv, L, D]
+    values = _gather(v_cache, tables).transpose(0, 1).to(q.dtype)
+    o = _attend(qp, keys, values, mask, scale, soft_cap)  # [P, H, max_q, D]
     o = o.transpose(1, 2).reshape(p * max_q, num_heads, head_dim)
     return o if meta.prefill_pad is None else o[meta.prefill_pad]
 
@@ -272,6 +153,8 @@ def reference_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    window: int | None = None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """The oracle: one sequence at a time, float32, explicit scores, mask and softmax."""
     num_tokens, num_heads, head_dim = q.shape
@@ -286,8 +169,13 @@ def reference_attention(
         values = values.repeat_interleave(num_heads // num_kv, dim=1)
         qs = q[start : start + qlen].float()  # [qlen, H, D]
         scores = torch.einsum("qhd,khd->hqk", qs, keys) * scale  # [H, qlen, ctx]
+        if soft_cap is not None:
+            scores = torch.tanh(scores / soft_cap) * soft_cap
         qpos = torch.arange(ctx - qlen, ctx, device=q.device)
-        future = torch.arange(ctx, device=q.device)[None, :] > qpos[:, None]  # [qlen, ctx]
+        kpos = torch.arange(ctx, device=q.device)[None, :]
+        future = kpos > qpos[:, None]  # [qlen, ctx]
+        if window is not None:
+            future |= kpos <= qpos[:, None] - window  # out of the window counts as unseen
         probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
         out[start : start + qlen] = torch.einsum("hqk,khd->qhd", probs, values)
         start += qlen
@@ -302,13 +190,23 @@ class Attention(nn.Module):
     """Writes this step's K/V into the layer's paged cache, then attends through block tables."""
 
     def __init__(
-        self, num_heads: int, num_kv_heads: int, head_dim: int, backend: str = "sdpa"
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        backend: str = "sdpa",
+        *,
+        scale: float | None = None,
+        sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {backend!r}; have {', '.join(BACKENDS)}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.sliding_window = sliding_window  # None: every key; else the last this many
+        self.logits_soft_cap = logits_soft_cap
         self.backend = backend
         self.k_cache: torch.Tensor | None = None  # [kv_heads, num_blocks, block_size, head_dim]
         self.v_cache: torch.Tensor | None = None
@@ -326,5 +224,15 @@ class Attention(nn.Module):
         dt = self.k_cache.dtype  # --kv-cache-dtype may store narrower than the activations
         self.k_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(dt))
         self.v_cache.view(nkv, -1, d).index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(dt))
-        o = BACKENDS[self.backend](q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        o = BACKENDS[self.backend](
+            q,
+            k,
+            v,
+            self.k_cache,
+            self.v_cache,
+            meta,
+            self.scale,
+            self.sliding_window,
+            self.logits_soft_cap,
+        )
         return o.reshape(q.shape[0], self.num_heads * self.head_dim)

@@ -102,15 +102,14 @@ def test_config_reads_old_and_transformers5_rope_keys() -> None:
     assert plain.rope_scaling is None and plain.rope_theta == 1e4
     qwen = ModelConfig.from_hf_dict(dict(base, architectures=["Qwen2ForCausalLM"]))
     assert qwen.attention_bias
-    with pytest.raises(ValueError, match="sliding_window 16"):
-        ModelConfig.from_hf_dict(
-            dict(
-                base,
-                architectures=["MistralForCausalLM"],
-                sliding_window=16,
-                max_position_embeddings=64,
-            )
-        )
+    mistral = dict(base, architectures=["MistralForCausalLM"], max_position_embeddings=64)
+    windowed = ModelConfig.from_hf_dict(dict(mistral, sliding_window=16))
+    assert windowed.sliding_window == 16 and windowed.all_layers_sliding
+    assert windowed.layer_types == ("sliding_attention",) * base["num_hidden_layers"]
+    moot = ModelConfig.from_hf_dict(dict(mistral, sliding_window=64))  # never leaves the window
+    assert moot.sliding_window is None and not moot.all_layers_sliding
+    with pytest.raises(ValueError, match="unsupported rope_scaling type 'su'"):
+        ModelConfig.from_hf_dict(dict(base, rope_scaling={"type": "su", "factor": 2.0}))
 
 
 @pytest.mark.timeout(30)

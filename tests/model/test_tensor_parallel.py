@@ -1,7 +1,8 @@
 """Tensor parallelism over gloo on CPU: TP=N logits and greedy tokens equal TP=1's.
 
-Tiny Llama/Qwen2 (4 heads, 2 KV heads) at TP=2, SmolLM2 GGUF (9 heads, 3 KV heads) at TP=3,
-KV-head replication at TP=4, the engine under batching and preemption, and a killed worker.
+Tiny Llama/Qwen2 and Gemma 2/3, Phi-3, Granite (4 heads, 2 KV heads) at TP=2, SmolLM2 GGUF
+(9 heads, 3 KV heads) at TP=3, KV-head replication at TP=4, the engine under batching and
+preemption, and a killed worker.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from model.config import ModelConfig
 from model.executor import DistributedExecutor, make_executor
 from model.inputs import SamplingRow, StepInput
-from model.llama import LlamaForCausalLM
+from model.models.llama import LlamaForCausalLM
 from model.parallel import ParallelContext
 from model.rendezvous import ParallelConfig
 from model.runner import ModelRunner
@@ -193,6 +194,21 @@ def test_tp2_greedy_32_steps_identical(tiny_pair) -> None:
     assert_same_greedy(r1, r2, [prompt(12, 4), prompt(30, 5)])
 
 
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("family", ["gemma2", "gemma3", "phi3", "granite"])
+def test_tp2_families_greedy_identical(family_checkpoint, family: str) -> None:
+    """Gemma's post-norms reduce before they norm (windows, soft-caps, q/k norms per rank's
+    heads), Phi-3's fused qkv / gate_up split per rank, Granite's multipliers after the reduce."""
+    folder = str(family_checkpoint(family))
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    r1 = ModelRunner(folder, **kw)
+    r2 = tp(folder, 2, **kw)
+    try:
+        assert_same_greedy(r1, r2, [prompt(12, 4), prompt(30, 5)])  # both cross the window
+    finally:
+        r2.shutdown()
+
+
 @pytest.mark.timeout(120)
 def test_tp4_replicates_kv_heads(tiny_checkpoint) -> None:
     """2 KV heads on 4 ranks: each rank holds 1 q head and a copy of its group's KV head."""
@@ -248,6 +264,45 @@ def test_engine_tp2_batching_and_preemption_identical(tiny_checkpoint) -> None:
     assert p1 > 0 and p1 == p2
     assert all(len(t) == STEPS for t in t1.values())
     assert t1 == t2
+
+
+@pytest.mark.timeout(240)
+def test_engine_tp2_sliding_window_frees_the_same_blocks(family_checkpoint) -> None:
+    """Mistral with a window of 16 on blocks of 4, 8 requests in 20 blocks: TP=2 frees the same
+    blocks behind the window, preempts the same and samples the same tokens as TP=1."""
+    folder = str(family_checkpoint("mistral"))
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompts = [prompt(16 + 5 * i, 30 + i) for i in range(8)]
+    block_bytes = 4 * 2 * 2 * 16 * 4 * 4  # 4 layers x (K + V) x 2 heads x 16 dims x 4 B x 4
+    results = []
+    for tp, memory in ((1, 20 * block_bytes), (2, 20 * block_bytes // 2)):
+        engine = LLMEngine(
+            EngineConfig(
+                model=folder,
+                dtype="float32",
+                device="cpu",
+                block_size=4,
+                kv_cache_memory=memory,
+                tensor_parallel_size=tp,
+                max_model_len=80,
+            )
+        )
+        try:
+            assert engine.block_manager.num_total_blocks == 20
+            for i, p in enumerate(prompts):
+                engine.add_request(f"r{i}", p, params)
+            tokens: dict[str, list[int]] = {}
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    tokens.setdefault(out.request_id, []).extend(out.outputs[0].token_ids)
+            bm = engine.block_manager
+            results.append((tokens, engine.scheduler.num_preemptions, bm.num_window_freed_blocks))
+        finally:
+            engine.shutdown()
+    (t1, p1, f1), (t2, p2, f2) = results
+    # each request ends at 40..75 tokens: at least (40 - 15) // 4 = 6 blocks freed each
+    assert (p1, f1) == (p2, f2) and p1 > 0 and f1 >= 8 * 6
+    assert all(len(t) == 24 for t in t1.values()) and t1 == t2
 
 
 # -- SmolLM2 GGUF at TP=3 ------------------------------------------------------------------------

@@ -19,3 +19,6 @@ def check_pool_free(engine) -> None:
 def assert_pool_free():
     """`assert_pool_free(engine)`: free + cached-free == total once the engine is idle."""
     return check_pool_free
+
+
+from tests.model.conftest import family_checkpoint  # noqa: E402, F401  (tiny Mistral, Gemma 3)

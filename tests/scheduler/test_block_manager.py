@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.block_manager import BlockManager, hash_block
+from scheduler.block_manager import NULL_BLOCK, BlockManager, hash_block
 from scheduler.sequence import Sequence
 
 pytestmark = pytest.mark.timeout(30)
@@ -207,3 +207,47 @@ def test_forced_key_collision_is_never_reused(monkeypatch):
     assert bm.get_computed_blocks(same) == ([0], 4)
     bm.deallocate(a)
     bm.check_integrity()
+
+
+def test_sliding_window_frees_blocks_behind_the_next_query():
+    """window 6, blocks of 4: the query at position p sees p-5..p, so block i goes once
+    4 * (i + 1) <= p - 5; freed blocks stay cached (evictable) and the table keeps NULL_BLOCK."""
+    bm = BlockManager(num_blocks=8, block_size=4, sliding_window=6)
+    a = seq(range(9))
+    assert bm.allocate_slots(a, 9) == [0, 1, 2]  # nothing computed yet: nothing to free
+    a.num_computed_tokens = 9
+    bm.cache_full_blocks(a)
+    a.token_ids.append(9)
+    assert bm.allocate_slots(a, 1) == []  # next query at 9 sees 4..9: block 0 (0..3) goes
+    assert a.block_table == [NULL_BLOCK, 1, 2]
+    assert bm.num_window_freed_blocks == 1
+    assert list(bm.evictable) == [0] and bm.blocks[0].ref_count == 0
+    a.num_computed_tokens = 13
+    a.token_ids.extend(range(10, 14))
+    assert bm.allocate_slots(a, 1) == [3]  # query at 13 sees 8..13: block 1 (4..7) goes
+    assert a.block_table == [NULL_BLOCK, NULL_BLOCK, 2, 3]
+    assert bm.num_window_freed_blocks == 2
+    bm.check_integrity([a])
+    # another prompt with the same first 4 tokens still hits the freed, cached block 0
+    b = seq([0, 1, 2, 3, 50, 51], rid="b")
+    assert bm.get_computed_blocks(b) == ([0], 4)
+    bm.deallocate(a)
+    assert bm.num_free_blocks == 8 and bm.check_integrity()
+
+
+def test_sliding_window_drops_hits_the_window_has_left():
+    """A prefix hit of 3 blocks with window 4 keeps only the block the next query sees."""
+    bm = BlockManager(num_blocks=8, block_size=4, sliding_window=4)
+    first = seq(range(13))
+    compute(bm, first, [])
+    bm.deallocate(first)
+    again = seq(range(14), rid="again")
+    hits, n = bm.get_computed_blocks(again)
+    assert (hits, n) == ([0, 1, 2], 12)
+    assert bm.allocate_slots(again, 2, hits) == [3]
+    # next query at 12 sees 9..12: blocks 0 and 1 (0..7) go back at once
+    assert again.block_table == [NULL_BLOCK, NULL_BLOCK, 2, 3]
+    assert bm.blocks[2].ref_count == 1 and bm.num_window_freed_blocks == 2
+    bm.check_integrity([again])
+    bm.deallocate(again)
+    assert bm.num_free_blocks == 8

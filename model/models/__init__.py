@@ -1,0 +1,24 @@
+"""One file per model family over the shared layers; MODELS maps a config's architecture to it."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from model.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM
+from model.models.granite import GraniteForCausalLM
+from model.models.llama import LlamaForCausalLM
+from model.models.phi3 import Phi3ForCausalLM
+from model.models.qwen3 import Qwen3ForCausalLM
+from model.models.smollm3 import SmolLM3ForCausalLM
+
+MODELS: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "SmolLM3ForCausalLM": SmolLM3ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+}
