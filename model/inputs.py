@@ -28,6 +28,26 @@ class SamplingRow:
 
 
 @dataclass(slots=True)
+class PromptLogprobRow:
+    """Prompt positions of one sequence to score this step: each predicts the next prompt token."""
+
+    seq_index: int  # index into query_lens
+    offset: int  # first scored position's offset in the sequence's chunk of this step
+    target_ids: list[int]  # [num_positions] the prompt token each scored position predicts
+    num_logprobs: int  # top alternatives reported besides the target
+
+
+@dataclass(slots=True)
+class PoolingRow:
+    """A pooling sequence's chunk: its hidden states pool into one vector instead of sampling."""
+
+    seq_index: int  # index into query_lens
+    pooling_type: str  # LAST | MEAN | CLS (model/pooler.py)
+    is_first: bool  # the chunk starts at position 0
+    is_last: bool  # the chunk ends the prompt
+
+
+@dataclass(slots=True)
 class StepInput:
     """Everything one forward + sample needs; sequences are laid out one after another."""
 
@@ -39,6 +59,8 @@ class StepInput:
     block_tables: list[list[int]]  # [num_seqs][num_blocks_of_seq]
     sample_indices: list[int]  # sequences (index into query_lens) whose last token samples
     sampling: list[SamplingRow] = field(default_factory=list)  # [len(sample_indices)]
+    prompt_logprobs: list[PromptLogprobRow] = field(default_factory=list)
+    pooling: list[PoolingRow] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -63,3 +85,7 @@ class TokenLogprob:
 class StepOutput:
     token_ids: list[int]  # [len(sample_indices)] sampled token per sampling row
     logprobs: list[TokenLogprob | None]  # [len(sample_indices)] None where the row asked none
+    prompt_logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per prompt row
+    # per pooling row (rank 0): LAST/CLS the token's hidden state ([] if not in this chunk),
+    # MEAN the sum over the chunk's hidden states
+    pooled: list[list[float]] = field(default_factory=list)

@@ -63,6 +63,8 @@ class EngineConfig:
     quantization: str | None = None  # None: GGUF weights stay packed, HF weights float
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    runner: str = "generate"  # pooling: embeddings, rerank and score instead of generation
+    pooler_config: dict[str, Any] | None = None  # pooling_type, normalize over the model's files
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

@@ -26,7 +26,11 @@ from server.protocol import (
     ToolCallMessage,
     TopLogprob,
 )
-from server.serving_engine import OpenAIServing
+from server.serving_engine import (
+    OpenAIServing,
+    capture_prompt_logprobs,
+    vllm_prompt_logprobs,
+)
 from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -112,7 +116,8 @@ class OpenAIServingChat(OpenAIServing):
             first = [ChatStreamChoice(index=i, delta=role) for i in range(params.n)]
             choices = self._chunk_choices(req, params.n)
             return self.chunks(req, head, acc, stream, ChatCompletionChunk, choices, first)
-        await acc.drain(stream)
+        prompt_lps: dict[int, list] = {}
+        await acc.drain(capture_prompt_logprobs(stream, prompt_lps))
         choices = []
         for i, c in enumerate(acc.choices):
             message, finish = ChatResponseMessage(content=c.text), c.finish_reason
@@ -125,8 +130,13 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(
                 ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
             )
+        vllm = prompt_lps.get(0)
         return ChatCompletionResponse(
-            **head, choices=choices, usage=acc.usage(), timings=acc.timings()
+            **head,
+            choices=choices,
+            usage=acc.usage(),
+            timings=acc.timings(),
+            prompt_logprobs=vllm_prompt_logprobs(self.engine.tokenizer, vllm) if vllm else None,
         )
 
     def _chunk_choices(self, req: ChatCompletionRequest, n: int) -> Callable:
