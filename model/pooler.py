@@ -12,14 +12,13 @@ from typing import Any
 import torch
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
-# sentence-transformers' 1_Pooling/config.json keys -> our pooling type
-_ST_MODES = {
-    "pooling_mode_lasttoken": "LAST",
-    "pooling_mode_mean_tokens": "MEAN",
-    "pooling_mode_cls_token": "CLS",
-}
-_ST_NORMALIZE = "sentence_transformers.models.Normalize"
-_ST_POOLING = "sentence_transformers.models.Pooling"
+# sentence-transformers' pooling modes (1_Pooling/config.json: v6's `pooling_mode`, or before it
+# one `pooling_mode_<mode>` flag each) -> our pooling type
+_ST_MODES = {"lasttoken": "LAST", "mean": "MEAN", "cls": "CLS"}
+_ST_FLAGS = {"pooling_mode_lasttoken": "lasttoken", "pooling_mode_mean_tokens": "mean"}
+_ST_FLAGS |= {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max"}
+_ST_FLAGS |= {"pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}
+_ST_FLAGS |= {"pooling_mode_weightedmean_tokens": "weightedmean"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,21 +64,22 @@ def _sentence_transformers_pooling(path: str) -> dict[str, Any]:
         return {}
     with open(modules_file, encoding="utf-8") as f:
         modules = json.load(f)
-    out: dict[str, Any] = {"normalize": any(m.get("type") == _ST_NORMALIZE for m in modules)}
-    for m in modules:
-        if m.get("type") != _ST_POOLING:
+    # NOTE: module types moved between versions (models.Pooling, ...modules.pooling.Pooling)
+    kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    out: dict[str, Any] = {"normalize": "Normalize" in kinds}
+    for m, kind in zip(modules, kinds, strict=True):
+        if kind != "Pooling":
             continue
         with open(os.path.join(path, m.get("path", ""), "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)
-        modes = [kind for key, kind in _ST_MODES.items() if cfg.get(key)]
-        if len(modes) != 1 or any(
-            cfg.get(k) for k in cfg if k.startswith("pooling_mode_") and k not in _ST_MODES
-        ):
+        modes = cfg.get("pooling_mode") or [v for k, v in _ST_FLAGS.items() if cfg.get(k)]
+        modes = [modes] if isinstance(modes, str) else list(modes)
+        if len(modes) != 1 or modes[0] not in _ST_MODES:
             raise ValueError(
-                f"{m.get('path')}/config.json asks for pooling {sorted(k for k in cfg if cfg[k])}"
-                "; tokenmill pools with exactly one of last token, mean or CLS"
+                f"{m.get('path')}/config.json pools by {modes}; tokenmill pools by exactly one "
+                "of lasttoken, mean or cls"
             )
-        out["pooling_type"] = modes[0]
+        out["pooling_type"] = _ST_MODES[modes[0]]
     return out
 
 

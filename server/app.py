@@ -27,9 +27,11 @@ from server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from server.protocol_pooling import EmbeddingRequest, RerankRequest, ScoreRequest
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
 from server.serving_models import OpenAIServingModels, version
+from server.serving_pooling import OpenAIServingPooling
 from server.sse import sse_response
 
 if TYPE_CHECKING:
@@ -108,6 +110,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     completion = OpenAIServingCompletion(engine, cfg, offload)
     chat = OpenAIServingChat(engine, cfg, offload)
     models = OpenAIServingModels(engine, cfg, offload, metrics.finished_counts)
+    pooling = OpenAIServingPooling(engine, cfg, offload)
 
     def json(result: BaseModel) -> Response:
         return Response(result.model_dump_json(), media_type="application/json")
@@ -128,6 +131,20 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     @app.post("/v1/chat/completions")
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await respond(request, chat.create(body))
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await respond(request, pooling.embeddings(body))
+
+    @app.post("/v1/rerank")
+    @app.post("/rerank")
+    async def create_rerank(body: RerankRequest, request: Request) -> Response:
+        return await respond(request, pooling.rerank(body))
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def create_score(body: ScoreRequest, request: Request) -> Response:
+        return await respond(request, pooling.score(body))
 
     @app.get("/v1/models")
     async def list_models() -> Response:
