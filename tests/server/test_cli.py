@@ -145,6 +145,8 @@ def test_vllm_flag_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--uvicorn-log-level", "loud"], "--uvicorn-log-level"),
         (["--max-log-len", "0"], "--max-log-len"),
         (["--served-model-name"], "--served-model-name"),
+        (["--runner", "embed"], "--runner"),
+        (["--pooler-config", "[1]"], "--pooler-config"),
     ],
 )
 def test_bad_vllm_flags_exit_2_naming_them(argv, named, capsys: pytest.CaptureFixture) -> None:
@@ -167,3 +169,9 @@ def test_bad_vllm_flags_exit_2_naming_them(argv, named, capsys: pytest.CaptureFi
 def test_contradictory_vllm_flags_exit_2(argv, message, capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_pooling_runner_flags() -> None:
+    engine, _ = parse("--runner", "pooling", "--pooler-config", '{"pooling_type": "MEAN"}')
+    assert (engine.runner, engine.pooler_config) == ("pooling", {"pooling_type": "MEAN"})
+    assert (parse()[0].runner, parse()[0].pooler_config) == ("generate", None)

@@ -1,0 +1,96 @@
+"""Pooling requests in the engine: prefill-only, chunked, against transformers' hidden states;
+LAST reuses the prefix cache, MEAN does not; blocks freed at once; the runner kinds refuse each
+other's requests."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from model.sampling_params import SamplingParams, SamplingParamsError
+from scheduler.config import EngineConfig
+from scheduler.engine import LLMEngine
+
+pytestmark = pytest.mark.timeout(120)
+
+BLOCK_BYTES = 8192  # tiny model, float32, 16 tokens a block
+
+
+@pytest.fixture(scope="module")
+def hf_base(tiny_checkpoint):
+    """transformers' base model of the tiny causal LM (no head): the hidden-state oracle."""
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(tiny_checkpoint(), dtype=torch.float32).eval()
+
+
+def hidden(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).last_hidden_state[0]  # [T, hidden]
+
+
+def pooling_engine(tiny_checkpoint, pooler: dict, **kw) -> LLMEngine:
+    cfg = dict(model=str(tiny_checkpoint()), dtype="float32", device="cpu", runner="pooling")
+    cfg |= dict(kv_cache_memory=64 * BLOCK_BYTES, max_num_batched_tokens=16, pooler_config=pooler)
+    return LLMEngine(EngineConfig(**(cfg | kw)))
+
+
+def embed(engine: LLMEngine, prompts: dict[str, list[int]]) -> dict[str, list[float]]:
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, None)
+    got: dict[str, list[float]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.finished and out.request_id not in got
+            assert out.outputs[0].finish_reason == "stop" and out.outputs[0].num_tokens == 0
+            got[out.request_id] = out.embedding
+    return got
+
+
+def prompts(seed: int) -> dict[str, list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(100, 40000) for _ in range(40)]
+    lens = {"a": 1, "b": 15, "c": 23}
+    out = {k: [rng.randrange(100, 40000) for _ in range(n)] for k, n in lens.items()}
+    return out | {"d": shared + [5, 6], "e": shared + [7, 8, 9]}
+
+
+def test_mean_pooling_over_chunks_equals_transformers(tiny_checkpoint, hf_base, assert_pool_free):
+    engine = pooling_engine(tiny_checkpoint, {"pooling_type": "MEAN", "normalize": False})
+    reqs = prompts(0)
+    got = embed(engine, reqs)
+    for rid, ids in reqs.items():
+        want = hidden(hf_base, ids).mean(dim=0)
+        assert (torch.tensor(got[rid]) - want).abs().max().item() < 1e-4, rid
+    assert engine.block_manager.prefix_hits == 0  # MEAN needs every position: no hits
+    assert_pool_free(engine)
+
+
+def test_last_token_pooling_reuses_the_prefix_cache(tiny_checkpoint, hf_base, assert_pool_free):
+    engine = pooling_engine(tiny_checkpoint, {"pooling_type": "LAST"})
+    reqs = prompts(1)
+    got = embed(engine, reqs)
+    for rid, ids in reqs.items():
+        want = torch.nn.functional.normalize(hidden(hf_base, ids)[-1], dim=0)
+        assert (torch.tensor(got[rid]) - want).abs().max().item() < 1e-5, rid
+    assert engine.block_manager.prefix_hits == 32  # e's 2 full shared blocks, cached by d
+    assert engine.block_manager.num_cached_free_blocks > 0
+    assert_pool_free(engine)
+
+
+def test_each_runner_refuses_the_other_kind(tiny_checkpoint) -> None:
+    engine = pooling_engine(tiny_checkpoint, {})
+    with pytest.raises(SamplingParamsError, match="--runner pooling: it embeds"):
+        engine.add_request("g", [5, 6], SamplingParams())
+    with pytest.raises(SamplingParamsError, match="input has 1025 tokens > max_model_len 1024"):
+        engine.add_request("long", [5] * 1025, None)
+    with pytest.raises(SamplingParamsError, match="prompt is empty"):
+        engine.add_request("empty", [], None)
+    generate = LLMEngine(
+        EngineConfig(model=str(tiny_checkpoint()), dtype="float32", device="cpu",
+                     kv_cache_memory=64 * BLOCK_BYTES)
+    )  # fmt: skip
+    with pytest.raises(SamplingParamsError, match="needs a model served with --runner pooling"):
+        generate.add_request("p", [5, 6], None)
