@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from scheduler import TokenLogprob
 from scheduler.errors import SamplingParamsError
@@ -24,7 +24,8 @@ from server.serving_engine import (
 )
 
 if TYPE_CHECKING:
-    from scheduler.outputs import CompletionOutput
+    from scheduler.outputs import CompletionOutput, RequestOutput
+    from server.accumulator import RequestAccumulator
 
 _UTF8 = codecs.getincrementaldecoder("utf-8")
 
@@ -95,7 +96,15 @@ class OpenAIServingCompletion(OpenAIServing):
             usage.completion_tokens, usage.total_tokens = 0, usage.prompt_tokens
         return CompletionResponse(**head, choices=choices, usage=usage, timings=acc.timings())
 
-    def _stream(self, req, head, acc, stream, echo: list[str], prompt_entries) -> AsyncIterator:
+    def _stream(
+        self,
+        req: CompletionRequest,
+        head: dict[str, Any],
+        acc: RequestAccumulator,
+        stream: AsyncIterator[tuple[int, RequestOutput]],
+        echo: list[str],
+        prompt_entries: Callable[[int], list[_Entry]],
+    ) -> AsyncIterator[CompletionResponse]:
         """Chunks: echo (and its logprobs) before a choice's first text; nothing for an empty
         delta; echo with max_tokens 0 leaves the sampled token out."""
         started: set[int] = set()
