@@ -113,6 +113,8 @@ class OpenAIServingCompletion(OpenAIServing):
         def chunk_choices(i: int, co: CompletionOutput, entries: list | None) -> list:
             text, finish = ("" if req.echo_only else co.text), co.finish_reason
             entries = None if req.echo_only else entries
+            if req.echo_only:  # the sampled token is not part of the answer, nor of its usage
+                acc.choices[i].num_tokens = 0
             if i not in started:
                 started.add(i)
                 text = echo[i // n] + text

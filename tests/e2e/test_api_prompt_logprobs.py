@@ -33,6 +33,7 @@ def post(url: str, path: str, body: dict) -> httpx.Response:
 
 def test_echo_logprobs_score_the_prompt(tiny_server, reference) -> None:
     ids, ref = reference
+    usage = None
     want = [None] + [ref[p - 1, ids[p]].item() for p in range(1, len(ids))]
     body = {"prompt": PROMPT, "echo": True, "logprobs": 1, "temperature": 0}
     only = post(tiny_server.url, "/v1/completions", body | {"max_tokens": 0}).json()
@@ -52,18 +53,22 @@ def test_echo_logprobs_score_the_prompt(tiny_server, reference) -> None:
     assert len(one_lps["tokens"]) == len(ids) + 1
     assert one_lps["token_logprobs"][:-1] == got
     streamed = {"text": "", "token_logprobs": []}
+    stream = {"max_tokens": 0, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream(
         "POST",
         f"{tiny_server.url}/v1/completions",
-        json={"model": TINY_NAME, **body, "max_tokens": 0, "stream": True},
+        json={"model": TINY_NAME, **body, **stream},
         timeout=60,
     ) as resp:
         for line in resp.iter_lines():
             if line.startswith("data: {"):
-                for c in json.loads(line[6:])["choices"]:
+                chunk = json.loads(line[6:])
+                for c in chunk["choices"]:
                     streamed["text"] += c["text"]
                     streamed["token_logprobs"] += (c["logprobs"] or {}).get("token_logprobs", [])
+                usage = chunk.get("usage") or usage
     assert streamed == {"text": PROMPT, "token_logprobs": got}
+    assert (usage["completion_tokens"], usage["prompt_tokens"]) == (0, len(ids))
 
 
 def test_vllm_prompt_logprobs_on_completions_and_chat(tiny_server, reference) -> None:
