@@ -94,3 +94,18 @@ def test_each_runner_refuses_the_other_kind(tiny_checkpoint) -> None:
     )  # fmt: skip
     with pytest.raises(SamplingParamsError, match="needs a model served with --runner pooling"):
         generate.add_request("p", [5, 6], None)
+
+
+def test_one_token_inputs_pool_through_the_decode_kernel_path(tiny_checkpoint, assert_pool_free):
+    """A decode-shaped step (1 token a sequence) runs decode.c on packed weights: its hidden
+    states pool as the torch path's do."""
+    engine = pooling_engine(tiny_checkpoint, {"pooling_type": "CLS"}, quantization="int8")
+    if engine.runner.fused is None:
+        pytest.skip("no C compiler: decode.c is not built")
+    reqs = {f"t{i}": [100 + 7 * i] for i in range(3)}
+    fused = embed(engine, reqs)  # every step is decode-shaped
+    torch_path = embed(engine, reqs | {"long": list(range(200, 230))})  # a prefill step
+    for rid in reqs:
+        diff = (torch.tensor(fused[rid]) - torch.tensor(torch_path[rid])).abs().max().item()
+        assert diff < 1e-3, rid
+    assert_pool_free(engine)

@@ -93,3 +93,23 @@ def test_prompt_logprobs_survive_preemption_and_a_one_token_prompt(
         check(got[f"r{i}"], hf_prompt_logprobs(hf_model, ids), ids, 0)
     assert got["r2"] == [None]
     assert_pool_free(engine)
+
+
+def test_one_token_chunks_score_through_the_decode_kernel_path(tiny_checkpoint, assert_pool_free):
+    """With a 2-token budget beside a decoding request, every step is decode-shaped (decode.c on
+    packed weights): the prompt scores as in one torch-path prefill."""
+    engine = make_engine(tiny_checkpoint, quantization="int8", max_num_batched_tokens=2)
+    if engine.runner.fused is None:
+        pytest.skip("no C compiler: decode.c is not built")
+    prompt = [300 + 11 * i for i in range(9)]
+    engine.add_request("decoding", [5], SamplingParams(max_tokens=12, ignore_eos=True))
+    engine.add_request("p", prompt, SamplingParams(max_tokens=1, prompt_logprobs=2))
+    fused = drain(engine)["p"]
+    alone = make_engine(tiny_checkpoint, quantization="int8")
+    alone.add_request("p", prompt, SamplingParams(max_tokens=1, prompt_logprobs=2))
+    ref = drain(alone)["p"]
+    assert fused[0] is None and len(fused) == len(ref) == len(prompt)
+    for a, b in zip(fused[1:], ref[1:], strict=True):
+        assert a.token_id == b.token_id and abs(a.rank - b.rank) <= 1  # near-ties may swap
+        assert abs(a.logprob - b.logprob) < 1e-3
+    assert_pool_free(engine)
