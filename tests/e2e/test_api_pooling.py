@@ -29,7 +29,7 @@ TEXTS = ["hello world", "The quick brown fox jumps over the lazy dog.", LONG, LO
 def build_st_folder(out: Path, tokenizer_dir: Path, arch: str, mode: str) -> Path:
     """A random 2-layer decoder saved by sentence-transformers (base model, no LM head) with
     Transformer + Pooling(mode) + Normalize modules."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model
 
     torch.manual_seed(0)
@@ -44,10 +44,20 @@ def build_st_folder(out: Path, tokenizer_dir: Path, arch: str, mode: str) -> Pat
     # one; /v1/embeddings embeds the text as it is (as vLLM does)
     tokenizer.chat_template = None
     tokenizer.save_pretrained(raw)
-    transformer = models.Transformer(str(raw))
-    pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=mode)
+    try:  # sentence-transformers 6's home of the modules; before it, `models`
+        from sentence_transformers.sentence_transformer.modules import (
+            Normalize,
+            Pooling,
+            Transformer,
+        )
+    except ImportError:
+        from sentence_transformers.models import Normalize, Pooling, Transformer
+    transformer = Transformer(str(raw))
+    dim = getattr(transformer, "get_embedding_dimension", None)
+    dim = dim() if dim is not None else transformer.get_word_embedding_dimension()
     folder = out / "st"
-    SentenceTransformer(modules=[transformer, pooling, models.Normalize()]).save(str(folder))
+    modules = [transformer, Pooling(dim, pooling_mode=mode), Normalize()]
+    SentenceTransformer(modules=modules).save(str(folder))
     return folder
 
 
