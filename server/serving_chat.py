@@ -130,13 +130,15 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(
                 ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
             )
-        vllm = prompt_lps.get(0)
+        vllm = None
+        if prompt_lps.get(0):  # NOTE: many token texts for a long prompt: off the event loop
+            vllm = await self.offload(vllm_prompt_logprobs, self.engine.tokenizer, prompt_lps[0])
         return ChatCompletionResponse(
             **head,
             choices=choices,
             usage=acc.usage(),
             timings=acc.timings(),
-            prompt_logprobs=vllm_prompt_logprobs(self.engine.tokenizer, vllm) if vllm else None,
+            prompt_logprobs=vllm,
         )
 
     def _chunk_choices(self, req: ChatCompletionRequest, n: int) -> Callable:

@@ -16,6 +16,7 @@ from server.protocol import (
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
+    PromptLogprobs,
 )
 from server.serving_engine import (
     OpenAIServing,
@@ -75,20 +76,20 @@ class OpenAIServingCompletion(OpenAIServing):
         if req.stream:
             return self._stream(req, head, acc, stream, echo, prompt_entries)
         await acc.drain(stream)
+        # NOTE: a long prompt's logprobs are many token texts: made off the event loop, once
+        per_prompt = await self.offload(self._prompt_outputs, req, prompts, prompt_lps)
         choices = []
         for i, c in enumerate(acc.choices):
             gen = not req.echo_only
-            entries = prompt_entries(i // n) + (c.logprobs if gen else [])
-            vllm = prompt_lps.get(i // n) if req.prompt_logprobs is not None else None
+            entries, vllm = per_prompt[i // n]
+            entries = entries + (c.logprobs if gen else [])
             choices.append(
                 CompletionChoice(
                     index=i,
                     text=echo[i // n] + (c.text if gen else ""),
                     logprobs=_legacy(entries) if req.logprobs is not None else None,
                     finish_reason=c.finish_reason,
-                    prompt_logprobs=vllm_prompt_logprobs(self.engine.tokenizer, vllm)
-                    if vllm
-                    else None,
+                    prompt_logprobs=vllm,
                 )
             )
         usage = acc.usage()
@@ -156,6 +157,21 @@ class OpenAIServingCompletion(OpenAIServing):
         if isinstance(prompt[0], str):
             return list(prompt)
         return [self.engine.tokenizer.decode(ids) for ids in prompts]
+
+    def _prompt_outputs(
+        self, req: CompletionRequest, prompts: list[list[int]], prompt_lps: dict[int, list]
+    ) -> list[tuple[list[_Entry], PromptLogprobs | None]]:
+        """Per prompt: its echo's legacy entries (if echo with logprobs) and vLLM's
+        prompt_logprobs (if asked for)."""
+        out = []
+        for p, ids in enumerate(prompts):
+            lps = prompt_lps.get(p)
+            echoed = self._prompt_entries(ids, lps) if req.echo and req.logprobs is not None else []
+            vllm = None
+            if req.prompt_logprobs is not None and lps:
+                vllm = vllm_prompt_logprobs(self.engine.tokenizer, lps)
+            out.append((echoed, vllm))
+        return out
 
     def _prompt_entries(self, ids: list[int], lps: list | None) -> list[_Entry]:
         """Legacy entries of an echoed prompt: the first token's logprob and top are None."""
