@@ -68,12 +68,12 @@ class OpenAIServingCompletion(OpenAIServing):
         head, acc, stream = self.start(req, prompts, params, partial(self._logprobs, offsets))
         prompt_lps: dict[int, list] = {}  # prompt index -> its prompt logprobs (first None)
         stream = capture_prompt_logprobs(stream, prompt_lps)
-        echo_lps = req.echo and req.logprobs is not None
-
-        def prompt_entries(p: int) -> list[_Entry]:
-            return self._prompt_entries(prompts[p], prompt_lps.get(p)) if echo_lps else []
-
         if req.stream:
+
+            def prompt_entries(p: int) -> list[_Entry]:
+                """The echo's entries, with a choice's first chunk (its prompt logprobs came)."""
+                return self._prompt_entries(prompts[p], prompt_lps.get(p)) if req.echo else []
+
             return self._stream(req, head, acc, stream, echo, prompt_entries)
         await acc.drain(stream)
         # NOTE: a long prompt's logprobs are many token texts: made off the event loop, once
