@@ -138,6 +138,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
 
     @app.post("/v1/rerank")
     @app.post("/rerank")
+    @app.post("/v2/rerank")
     async def create_rerank(body: RerankRequest, request: Request) -> Response:
         return await respond(request, pooling.rerank(body))
 

@@ -120,7 +120,7 @@ def test_rerank_and_score_are_cosine_similarities(st_server) -> None:
     server, st = st_server
     emb = st.encode(TEXTS, convert_to_tensor=True).float()
     cos = (emb[1:] @ emb[0]).tolist()  # normalized: the dot product is the cosine
-    for path in ("/v1/rerank", "/rerank"):
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
         body = post(server.url, path, {"query": TEXTS[0], "documents": TEXTS[1:], "top_n": 2})
         results = body.json()["results"]
         order = sorted(range(3), key=lambda i: -cos[i])[:2]
