@@ -109,3 +109,22 @@ def test_one_token_inputs_pool_through_the_decode_kernel_path(tiny_checkpoint, a
         diff = (torch.tensor(fused[rid]) - torch.tensor(torch_path[rid])).abs().max().item()
         assert diff < 1e-3, rid
     assert_pool_free(engine)
+
+
+@pytest.mark.timeout(180)
+def test_mean_pooling_under_tensor_parallelism(tiny_checkpoint, hf_base, assert_pool_free):
+    engine = pooling_engine(
+        tiny_checkpoint,
+        {"pooling_type": "MEAN"},
+        tensor_parallel_size=2,
+        kv_cache_memory=64 * 4096,
+    )
+    try:
+        reqs = prompts(3)
+        got = embed(engine, reqs)
+        for rid, ids in reqs.items():
+            want = torch.nn.functional.normalize(hidden(hf_base, ids).mean(dim=0), dim=0)
+            assert (torch.tensor(got[rid]) - want).abs().max().item() < 1e-4, rid
+        assert_pool_free(engine)
+    finally:
+        engine.shutdown()
