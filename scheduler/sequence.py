@@ -23,18 +23,6 @@ class SequenceStatus(enum.IntEnum):
     FINISHED_ERROR = 6
 
     @property
-    def wants_prompt_logprobs(self) -> bool:
-        """Sample 0 of a request with prompt_logprobs scores its prompt (the others share it)."""
-        return self.params.prompt_logprobs is not None and self.sample_index == 0
-
-    @property
-    def needs_every_position(self) -> bool:
-        """Its prompt positions' outputs are read: a prefix-cache hit would skip them."""
-        return self.wants_prompt_logprobs or (
-            self.pooler is not None and self.pooler.needs_every_position
-        )
-
-    @property
     def is_finished(self) -> bool:
         return self > SequenceStatus.PREEMPTED
 
