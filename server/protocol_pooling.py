@@ -12,26 +12,28 @@ from server.protocol import _Request
 EmbeddingInput = str | list[str] | list[StrictInt] | list[list[StrictInt]]
 
 
-class EmbeddingRequest(_Request):
-    input: EmbeddingInput
+class _PoolingRequest(_Request):
     model: str | None = None
+    truncate_prompt_tokens: StrictInt | None = None  # vLLM's: keep each input's last N (-1: all)
+
+
+class EmbeddingRequest(_PoolingRequest):
+    input: EmbeddingInput
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: StrictInt | None = None  # truncate (then renormalize where the model does)
     user: str | None = None
 
 
-class RerankRequest(_Request):
+class RerankRequest(_PoolingRequest):
     query: str
     documents: list[str]
-    model: str | None = None
     top_n: StrictInt | None = None  # None or 0: every document
     return_documents: StrictBool = True
 
 
-class ScoreRequest(_Request):
+class ScoreRequest(_PoolingRequest):
     text_1: str | list[str]
     text_2: str | list[str]
-    model: str | None = None
 
 
 class PoolingUsage(BaseModel):

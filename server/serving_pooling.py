@@ -83,7 +83,7 @@ class OpenAIServingPooling(OpenAIServing):
                 f"dimensions must be in [1, {hidden}] (the model's), got {req.dimensions}",
                 param="dimensions",
             )
-        prompts = await self.offload(self._input_ids, req.input)
+        prompts = await self.offload(self._input_ids, req.input, self._keep(req))
         vectors = await self.encode_all(prompts)
         data = []
         for i, v in enumerate(vectors):
@@ -109,7 +109,7 @@ class OpenAIServingPooling(OpenAIServing):
             raise APIError(f"top_n must be >= 0, got {req.top_n}", param="top_n")
         texts = [req.query, *req.documents]
         prompts = await self.offload(
-            self._texts_ids, texts, ["query"] + ["documents"] * (len(texts) - 1)
+            self._texts_ids, texts, ["query"] + ["documents"] * (len(texts) - 1), self._keep(req)
         )
         query, *docs = await self.encode_all(prompts)
         results = [
@@ -145,7 +145,7 @@ class OpenAIServingPooling(OpenAIServing):
         self._check_count(len(one) + len(two), "text_2")
         texts = one + two
         params = ["text_1"] * len(one) + ["text_2"] * len(two)
-        prompts = await self.offload(self._texts_ids, texts, params)
+        prompts = await self.offload(self._texts_ids, texts, params, self._keep(req))
         vectors = await self.encode_all(prompts)
         firsts, seconds = vectors[: len(one)], vectors[len(one) :]
         pairs = zip(firsts * len(seconds) if len(one) == 1 else firsts, seconds, strict=True)
@@ -173,7 +173,21 @@ class OpenAIServingPooling(OpenAIServing):
                 param=param,
             )
 
-    def _input_ids(self, value: Any) -> list[list[int]]:
+    def _keep(self, req: Any) -> int | None:
+        """truncate_prompt_tokens as a count of last tokens to keep (None: keep all)."""
+        n, limit = req.truncate_prompt_tokens, self.engine.max_model_len
+        if n is None:
+            return None
+        if n == -1:
+            return limit
+        if not 1 <= n <= limit:
+            raise APIError(
+                f"truncate_prompt_tokens must be -1 or in [1, {limit}] (max_model_len), got {n}",
+                param="truncate_prompt_tokens",
+            )
+        return n
+
+    def _input_ids(self, value: Any, keep: int | None = None) -> list[list[int]]:
         """OpenAI's embeddings input forms → token ids per input (off the event loop)."""
         if isinstance(value, str) or (value and all(isinstance(x, int) for x in value)):
             value = [value]
@@ -182,8 +196,8 @@ class OpenAIServingPooling(OpenAIServing):
         self._check_count(len(value), "input")
         ids = [v if isinstance(v, list) else None for v in value]
         texts = [v for v in value if isinstance(v, str)]
-        encoded = iter(self._texts_ids(texts, ["input"] * len(texts)))
-        prompts = [v if v is not None else next(encoded) for v in ids]
+        encoded = iter(self._texts_ids(texts, ["input"] * len(texts), keep))
+        prompts = [(v[-keep:] if keep else v) if v is not None else next(encoded) for v in ids]
         vocab = self.engine.model_config.vocab_size
         for p in prompts:
             bad = next((t for t in p if not 0 <= t < vocab), None)
@@ -193,13 +207,17 @@ class OpenAIServingPooling(OpenAIServing):
                 )
         return prompts
 
-    def _texts_ids(self, texts: list[str], params: list[str]) -> list[list[int]]:
-        """Tokenize each text after its cheap length check; an empty one is a 400."""
+    def _texts_ids(
+        self, texts: list[str], params: list[str], keep: int | None = None
+    ) -> list[list[int]]:
+        """Tokenize each text after its cheap length check (then keep its last `keep` tokens);
+        an empty one is a 400."""
         for text, param in zip(texts, params, strict=True):
             self.check_text_length(len(text), param)
         out = []
         for text, param in zip(texts, params, strict=True):
             ids = self.engine.tokenizer.encode(text)
+            ids = ids[-keep:] if keep else ids
             if not ids:
                 raise APIError(f"{param} has an empty text", param=param)
             if len(ids) > self.engine.max_model_len:

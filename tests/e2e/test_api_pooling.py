@@ -116,6 +116,21 @@ def test_dimensions_truncate_then_renormalize(st_server) -> None:
     check_close([d["embedding"] for d in body["data"]], want.float())
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(st_server) -> None:
+    server, st = st_server
+    ids = st.tokenizer(LONG)["input_ids"]
+    last = post(server.url, "/v1/embeddings", {"input": ids[-5:]}).json()
+    for given in (LONG, [ids]):  # text, and token ids
+        body = {"input": given, "truncate_prompt_tokens": 5}
+        cut = post(server.url, "/v1/embeddings", body).json()
+        assert cut["usage"]["prompt_tokens"] == 5
+        check_close([cut["data"][0]["embedding"]], torch.tensor([last["data"][0]["embedding"]]))
+    whole = post(
+        server.url, "/score", {"text_1": LONG, "text_2": LONG, "truncate_prompt_tokens": -1}
+    )
+    assert whole.json()["data"][0]["score"] == pytest.approx(1.0, abs=1e-6)
+
+
 def test_rerank_and_score_are_cosine_similarities(st_server) -> None:
     server, st = st_server
     emb = st.encode(TEXTS, convert_to_tensor=True).float()
@@ -162,6 +177,8 @@ HOSTILE = [
     ("/v1/embeddings", {"input": "x", "dimensions": 10_000}, 400),
     ("/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400),
     ("/v1/embeddings", {"input": "x", "model": "nope"}, 404),
+    ("/v1/embeddings", {"input": "x", "truncate_prompt_tokens": 0}, 400),
+    ("/v1/embeddings", {"input": [5] * 600}, 400),  # > max_model_len 512
     ("/v1/rerank", {"query": "q", "documents": []}, 400),
     ("/v1/rerank", {"query": "q", "documents": "d"}, 400),
     ("/v1/rerank", {"query": "q", "documents": ["d"] * 3000}, 400),
