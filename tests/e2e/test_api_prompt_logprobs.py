@@ -110,6 +110,7 @@ def test_lm_eval_local_completions_matches_its_hf_model(
 ) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the local JSON file only, no hub
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))  # not the user's cache
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
