@@ -133,3 +133,17 @@ def test_prompt_logprobs_under_tensor_parallelism(tiny_checkpoint, hf_model, ass
         assert_pool_free(engine)
     finally:
         engine.shutdown()
+
+
+def test_a_long_chunk_projects_in_slices(tiny_checkpoint, hf_model, assert_pool_free):
+    """300 prompt positions in one step: projected PROMPT_LOGPROB_ROWS (256) at a time."""
+    from model.runner import PROMPT_LOGPROB_ROWS
+
+    ids = [500 + 7 * i for i in range(300)]
+    engine = make_engine(tiny_checkpoint, max_num_batched_tokens=512)
+    engine.add_request("p", ids, SamplingParams(max_tokens=1, prompt_logprobs=1))
+    assert len(ids) - 1 > PROMPT_LOGPROB_ROWS
+    # NOTE: 300 positions of another attention kernel: a near-tie among 49k may swap a rank
+    check(drain(engine)["p"], hf_prompt_logprobs(hf_model, ids), ids, 1, rank_slack=1)
+    assert engine.num_steps == 1
+    assert_pool_free(engine)
