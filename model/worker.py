@@ -35,6 +35,7 @@ from model.parallel import (
     init_groups,
     join,
 )
+from model.pooler import as_base_model_config
 from model.runner import ModelRunner, open_checkpoint, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ def fingerprint(
 def read_model_config(model: str, runner_kwargs: dict[str, Any]) -> ModelConfig:
     """The model's config alone (no weights read): enough to check the split and fingerprint."""
     config, _ = open_checkpoint(model, runner_kwargs.get("quantization"))
+    if runner_kwargs.get("runner") == "pooling":
+        config = as_base_model_config(config)  # a sentence-transformers folder's base model
     return ModelConfig.from_hf_dict(config)
 
 

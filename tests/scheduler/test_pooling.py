@@ -111,13 +111,35 @@ def test_one_token_inputs_pool_through_the_decode_kernel_path(tiny_checkpoint, a
     assert_pool_free(engine)
 
 
+@pytest.fixture(scope="module")
+def base_model_folder(tmp_path_factory, tiny_checkpoint, hf_base) -> str:
+    """The tiny model saved as its base model (`LlamaModel`: no `model.` prefix, no head), as
+    sentence-transformers saves a decoder."""
+    import shutil
+
+    out = tmp_path_factory.mktemp("tiny_base_model")
+    hf_base.save_pretrained(out)
+    for f in tiny_checkpoint().iterdir():
+        if f.name.startswith("tokenizer") or f.name.endswith(".jinja"):
+            shutil.copy(f, out / f.name)
+    return str(out)
+
+
 @pytest.mark.timeout(180)
-def test_mean_pooling_under_tensor_parallelism(tiny_checkpoint, hf_base, assert_pool_free):
-    engine = pooling_engine(
-        tiny_checkpoint,
-        {"pooling_type": "MEAN"},
-        tensor_parallel_size=2,
-        kv_cache_memory=64 * 4096,
+def test_mean_pooling_under_tensor_parallelism_from_a_base_model_folder(
+    base_model_folder, hf_base, assert_pool_free
+):
+    engine = LLMEngine(
+        EngineConfig(
+            model=base_model_folder,
+            dtype="float32",
+            device="cpu",
+            runner="pooling",
+            pooler_config={"pooling_type": "MEAN"},
+            tensor_parallel_size=2,
+            kv_cache_memory=64 * 4096,
+            max_num_batched_tokens=16,
+        )
     )
     try:
         reqs = prompts(3)
