@@ -38,6 +38,26 @@ class SamplingRow:
 
 
 @dataclass(slots=True)
+class PromptLogprobRow:
+    """Prompt positions of one sequence to score this step: each predicts the next prompt token."""
+
+    seq_index: int  # index into query_lens
+    offset: int  # first scored position's offset in the sequence's chunk of this step
+    target_ids: list[int]  # [num_positions] the prompt token each scored position predicts
+    num_logprobs: int  # top alternatives reported besides the target
+
+
+@dataclass(slots=True)
+class PoolingRow:
+    """A pooling sequence's chunk: its hidden states pool into one vector instead of sampling."""
+
+    seq_index: int  # index into query_lens
+    pooling_type: str  # LAST | MEAN | CLS (model/pooler.py)
+    is_first: bool  # the chunk starts at position 0
+    is_last: bool  # the chunk ends the prompt
+
+
+@dataclass(slots=True)
 class StepInput:
     """Everything one forward + sample needs; sequences are laid out one after another."""
 
@@ -49,6 +69,8 @@ class StepInput:
     block_tables: list[list[int]]  # [num_seqs][num_blocks_of_seq]
     sample_indices: list[int]  # sequences (index into query_lens) whose last token samples
     sampling: list[SamplingRow] = field(default_factory=list)  # [len(sample_indices)]
+    prompt_logprobs: list[PromptLogprobRow] = field(default_factory=list)
+    pooling: list[PoolingRow] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -73,13 +95,19 @@ class TokenLogprob:
 class StepOutput:
     token_ids: list[int]  # [len(sample_indices)] sampled token per sampling row
     logprobs: list[TokenLogprob | None]  # [len(sample_indices)] None where the row asked none
+    prompt_logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per prompt row
+    # per pooling row (rank 0): LAST/CLS the token's hidden state ([] if not in this chunk),
+    # MEAN the sum over the chunk's hidden states
+    pooled: list[list[float]] = field(default_factory=list)
 
 
 # ── the wire form of a step (rank 0 → the other ranks): fixed schema, no pickle ──────────────
-# magic, then the counts (num_tokens, num_seqs, block ids in all tables, sample_indices, bytes
-# of the sampling rows' JSON), then int64 arrays in a fixed order, then the JSON.
-STEP_MAGIC = b"TMS1"
-_HEADER = struct.Struct("<4s5Q")
+# magic, then the counts (num_tokens, num_seqs, block ids in all tables, sample_indices, prompt
+# logprob rows, their target ids, pooling rows, bytes of the sampling rows' JSON), then int64
+# arrays in a fixed order, then the JSON.
+STEP_MAGIC = b"TMS2"
+_HEADER = struct.Struct("<4s8Q")
+POOLING_TYPES = ("LAST", "MEAN", "CLS")  # by their wire code; model/pooler.py takes these
 MAX_STEP_BYTES = 1 << 30  # a step larger than this is refused before anything is allocated
 _INT_FIELDS = ("top_k", "sample_index", "step")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -91,13 +119,20 @@ _INT64 = np.dtype("<i8")
 
 def encode_step(step: StepInput) -> bytes:
     """The step as bytes of a fixed schema: int64 arrays and the sampling rows as JSON."""
-    tables = step.block_tables
+    tables, plps = step.block_tables, step.prompt_logprobs
     rows = json.dumps([_row_to_json(r) for r in step.sampling], separators=(",", ":")).encode()
+    targets = sum(len(r.target_ids) for r in plps)
     head = _HEADER.pack(STEP_MAGIC, step.num_tokens, step.num_seqs, sum(map(len, tables)),
-                        len(step.sample_indices), len(rows))  # fmt: skip
+                        len(step.sample_indices), len(plps), targets, len(step.pooling),
+                        len(rows))  # fmt: skip
     ints = [*step.input_ids, *step.positions, *step.slot_mapping, *step.query_lens,
             *step.context_lens, *map(len, tables), *itertools.chain.from_iterable(tables),
             *step.sample_indices]  # fmt: skip
+    for r in plps:
+        ints += [r.seq_index, r.offset, r.num_logprobs, len(r.target_ids)]
+    ints += itertools.chain.from_iterable(r.target_ids for r in plps)
+    for r in step.pooling:
+        ints += [r.seq_index, POOLING_TYPES.index(r.pooling_type), r.is_first, r.is_last]
     return head + np.asarray(ints, dtype=_INT64).tobytes() + rows
 
 
@@ -108,19 +143,24 @@ def decode_step(payload: bytes) -> StepInput:
         raise ValueError(f"step payload of {len(payload)} bytes > {MAX_STEP_BYTES}")
     if len(payload) < _HEADER.size:
         raise ValueError(f"step payload of {len(payload)} bytes < its {_HEADER.size}-byte header")
-    magic, num_tokens, num_seqs, num_ids, num_samples, json_len = _HEADER.unpack_from(payload)
+    (magic, num_tokens, num_seqs, num_ids, num_samples, num_plp, num_targets, num_pool,
+     json_len) = _HEADER.unpack_from(payload)  # fmt: skip
     if magic != STEP_MAGIC:
         raise ValueError(f"step payload starts with {magic!r}, not {STEP_MAGIC!r}")
-    num_ints = 3 * num_tokens + 3 * num_seqs + num_ids + num_samples
+    counts = (num_tokens,) * 3 + (num_seqs,) * 3 + (num_ids, num_samples)
+    counts += (4 * num_plp, num_targets, 4 * num_pool)
+    num_ints = sum(counts)
     want = _HEADER.size + 8 * num_ints + json_len
     if want != len(payload):
         raise ValueError(f"step payload has {len(payload)} bytes, its header says {want}")
     ints = np.frombuffer(payload, dtype=_INT64, count=num_ints, offset=_HEADER.size)
     parts, at = [], 0
-    for n in (num_tokens,) * 3 + (num_seqs,) * 3 + (num_ids, num_samples):
+    for n in counts:
         parts.append(ints[at : at + n])
         at += n
-    ids, pos, slots, query_lens, context_lens, table_lens, block_ids, samples = parts
+    ids, pos, slots, query_lens, context_lens, table_lens, block_ids, samples = parts[:8]
+    prompt_rows = _prompt_rows(parts[8], parts[9], num_seqs)
+    pooling = _pooling_rows(parts[10], num_seqs)
     if (table_lens < 0).any() or sum(table_lens.tolist()) != num_ids:  # NOTE: no int64 wrap
         raise ValueError(f"step block table lengths do not sum to its {num_ids} block ids")
     if ((samples < 0) | (samples >= num_seqs)).any():
@@ -142,7 +182,33 @@ def decode_step(payload: bytes) -> StepInput:
         block_tables=[flat[a:b] for a, b in itertools.pairwise(bounds)],
         sample_indices=samples.tolist(),
         sampling=[_row_from_json(r) for r in rows],
+        prompt_logprobs=prompt_rows,
+        pooling=pooling,
     )
+
+
+def _prompt_rows(heads: np.ndarray, targets: np.ndarray, num_seqs: int) -> list[PromptLogprobRow]:
+    """(seq_index, offset, num_logprobs, n_targets) per row, then every row's targets."""
+    heads = heads.reshape(-1, 4).tolist()
+    if sum(h[3] for h in heads) != len(targets) or any(
+        not 0 <= h[0] < num_seqs or min(h[1:]) < 0 for h in heads
+    ):
+        raise ValueError(f"step prompt logprob rows do not fit {num_seqs} sequences and targets")
+    flat, rows, at = targets.tolist(), [], 0
+    for seq, offset, num, n in heads:
+        rows.append(PromptLogprobRow(seq, offset, flat[at : at + n], num))
+        at += n
+    return rows
+
+
+def _pooling_rows(ints: np.ndarray, num_seqs: int) -> list[PoolingRow]:
+    """(seq_index, pooling type code, is_first, is_last) per row."""
+    rows = []
+    for seq, kind, first, last in ints.reshape(-1, 4).tolist():
+        if not 0 <= seq < num_seqs or not 0 <= kind < len(POOLING_TYPES) or {first, last} - {0, 1}:
+            raise ValueError(f"step pooling row ({seq}, {kind}, {first}, {last}) is malformed")
+        rows.append(PoolingRow(seq, POOLING_TYPES[kind], bool(first), bool(last)))
+    return rows
 
 
 def _row_to_json(row: SamplingRow) -> dict[str, Any]:

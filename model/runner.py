@@ -12,7 +12,7 @@ from torch import nn
 
 from model.config import ModelConfig, check_engine_args
 from model.cuda_graphs import CUDAGraphs
-from model.inputs import StepInput, StepOutput
+from model.inputs import StepInput, StepOutput, TokenLogprob
 from model.kv_cache import KVCacheSpec, allocate_kv_cache, default_kv_cache_memory
 from model.layers import kernels
 from model.layers.attention import AttentionMetadata
@@ -23,6 +23,7 @@ from model.layers.quant import quantize_rtn
 from model.loader import load_weights
 from model.models import MODELS
 from model.parallel import ParallelContext, all_reduce
+from model.pooler import as_base_model_config, pool_chunk, with_model_prefix
 
 if TYPE_CHECKING:
     from model.constraints import ConstraintBatch
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RUNNERS = ("generate", "pooling")  # vLLM's --runner
+# prompt positions projected to the vocabulary at once: bounds prompt logprobs' logits memory
+PROMPT_LOGPROB_ROWS = 256
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -140,7 +144,10 @@ class ModelRunner:
         local_rank: int = 0,
         enforce_eager: bool = False,
         activation_dtype: str = "auto",
+        runner: str = "generate",
     ) -> None:
+        if runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
         check_engine_args(
             block_size=block_size,
             tensor_parallel_size=parallel.size if parallel is not None else 1,
@@ -155,6 +162,8 @@ class ModelRunner:
         self.last_timings: dict[str, float] = {}
         self.last_path = ""  # what served the last step: choose_path() + activation dtype
         self._sampler = None
+        self.runner = runner
+        self._extras: tuple[list[list[TokenLogprob]], list[list[float]]] = ([], [])
         self.fused: FusedDecode | None = None
         self.graphs: CUDAGraphs | None = None
         self.enforce_eager = enforce_eager
@@ -166,6 +175,8 @@ class ModelRunner:
         )
         blocks = self.activation_dtype == "int8"
         config, stream = open_checkpoint(model, quantization, blocks)
+        if runner == "pooling":  # NOTE: a sentence-transformers folder holds the base model
+            config, stream = as_base_model_config(config), with_model_prefix(stream)
         self.model_config = ModelConfig.from_hf_dict(config)
         self._build(stream, kv_cache_memory, max_model_len, kv_cache_dtype)
 
@@ -180,6 +191,8 @@ class ModelRunner:
         cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
         with torch.device("meta"):
             net = MODELS[cfg.architecture](cfg, ctx)
+        if self.runner == "pooling":
+            net.lm_head = None  # no head to load: pooling reads hidden states
         self.model = materialize(net, self.device, self.dtype).eval()
         if self.device.type == "cpu" and self.dtype == torch.float32:
             kernels.load()  # the CPU kernels, compiled once per machine (optional)
@@ -343,6 +356,7 @@ class ModelRunner:
                 )
                 t1 = time.perf_counter()
                 hidden = self.model(input_ids, positions, meta)  # [T, hidden]
+        self._extras = self._prompt_logprobs(step, hidden), self._pool(step, hidden)  # [T] rows
         if rows != list(range(step.num_tokens)):
             hidden = hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
         logits = self.model.compute_logits(hidden)  # [num_sample_rows, vocab] (rank 0)
@@ -379,8 +393,53 @@ class ModelRunner:
 
                 self._sampler = Sampler(self.seed)
             out = self._sampler(logits, step.sampling, constraints)
+        out.prompt_logprobs, out.pooled = self._extras
+        self._extras = ([], [])
         self.last_timings["sample"] = time.perf_counter() - t0
         return out
+
+    @staticmethod
+    def _chunk_starts(step: StepInput) -> list[int]:
+        starts, start = [], 0
+        for q in step.query_lens:
+            starts.append(start)
+            start += q
+        return starts
+
+    def _prompt_logprobs(self, step: StepInput, hidden: torch.Tensor) -> list[list[TokenLogprob]]:
+        """Logprobs of the prompt rows' next tokens (rank 0; every rank joins the head's gather),
+        projected PROMPT_LOGPROB_ROWS positions at a time."""
+        if not step.prompt_logprobs:
+            return []
+        from model.sampler import prompt_logprobs
+
+        starts, out = self._chunk_starts(step), []
+        for row in step.prompt_logprobs:
+            first = starts[row.seq_index] + row.offset
+            entries: list[TokenLogprob] = []
+            for i in range(0, len(row.target_ids), PROMPT_LOGPROB_ROWS):
+                targets = row.target_ids[i : i + PROMPT_LOGPROB_ROWS]
+                h = hidden[first + i : first + i + len(targets)]  # [rows, hidden]
+                logits = self.model.compute_logits(h)  # [rows, vocab] (rank 0)
+                if self.parallel.is_first:
+                    entries += prompt_logprobs(logits, targets, row.num_logprobs)
+            out.append(entries)
+        return out
+
+    def _pool(self, step: StepInput, hidden: torch.Tensor) -> list[list[float]]:
+        """Each pooling row's share of its embedding from this chunk (rank 0 only)."""
+        if not step.pooling or not self.parallel.is_first:
+            return []
+        starts = self._chunk_starts(step)
+        return [
+            pool_chunk(
+                hidden[starts[r.seq_index] : starts[r.seq_index] + step.query_lens[r.seq_index]],
+                r.pooling_type,
+                r.is_first,
+                r.is_last,
+            )
+            for r in step.pooling
+        ]
 
     def shutdown(self) -> None:
         """Drop the sampler; the executor owns processes and groups (nothing else to stop)."""

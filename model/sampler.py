@@ -391,3 +391,21 @@ class Sampler:
             top = list(zip(top_i[j][:k], top_v[j][:k], strict=True))
             out[i] = TokenLogprob(token_id=ids[j], logprob=chosen_l[j], rank=ranks[j], top=top)
         return out
+
+
+def prompt_logprobs(
+    logits: torch.Tensor, target_ids: list[int], num_logprobs: int
+) -> list[TokenLogprob]:
+    """Each prompt position's logprob of the next prompt token (log_softmax of the raw logits),
+    its rank and the top `num_logprobs`; `logits` [len(target_ids), vocab]."""
+    lp = logits.float().log_softmax(dim=-1)  # [m, vocab]
+    targets = torch.tensor(target_ids, dtype=torch.long, device=lp.device)
+    chosen = lp.gather(1, targets.unsqueeze(1))  # [m, 1]
+    ranks = ((lp > chosen).sum(dim=-1) + 1).tolist()
+    k = min(num_logprobs, lp.shape[1])
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i, chosen_l = top_v.tolist(), top_i.tolist(), chosen.squeeze(1).tolist()
+    return [
+        TokenLogprob(t, chosen_l[j], ranks[j], list(zip(top_i[j], top_v[j], strict=True)))
+        for j, t in enumerate(target_ids)
+    ]

@@ -40,6 +40,7 @@ _RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("max_tokens", lambda v: v >= 1, "must be at least 1"),
     ("min_tokens", lambda v: v >= 0, "must be at least 0"),
     ("logprobs", lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
+    ("prompt_logprobs", lambda v: 0 <= v <= MAX_LOGPROBS, f"must be in [0, {MAX_LOGPROBS}]"),
 )
 
 
@@ -86,6 +87,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; 0: the sampled token's; k: plus the top k
+    prompt_logprobs: int | None = None  # as logprobs, for each prompt token after the first
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # decoding constrained to this

@@ -27,6 +27,7 @@ import torch
 from model.config import ModelConfig
 from model.inputs import decode_step
 from model.join import join, unseal
+from model.pooler import as_base_model_config
 from model.rendezvous import (
     ParallelConfig,
     broadcast_bytes,
@@ -69,6 +70,8 @@ def fingerprint(
 def read_model_config(model: str, runner_kwargs: dict[str, Any]) -> ModelConfig:
     """The model's config alone (no weights read): enough to check the split and fingerprint."""
     config, _ = open_checkpoint(model, runner_kwargs.get("quantization"))
+    if runner_kwargs.get("runner") == "pooling":
+        config = as_base_model_config(config)  # a sentence-transformers folder's base model
     return ModelConfig.from_hf_dict(config)
 
 

@@ -98,6 +98,7 @@ class AsyncEngine:
         self.model_config = self.engine.model_config
         self.max_num_seqs = self.engine.max_num_seqs
         self.default_sampling_params = self.engine.default_sampling_params  # generation config
+        self.pooler_config = self.engine.pooler_config  # None unless --runner pooling
         self._cond = threading.Condition()  # wakes the step thread; notified after every step
         self._lock = threading.Lock()  # guards _streams, _error and starting the step thread
         self._streams: dict[str, _Sink] = {}
@@ -263,8 +264,12 @@ class AsyncEngine:
         self._deliver(outputs)
         self._wake()
 
+    def encode(self, request_id: str, prompt: list[int]) -> RequestStream:
+        """A pooling request (--runner pooling): one output, `embedding` set; as generate()."""
+        return self.generate(request_id, prompt, None)
+
     def generate(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None
     ) -> RequestStream:
         """Queue a request now; returns the stream of its RequestOutput deltas (the last one has
         `finished=True`), so a server can start its response at once.

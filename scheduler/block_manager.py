@@ -99,8 +99,12 @@ class BlockManager:
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[int], int]:
         """Longest cached prefix of a sequence that computes from scratch: (block ids, tokens)."""
         # NOTE: the last token is never served from cache (vLLM's num_tokens - 1 cap): we need
-        # its logits
-        if not self.enable_prefix_caching or seq.num_computed_tokens > 0:
+        # its logits; prompt logprobs and MEAN/CLS pooling need every position's (no hits)
+        if (
+            not self.enable_prefix_caching
+            or seq.num_computed_tokens > 0
+            or seq.needs_every_position
+        ):
             return [], 0
         bs, num_full = self.block_size, (seq.num_tokens - 1) // self.block_size
         hit: list[int] = []

@@ -68,6 +68,8 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"  # auto: the model's dtype
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     activation_dtype: str = "auto"  # int8: GGUF blocks x 8-bit activations; float32: the oracle
+    runner: str = "generate"  # pooling: embeddings, rerank and score instead of generation
+    pooler_config: dict[str, Any] | None = None  # pooling_type, normalize over the model's files
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):

@@ -13,6 +13,7 @@ from model.constraints import ConstraintCompiler
 from model.detokenizer import IncrementalDetokenizer
 from model.executor import make_executor
 from model.generation_config import generation_defaults
+from model.pooler import PoolerConfig, load_pooler_config
 from model.rendezvous import ParallelConfig
 from model.runner import ModelRunner
 from model.sampling_params import SamplingParams, SamplingParamsError, StructuredOutputsParams
@@ -26,7 +27,7 @@ from scheduler.config import (
     resolve_model,
     served_model_name,
 )
-from scheduler.errors import EngineFatalError, fit_max_tokens
+from scheduler.errors import EngineFatalError, PromptTooLongError, fit_max_tokens
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from scheduler.scheduler import SampledToken, Scheduler
 from scheduler.sequence import Sequence, SequenceStatus
@@ -64,6 +65,10 @@ class LLMEngine:
             tok = resolve_model(config.tokenizer, config.tokenizer_revision, config.download_dir)
         self.tokenizer = load_tokenizer(tok)
         self.default_sampling_params = self._generation_defaults(path)
+        self.pooler_config: PoolerConfig | None = None  # set: --runner pooling
+        if config.runner == "pooling":
+            self.pooler_config = load_pooler_config(path, config.pooler_config)
+            logger.info("pooling runner: %s", self.pooler_config)
         self.model_config = self.executor.model_config
         self.max_model_len: int = self.executor.max_model_len
         self.model_name = served_model_name(config.model, config.served_model_name)
@@ -121,11 +126,21 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | list[int],
-        params: SamplingParams,
+        params: SamplingParams | None,
         arrival_time: float | None = None,
     ) -> None:
-        """Validate and queue a request; it joins the scheduler at the next step."""
+        """Validate and queue a request; it joins the scheduler at the next step. `params` None:
+        a pooling request (--runner pooling), whose one output carries the embedding."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if (params is None) != (self.pooler_config is not None):
+            raise SamplingParamsError(
+                "this model is served with --runner pooling: it embeds, it does not generate"
+                if params is not None
+                else "pooling needs a model served with --runner pooling",
+                "model",
+            )
+        if params is None:
+            return self._add_pooling_request(request_id, ids, arrival_time)
         max_tokens = self._validate(ids, params)
         spec = params.structured_outputs
         compiler = self._constraint_compiler() if spec is not None else None
@@ -145,10 +160,24 @@ class LLMEngine:
                 include_stop_str_in_output=params.include_stop_str_in_output,
             )
             seqs.append(seq)
+        self._queue(Request(request_id, ids, seqs, metrics))
+
+    def _add_pooling_request(
+        self, request_id: str, ids: list[int], arrival_time: float | None
+    ) -> None:
+        """One prefill-only sequence that pools its hidden states instead of sampling."""
+        self._validate(ids, SamplingParams(max_tokens=None), pooling=True)
+        metrics = RequestMetrics(arrival_time if arrival_time is not None else time.monotonic())
+        seq = Sequence(request_id, list(ids), SamplingParams(max_tokens=None), max_tokens=0)
+        seq.pooler, seq.metrics = self.pooler_config, metrics
+        self._queue(Request(request_id, ids, [seq], metrics))
+
+    def _queue(self, req: Request) -> None:
         with self._lock:
-            if request_id in self.requests or any(r.request_id == request_id for r in self._new):
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._new.append(Request(request_id, ids, seqs, metrics))
+            rid = req.request_id
+            if rid in self.requests or any(r.request_id == rid for r in self._new):
+                raise ValueError(f"request id {rid!r} is already running")
+            self._new.append(req)
 
     def warm_up_constraints(self) -> None:
         """Build llguidance's tokenizer now (~0.7 s, at start-up): it holds the GIL for ~0.4 s at
@@ -174,8 +203,9 @@ class LLMEngine:
                 )
             return self.constraints
 
-    def _validate(self, ids: list[int], params: SamplingParams) -> int:
-        """Returns the effective max_tokens (fit_max_tokens: None is the rest of the context)."""
+    def _validate(self, ids: list[int], params: SamplingParams, pooling: bool = False) -> int:
+        """Returns the effective max_tokens (fit_max_tokens: None is the rest of the context);
+        a pooling prompt only has to fit in max_model_len."""
         if not ids:
             raise SamplingParamsError("prompt is empty: at least 1 token is needed", "prompt")
         vocab = self.model_config.vocab_size
@@ -189,6 +219,12 @@ class LLMEngine:
                 raise SamplingParamsError(
                     f"{name} token id {bad[0]} is out of vocabulary [0, {vocab})", name
                 )
+        if pooling:
+            if len(ids) > self.max_model_len:
+                raise PromptTooLongError(
+                    f"input has {len(ids)} tokens > max_model_len {self.max_model_len}", "input"
+                )
+            return 0
         return fit_max_tokens(
             len(ids), params.max_tokens, self.max_model_len, min_tokens=params.min_tokens
         )
@@ -241,10 +277,12 @@ class LLMEngine:
                 self.model_steps[path] = self.model_steps.get(path, 0) + 1
                 t2 = time.perf_counter()
                 sampled = self.scheduler.update(batch, step_output)
+                pooled = [s for s in batch.pooling_seqs if s.is_finished]
                 if constraints is not None:  # the next step's masks, filled while this one ends
                     self.constraints.prefetch(constraints.matchers)
                 t3 = time.perf_counter()
                 outputs.extend(self._outputs(sampled, gaps))
+                outputs.extend(self._pooled_outputs(pooled))
                 t4 = time.perf_counter()
             except Exception as exc:
                 outputs.extend(self._fail_step(batch.seqs, exc))
@@ -323,9 +361,27 @@ class LLMEngine:
             outputs.append(self._request_output(req, outs, finished))
         return outputs
 
+    def _pooled_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """The one output of each pooling request whose prompt finished this step."""
+        now, outputs = time.monotonic(), []
+        for seq in seqs:
+            req = self.requests.pop(seq.request_id)
+            req.metrics.first_token_time = req.metrics.finished_time = now
+            self.prompt_tokens_total += seq.num_prompt_tokens
+            out = self._request_output(
+                req, [CompletionOutput(0, "", [], None, 0, seq.finish_reason)], True
+            )
+            out.embedding = seq.pooled
+            outputs.append(out)
+        return outputs
+
     def _request_output(
         self, req: Request, outs: list[CompletionOutput], finished: bool, error: str | None = None
     ) -> RequestOutput:
+        lead = req.seqs[0]
+        prompt_lps = None
+        if lead.wants_prompt_logprobs and any(o.index == 0 and o.num_tokens == 1 for o in outs):
+            prompt_lps = [None, *lead.prompt_logprobs]  # NOTE: with sample 0's first token
         return RequestOutput(
             request_id=req.request_id,
             prompt_token_ids=req.prompt_token_ids,
@@ -334,6 +390,7 @@ class LLMEngine:
             num_cached_tokens=req.seqs[0].num_cached_tokens,
             metrics=req.metrics,
             error=error,
+            prompt_logprobs=prompt_lps,
         )
 
     def _finish_request(
@@ -442,6 +499,7 @@ def runner_kwargs(config: EngineConfig) -> dict:
         kv_cache_dtype=config.kv_cache_dtype,
         enforce_eager=config.enforce_eager,
         activation_dtype=config.activation_dtype,
+        runner=config.runner,
     )
 
 

@@ -40,6 +40,9 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: RequestMetrics | None = None
     error: str | None = None  # set when the engine failed the request (finish_reason "error")
+    # prompt_logprobs requests, with sample 0's first token: None for the first prompt token
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    embedding: list[float] | None = None  # a pooling request's one output
 
     @classmethod
     def failed(cls, request_id: str, error: str) -> RequestOutput:

@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
-from model.inputs import SamplingRow, StepInput, StepOutput, TokenLogprob
+from model.inputs import (
+    PoolingRow,
+    PromptLogprobRow,
+    SamplingRow,
+    StepInput,
+    StepOutput,
+    TokenLogprob,
+)
+from model.pooler import add_chunk, finish
 from model.sampling_params import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.sequence import Sequence, SequenceStatus
@@ -23,6 +31,8 @@ class ScheduledBatch:
     sampling_seqs: list[Sequence]  # the sequences whose last scheduled token samples
     step_input: StepInput
     num_preempted: int = 0
+    prompt_logprob_seqs: list[Sequence] = field(default_factory=list)  # one per prompt row
+    pooling_seqs: list[Sequence] = field(default_factory=list)  # one per pooling row
 
 
 @dataclass(slots=True)
@@ -70,6 +80,7 @@ class Scheduler:
         """Free its blocks and put it back at the front of waiting; it recomputes all its tokens."""
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.PREEMPTED
+        seq.pooled = None  # NOTE: a MEAN sum restarts with the recompute
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         logger.debug(
@@ -148,6 +159,9 @@ class Scheduler:
         sample_indices: list[int] = []
         rows: list[SamplingRow] = []
         sampling_seqs: list[Sequence] = []
+        prompt_rows: list[PromptLogprobRow] = []
+        prompt_seqs: list[Sequence] = []
+        pooling_rows: list[PoolingRow] = []
         for k, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             ids.extend(seq.token_ids[start:end])
@@ -155,7 +169,14 @@ class Scheduler:
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             context_lens.append(end)
-            if end == seq.num_tokens:
+            if seq.wants_prompt_logprobs and (row := self._prompt_row(seq, k, start, end)):
+                prompt_rows.append(row)
+                prompt_seqs.append(seq)
+            if seq.pooler is not None:
+                pooling_rows.append(
+                    PoolingRow(k, seq.pooler.pooling_type, start == 0, end == seq.num_tokens)
+                )
+            elif end == seq.num_tokens:
                 sample_indices.append(k)
                 rows.append(self._sampling_row(seq))
                 sampling_seqs.append(seq)
@@ -169,8 +190,22 @@ class Scheduler:
             block_tables=[[max(b, 0) for b in s.block_table] for s in seqs],
             sample_indices=sample_indices,
             sampling=rows,
+            prompt_logprobs=prompt_rows,
+            pooling=pooling_rows,
         )
-        return ScheduledBatch(seqs, sampling_seqs, step_input, preempted)
+        pooling_seqs = [seqs[r.seq_index] for r in pooling_rows]
+        return ScheduledBatch(seqs, sampling_seqs, step_input, preempted, prompt_seqs, pooling_seqs)
+
+    @staticmethod
+    def _prompt_row(seq: Sequence, k: int, start: int, end: int) -> PromptLogprobRow | None:
+        """The chunk's positions that predict a prompt token not scored yet (a recompute after
+        preemption scores none twice); position p predicts token p + 1."""
+        first = max(start, len(seq.prompt_logprobs))
+        stop = min(end, seq.num_prompt_tokens - 1)
+        if first >= stop:
+            return None
+        targets = seq.token_ids[first + 1 : stop + 1]
+        return PromptLogprobRow(k, first - start, targets, seq.params.prompt_logprobs)
 
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         p = seq.params
@@ -194,6 +229,10 @@ class Scheduler:
         bm = self.block_manager
         for seq, n in zip(batch.seqs, batch.step_input.query_lens, strict=True):
             seq.num_computed_tokens += n
+        for seq, lps in zip(batch.prompt_logprob_seqs, output.prompt_logprobs, strict=True):
+            seq.prompt_logprobs.extend(lps)
+        if batch.pooling_seqs:
+            self._pool(batch.pooling_seqs, output.pooled)
         sampled: list[SampledToken] = []
         for k, seq in enumerate(batch.sampling_seqs):
             token = output.token_ids[k]
@@ -216,6 +255,19 @@ class Scheduler:
                     bm.deallocate(seq)
             self.running = [s for s in self.running if not s.is_finished]
         return sampled
+
+    def _pool(self, seqs: list[Sequence], pooled: list[list[float]]) -> None:
+        """Fold each chunk into its sequence; one whose prompt is done gets its embedding,
+        registers its full blocks in the prefix cache and finishes (its blocks freed)."""
+        done = []
+        for seq, part in zip(seqs, pooled, strict=True):
+            seq.pooled = add_chunk(seq.pooled, part, seq.pooler.pooling_type)
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.pooled = finish(seq.pooled, seq.num_tokens, seq.pooler)
+                self.block_manager.cache_full_blocks(seq)
+                done.append(seq)
+        if done:
+            self.finish(done, SequenceStatus.FINISHED_STOPPED)
 
     def _check_stop(self, seq: Sequence, token: int) -> None:
         p = seq.params

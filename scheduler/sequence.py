@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from model.pooler import PoolerConfig
 from model.sampling_params import SamplingParams
 from scheduler.outputs import RequestMetrics
 
@@ -59,6 +60,9 @@ class Sequence:
     metrics: RequestMetrics | None = None
     output_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob per output token
     num_logprobs_reported: int = 0  # output_logprobs already sent (their text was returned)
+    prompt_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob of prompt tokens 1..
+    pooler: PoolerConfig | None = None  # set: a pooling sequence (prefill only, no sampling)
+    pooled: list[float] | None = None  # the pooled value so far (MEAN: a sum), then the embedding
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:
@@ -79,6 +83,18 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Sample 0 of a request with prompt_logprobs scores its prompt (the others share it)."""
+        return self.params.prompt_logprobs is not None and self.sample_index == 0
+
+    @property
+    def needs_every_position(self) -> bool:
+        """Its prompt positions' outputs are read: a prefix-cache hit would skip them."""
+        return self.wants_prompt_logprobs or (
+            self.pooler is not None and self.pooler.needs_every_position
+        )
 
     @property
     def is_finished(self) -> bool:

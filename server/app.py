@@ -33,12 +33,14 @@ from server.protocol import (
     TokenizeCompletionRequest,
 )
 from server.protocol_anthropic import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from server.protocol_pooling import EmbeddingRequest, RerankRequest, ScoreRequest
 from server.protocol_responses import ResponsesRequest
 from server.response_store import ResponseStore
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
 from server.serving_messages import ServingMessages
 from server.serving_models import OpenAIServingModels, version
+from server.serving_pooling import OpenAIServingPooling
 from server.serving_responses import ServingResponses
 from server.sse import EventStream, event_stream_response, sse_response
 
@@ -124,6 +126,7 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
     completion = OpenAIServingCompletion(engine, cfg, offload)
     chat = OpenAIServingChat(engine, cfg, offload)
     models = OpenAIServingModels(engine, cfg, offload, metrics.finished_counts)
+    pooling = OpenAIServingPooling(engine, cfg, offload)
     messages = ServingMessages(chat)
     store = ResponseStore(cfg.max_stored_responses, cfg.max_stored_responses_bytes)
     responses = ServingResponses(chat, store)
@@ -183,6 +186,21 @@ def build_app(engine: AsyncEngine, server_config: ServerConfig | None = None) ->
         order: str = "desc",
     ) -> Response:  # fmt: skip
         return reply(responses.input_items(response_id, owner(request), after, limit, order))
+
+    @app.post("/v1/embeddings")
+    async def create_embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await respond(request, pooling.embeddings(body))
+
+    @app.post("/v1/rerank")
+    @app.post("/rerank")
+    @app.post("/v2/rerank")
+    async def create_rerank(body: RerankRequest, request: Request) -> Response:
+        return await respond(request, pooling.rerank(body))
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def create_score(body: ScoreRequest, request: Request) -> Response:
+        return await respond(request, pooling.score(body))
 
     @app.get("/v1/models")
     async def list_models() -> Response:

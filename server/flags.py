@@ -105,6 +105,10 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
+    s.add_argument(
+        "--runner", choices=("generate", "pooling"), default="generate", help="pooling: embed"
+    )
+    s.add_argument("--pooler-config", type=json_object, help='{"pooling_type": "MEAN", ...}')
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     s.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")

@@ -50,7 +50,7 @@ class ServingLimits:
         for field in ("max_tokens", "max_completion_tokens", "min_tokens"):
             if field in req.model_fields_set:
                 rows.append((field, getattr(req, field), "max_tokens_limit", f"{field} is {{}}"))
-        for field in ("logprobs", "top_logprobs"):
+        for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
             if type(value := getattr(req, field, None)) is int:  # chat's logprobs is a bool
                 rows.append((field, value, "max_logprobs", f"{field} is {{}}"))
         for field, value, name, what in rows:

@@ -34,7 +34,6 @@ UNSUPPORTED = {
     "functions": "function calling (the legacy `functions`: use `tools`)",
     "function_call": "function calling (the legacy `function_call`: use `tool_choice`)",
     "best_of": "best_of > 1",
-    "prompt_logprobs": "prompt logprobs",
     "modalities": "non-text output",
     "audio": "audio output",
 }
@@ -106,7 +105,7 @@ class _SamplingRequest(_Request):
     functions: Any = None
     function_call: Any = None
     best_of: Any = None
-    prompt_logprobs: Any = None
+    prompt_logprobs: StrictInt | None = None  # vLLM's: logprobs of the prompt tokens (not stream)
     modalities: Any = None
     audio: Any = None
     response_format: dict[str, Any] | None = None
@@ -170,8 +169,14 @@ class _SamplingRequest(_Request):
             )
         return found[0] if found else None
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """Build and validate SamplingParams; raises SamplingParamsError with .param."""
+        if self.prompt_logprobs is not None and self.stream:
+            raise SamplingParamsError(
+                "prompt_logprobs is not available with stream (as vLLM)", "prompt_logprobs"
+            )
         if self.stream_options is not None and not self.stream:
             raise SamplingParamsError(
                 "stream_options is only allowed when stream is true", "stream_options"
@@ -196,6 +201,7 @@ class _SamplingRequest(_Request):
             ignore_eos=self.ignore_eos,
             logit_bias=bias,
             logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             structured_outputs=self.structured(),
@@ -250,15 +256,23 @@ class CompletionRequest(_SamplingRequest):
     def to_sampling_params(self) -> SamplingParams:
         if self.suffix is not None:
             raise SamplingParamsError("suffix is not supported by this model", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise SamplingParamsError(
-                "echo with logprobs is not supported (no prompt logprobs)", "echo"
-            )
+        if self.max_tokens == 0 and not self.echo:
+            raise SamplingParamsError("max_tokens must be at least 1 without echo", "max_tokens")
         if isinstance(self.prompt, list) and (
             not self.prompt or any(isinstance(p, list | str) and not p for p in self.prompt)
         ):
             raise SamplingParamsError("prompt must not be empty", "prompt")
-        return self._sampling_params(self.max_tokens, self.logprobs)
+        prompt_logprobs = self.prompt_logprobs
+        if self.echo and self.logprobs is not None:  # the echoed prompt's logprobs
+            prompt_logprobs = max(prompt_logprobs or 0, self.logprobs)
+        # NOTE: echo with max_tokens 0 samples one token the response leaves out (vLLM's way)
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) and nothing generated."""
+        return self.echo and self.max_tokens == 0
 
 
 class TextPart(_Request):
@@ -473,11 +487,26 @@ class CompletionLogProbs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class PromptLogprob(BaseModel):
+    """vLLM's prompt_logprobs entry for one token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token (the first None), token id -> its entry
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class CompletionChoice(_Omitting):
+    _omit = ("prompt_logprobs",)  # only when asked for
+
     index: int
     text: str
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(_Response):
@@ -518,9 +547,12 @@ class ChatChoice(BaseModel):
 
 
 class ChatCompletionResponse(_Response):
+    _omit = ("timings", "prompt_logprobs")
+
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, only when asked for
 
 
 class DeltaFunction(_Omitting):

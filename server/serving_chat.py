@@ -27,7 +27,11 @@ from server.protocol import (
     TopLogprob,
 )
 from server.reasoning import REASONING_PARSERS, ReasoningParser, ReasoningStreamer
-from server.serving_engine import OpenAIServing
+from server.serving_engine import (
+    OpenAIServing,
+    capture_prompt_logprobs,
+    vllm_prompt_logprobs,
+)
 from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
@@ -143,7 +147,8 @@ class OpenAIServingChat(OpenAIServing):
             first = [ChatStreamChoice(index=i, delta=role) for i in range(params.n)]
             choices = self._chunk_choices(req, params.n, parser, in_reasoning)
             return self.chunks(req, head, acc, stream, ChatCompletionChunk, choices, first)
-        await acc.drain(stream)
+        prompt_lps: dict[int, list] = {}
+        await acc.drain(capture_prompt_logprobs(stream, prompt_lps))
         choices = []
         for i, c in enumerate(acc.choices):
             message, finish = self._message(c.text, mode, parser, in_reasoning), c.finish_reason
@@ -153,8 +158,15 @@ class OpenAIServingChat(OpenAIServing):
             choices.append(
                 ChatChoice(index=i, message=message, logprobs=logprobs, finish_reason=finish)
             )
+        vllm = None
+        if prompt_lps.get(0):  # NOTE: many token texts for a long prompt: off the event loop
+            vllm = await self.offload(vllm_prompt_logprobs, self.engine.tokenizer, prompt_lps[0])
         return ChatCompletionResponse(
-            **head, choices=choices, usage=acc.usage(), timings=acc.timings()
+            **head,
+            choices=choices,
+            usage=acc.usage(),
+            timings=acc.timings(),
+            prompt_logprobs=vllm,
         )
 
     def _tool_params(

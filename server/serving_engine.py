@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING, Any
 
 from scheduler import SamplingParams
 from scheduler.errors import fit_max_tokens
-from server.accumulator import RequestAccumulator
+from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
 from server.errors import APIError, from_exception
 from server.limits import ServingLimits, check_text_length
 from server.offload import Offload
+from server.protocol import PromptLogprob, PromptLogprobs
 
 if TYPE_CHECKING:
+    from scheduler import TokenLogprob
     from scheduler.async_engine import AsyncEngine, RequestStream
     from scheduler.outputs import CompletionOutput, RequestOutput
     from server.config import ServerConfig
@@ -213,3 +215,35 @@ async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Any]]
             t.cancel()
         for stream in streams:
             stream.close()
+
+
+async def capture_prompt_logprobs(
+    stream: AsyncIterator[tuple[int, RequestOutput]], into: dict[int, list]
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Pass the stream through, keeping each prompt's prompt_logprobs (they come once, with
+    sample 0's first token) in `into`; closing this closes the stream."""
+    async with aclosing(stream):
+        async for p, out in stream:
+            if out.prompt_logprobs is not None:
+                into[p] = out.prompt_logprobs
+            yield p, out
+
+
+def vllm_prompt_logprobs(tokenizer: Any, lps: list[TokenLogprob | None]) -> PromptLogprobs:
+    """vLLM's shape: per prompt token, {token id: logprob, rank, decoded_token} for the token
+    itself and its top alternatives; None for the first token."""
+    out: PromptLogprobs = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {str(lp.token_id): _entry(tokenizer, lp.token_id, lp.logprob, lp.rank)}
+        for rank, (t, v) in enumerate(lp.top, 1):
+            entry.setdefault(str(t), _entry(tokenizer, t, v, rank))
+        out.append(entry)
+    return out
+
+
+def _entry(tokenizer: Any, token_id: int, logprob: float, rank: int) -> PromptLogprob:
+    decoded = tokenizer.decode([token_id], skip_special_tokens=False)
+    return PromptLogprob(logprob=max(logprob, LOGPROB_FLOOR), rank=rank, decoded_token=decoded)

@@ -19,7 +19,7 @@ from model.inputs import (
     encode_step,
 )
 
-HEADER = struct.Struct("<4s5Q")
+HEADER = struct.Struct("<4s8Q")
 
 
 def a_step(sampling: list[SamplingRow] | None = None) -> StepInput:
@@ -56,26 +56,27 @@ def test_round_trip_is_exact() -> None:
 @pytest.mark.timeout(10)
 def test_header_counts_and_layout() -> None:
     payload = encode_step(a_step())
-    assert HEADER.unpack_from(payload) == (b"TMS1", 4, 2, 4, 2, 2)
+    assert HEADER.unpack_from(payload) == (b"TMS2", 4, 2, 4, 2, 0, 0, 0, 2)
     assert len(payload) == HEADER.size + 8 * (3 * 4 + 3 * 2 + 4 + 2) + len(b"[]")
 
 
 def with_header(payload: bytes, **counts: int) -> bytes:
-    names = ("num_tokens", "num_seqs", "num_ids", "num_samples", "json_len")
+    names = ("num_tokens", "num_seqs", "num_ids", "num_samples", "num_prompt_rows",
+             "num_targets", "num_pool_rows", "json_len")  # fmt: skip
     values = dict(zip(names, HEADER.unpack_from(payload)[1:], strict=True)) | counts
-    return HEADER.pack(b"TMS1", *values.values()) + payload[HEADER.size :]
+    return HEADER.pack(b"TMS2", *values.values()) + payload[HEADER.size :]
 
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda p: p[:10], "step payload of 10 bytes < its 44-byte header"),
-        (lambda p: b"XXXX" + p[4:], "step payload starts with b'XXXX', not b'TMS1'"),
+        (lambda p: p[:10], "step payload of 10 bytes < its 68-byte header"),
+        (lambda p: b"XXXX" + p[4:], "step payload starts with b'XXXX', not b'TMS2'"),
         (lambda p: with_header(p, num_tokens=2**60), "its header says"),
         (lambda p: with_header(p, json_len=2**64 - 1), "its header says"),
-        (lambda p: p + b"x", "step payload has 239 bytes, its header says 238"),
-        (lambda p: b"TMS1" + b"\x00" * (MAX_STEP_BYTES - 3), f"bytes > {MAX_STEP_BYTES}"),
+        (lambda p: p + b"x", "step payload has 263 bytes, its header says 262"),
+        (lambda p: b"TMS2" + b"\x00" * (MAX_STEP_BYTES - 3), f"bytes > {MAX_STEP_BYTES}"),
     ],
 )
 def test_malformed_payloads_raise_value_error(mutate, message: str) -> None:
@@ -133,3 +134,17 @@ def test_any_bytes_decode_or_raise_value_error(data: bytes) -> None:
     except ValueError:
         return
     assert isinstance(step, StepInput)
+
+
+@pytest.mark.timeout(10)
+def test_prompt_logprob_and_pooling_rows_travel() -> None:
+    """Every rank joins the prompt-logprob gathers, so their rows reach the workers too."""
+    from model.inputs import PoolingRow, PromptLogprobRow
+
+    step = a_step()
+    step.prompt_logprobs = [PromptLogprobRow(0, 1, [5, 6], 3), PromptLogprobRow(1, 0, [], 0)]
+    step.pooling = [PoolingRow(1, "MEAN", True, False)]
+    assert decode_step(encode_step(step)) == step
+    step.pooling = [PoolingRow(5, "LAST", True, True)]  # a sequence the step does not have
+    with pytest.raises(ValueError, match="pooling row"):
+        decode_step(encode_step(step))

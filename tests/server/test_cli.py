@@ -145,6 +145,8 @@ def test_vllm_flag_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         (["--uvicorn-log-level", "loud"], "--uvicorn-log-level"),
         (["--max-log-len", "0"], "--max-log-len"),
         (["--served-model-name"], "--served-model-name"),
+        (["--runner", "embed"], "--runner"),
+        (["--pooler-config", "[1]"], "--pooler-config"),
     ],
 )
 def test_bad_vllm_flags_exit_2_naming_them(argv, named, capsys: pytest.CaptureFixture) -> None:
@@ -177,3 +179,9 @@ def test_response_store_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (server.max_stored_responses, server.max_stored_responses_bytes) == (0, 2**20)
     with pytest.raises(SystemExit):
         parse("--max-stored-responses", "-1")
+
+
+def test_pooling_runner_flags() -> None:
+    engine, _ = parse("--runner", "pooling", "--pooler-config", '{"pooling_type": "MEAN"}')
+    assert (engine.runner, engine.pooler_config) == ("pooling", {"pooling_type": "MEAN"})
+    assert (parse()[0].runner, parse()[0].pooler_config) == ("generate", None)

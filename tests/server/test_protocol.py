@@ -108,7 +108,8 @@ def test_chat_message_parts_render_as_text() -> None:
         ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
         ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
+        ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
         ({"prompt": []}, "prompt"),
         ({"prompt": ["a", ""]}, "prompt"),
         ({"prompt": "x", "stop": ["ok", ""]}, "stop"),
@@ -240,3 +241,14 @@ def test_image_parts_are_named_in_the_error() -> None:
         ChatCompletionRequest.model_validate({"messages": [msg]})
     err = validation_error(RequestValidationError(info.value.errors()))
     assert err.param == "messages" and "'image_url' is not supported" in err.message
+
+
+def test_echo_with_logprobs_asks_prompt_logprobs_and_max_tokens_0_samples_one() -> None:
+    body = {"prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0, "prompt_logprobs": 0}
+    req = CompletionRequest.model_validate(body)
+    p = req.to_sampling_params()
+    assert (p.prompt_logprobs, p.logprobs, p.max_tokens, req.echo_only) == (1, 1, 1, True)
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2}
+    )
+    assert chat.to_sampling_params().prompt_logprobs == 2
