@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.layers import gemv
+from model.layers import gemv, kernels
 from model.layers.qdot import BlockTensor, cat_blocks, qx_linear
 from model.layers.quant import QuantTensor, cat_rows, qlinear
 from model.parallel import ParallelContext, all_reduce
@@ -57,8 +57,15 @@ def _copy(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
 
 
 def keeps_packed(param: torch.Tensor | None) -> bool:
-    """Packed weights serve CPU float32 models; other dtypes/devices get dequantized copies."""
-    return param is not None and param.device.type == "cpu" and param.dtype == torch.float32
+    """Packed weights serve CPU float32 models where the C kernels multiply them; other dtypes
+    and devices, and a host without the kernels, get float copies dequantized once at load
+    (never again per call)."""
+    return (
+        param is not None
+        and param.device.type == "cpu"
+        and param.dtype == torch.float32
+        and kernels.load() is not None
+    )
 
 
 def install_packed(owner: nn.Module, packed: QuantTensor, name: str) -> None:

@@ -115,6 +115,25 @@ def test_no_compiler_falls_back(tmp_path) -> None:
     assert out.stdout.split("\n")[:2] == ["True", "[[8.0, 8.0, 8.0, 8.0]]"]
 
 
+def test_no_compiler_dequantizes_packed_weights_once(tmp_path) -> None:
+    """Without the kernels a packed weight becomes a float weight at load: no per-call
+    dequantization, and the products are the packed values'."""
+    code = (
+        "import torch; from model.layers.linear import RowParallelLinear, dense;"
+        "from model.layers.quant import quantize_rtn;"
+        "l = RowParallelLinear(32, 4); q = quantize_rtn(torch.ones(4, 32), 8);"
+        "l.weight_loader(l.weight, q); print(l.quant is None, l.weight is not None);"
+        "x = torch.ones(1, 32); ref = torch.nn.functional.linear(x, q.dequantize());"
+        "print(torch.equal(dense(l, x, l.weight, None), ref))"
+    )
+    env = {"TOKENMILL_CACHE_DIR": str(tmp_path), "PATH": str(tmp_path), "CC": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["True True", "True"]
+
+
 def test_unwritable_cache_falls_back(tmp_path) -> None:
     """A read-only cache directory (a locked-down container) costs the speed-up, not the start."""
     blocker = tmp_path / "file"
