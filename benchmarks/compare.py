@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -241,7 +242,9 @@ def measure(server: Server, args: argparse.Namespace) -> dict:
         # NOTE: VmHWM is a high-water mark, so one read after the last level sees every peak.
         server.sample_rss()
         print(f"{server.name} peak RSS {server.peak_rss / 2**30:.2f} GiB", flush=True)
+        kernels = kernel_paths(server) if server.name == "tokenmill" else {}
         return {
+            **kernels,
             "cmd": server.cmd,
             "model_id": report["model"],
             "prompt_words": report["prompt_words"],
@@ -251,6 +254,26 @@ def measure(server: Server, args: argparse.Namespace) -> dict:
         }
     finally:
         server.stop()
+
+
+def kernel_paths(server: Server) -> dict:
+    """What served tokenmill's run: its start-up line naming the activation path and ISA, and
+    tokenmill_model_steps_total by path (fused_int8, torch_float32, ...)."""
+    steps: dict[str, float] = {}
+    try:
+        text = httpx.get(server.url + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        text = ""
+    for line in text.splitlines():
+        m = re.match(r'tokenmill_model_steps_total\{.*path="([^"]+)".*\} (\S+)', line)
+        if m:
+            steps[m.group(1)] = float(m.group(2))
+    try:
+        log = server.log_path.read_text(errors="replace")
+    except OSError:
+        log = ""
+    found = re.search(r"holds .* of weights .*?; (\S+ activations.*)", log)
+    return {"activations": found.group(1).strip() if found else "?", "steps_by_path": steps}
 
 
 def span(values: list[float], fmt: str) -> str:
@@ -381,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     text = table(report["passes"], args.concurrency)
     print()
     print(f"{Path(args.model).name}: ~{args.prompt_tokens} prompt tokens, {args.max_tokens} out")
+    host = report["host"]
+    print(f"CPU: {host.get('cpu', '?')} x{host.get('cpus')} ({' '.join(host.get('flags', []))})")
+    for p in report["passes"]:
+        if "tokenmill" in p:
+            tm = p["tokenmill"]
+            print(f"tokenmill: {tm.get('activations')}; steps by path {tm.get('steps_by_path')}")
     print(text)
     failed = [
         f"{NAMES[n]} C={r['concurrency']}: {r['errors']} failed {r['error_samples']}, "
