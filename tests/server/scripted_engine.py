@@ -82,11 +82,12 @@ async def sse_body(stream: EventStream) -> bytes:
     return b"".join([ServerSentEvent(**e, sep="\n").encode() async for e in _named(stream)])
 
 
-def mock_http(body: bytes, stream: bool) -> httpx.Client:
-    """An httpx client whose every request gets `body` (SSE or JSON): for the real SDKs."""
+def mock_http(body: bytes, stream: bool, http: Any = httpx) -> Any:
+    """A client of `http` (httpx, or httpx2 for the anthropic SDK) whose every request gets
+    `body` (SSE or JSON): the real SDKs parse what the server would send."""
     kind = "text/event-stream" if stream else "application/json"
-    return httpx.Client(
-        transport=httpx.MockTransport(
-            lambda _: httpx.Response(200, content=body, headers={"content-type": kind})
+    return http.Client(
+        transport=http.MockTransport(
+            lambda _: http.Response(200, content=body, headers={"content-type": kind})
         )
     )
