@@ -66,7 +66,8 @@ class ToolResultBlock(_Block):
 
 
 class ThinkingBlock(_Block):
-    """An earlier turn's reasoning, sent back by clients; it is not shown to the model again."""
+    """An earlier turn's reasoning, sent back by clients; with a reasoning parser it goes back to
+    the template as that turn's reasoning_content (interleaved thinking)."""
 
     type: Literal["thinking"]
     thinking: str
@@ -108,6 +109,15 @@ class AnthropicToolChoice(_Request):
     disable_parallel_tool_use: StrictBool = False
 
 
+class AnthropicThinking(_Request):
+    """Extended thinking: enabled or disabled becomes the template's enable_thinking; adaptive
+    leaves the template's default. The budget and display are accepted, not enforced."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: StrictInt | None = None
+    display: Literal["summarized", "omitted"] | None = None
+
+
 class _AnthropicPrompt(_Request):
     """What both /v1/messages and count_tokens render: system, messages, tools."""
 
@@ -116,7 +126,7 @@ class _AnthropicPrompt(_Request):
     system: str | list[TextBlock] | None = None
     tools: list[AnthropicTool] | None = None
     tool_choice: AnthropicToolChoice | None = None
-    thinking: dict[str, Any] | None = None  # accepted; thinking blocks need a reasoning parser
+    thinking: AnthropicThinking | None = None  # thinking blocks come from the reasoning parser
 
     @property
     def system_text(self) -> str | None:
@@ -155,7 +165,7 @@ class AnthropicResponse(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[dict[str, Any]]  # text and tool_use blocks
+    content: list[dict[str, Any]]  # thinking, text and tool_use blocks
     stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
     stop_sequence: str | None = None
     usage: AnthropicUsage

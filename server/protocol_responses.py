@@ -70,14 +70,27 @@ class FunctionCallOutputItem(_Request):
         return "".join(p.text for p in self.output)
 
 
+class ReasoningText(_Request):
+    type: Literal["reasoning_text", "summary_text"]
+    text: str
+
+
 class ReasoningItem(_Request):
-    """An earlier turn's reasoning, sent back by agents; not shown to the model again."""
+    """An earlier turn's reasoning, sent back by agents; with a reasoning parser it goes back to
+    the template as the next assistant turn's reasoning_content (interleaved thinking)."""
 
     type: Literal["reasoning"]
     id: str | None = None
-    summary: Any = None
-    content: Any = None
+    summary: list[ReasoningText] = Field(default_factory=list)
+    content: list[ReasoningText] | None = None
     encrypted_content: Any = None
+    status: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The reasoning text, or its summary where only that came back (OpenAI's own items)."""
+        parts = self.content if self.content else self.summary
+        return "\n".join(p.text for p in parts)
 
 
 InputItem = Annotated[
@@ -129,7 +142,7 @@ class ResponsesRequest(_Request):
     store: StrictBool = True
     previous_response_id: str | None = None
     stream: StrictBool = False
-    reasoning: dict[str, Any] | None = None  # accepted; reasoning items need a reasoning parser
+    reasoning: dict[str, Any] | None = None  # accepted; reasoning items come from the parser
     truncation: Literal["auto", "disabled"] | None = None
     service_tier: str | None = None
     background: StrictBool = False
@@ -200,7 +213,7 @@ class ResponseObject(BaseModel):
     instructions: str | None = None
     max_output_tokens: int | None = None
     model: str
-    output: list[dict[str, Any]]  # message and function_call items
+    output: list[dict[str, Any]]  # reasoning, message and function_call items
     parallel_tool_calls: bool
     previous_response_id: str | None = None
     reasoning: dict[str, Any] | None = None

@@ -37,9 +37,10 @@ def vllm_extras(req: Any) -> dict[str, Any]:
     return {k: extra[k] for k in VLLM_EXTRAS if k in extra}
 
 
-def _messages(req: _AnthropicPrompt) -> list[dict[str, Any]]:
+def _messages(req: _AnthropicPrompt, reasoning: bool) -> list[dict[str, Any]]:
     """Anthropic turns → chat messages: tool_result blocks become tool messages (ahead of the
-    turn's text, as Anthropic orders them), tool_use blocks an assistant's tool_calls."""
+    turn's text, as Anthropic orders them), tool_use blocks an assistant's tool_calls, and with
+    `reasoning` (a reasoning parser is set) thinking blocks its reasoning_content."""
     out: list[dict[str, Any]] = []
     if req.system_text:
         out.append({"role": "system", "content": req.system_text})
@@ -58,6 +59,9 @@ def _messages(req: _AnthropicPrompt) -> list[dict[str, Any]]:
             out.append({"role": "tool", "tool_call_id": r.tool_use_id, "content": r.text})
         if m.role == "assistant":
             msg: dict[str, Any] = {"role": "assistant", "content": "".join(texts)}
+            thoughts = [b.thinking for b in m.content if b.type == "thinking" and b.thinking]
+            if reasoning and thoughts:
+                msg["reasoning_content"] = "\n".join(thoughts)
             if uses:
                 msg["tool_calls"] = [
                     {"id": u.id, "type": "function",
@@ -70,9 +74,12 @@ def _messages(req: _AnthropicPrompt) -> list[dict[str, Any]]:
     return out
 
 
-def to_chat(req: _AnthropicPrompt) -> ChatCompletionRequest:
-    """The chat request that generates this Anthropic request's answer."""
-    body: dict[str, Any] = {"model": req.model, "messages": _messages(req)}
+def to_chat(req: _AnthropicPrompt, reasoning: bool = False) -> ChatCompletionRequest:
+    """The chat request that generates this Anthropic request's answer; `reasoning`: a
+    reasoning parser is set (earlier thinking blocks go back to the template)."""
+    body: dict[str, Any] = {"model": req.model, "messages": _messages(req, reasoning)}
+    if req.thinking is not None and req.thinking.type != "adaptive":
+        body["chat_template_kwargs"] = {"enable_thinking": req.thinking.type == "enabled"}
     last = req.messages[-1] if req.messages else None
     if last is not None and last.role == "assistant" and body["messages"][-1].get("content"):
         if "tool_calls" not in body["messages"][-1]:
@@ -127,6 +134,11 @@ def _cut_stop(text: str, stops: list[str]) -> tuple[str, str | None]:
     return text, None
 
 
+def _thinking(text: str) -> dict[str, Any]:
+    """A thinking block; its signature is empty (Anthropic's verifies Claude wrote it)."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
+
+
 def _usage(prompt: int, cached: int, output: int) -> AnthropicUsage:
     return AnthropicUsage(
         input_tokens=prompt - cached, output_tokens=output, cache_read_input_tokens=cached
@@ -151,7 +163,7 @@ class ServingMessages:
     async def create(self, req: AnthropicMessagesRequest) -> Any:
         """The three-way return: AnthropicResponse, an EventStream, or an APIError."""
         try:
-            chat_req = to_chat(req)
+            chat_req = to_chat(req, self.chat.reasoning is not None)
             num_prompt = 0
             if req.stream:
                 # NOTE: message_start carries the prompt's tokens (clients track the context by
@@ -177,7 +189,7 @@ class ServingMessages:
     async def count_tokens(self, req: AnthropicCountTokensRequest) -> Any:
         """The prompt's tokens as /v1/messages would render it (tools included)."""
         try:
-            prompt = await self._render(to_chat(req))
+            prompt = await self._render(to_chat(req, self.chat.reasoning is not None))
         except APIError as e:
             return e
         return AnthropicCountTokensResponse(input_tokens=len(prompt))
@@ -191,10 +203,17 @@ def _response(
     msg_id: str, model: str, resp: ChatCompletionResponse, stops: list[str]
 ) -> AnthropicResponse:
     choice = resp.choices[0]
-    text, stop_sequence = choice.message.content or "", None
+    text, thinking = choice.message.content or "", choice.message.reasoning or ""
+    stop_sequence = None
     if stops and choice.finish_reason == "stop":
-        text, stop_sequence = _cut_stop(text, stops)
-    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+        # NOTE: a stop sequence inside the reasoning ends it: then there is no text to cut
+        if text:
+            text, stop_sequence = _cut_stop(text, stops)
+        else:
+            thinking, stop_sequence = _cut_stop(thinking, stops)
+    content: list[dict[str, Any]] = [_thinking(thinking)] if thinking else []
+    if text:
+        content.append({"type": "text", "text": text})
     for call in choice.message.tool_calls or []:
         content.append(
             {"type": "tool_use", "id": call.id.replace("call_", "toolu_", 1),
@@ -214,17 +233,25 @@ def _response(
 
 
 class _Blocks:
-    """The content blocks of one streamed message: which is open, and its events."""
+    """The content blocks of one streamed message: which is open, its events, and the text held
+    back while it may still end in a stop sequence."""
 
-    def __init__(self) -> None:
+    def __init__(self, stops: list[str]) -> None:
         self.index = -1
-        self.open: str | None = None  # "text" | "tool_use"
+        self.open: str | None = None  # "thinking" | "text" | "tool_use"
+        self.stops = stops
+        self.longest = max(map(len, stops), default=0)
+        self.held, self.held_kind = "", "text"
 
     def stop(self) -> list[tuple[str, dict]]:
         if self.open is None:
             return []
+        events = []
+        if self.open == "thinking":  # NOTE: Anthropic sends the signature just before the stop
+            events.append(self._delta({"type": "signature_delta", "signature": ""}))
         self.open = None
-        return [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": self.index}))
+        return events
 
     def start(self, block: dict[str, Any]) -> list[tuple[str, dict]]:
         events = self.stop()
@@ -233,18 +260,46 @@ class _Blocks:
         start = {"type": "content_block_start", "index": self.index, "content_block": block}
         return [*events, ("content_block_start", start)]
 
-    def text(self, text: str) -> list[tuple[str, dict]]:
-        if not text:
-            return []
-        events = self.start({"type": "text", "text": ""}) if self.open != "text" else []
-        delta = {"type": "text_delta", "text": text}
-        event = {"type": "content_block_delta", "index": self.index, "delta": delta}
-        return [*events, ("content_block_delta", event)]
-
-    def json(self, partial: str) -> tuple[str, dict]:
-        delta = {"type": "input_json_delta", "partial_json": partial}
+    def _delta(self, delta: dict[str, Any]) -> tuple[str, dict]:
         return "content_block_delta", {"type": "content_block_delta", "index": self.index,
                                        "delta": delta}  # fmt: skip
+
+    def _write(self, kind: str, text: str) -> list[tuple[str, dict]]:
+        """`text` into a `kind` block (thinking or text), opening one if another is open."""
+        if not text:
+            return []
+        block = _thinking("") if kind == "thinking" else {"type": "text", "text": ""}
+        events = self.start(block) if self.open != kind else []
+        if kind == "thinking":
+            return [*events, self._delta({"type": "thinking_delta", "thinking": text})]
+        return [*events, self._delta({"type": "text_delta", "text": text})]
+
+    def feed(self, kind: str, text: str | None) -> list[tuple[str, dict]]:
+        """Thinking or text as it comes, less the tail that may be a stop sequence's start."""
+        if not text:
+            return []
+        events = self.release() if kind != self.held_kind else []
+        self.held_kind, self.held = kind, self.held + text
+        cut = max(len(self.held) - self.longest, 0)
+        events += self._write(kind, self.held[:cut])
+        self.held = self.held[cut:]
+        return events
+
+    def release(self) -> list[tuple[str, dict]]:
+        """The held text, written out: a tool call or the other kind of text follows."""
+        text, self.held = self.held, ""
+        return self._write(self.held_kind, text)
+
+    def json(self, partial: str) -> tuple[str, dict]:
+        return self._delta({"type": "input_json_delta", "partial_json": partial})
+
+    def end(self, finish: str | None) -> tuple[list[tuple[str, dict]], str | None]:
+        """The last events (held text less the stop sequence that ended it, the last stop) and
+        that sequence (None: none did)."""
+        stop_sequence = None
+        if self.stops and finish == "stop":
+            self.held, stop_sequence = _cut_stop(self.held, self.stops)
+        return [*self.release(), *self.stop()], stop_sequence
 
 
 async def _events(
@@ -254,44 +309,36 @@ async def _events(
     stops: list[str],
     num_prompt: int,
 ) -> AsyncIterator[tuple[str, dict]]:
-    """Chat chunks → message_start, ping, content blocks (text_delta, input_json_delta),
-    message_delta (stop_reason, usage), message_stop. NOTE: prefix-cache hits are known only at
-    the end: message_start counts every prompt token as input, message_delta splits them."""
+    """Chat chunks → message_start, ping, content blocks (thinking_delta + signature_delta,
+    text_delta, input_json_delta), message_delta (stop_reason, usage), message_stop. NOTE:
+    prefix-cache hits are known only at the end: message_start counts every prompt token as
+    input, message_delta splits them."""
     start = AnthropicResponse(
         id=msg_id, model=model, content=[], stop_reason=None, usage=_usage(num_prompt, 0, 0)
     )
     yield "message_start", {"type": "message_start", "message": start.model_dump()}
     yield "ping", {"type": "ping"}
-    blocks, finish, usage = _Blocks(), None, None
-    held, longest = "", max(map(len, stops), default=0)  # a stop sequence is held back
+    blocks, finish, usage = _Blocks(stops), None, None
     async with aclosing(chunks):
         async for chunk in chunks:
             if chunk.usage is not None and not chunk.choices:
                 usage = chunk.usage
             for c in chunk.choices:
-                if c.delta.content:
-                    held += c.delta.content
-                    cut = max(len(held) - longest, 0)
-                    for event in blocks.text(held[:cut]):
-                        yield event
-                    held = held[cut:]
+                events = blocks.feed("thinking", c.delta.reasoning)
+                events += blocks.feed("text", c.delta.content)
                 for call in c.delta.tool_calls or []:
                     if call.id is not None:
-                        for event in blocks.text(held):
-                            yield event
-                        held = ""
                         tool_id = call.id.replace("call_", "toolu_", 1)
                         block = {"type": "tool_use", "id": tool_id, "name": call.function.name,
                                  "input": {}}  # fmt: skip
-                        for event in blocks.start(block):
-                            yield event
+                        events += [*blocks.release(), *blocks.start(block)]
                     if call.function.arguments:
-                        yield blocks.json(call.function.arguments)
+                        events.append(blocks.json(call.function.arguments))
+                for event in events:
+                    yield event
                 finish = c.finish_reason or finish
-    stop_sequence = None
-    if stops and finish == "stop":
-        held, stop_sequence = _cut_stop(held, stops)
-    for event in [*blocks.text(held), *blocks.stop()]:
+    events, stop_sequence = blocks.end(finish)
+    for event in events:
         yield event
     reason = "stop_sequence" if stop_sequence else STOP_REASONS.get(finish or "", "end_turn")
     prompt = usage.prompt_tokens if usage else 0

@@ -60,17 +60,44 @@ def stored_items(req: ResponsesRequest) -> list[dict[str, Any]]:
                         "call_id": item.call_id, "output": item.text,
                         "status": "completed"})  # fmt: skip
         else:
-            out.append({"type": "reasoning", "id": item.id or _id("rs"), "summary": []})
+            summary = [{"type": p.type, "text": p.text} for p in item.summary]
+            stored = {"type": "reasoning", "id": item.id or _id("rs"), "summary": summary}
+            if item.content is not None:
+                stored["content"] = [{"type": p.type, "text": p.text} for p in item.content]
+            out.append(stored)
     return out
 
 
-def chat_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _reasoning_text(item: dict[str, Any]) -> str:
+    """A stored reasoning item's text: its content, or its summary where it has no content."""
+    return "\n".join(p["text"] for p in item.get("content") or item["summary"])
+
+
+def _thinking_turn(message: dict[str, Any]) -> bool:
+    """An assistant turn that so far holds only reasoning (the items after it fill it in)."""
+    return message["role"] == "assistant" and "reasoning_content" in message and not (
+        message["content"] or message.get("tool_calls"))  # fmt: skip
+
+
+def chat_messages(items: list[dict[str, Any]], reasoning: bool = False) -> list[dict[str, Any]]:
     """Stored items → chat messages: function calls join the assistant turn before them, their
-    outputs become tool messages; reasoning items are not shown again."""
+    outputs become tool messages; with `reasoning` (a reasoning parser is set) a reasoning item
+    opens the assistant turn that follows it as its reasoning_content, else it is dropped."""
     out: list[dict[str, Any]] = []
     for it in items:
-        if it["type"] == "message":
+        if it["type"] == "reasoning":
+            text = _reasoning_text(it)
+            if not (reasoning and text):
+                continue
+            if out and _thinking_turn(out[-1]):
+                out[-1]["reasoning_content"] += "\n" + text
+            else:
+                out.append({"role": "assistant", "content": "", "reasoning_content": text})
+        elif it["type"] == "message":
             text = "".join(p.get("text") or "" for p in it["content"])
+            if it["role"] == "assistant" and out and _thinking_turn(out[-1]):
+                out[-1]["content"] = text
+                continue
             out.append({"role": it["role"], "content": text})
         elif it["type"] == "function_call":
             call = {"id": it["call_id"], "type": "function",
@@ -83,9 +110,12 @@ def chat_messages(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_chat(req: ResponsesRequest, items: list[dict[str, Any]]) -> ChatCompletionRequest:
-    """The chat request that generates this response: instructions, history, tools, format."""
-    messages = chat_messages(items)
+def to_chat(
+    req: ResponsesRequest, items: list[dict[str, Any]], reasoning: bool = False
+) -> ChatCompletionRequest:
+    """The chat request that generates this response: instructions, history (reasoning items
+    too, with `reasoning`), tools, format."""
+    messages = chat_messages(items, reasoning)
     if req.instructions:
         messages.insert(0, {"role": "system", "content": req.instructions})
     body: dict[str, Any] = {**vllm_extras(req), "model": req.model, "messages": messages,
@@ -136,6 +166,13 @@ def _message(text: str, status: str = "completed", item_id: str | None = None) -
             "role": "assistant", "content": [part] if status == "completed" else []}  # fmt: skip
 
 
+def _reasoning(text: str, status: str = "completed", item_id: str | None = None) -> dict:
+    """A reasoning item: the parser's text as reasoning_text content (no summary is made)."""
+    content = [{"type": "reasoning_text", "text": text}] if status == "completed" else []
+    return {"type": "reasoning", "id": item_id or _id("rs"), "summary": [], "content": content,
+            "status": status}  # fmt: skip
+
+
 def _call(call_id: str, name: str, arguments: str, status: str = "completed") -> dict:
     return {"type": "function_call", "id": _id("fc"), "call_id": call_id, "name": name,
             "arguments": arguments, "status": status}  # fmt: skip
@@ -161,7 +198,7 @@ class ServingResponses:
                     prev = req.previous_response_id
                     raise _not_found("Previous response", prev, "previous_response_id")
                 history = found
-            chat_req = to_chat(req, history + items)
+            chat_req = to_chat(req, history + items, self.chat.reasoning is not None)
         except APIError as e:
             return e
         result = await self.chat.create(chat_req)
@@ -171,8 +208,9 @@ class ServingResponses:
         base = self._base(req)
         if isinstance(result, ChatCompletionResponse):
             choice = result.choices[0]
-            output = []
-            if choice.message.content or not choice.message.tool_calls:
+            reasoning = choice.message.reasoning
+            output = [_reasoning(reasoning)] if reasoning else []
+            if choice.message.content or not (choice.message.tool_calls or reasoning):
                 output.append(_message(choice.message.content or ""))
             for c in choice.message.tool_calls or []:
                 output.append(_call(c.id, c.function.name, c.function.arguments))
@@ -251,7 +289,8 @@ class ServingResponses:
                             u.prompt_tokens_details) else 0  # fmt: skip
                         usage = _usage(u.prompt_tokens, cached, u.completion_tokens)
                     for c in chunk.choices:
-                        for event in stream.feed(c.delta.content, c.delta.tool_calls):
+                        delta = c.delta
+                        for event in stream.feed(delta.reasoning, delta.content, delta.tool_calls):
                             yield event
                         finish = c.finish_reason or finish
             for event in stream.close(empty_message=not stream.output):
@@ -315,7 +354,7 @@ class _ItemStream:
         self.seq = 0
         self.output: list[dict] = []
         self.open: dict | None = None  # the item being streamed
-        self.text = ""  # the open message's text so far
+        self.text = ""  # the open message's or reasoning item's text so far
 
     def event(self, event_type: str, **data: Any) -> tuple[str, dict]:
         out = {"type": event_type, **data, "sequence_number": self.seq}
@@ -332,15 +371,27 @@ class _ItemStream:
         self.open, self.text = item, ""
         index = len(self.output)
         events.append(self.event("response.output_item.added", output_index=index, item=item))
+        part = None
         if item["type"] == "message":
             part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        elif item["type"] == "reasoning":
+            part = {"type": "reasoning_text", "text": ""}
+        if part is not None:
             where = self._where()
             events.append(self.event("response.content_part.added", **where, content_index=0,
                                      part=part))  # fmt: skip
         return events
 
-    def feed(self, content: str | None, calls: list | None) -> list[tuple[str, dict]]:
+    def feed(
+        self, reasoning: str | None, content: str | None, calls: list | None
+    ) -> list[tuple[str, dict]]:
         events = []
+        if reasoning:
+            if self.open is None or self.open["type"] != "reasoning":
+                events += self._start(_reasoning("", "in_progress"))
+            self.text += reasoning
+            delta = dict(content_index=0, delta=reasoning)
+            events.append(self.event("response.reasoning_text.delta", **self._where(), **delta))
         if content:
             if self.open is None or self.open["type"] != "message":
                 events += self._start(_message("", "in_progress"))
@@ -366,6 +417,12 @@ class _ItemStream:
             done = _message(self.text, item_id=item["id"])
             text = dict(content_index=0, text=self.text, logprobs=[])
             events.append(self.event("response.output_text.done", **where, **text))
+            part = dict(content_index=0, part=done["content"][0])
+            events.append(self.event("response.content_part.done", **where, **part))
+        elif item["type"] == "reasoning":
+            done = _reasoning(self.text, item_id=item["id"])
+            text = dict(content_index=0, text=self.text)
+            events.append(self.event("response.reasoning_text.done", **where, **text))
             part = dict(content_index=0, part=done["content"][0])
             events.append(self.event("response.content_part.done", **where, **part))
         else:

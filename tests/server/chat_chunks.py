@@ -18,9 +18,10 @@ def chunk(
     call: tuple[str | None, str | None, str] | None = None,
     finish: str | None = None,
     usage: tuple[int, int, int] | None = None,
+    reasoning: str | None = None,
 ) -> ChatCompletionChunk:
-    """A content delta, a tool-call delta (id, name, arguments), a finish, or the usage chunk
-    (prompt, completion, cached tokens)."""
+    """A content delta, a tool-call delta (id, name, arguments), a finish, the usage chunk
+    (prompt, completion, cached tokens), or a reasoning delta (with --reasoning-parser)."""
     head = {"id": "c", "created": 0, "model": "m"}
     if usage is not None:
         details = PromptTokensDetails(cached_tokens=usage[2])
@@ -32,6 +33,8 @@ def chunk(
         cid, name, args = call
         fn = DeltaFunction(name=name, arguments=args)
         calls = [DeltaToolCall(index=0, id=cid, type="function" if cid else None, function=fn)]
-    delta = DeltaMessage(content=content, tool_calls=calls)
+    delta = DeltaMessage(
+        content=content, tool_calls=calls, reasoning=reasoning, reasoning_content=reasoning
+    )
     choice = ChatStreamChoice(index=0, delta=delta, finish_reason=finish)
     return ChatCompletionChunk(**head, choices=[choice])

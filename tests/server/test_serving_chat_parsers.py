@@ -8,70 +8,14 @@ import json
 from typing import Any
 
 import pytest
-from parser_cases import WEATHER, template
+from parser_cases import WEATHER
+from scripted_engine import serving
 
-from scheduler.outputs import CompletionOutput, RequestOutput
-from server.config import ServerConfig
 from server.errors import APIError
 from server.flags import configs, make_parser
-from server.limits import ServingLimits
-from server.offload import Offload
 from server.protocol import ChatCompletionRequest
-from server.serving_chat import OpenAIServingChat
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class _Stream:
-    """One request's outputs: the reply one character at a time, then finish "stop"."""
-
-    def __init__(self, request_id: str, prompt: list[int], reply: str) -> None:
-        self.outputs = [
-            RequestOutput(
-                request_id,
-                prompt,
-                [
-                    CompletionOutput(
-                        0, ch, [k], None, k + 1, "stop" if k == len(reply) - 1 else None
-                    )
-                ],
-                k == len(reply) - 1,
-            )
-            for k, ch in enumerate(reply)
-        ]
-
-    def __aiter__(self) -> _Stream:
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if not self.outputs:
-            raise StopAsyncIteration
-        return self.outputs.pop(0)
-
-    def close(self) -> None:
-        self.outputs = []
-
-
-class ScriptedEngine:
-    """What the server reads of AsyncEngine, with a real tokenizer and a scripted reply."""
-
-    def __init__(self, tokenizer: Any, reply: str) -> None:
-        self.tokenizer = tokenizer
-        self.reply = reply
-        self.model_name = "scripted"
-        self.default_sampling_params: dict[str, Any] = {}
-        self.max_model_len = 8192
-        self.requests: list[tuple[list[int], Any]] = []  # (prompt ids, SamplingParams)
-
-    def num_waiting(self) -> int:
-        return 0
-
-    async def prepare(self, params: list[Any]) -> None:
-        """AsyncEngine compiles grammars here; the requests record what would compile."""
-
-    def generate(self, request_id: str, prompt: list[int], params: Any) -> _Stream:
-        self.requests.append((prompt, params))
-        return _Stream(request_id, prompt, self.reply)
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +23,6 @@ def tokenizer(smollm2_gguf):
     from model.tokenizer import load_tokenizer
 
     return load_tokenizer(smollm2_gguf)
-
-
-def serving(tokenizer, reply: str, tmpl: str, **flags: Any) -> tuple[OpenAIServingChat, Any]:
-    engine = ScriptedEngine(tokenizer, reply)
-    config = ServerConfig(chat_template=template(tmpl), limits=ServingLimits(), **flags)
-    return OpenAIServingChat(engine, config, Offload(1)), engine
 
 
 USER = [{"role": "user", "content": "What is the weather in Paris?"}]
