@@ -71,8 +71,10 @@ def free_port() -> int:
 def llama_runs(binary: str, gguf: str, prompts: list[list[int]]) -> list[tuple[list, list]]:
     port = free_port()
     cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-t", "2", "-c", "4096"]
-    log = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "int8-numerics-llama.log"), "w")  # noqa: SIM115
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    log_path = REPO / "benchmarks/results/int8-numerics-llama.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600  # a loaded 2-core host takes minutes to warm up
