@@ -54,9 +54,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def resolve_activation_dtype(
     activation_dtype: str, path: str, quantization: str | None, device: torch.device, dtype
 ) -> str:
-    """auto: int8 where its kernels serve (packed weights: a GGUF's own, or --quantization int8 /
-    int4 as Q8_0 / Q4_1 blocks; CPU, float32) and are faster than float32's (the 16-row panels
-    of an AVX512-VNNI build; row by row, AVX2 measured 0.5-0.8x of float32), else float32."""
+    """float32 unless int8 is asked for; int8 needs packed weights (a GGUF's own, or
+    --quantization int8 / int4 as Q8_0 / Q4_1 blocks) on CPU in float32 with the C kernels.
+
+    NOTE: auto stays float32 for now: on the int8 path a decode step served by decode.c and the
+    same token in a mixed step served by the torch modules round their activations apart (an
+    attention rounding difference flips an int8 rounding), so a greedy reply can change with
+    the batch it shares; float32 differs there by ~1e-5 only (benchmarks/README.md)."""
     packed = quantization in ("int8", "int4") or (path.endswith(".gguf") and quantization is None)
     int8 = packed and device.type == "cpu" and dtype == torch.float32 and kernels.load() is not None
     if activation_dtype == "int8" and not int8:
@@ -66,10 +70,7 @@ def resolve_activation_dtype(
             f"{path}, quantization {quantization}, device "
             f"{device}, dtype {dtype}, kernels {'on' if kernels.load() else 'off'})"
         )
-    if activation_dtype == "auto":
-        fast = int8 and kernels.load().px_supported(2)  # 2: Q4_0, which every panel build has
-        return "int8" if fast else "float32"
-    return activation_dtype
+    return "int8" if activation_dtype == "int8" else "float32"
 
 
 def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = False):

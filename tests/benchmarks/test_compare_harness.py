@@ -17,9 +17,14 @@ from bench_helpers import BENCHMARKS
 
 # Small KV cache and context: the tiny model must start fast and alongside other tests.
 TOKENMILL_ARGS = "--kv-cache-memory 32MiB --max-model-len 512 --log-level warning"
+# NOTE: on a CPU with AMX, the default build's AMX matmul crashes (SIGSEGV at the first batch,
+# seen on a Xeon VM); benchmarks/README.md builds build-noamx there, preferred when present
+_TREE = Path.home() / ".cache/llama-server-peer/llama.cpp"
 PEER = os.environ.get(
-    "LLAMA_SERVER", str(Path.home() / ".cache/llama-server-peer/llama.cpp/build/bin/llama-server")
-)
+    "LLAMA_SERVER",
+    str(next((p for p in (_TREE / "build-noamx/bin/llama-server",) if p.exists()),
+             _TREE / "build/bin/llama-server")),
+)  # fmt: skip
 
 
 def gone(pid: int) -> bool:

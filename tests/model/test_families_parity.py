@@ -201,13 +201,13 @@ def test_packed_families_are_refused_by_fused_decode(family_checkpoint, tiny_che
     """decode.c serves the plain Llama layer only: packed weights of every other layer (q/k norm,
     window, soft-cap, GELU, NoPE, partial or scaled rotary, multipliers) stay on the torch path,
     while the Llama-shaped tiny checkpoint, packed the same way, takes decode.c."""
-    from model.layers import gemv
+    from model.layers import kernels
 
     kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
     runner = ModelRunner(str(family_checkpoint(family)), **kw)
     assert runner.model.model.layers[0].mlp.down_proj.quant is not None  # packed, yet refused
     assert runner.fused is None and not runner.model.fits_fused_decode
-    if gemv.load() is not None:  # the C kernels compiled on this machine
+    if kernels.load() is not None:  # the C kernels compiled on this machine
         assert ModelRunner(str(tiny_checkpoint("llama")), **kw).fused is not None
 
 
@@ -215,12 +215,13 @@ def test_packed_families_are_refused_by_fused_decode(family_checkpoint, tiny_che
 def test_yarn_qwen2_decodes_through_decode_c(family_checkpoint) -> None:
     """A Llama-shaped layer with scaled RoPE: decode.c takes the torch cos/sin (yarn's factor
     folded in) and matches the torch layers step by step."""
-    from model.layers import gemv
+    from model.layers import kernels
     from tests.model.test_fused_decode import decode_steps
 
-    if gemv.load() is None:
+    if kernels.load() is None:
         pytest.skip("the C kernels did not compile on this machine")
     kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
+    kw["activation_dtype"] = "float32"  # the exact path: both sides round alike
     runner = ModelRunner(str(family_checkpoint("qwen2_yarn")), **kw)
     assert runner.fused is not None and runner.model.model.rotary_emb.attention_scaling > 1.0
     for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=16):

@@ -101,8 +101,8 @@ def assert_like_int8(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
 
 
 def test_fused_int8_decode_on_the_smollm2_gguf(smollm2_gguf) -> None:
-    runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 26)
-    assert runner.activation_dtype == "int8" and runner.fused is not None
+    runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 26, activation_dtype="int8")
+    assert runner.fused is not None
     prompts = [list(range(1000, 1100)), [1, 2, 3], list(range(2000, 2050))]
     for got, ref in decode_steps(runner, prompts, steps=8):
         assert_like_int8(got, ref, 0.2)

@@ -54,7 +54,7 @@ def test_q8_0_gguf_packed_matches_its_dequantized_weights(family_gguf, family) -
     """Q8_0 tensors stay packed (Phi-3's fused qkv / gate_up split as packed rows) and serve the
     same log-probs as the same file dequantized to float32 (quantization "none")."""
     path = str(family_gguf(family, "q8_0"))
-    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, activation_dtype="float32")
     packed, plain = ModelRunner(path, **kw), ModelRunner(path, quantization="none", **kw)
     for layer in packed.model.model.layers:
         for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):

@@ -99,14 +99,16 @@ def test_prompt_logprobs_survive_preemption_and_a_one_token_prompt(
 def test_one_token_chunks_score_through_the_decode_kernel_path(tiny_checkpoint, assert_pool_free):
     """With a 2-token budget beside a decoding request, every step is decode-shaped (decode.c on
     packed weights): the prompt scores as in one torch-path prefill."""
-    engine = make_engine(tiny_checkpoint, quantization="int8", max_num_batched_tokens=2)
+    # NOTE: the exact path (float32 activations): decode.c and the torch layers round alike
+    exact = {"quantization": "int8", "activation_dtype": "float32"}
+    engine = make_engine(tiny_checkpoint, max_num_batched_tokens=2, **exact)
     if engine.runner.fused is None:
         pytest.skip("no C compiler: decode.c is not built")
     prompt = [300 + 11 * i for i in range(9)]
     engine.add_request("decoding", [5], SamplingParams(max_tokens=12, ignore_eos=True))
     engine.add_request("p", prompt, SamplingParams(max_tokens=1, prompt_logprobs=2))
     fused = drain(engine)["p"]
-    alone = make_engine(tiny_checkpoint, quantization="int8")
+    alone = make_engine(tiny_checkpoint, **exact)
     alone.add_request("p", prompt, SamplingParams(max_tokens=1, prompt_logprobs=2))
     ref = drain(alone)["p"]
     assert fused[0] is None and len(fused) == len(ref) == len(prompt)
