@@ -16,6 +16,7 @@ from e2e_helpers import TINY_ARGS, TINY_NAME
 pytestmark = pytest.mark.timeout(240)
 
 PROBE_EVERY_S = 0.01  # open loop: a stall delays every probe due during it, not only one
+MIN_PROBES = 50  # a load that ends sooner is probed on to here: a 30 ms stall still tops p99
 
 
 def schema(i: int) -> dict:
@@ -42,7 +43,7 @@ class Probe(threading.Thread):
     async def _main(self) -> None:
         async with httpx.AsyncClient(timeout=30) as client:
             tasks, due = [], time.perf_counter()
-            while not self.stop.is_set():
+            while not (self.stop.is_set() and len(tasks) >= MIN_PROBES):
                 tasks.append(asyncio.ensure_future(self._one(client, due)))
                 due += PROBE_EVERY_S
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))  # NOTE: pacing
@@ -75,6 +76,6 @@ def test_health_stays_fast_while_24_new_schemas_compile(launch_server, tiny_mode
         probe.stop.set()
         probe.join(60)
     assert [r.status_code for r in replies] == [200] * 24, [r.text for r in replies][:3]
-    assert set(probe.statuses) == {200} and len(probe.latencies) >= 50
+    assert set(probe.statuses) == {200} and len(probe.latencies) >= MIN_PROBES
     p99 = statistics.quantiles(probe.latencies, n=100)[98]
     assert p99 < 0.1, f"/health p99 {p99 * 1000:.0f} ms (max {max(probe.latencies) * 1000:.0f})"

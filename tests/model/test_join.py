@@ -75,10 +75,11 @@ def test_wrong_secret_is_refused_and_the_head_waits_for_the_right_one(caplog) ->
         with pytest.raises(PermissionError, match="refused this node: rank 1 already joined"):
             node(port)  # the group formed: the guard refuses
         guard.stop()
-    refusals = [r.getMessage() for r in caplog.records]
-    assert [m.split(": ", 1)[0] for m in refusals] == [
-        f"refused a node joining 127.0.0.1:{port} (attempt {n})" for n in (1, 2, 4)
-    ]
+    refusals = [r.getMessage().split(": ", 1)[0] for r in caplog.records]
+    prefix = f"refused a node joining 127.0.0.1:{port} (attempt "
+    # the two wrong secrets, then the late join (which may retry once the guard closes on it)
+    assert refusals[:3] == [f"{prefix}{n})" for n in (1, 2, 4)]
+    assert all(m.startswith(prefix) for m in refusals[3:]) and len(refusals) <= 4
     assert not any(SECRET in m or "not-it" in m for m in refusals)
 
 
