@@ -3,7 +3,7 @@
  * Decode multiplies one (or a few) activation rows by every weight matrix, so it is bound by
  * reading the weights from memory once. Each thread streams a contiguous range of weight rows
  * and keeps the x rows in L1; on the 2-core test machine this reads ~30 GB/s where oneDNN's
- * GEMV reads ~20 GB/s. Compiled at run time by model/layers/gemv.py (-O3 -march=native
+ * GEMV reads ~20 GB/s. Compiled at run time by model/layers/kernels.py (-O3 -march=native
  * -fopenmp) and linked against the OpenMP runtime torch already loaded (same libgomp.so.1).
  * torch's F.linear is the oracle: tests/model/test_gemv.py compares the two.
  */
