@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model.layers import kernels  # noqa: E402
-from model.layers.qdot import BlockTensor, _block, qx_linear  # noqa: E402
+from model.layers.qdot import BlockTensor, qx_linear  # noqa: E402
 from model.layers.quant import from_gguf_blocks, qlinear  # noqa: E402
+from tests.model.test_qdot import random_blocks  # noqa: E402  (the tests' random GGUF blocks)
 
 SHAPES = [  # (GGUF type, out, in): SmolLM2's gate/up and head, the 1B model's gate/up and down
     ("Q4_1", 1536, 576),
@@ -32,19 +32,6 @@ SHAPES = [  # (GGUF type, out, in): SmolLM2's gate/up and head, the 1B model's g
     ("Q4_K", 8192, 2048),
     ("Q6_K", 2048, 8192),
 ]
-F16_FIELDS = {"Q4_0": [0], "Q4_1": [0, 2], "Q8_0": [0], "Q4_K": [0, 2], "Q6_K": [208]}
-
-
-def random_blocks(kind: str, rows: int, cols: int) -> torch.Tensor:
-    """[rows, row_bytes] random blocks whose float16 scales are small normal numbers."""
-    values, size = _block(kind)
-    rng = np.random.default_rng(0)
-    raw = rng.integers(0, 256, size=(rows * cols // values, size), dtype=np.uint8)
-    for off in F16_FIELDS[kind]:
-        raw[:, off : off + 2] = (
-            rng.uniform(0.001, 0.02, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        )
-    return torch.from_numpy(raw.reshape(rows, -1))
 
 
 def cpu_ms(fn, n: int) -> float:
@@ -69,7 +56,7 @@ def main() -> None:
     print("| type | out x in | rows | int8 ms | float32 ms | int8 speed-up |")
     print("|---|---|---:|---:|---:|---:|")
     for kind, rows, cols in SHAPES:
-        raw = random_blocks(kind, rows, cols)
+        raw = random_blocks(kind, rows, cols, seed=0)
         blocks = BlockTensor([(kind, raw.clone())], cols).pack()
         packed = from_gguf_blocks(kind, raw.numpy(), rows, cols)
         for m in (1, 4, 16, 64):

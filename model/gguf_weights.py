@@ -432,7 +432,7 @@ class GGUFCheckpoint:
             out = BlockTensor([(kind, data)], cols)
             if heads is None:
                 return out
-            return permute_block_rows(out, unpermute_qk(torch.arange(rows)[:, None], heads)[:, 0])
+            return permute_block_rows(out, lambda r: unpermute_qk(r, heads))
         if packed and kind in PACKED_TYPES and len(t.shape) == 2:
             cols, rows = (int(n) for n in t.shape)
             return GGUFQuantTensor(kind, t.data.reshape(rows, -1), rows, cols, heads)

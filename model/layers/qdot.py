@@ -186,9 +186,11 @@ def pad_block_rows(t: BlockTensor, rows: int) -> BlockTensor:
     )
 
 
-def permute_block_rows(t: BlockTensor, idx: torch.Tensor) -> BlockTensor:
-    """Rows reordered by `idx` (llama's Q/K un-permutation): whole rows of blocks move."""
+def permute_block_rows(t: BlockTensor, fn) -> BlockTensor:
+    """quant.permute_rows for GGUF blocks: a row permutation written for float tensors
+    (`fn(rows_tensor) -> rows_tensor`, llama's Q/K un-permutation) moves whole rows of blocks."""
     ((kind, data),) = t.parts
+    idx = fn(torch.arange(data.shape[0]).unsqueeze(1)).squeeze(1)
     return BlockTensor([(kind, data[idx].contiguous())], t.cols)
 
 

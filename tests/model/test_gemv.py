@@ -99,6 +99,16 @@ def test_disabled_by_environment(tmp_path) -> None:
     assert out.stdout.split() == ["True", "0"]
 
 
+def run_without_compiler(tmp_path, code: str) -> list[str]:
+    """`code` in a fresh interpreter that finds no C compiler: its first two output lines."""
+    env = {"TOKENMILL_CACHE_DIR": str(tmp_path), "PATH": str(tmp_path), "CC": ""}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split("\n")[:2]
+
+
 def test_no_compiler_falls_back(tmp_path) -> None:
     """Without a C compiler the kernel is simply absent and dense() still computes."""
     code = (
@@ -107,12 +117,7 @@ def test_no_compiler_falls_back(tmp_path) -> None:
         "l = RowParallelLinear(8, 4); torch.nn.init.ones_(l.weight);"
         "print(dense(l, torch.ones(1, 8), l.weight, None).tolist())"
     )
-    env = {"TOKENMILL_CACHE_DIR": str(tmp_path), "PATH": str(tmp_path), "CC": ""}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["True", "[[8.0, 8.0, 8.0, 8.0]]"]
+    assert run_without_compiler(tmp_path, code) == ["True", "[[8.0, 8.0, 8.0, 8.0]]"]
 
 
 def test_no_compiler_dequantizes_packed_weights_once(tmp_path) -> None:
@@ -126,12 +131,7 @@ def test_no_compiler_dequantizes_packed_weights_once(tmp_path) -> None:
         "x = torch.ones(1, 32); ref = torch.nn.functional.linear(x, q.dequantize());"
         "print(torch.equal(dense(l, x, l.weight, None), ref))"
     )
-    env = {"TOKENMILL_CACHE_DIR": str(tmp_path), "PATH": str(tmp_path), "CC": ""}
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["True True", "True"]
+    assert run_without_compiler(tmp_path, code) == ["True True", "True"]
 
 
 def test_unwritable_cache_falls_back(tmp_path) -> None:
