@@ -68,9 +68,12 @@ class StepInput:
     context_lens: list[int]  # [num_seqs] tokens in KV for each sequence after this step
     block_tables: list[list[int]]  # [num_seqs][num_blocks_of_seq]
     sample_indices: list[int]  # sequences (index into query_lens) whose last token samples
-    sampling: list[SamplingRow] = field(default_factory=list)  # [len(sample_indices)]
+    sampling: list[SamplingRow] = field(default_factory=list)  # [num_sample_rows]
     prompt_logprobs: list[PromptLogprobRow] = field(default_factory=list)
     pooling: list[PoolingRow] = field(default_factory=list)
+    # [len(sample_indices)] how many of each sampling sequence's last tokens sample: 1 + its draft
+    # tokens when it speculates (every row is verified in this one step); []: one each
+    num_sampled: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +82,21 @@ class StepInput:
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+    @property
+    def num_sample_rows(self) -> int:
+        return sum(self.num_sampled) if self.num_sampled else len(self.sample_indices)
+
+    def sample_rows(self) -> list[int]:
+        """The token rows whose logits sample, in sampling-row order (a sequence's adjacent)."""
+        ends = list(itertools.accumulate(self.query_lens))
+        if not self.num_sampled:
+            return [ends[i] - 1 for i in self.sample_indices]
+        return [
+            r
+            for i, n in zip(self.sample_indices, self.num_sampled, strict=True)
+            for r in range(ends[i] - n, ends[i])
+        ]
 
 
 @dataclass(slots=True)
@@ -93,8 +111,8 @@ class TokenLogprob:
 
 @dataclass(slots=True)
 class StepOutput:
-    token_ids: list[int]  # [len(sample_indices)] sampled token per sampling row
-    logprobs: list[TokenLogprob | None]  # [len(sample_indices)] None where the row asked none
+    token_ids: list[int]  # [num_sample_rows] sampled token per sampling row
+    logprobs: list[TokenLogprob | None]  # [num_sample_rows] None where the row asked none
     prompt_logprobs: list[list[TokenLogprob]] = field(default_factory=list)  # per prompt row
     # per pooling row (rank 0): LAST/CLS the token's hidden state ([] if not in this chunk),
     # MEAN the sum over the chunk's hidden states
@@ -103,10 +121,10 @@ class StepOutput:
 
 # ── the wire form of a step (rank 0 → the other ranks): fixed schema, no pickle ──────────────
 # magic, then the counts (num_tokens, num_seqs, block ids in all tables, sample_indices, prompt
-# logprob rows, their target ids, pooling rows, bytes of the sampling rows' JSON), then int64
-# arrays in a fixed order, then the JSON.
-STEP_MAGIC = b"TMS2"
-_HEADER = struct.Struct("<4s8Q")
+# logprob rows, their target ids, pooling rows, num_sampled (0 or sample_indices), bytes of the
+# sampling rows' JSON), then int64 arrays in a fixed order, then the JSON.
+STEP_MAGIC = b"TMS3"
+_HEADER = struct.Struct("<4s9Q")
 POOLING_TYPES = ("LAST", "MEAN", "CLS")  # by their wire code; model/pooler.py takes these
 MAX_STEP_BYTES = 1 << 30  # a step larger than this is refused before anything is allocated
 _INT_FIELDS = ("top_k", "sample_index", "step")
@@ -124,7 +142,7 @@ def encode_step(step: StepInput) -> bytes:
     targets = sum(len(r.target_ids) for r in plps)
     head = _HEADER.pack(STEP_MAGIC, step.num_tokens, step.num_seqs, sum(map(len, tables)),
                         len(step.sample_indices), len(plps), targets, len(step.pooling),
-                        len(rows))  # fmt: skip
+                        len(step.num_sampled), len(rows))  # fmt: skip
     ints = [*step.input_ids, *step.positions, *step.slot_mapping, *step.query_lens,
             *step.context_lens, *map(len, tables), *itertools.chain.from_iterable(tables),
             *step.sample_indices]  # fmt: skip
@@ -133,6 +151,7 @@ def encode_step(step: StepInput) -> bytes:
     ints += itertools.chain.from_iterable(r.target_ids for r in plps)
     for r in step.pooling:
         ints += [r.seq_index, POOLING_TYPES.index(r.pooling_type), r.is_first, r.is_last]
+    ints += step.num_sampled
     return head + np.asarray(ints, dtype=_INT64).tobytes() + rows
 
 
@@ -144,11 +163,13 @@ def decode_step(payload: bytes) -> StepInput:
     if len(payload) < _HEADER.size:
         raise ValueError(f"step payload of {len(payload)} bytes < its {_HEADER.size}-byte header")
     (magic, num_tokens, num_seqs, num_ids, num_samples, num_plp, num_targets, num_pool,
-     json_len) = _HEADER.unpack_from(payload)  # fmt: skip
+     num_counts, json_len) = _HEADER.unpack_from(payload)  # fmt: skip
     if magic != STEP_MAGIC:
         raise ValueError(f"step payload starts with {magic!r}, not {STEP_MAGIC!r}")
+    if num_counts not in (0, num_samples):
+        raise ValueError(f"step has {num_counts} num_sampled for {num_samples} sample_indices")
     counts = (num_tokens,) * 3 + (num_seqs,) * 3 + (num_ids, num_samples)
-    counts += (4 * num_plp, num_targets, 4 * num_pool)
+    counts += (4 * num_plp, num_targets, 4 * num_pool, num_counts)
     num_ints = sum(counts)
     want = _HEADER.size + 8 * num_ints + json_len
     if want != len(payload):
@@ -165,14 +186,18 @@ def decode_step(payload: bytes) -> StepInput:
         raise ValueError(f"step block table lengths do not sum to its {num_ids} block ids")
     if ((samples < 0) | (samples >= num_seqs)).any():
         raise ValueError(f"step sample_indices out of [0, {num_seqs})")
+    num_sampled = parts[11]
+    if num_counts and ((num_sampled < 1) | (num_sampled > query_lens[samples])).any():
+        raise ValueError("step num_sampled out of [1, the sequence's query_len]")
+    num_rows = int(num_sampled.sum()) if num_counts else num_samples
     bounds = np.concatenate(([0], np.cumsum(table_lens))).tolist()
     flat = block_ids.tolist()
     try:
         rows = json.loads(payload[len(payload) - json_len :].decode())
     except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
         raise ValueError(f"step sampling rows are not JSON: {e}") from None
-    if not isinstance(rows, list) or len(rows) not in (0, num_samples):
-        raise ValueError(f"step sampling rows are not a list of 0 or {num_samples} rows")
+    if not isinstance(rows, list) or len(rows) not in (0, num_rows):
+        raise ValueError(f"step sampling rows are not a list of 0 or {num_rows} rows")
     return StepInput(
         input_ids=ids.tolist(),
         positions=pos.tolist(),
@@ -184,6 +209,7 @@ def decode_step(payload: bytes) -> StepInput:
         sampling=[_row_from_json(r) for r in rows],
         prompt_logprobs=prompt_rows,
         pooling=pooling,
+        num_sampled=num_sampled.tolist(),
     )
 
 

@@ -270,10 +270,10 @@ class ModelRunner:
 
     def check_step(self, step: StepInput) -> None:
         """Raise ValueError on a malformed step (before any rank starts on it)."""
-        if self.parallel.is_first and len(step.sampling) != len(step.sample_indices):
+        if self.parallel.is_first and len(step.sampling) != step.num_sample_rows:
             raise ValueError(
-                f"step has {len(step.sample_indices)} sample_indices but "
-                f"{len(step.sampling)} sampling rows"
+                f"step has {len(step.sample_indices)} sample_indices but {len(step.sampling)} "
+                f"sampling rows ({step.num_sample_rows} wanted)"
             )
         self._check(step)
 
@@ -304,7 +304,7 @@ class ModelRunner:
             )
 
     def compute_logits(self, step: StepInput) -> torch.Tensor:
-        """Run the batched forward (writing K/V) -> [len(sample_indices), vocab] float32 logits.
+        """Run the batched forward (writing K/V) -> [num_sample_rows, vocab] float32 logits.
 
         Under tensor parallelism every rank runs it on the same step (the executor sends it) and
         joins the collectives; only rank 0's logits are non-empty.
@@ -328,11 +328,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.parallel.timer.reset()
         dev = self.device
-        ends, end = [], 0
-        for q in step.query_lens:
-            end += q
-            ends.append(end - 1)
-        rows = [ends[i] for i in step.sample_indices]
+        rows = step.sample_rows()  # NOTE: a speculating sequence samples 1 + its drafts
         path = self.choose_path(step)
         self.last_path = f"{path}_{self.activation_dtype}" if path != "graph" else path
         t1 = time.perf_counter()
@@ -375,7 +371,7 @@ class ModelRunner:
             constraints: grammar masks for some sampling rows (rank 0 only; filled while the
                 forward runs), or None.
         Returns:
-            StepOutput with one sampled token (and optional logprobs) per entry of sample_indices
+            StepOutput with one sampled token (and optional logprobs) per sampling row
             on rank 0; an empty one on the other ranks (they hold no logits and do not sample).
         """
         self.check_step(step)

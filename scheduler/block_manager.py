@@ -232,6 +232,16 @@ class BlockManager:
                 self.cached[hashes[i]] = block.block_id
         seq.num_hashed_blocks = num_full
 
+    def free_tail(self, seq: Sequence) -> int:
+        """Release the blocks past the sequence's tokens: allocated for draft tokens it rejected
+        (never hashed: only full blocks of computed tokens are); returns how many."""
+        keep = -(-seq.num_tokens // self.block_size)
+        tail = seq.block_table[keep:]
+        del seq.block_table[keep:]
+        for b in reversed(tail):
+            self._release(b)
+        return len(tail)
+
     def deallocate(self, seq: Sequence) -> None:
         """Release the sequence's blocks, tail first (evicted first); it keeps 0 computed tokens."""
         for b in reversed(seq.block_table):

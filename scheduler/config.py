@@ -15,6 +15,7 @@ from model.config import DTYPES as DTYPES
 from model.config import QUANTIZATIONS as QUANTIZATIONS
 from model.config import check_engine_args
 from model.hub import is_local_path, resolve_model_path
+from scheduler.spec_decode import SpeculativeConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -70,6 +71,8 @@ class EngineConfig:
     activation_dtype: str = "auto"  # int8: GGUF blocks x 8-bit activations; float32: the oracle
     runner: str = "generate"  # pooling: embeddings, rerank and score instead of generation
     pooler_config: dict[str, Any] | None = None  # pooling_type, normalize over the model's files
+    # vLLM's JSON: {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": n, ...}
+    speculative_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
@@ -83,6 +86,8 @@ class EngineConfig:
             quantization=self.quantization,
             activation_dtype=self.activation_dtype,
         )
+        if self.speculative_config is not None:
+            SpeculativeConfig.from_dict(self.speculative_config)  # raises ValueError, named
 
 
 # NOTE: a CPU decode step is compute-bound well before 32 rows (SmolLM2 on 2 cores: 80 tok/s at 16

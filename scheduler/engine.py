@@ -31,6 +31,7 @@ from scheduler.errors import EngineFatalError, PromptTooLongError, fit_max_token
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from scheduler.scheduler import SampledToken, Scheduler
 from scheduler.sequence import Sequence, SequenceStatus
+from scheduler.spec_decode import SPEC_MAX_ROWS, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -88,13 +89,19 @@ class LLMEngine:
         self.max_num_batched_tokens: int = (
             config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
         )
+        spec = config.speculative_config
+        spec = None if spec is None else SpeculativeConfig.from_dict(spec)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=self.max_num_seqs,
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             eos_token_ids=self.tokenizer.eos_token_ids,
+            speculative_config=spec,
+            spec_max_rows=SPEC_MAX_ROWS[device],
         )
+        if spec is not None:
+            logger.info("speculative decoding: %s", spec)
         self.constraints: ConstraintCompiler | None = None  # made by the first constrained request
         self.requests: dict[str, Request] = {}
         self._lock = threading.Lock()  # guards the two inboxes below (filled from other threads)
@@ -271,7 +278,7 @@ class LLMEngine:
             constraints = None
             try:
                 if self.constraints is not None:  # NOTE: unconstrained servers skip even this
-                    constraints = self.constraints.batch([s.matcher for s in batch.sampling_seqs])
+                    constraints = self.constraints.batch(batch.row_matchers())
                 step_output = self.executor.execute(batch.step_input, constraints)
                 path = self.executor.last_path
                 self.model_steps[path] = self.model_steps.get(path, 0) + 1
@@ -298,7 +305,9 @@ class LLMEngine:
             step_num_tokens=batch.step_input.num_tokens if batch else 0,
             step_time_split=split,
             step_inter_token_latencies=gaps,
+            step_acceptance_lengths=self.scheduler.acceptance_lengths,
         )
+        self.scheduler.acceptance_lengths = []
         return outputs
 
     def _outputs(self, sampled: list[SampledToken], gaps: list[float]) -> list[RequestOutput]:
@@ -306,9 +315,12 @@ class LLMEngine:
         append to `gaps` one inter-token latency per request that already had a token."""
         now = time.monotonic()
         changed: dict[str, list[CompletionOutput]] = {}
-        self.generation_tokens_total += len(sampled)
+        cut: set[int] = set()  # sequences a stop string ended: their later tokens are dropped
         for st in sampled:
             seq, params = st.seq, st.seq.params
+            if id(seq) in cut:
+                continue
+            self.generation_tokens_total += 1
             metrics = seq.metrics
             if seq.request_id not in changed:  # the request's first token of this step
                 if metrics.first_token_time is None:
@@ -318,10 +330,15 @@ class LLMEngine:
                     gaps.append(now - metrics.last_token_time)
             metrics.last_token_time = now
             # a grammar that completes also stops, but its last token is text, not a stop token
-            stopped_by_token = seq.status == SequenceStatus.FINISHED_STOPPED and (
-                seq.matcher is None
-                or st.token_id in params.stop_token_ids
-                or st.token_id in self.tokenizer.eos_token_ids
+            last = st.num_tokens == seq.num_tokens  # NOTE: the step's last token of the sample
+            stopped_by_token = (
+                last
+                and seq.status == SequenceStatus.FINISHED_STOPPED
+                and (
+                    seq.matcher is None
+                    or st.token_id in params.stop_token_ids
+                    or st.token_id in self.tokenizer.eos_token_ids
+                )
             )
             hidden = stopped_by_token and not (
                 params.include_stop_str_in_output and st.token_id in params.stop_token_ids
@@ -329,8 +346,10 @@ class LLMEngine:
             text, stop_str = seq.detokenizer.step([] if hidden else [st.token_id])
             if stop_str is not None:
                 seq.stop_reason = stop_str
+                del seq.token_ids[st.num_tokens :]  # NOTE: accepted draft tokens after it
+                cut.add(id(seq))
                 self.scheduler.finish([seq], SequenceStatus.FINISHED_STOPPED)
-            elif seq.is_finished:
+            elif last and seq.is_finished:
                 text += seq.detokenizer.flush()
             logprobs = None
             if params.logprobs is not None:
@@ -340,7 +359,8 @@ class LLMEngine:
                 end = min(seq.detokenizer.num_returned_tokens, len(seq.output_logprobs))
                 logprobs = seq.output_logprobs[seq.num_logprobs_reported : end] or None
                 seq.num_logprobs_reported = max(end, seq.num_logprobs_reported)
-            changed.setdefault(seq.request_id, []).append(
+            _add_delta(
+                changed.setdefault(seq.request_id, []),
                 CompletionOutput(
                     index=seq.sample_index,
                     text=text,
@@ -349,7 +369,7 @@ class LLMEngine:
                     num_tokens=seq.num_output_tokens,
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
-                )
+                ),
             )
         outputs = []
         for rid, outs in changed.items():
@@ -449,7 +469,7 @@ class LLMEngine:
 
     def get_stats(self) -> SchedulerStats:
         """Pool and queue state now, plus the timing of the last step."""
-        bm = self.block_manager
+        bm, spec = self.block_manager, self.scheduler.spec_stats
         return replace(
             self._last_step,
             num_running=len(self.scheduler.running),
@@ -464,6 +484,9 @@ class LLMEngine:
             model_steps_total=dict(self.model_steps),
             prompt_tokens_total=self.prompt_tokens_total,
             generation_tokens_total=self.generation_tokens_total,
+            spec_decode_num_drafts_total=spec.num_drafts,
+            spec_decode_num_draft_tokens_total=spec.num_draft_tokens,
+            spec_decode_num_accepted_tokens_total=spec.num_accepted_tokens,
         )
 
     def is_healthy(self) -> bool:
@@ -483,6 +506,21 @@ class LLMEngine:
         if self.constraints is not None:
             self.constraints.shutdown()
         self.executor.shutdown()
+
+
+def _add_delta(outs: list[CompletionOutput], out: CompletionOutput) -> None:
+    """Append a sample's delta, or fold it into the sample's previous one of this step (a
+    speculating sequence gets several tokens a step)."""
+    last = outs[-1] if outs else None
+    if last is None or last.index != out.index:
+        outs.append(out)
+        return
+    last.text += out.text
+    last.token_ids += out.token_ids
+    if out.logprobs is not None:
+        last.logprobs = (last.logprobs or []) + out.logprobs
+    last.num_tokens, last.finish_reason = out.num_tokens, out.finish_reason
+    last.stop_reason = out.stop_reason
 
 
 def runner_kwargs(config: EngineConfig) -> dict:

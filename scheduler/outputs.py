@@ -29,6 +29,8 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
+    num_draft_tokens: int = 0  # speculative tokens proposed for it, all samples (llama's draft_n)
+    num_accepted_tokens: int = 0  # of them, accepted (draft_n_accepted)
 
 
 @dataclass(slots=True)
@@ -73,3 +75,7 @@ class SchedulerStats:
     prompt_tokens_total: int = 0  # prompt tokens of requests, counted at their first token
     generation_tokens_total: int = 0  # sampled tokens, all samples, counted every step
     step_inter_token_latencies: list[float] = field(default_factory=list)  # s, one per request
+    spec_decode_num_drafts_total: int = 0  # sequences' verification steps with draft tokens
+    spec_decode_num_draft_tokens_total: int = 0
+    spec_decode_num_accepted_tokens_total: int = 0
+    step_acceptance_lengths: list[int] = field(default_factory=list)  # 1 + accepted, per draft

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from model.inputs import (
     PoolingRow,
@@ -19,6 +19,7 @@ from model.pooler import add_chunk, finish
 from model.sampling_params import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.sequence import Sequence, SequenceStatus
+from scheduler.spec_decode import DraftState, SpecStats, SpeculativeConfig, propose_ngram
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class ScheduledBatch:
     prompt_logprob_seqs: list[Sequence] = field(default_factory=list)  # one per prompt row
     pooling_seqs: list[Sequence] = field(default_factory=list)  # one per pooling row
 
+    def row_matchers(self) -> list:
+        """Each sampling row's grammar matcher (a speculating sequence has none): its seq's."""
+        counts = self.step_input.num_sampled or [1] * len(self.sampling_seqs)
+        seqs = self.sampling_seqs
+        return [s.matcher for s, c in zip(seqs, counts, strict=True) for _ in range(c)]
+
 
 @dataclass(slots=True)
 class SampledToken:
@@ -42,6 +49,7 @@ class SampledToken:
     seq: Sequence
     token_id: int
     logprob: TokenLogprob | None = None
+    num_tokens: int = 0  # the sequence's length with this token (later ones of a step follow it)
 
 
 # the SamplingParams fields a SamplingRow copies as they are (temperature, top_k, ..., seed)
@@ -59,6 +67,8 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: Iterable[int] = (),
+        speculative_config: SpeculativeConfig | None = None,
+        spec_max_rows: int = 0,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -68,6 +78,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.num_preemptions = 0
+        self.speculative_config = speculative_config
+        self.spec_max_rows = spec_max_rows  # no drafts past this many rows in a step
+        self.spec_stats = SpecStats()
+        self.acceptance_lengths: list[int] = []  # 1 + accepted per verified draft, since taken
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -81,6 +95,7 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.PREEMPTED
         seq.pooled = None  # NOTE: a MEAN sum restarts with the recompute
+        seq.draft_token_ids = []
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         logger.debug(
@@ -113,9 +128,21 @@ class Scheduler:
         counts: list[int] = []  # tokens each of `seqs` runs
         budget = self.max_num_batched_tokens
         preempted = i = 0
+        spec_rows = self.spec_max_rows - len(self.running)  # draft rows this step may take
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            seq.draft_token_ids = []
+            if spec_rows > 0 and self.speculative_config is not None:
+                draft = self._propose(seq, n, min(budget - n, spec_rows))
+                if draft and bm.allocate_slots(seq, n + len(draft)) is not None:
+                    seq.draft_token_ids = draft
+                    seqs.append(seq)
+                    counts.append(n + len(draft))
+                    budget -= n + len(draft)
+                    spec_rows -= len(draft)
+                    i += 1
+                    continue
             while bm.allocate_slots(seq, n) is None:
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -150,6 +177,31 @@ class Scheduler:
         self.waiting.extendleft(reversed(held))
         return self._build(seqs, counts, preempted) if seqs else None
 
+    def _propose(self, seq: Sequence, n: int, room: int) -> list[int]:
+        """Draft tokens for a decoding sequence: at most `room`, none past max_tokens or
+        max_model_len; a constrained sequence does not speculate."""
+        spec = self.speculative_config
+        if (
+            n != 1
+            or seq.num_computed_tokens + 1 != seq.num_tokens
+            or seq.num_output_tokens == 0
+            or seq.matcher is not None
+            or seq.pooler is not None
+        ):
+            return []
+        state = seq.draft_state
+        if state is None:
+            state = seq.draft_state = DraftState(spec.num_speculative_tokens)
+        if state.skip:
+            state.skip -= 1
+            return []
+        room = min(room, state.k, self.max_model_len - seq.num_tokens)
+        if seq.max_tokens is not None:
+            room = min(room, seq.max_tokens - seq.num_output_tokens - 1)
+        if room < 1:
+            return []
+        return propose_ngram(seq.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+
     def _build(self, seqs: list[Sequence], counts: list[int], preempted: int) -> ScheduledBatch:
         bs = self.block_manager.block_size
         ids: list[int] = []
@@ -157,14 +209,17 @@ class Scheduler:
         slots: list[int] = []
         context_lens: list[int] = []
         sample_indices: list[int] = []
+        num_sampled: list[int] = []
         rows: list[SamplingRow] = []
         sampling_seqs: list[Sequence] = []
         prompt_rows: list[PromptLogprobRow] = []
         prompt_seqs: list[Sequence] = []
         pooling_rows: list[PoolingRow] = []
         for k, (seq, n) in enumerate(zip(seqs, counts, strict=True)):
+            draft = seq.draft_token_ids  # NOTE: verified after the sequence's own tokens
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(seq.token_ids[start : end - len(draft)])
+            ids.extend(draft)
             positions.extend(range(start, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
@@ -176,9 +231,10 @@ class Scheduler:
                 pooling_rows.append(
                     PoolingRow(k, seq.pooler.pooling_type, start == 0, end == seq.num_tokens)
                 )
-            elif end == seq.num_tokens:
+            elif end - len(draft) == seq.num_tokens:
                 sample_indices.append(k)
-                rows.append(self._sampling_row(seq))
+                num_sampled.append(1 + len(draft))
+                rows.extend(self._sampling_row(seq, j) for j in range(1 + len(draft)))
                 sampling_seqs.append(seq)
         step_input = StepInput(
             input_ids=ids,
@@ -192,6 +248,7 @@ class Scheduler:
             sampling=rows,
             prompt_logprobs=prompt_rows,
             pooling=pooling_rows,
+            num_sampled=num_sampled if len(rows) > len(sample_indices) else [],
         )
         pooling_seqs = [seqs[r.seq_index] for r in pooling_rows]
         return ScheduledBatch(seqs, sampling_seqs, step_input, preempted, prompt_seqs, pooling_seqs)
@@ -207,7 +264,23 @@ class Scheduler:
         targets = seq.token_ids[first + 1 : stop + 1]
         return PromptLogprobRow(k, first - start, targets, seq.params.prompt_logprobs)
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, j: int = 0) -> SamplingRow:
+        """The row of the sequence's next token, or (j > 0) of the token after its first j draft
+        tokens, as it would be once they were accepted: same step, seed and penalty counts."""
+        if j:
+            row = self._sampling_row(seq)
+            draft = seq.draft_token_ids[:j]
+            banned = None
+            if seq.num_output_tokens + j < seq.params.min_tokens:
+                banned = row.banned_token_ids
+            out = row.output_token_ids
+            return replace(
+                row,
+                step=row.step + j,
+                output_token_ids=None if out is None else out + draft,
+                banned_token_ids=banned,
+                seq_key=None,  # NOTE: the sampler counts penalties of these rows from the lists
+            )
         p = seq.params
         banned = None
         if seq.num_output_tokens < p.min_tokens:
@@ -228,24 +301,17 @@ class Scheduler:
         """Advance computed tokens, append sampled ones, cache full blocks, finish and free."""
         bm = self.block_manager
         for seq, n in zip(batch.seqs, batch.step_input.query_lens, strict=True):
-            seq.num_computed_tokens += n
+            seq.num_computed_tokens += n - len(seq.draft_token_ids)  # drafts: once accepted
         for seq, lps in zip(batch.prompt_logprob_seqs, output.prompt_logprobs, strict=True):
             seq.prompt_logprobs.extend(lps)
         if batch.pooling_seqs:
             self._pool(batch.pooling_seqs, output.pooled)
         sampled: list[SampledToken] = []
-        for k, seq in enumerate(batch.sampling_seqs):
-            token = output.token_ids[k]
-            logprob = output.logprobs[k] if output.logprobs else None
-            seq.token_ids.append(token)
-            sampled.append(SampledToken(seq, token, logprob))
-            if seq.matcher is None:
-                self._check_stop(seq, token)
-            else:
-                matched = seq.matcher.accept(token)
-                self._check_stop(seq, token)
-                if not seq.is_finished and (not matched or seq.matcher.is_finished):
-                    seq.status = SequenceStatus.FINISHED_STOPPED  # the grammar is complete
+        counts = batch.step_input.num_sampled or [1] * len(batch.sampling_seqs)
+        at = 0
+        for seq, c in zip(batch.sampling_seqs, counts, strict=True):
+            self._append(seq, output, at, c, sampled)
+            at += c
         for seq in batch.seqs:
             if not seq.is_finished:
                 bm.cache_full_blocks(seq)
@@ -255,6 +321,42 @@ class Scheduler:
                     bm.deallocate(seq)
             self.running = [s for s in self.running if not s.is_finished]
         return sampled
+
+    def _append(
+        self, seq: Sequence, output: StepOutput, at: int, count: int, sampled: list[SampledToken]
+    ) -> None:
+        """Append the sequence's sampled tokens from row `at` on: each row's token, while it
+        equals the draft token the next row was computed after (then that row's K/V is kept)."""
+        draft, accepted = seq.draft_token_ids, 0
+        for j in range(count):
+            token = output.token_ids[at + j]
+            seq.token_ids.append(token)
+            logprob = output.logprobs[at + j] if output.logprobs else None
+            sampled.append(SampledToken(seq, token, logprob, seq.num_tokens))
+            if seq.matcher is None:
+                self._check_stop(seq, token)
+            else:
+                matched = seq.matcher.accept(token)
+                self._check_stop(seq, token)
+                if not seq.is_finished and (not matched or seq.matcher.is_finished):
+                    seq.status = SequenceStatus.FINISHED_STOPPED  # the grammar is complete
+            if j == len(draft) or token != draft[j]:
+                break
+            accepted += 1
+            if seq.is_finished:
+                break
+            seq.num_computed_tokens += 1
+        if draft:
+            seq.draft_token_ids = []
+            k_max = self.speculative_config.num_speculative_tokens
+            seq.draft_state.observe(len(draft), accepted, k_max)
+            self.spec_stats.add(len(draft), accepted)
+            self.acceptance_lengths.append(1 + accepted)
+            if seq.metrics is not None:
+                seq.metrics.num_draft_tokens += len(draft)
+                seq.metrics.num_accepted_tokens += accepted
+            if not seq.is_finished:
+                self.block_manager.free_tail(seq)
 
     def _pool(self, seqs: list[Sequence], pooled: list[list[float]]) -> None:
         """Fold each chunk into its sequence; one whose prompt is done gets its embedding,

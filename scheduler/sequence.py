@@ -63,6 +63,8 @@ class Sequence:
     prompt_logprobs: list[Any] = field(default_factory=list)  # TokenLogprob of prompt tokens 1..
     pooler: PoolerConfig | None = None  # set: a pooling sequence (prefill only, no sampling)
     pooled: list[float] | None = None  # the pooled value so far (MEAN: a sum), then the embedding
+    draft_token_ids: list[int] = field(default_factory=list)  # verified in this step after its last
+    draft_state: Any = None  # scheduler.spec_decode.DraftState once it speculates
 
     def __post_init__(self) -> None:
         if self.num_prompt_tokens < 0:

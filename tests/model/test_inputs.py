@@ -19,7 +19,7 @@ from model.inputs import (
     encode_step,
 )
 
-HEADER = struct.Struct("<4s8Q")
+HEADER = struct.Struct("<4s9Q")
 
 
 def a_step(sampling: list[SamplingRow] | None = None) -> StepInput:
@@ -56,27 +56,27 @@ def test_round_trip_is_exact() -> None:
 @pytest.mark.timeout(10)
 def test_header_counts_and_layout() -> None:
     payload = encode_step(a_step())
-    assert HEADER.unpack_from(payload) == (b"TMS2", 4, 2, 4, 2, 0, 0, 0, 2)
+    assert HEADER.unpack_from(payload) == (b"TMS3", 4, 2, 4, 2, 0, 0, 0, 0, 2)
     assert len(payload) == HEADER.size + 8 * (3 * 4 + 3 * 2 + 4 + 2) + len(b"[]")
 
 
 def with_header(payload: bytes, **counts: int) -> bytes:
     names = ("num_tokens", "num_seqs", "num_ids", "num_samples", "num_prompt_rows",
-             "num_targets", "num_pool_rows", "json_len")  # fmt: skip
+             "num_targets", "num_pool_rows", "num_counts", "json_len")  # fmt: skip
     values = dict(zip(names, HEADER.unpack_from(payload)[1:], strict=True)) | counts
-    return HEADER.pack(b"TMS2", *values.values()) + payload[HEADER.size :]
+    return HEADER.pack(b"TMS3", *values.values()) + payload[HEADER.size :]
 
 
 @pytest.mark.timeout(10)
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
-        (lambda p: p[:10], "step payload of 10 bytes < its 68-byte header"),
-        (lambda p: b"XXXX" + p[4:], "step payload starts with b'XXXX', not b'TMS2'"),
+        (lambda p: p[:10], "step payload of 10 bytes < its 76-byte header"),
+        (lambda p: b"XXXX" + p[4:], "step payload starts with b'XXXX', not b'TMS3'"),
         (lambda p: with_header(p, num_tokens=2**60), "its header says"),
         (lambda p: with_header(p, json_len=2**64 - 1), "its header says"),
-        (lambda p: p + b"x", "step payload has 263 bytes, its header says 262"),
-        (lambda p: b"TMS2" + b"\x00" * (MAX_STEP_BYTES - 3), f"bytes > {MAX_STEP_BYTES}"),
+        (lambda p: p + b"x", "step payload has 271 bytes, its header says 270"),
+        (lambda p: b"TMS3" + b"\x00" * (MAX_STEP_BYTES - 3), f"bytes > {MAX_STEP_BYTES}"),
     ],
 )
 def test_malformed_payloads_raise_value_error(mutate, message: str) -> None:
@@ -147,4 +147,22 @@ def test_prompt_logprob_and_pooling_rows_travel() -> None:
     assert decode_step(encode_step(step)) == step
     step.pooling = [PoolingRow(5, "LAST", True, True)]  # a sequence the step does not have
     with pytest.raises(ValueError, match="pooling row"):
+        decode_step(encode_step(step))
+
+
+@pytest.mark.timeout(10)
+def test_num_sampled_travels_and_is_checked() -> None:
+    """A speculating sequence samples 1 + its draft tokens: its last rows, in order."""
+    step = a_step([SamplingRow(), SamplingRow(step=1), SamplingRow()])
+    step.num_sampled = [2, 1]  # sequence 0 verifies one draft token, sequence 1 decodes
+    assert step.num_sample_rows == 3 and step.sample_rows() == [1, 2, 3]
+    assert a_step().sample_rows() == [2, 3]
+    payload = encode_step(step)
+    assert HEADER.unpack_from(payload)[8] == 2
+    assert decode_step(payload) == step
+    step.num_sampled = [4, 1]  # more rows than sequence 0's 3 query tokens
+    with pytest.raises(ValueError, match="num_sampled out of"):
+        decode_step(encode_step(step))
+    step.num_sampled = [1, 1]  # 2 rows, but 3 sampling rows
+    with pytest.raises(ValueError, match="not a list of 0 or 2 rows"):
         decode_step(encode_step(step))

@@ -1,0 +1,108 @@
+"""Speculative decoding: vLLM's --speculative-config, the n-gram (prompt lookup) proposer, and
+how many draft tokens a sequence gets (it shrinks where drafts are rejected)."""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import Any
+
+METHODS = ("ngram",)  # "draft_model" is vLLM's other name, not served yet
+# NOTE: a CPU step is compute-bound from a few rows on: past this many rows in a step no sequence
+# drafts (a rejected draft row then costs about what a decode row does)
+SPEC_MAX_ROWS = {"cuda": 256, "cpu": 8}
+# a sequence whose draft was wholly rejected skips this many steps before it drafts again (doubled
+# on each further miss up to MAX_BACKOFF): free-form text stops paying for verification rows
+MIN_BACKOFF, MAX_BACKOFF = 1, 16
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's --speculative-config JSON: method, num_speculative_tokens and the n-gram sizes."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int = 5  # longest suffix matched (vLLM: 5 when neither is given)
+    prompt_lookup_min: int = 5  # shortest
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
+        """Validate the JSON's keys and values (vLLM's defaults for the n-gram sizes)."""
+        d = dict(d)
+        method = d.pop("method", None)
+        if method not in METHODS:
+            raise ValueError(
+                f"speculative_config method {method!r} is not supported: use one of {METHODS}"
+            )
+        k = d.pop("num_speculative_tokens", None)
+        if type(k) is not int or not 1 <= k <= 32:
+            raise ValueError(f"speculative_config num_speculative_tokens must be 1..32, got {k!r}")
+        lo, hi = d.pop("prompt_lookup_min", None), d.pop("prompt_lookup_max", None)
+        lo, hi = lo if lo is not None else hi or 5, hi if hi is not None else lo or 5
+        if type(lo) is not int or type(hi) is not int or not 1 <= lo <= hi:
+            raise ValueError(
+                f"speculative_config needs 1 <= prompt_lookup_min ({lo!r}) <= prompt_lookup_max "
+                f"({hi!r})"
+            )
+        if d:
+            raise ValueError(f"speculative_config has unknown keys {sorted(d)}")
+        return cls(method, k, hi, lo)
+
+
+def _rfind(hay: bytes, needle: bytes, end: int) -> int:
+    """Last token-aligned occurrence of `needle` ending before byte `end` (4 bytes a token)."""
+    while end >= len(needle):
+        at = hay.rfind(needle, 0, end)
+        if at < 0 or at % 4 == 0:
+            return at
+        end = at + len(needle) - 1
+    return -1
+
+
+def propose_ngram(token_ids: list[int], k: int, lookup_min: int, lookup_max: int) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the longest suffix
+    (lookup_max down to lookup_min tokens) of `token_ids`; [] when no suffix recurs."""
+    n_tokens = len(token_ids)
+    if k < 1 or n_tokens < lookup_min + 1:
+        return []
+    hay = array("i", token_ids).tobytes()  # NOTE: bytes.rfind searches in C, aligned below
+    for n in range(min(lookup_max, n_tokens - 1), lookup_min - 1, -1):
+        at = _rfind(hay, hay[4 * (n_tokens - n) :], 4 * (n_tokens - 1))
+        if at >= 0:
+            start = at // 4 + n
+            return token_ids[start : start + k]
+    return []
+
+
+@dataclass(slots=True)
+class DraftState:
+    """One sequence's speculation: its draft length now, and how long it sits out after misses."""
+
+    k: int
+    skip: int = 0  # steps left without drafting
+    backoff: int = MIN_BACKOFF  # steps the next total miss sits out
+
+    def observe(self, num_draft: int, num_accepted: int, k_max: int) -> None:
+        """Grow k by one after a fully accepted draft, shrink it to what was accepted + 1 after
+        a partial one, sit out a while after a total miss."""
+        if num_accepted == num_draft:
+            self.k, self.backoff = min(k_max, self.k + 1), MIN_BACKOFF
+        elif num_accepted:
+            self.k, self.backoff = max(1, num_accepted + 1), MIN_BACKOFF
+        else:
+            self.k = max(1, self.k // 2)
+            self.skip, self.backoff = self.backoff, min(MAX_BACKOFF, 2 * self.backoff)
+
+
+@dataclass(slots=True)
+class SpecStats:
+    """Running totals, named as vLLM's spec_decode counters."""
+
+    num_drafts: int = 0  # verification steps of a sequence with at least one draft token
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    def add(self, num_draft: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft
+        self.num_accepted_tokens += num_accepted
