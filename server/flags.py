@@ -110,6 +110,12 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--pooler-config", type=json_object, help='{"pooling_type": "MEAN", ...}')
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--speculative-config",
+        type=json_object,
+        help='\'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, '
+        '"prompt_lookup_min": 2}\': prompt lookup, verified exactly',
+    )
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     s.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
     s.add_argument("--shutdown-timeout", type=float, default=10.0, help="s to drain on SIGTERM")

@@ -185,3 +185,24 @@ def test_pooling_runner_flags() -> None:
     engine, _ = parse("--runner", "pooling", "--pooler-config", '{"pooling_type": "MEAN"}')
     assert (engine.runner, engine.pooler_config) == ("pooling", {"pooling_type": "MEAN"})
     assert (parse()[0].runner, parse()[0].pooler_config) == ("generate", None)
+
+
+def test_speculative_config_flag() -> None:
+    """vLLM's JSON, validated at start-up with the numbers in the message."""
+    spec = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}'
+    engine, _ = parse("--speculative-config", spec)
+    assert engine.speculative_config == {
+        "method": "ngram",
+        "num_speculative_tokens": 4,
+        "prompt_lookup_max": 4,
+    }
+    assert parse()[0].speculative_config is None
+    with pytest.raises(ValueError, match="num_speculative_tokens must be 1..32, got 0"):
+        parse("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 0}')
+    with pytest.raises(ValueError, match="method 'eagle' is not supported"):
+        parse("--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}')
+    with pytest.raises(ValueError, match=r"prompt_lookup_min \(3\) <= prompt_lookup_max \(2\)"):
+        parse("--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, '
+              '"prompt_lookup_min": 3, "prompt_lookup_max": 2}')  # fmt: skip
+    with pytest.raises(SystemExit):
+        parse("--speculative-config", "[1]")
