@@ -125,6 +125,7 @@ class RequestAccumulator:
         )
         prompt_per_token_ms, prompt_per_second = _rates(prompt_n, prompt_ms)
         decoded = self.completion_tokens - len(first_tokens)
+        drafted = sum(m.num_draft_tokens for m in self.metrics.values())
         predicted_per_token_ms, predicted_per_second = _rates(decoded, predicted_ms)
         return Timings(
             queue_ms=_ms(min(times("arrival_time"), default=None), scheduled),
@@ -137,4 +138,8 @@ class RequestAccumulator:
             predicted_ms=predicted_ms,
             predicted_per_token_ms=predicted_per_token_ms,
             predicted_per_second=predicted_per_second,
+            draft_n=drafted or None,
+            draft_n_accepted=sum(m.num_accepted_tokens for m in self.metrics.values())
+            if drafted
+            else None,
         )

@@ -46,6 +46,23 @@ STEP_BUCKETS = (
 )  # fmt: skip
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+ACCEPTANCE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33)
+# speculative decoding counters (SchedulerStats field → the name without _total, help); exported
+# under tokenmill_ and, with the vLLM gauges, vLLM's names
+SPEC_COUNTERS = {
+    "spec_decode_num_drafts_total": (
+        "spec_decode_num_drafts",
+        "Verification steps of a sequence with draft tokens (one per sequence and step).",
+    ),
+    "spec_decode_num_draft_tokens_total": (
+        "spec_decode_num_draft_tokens",
+        "Draft tokens proposed.",
+    ),
+    "spec_decode_num_accepted_tokens_total": (
+        "spec_decode_num_accepted_tokens",
+        "Draft tokens accepted (equal to the target's own token there).",
+    ),
+}
 
 # The gauges the Gateway API Inference Extension and KEDA scrape from each pod, by vLLM's names
 # (SchedulerStats field → name, help). NOTE: colons are for recording rules by Prometheus'
@@ -134,6 +151,10 @@ class ServerMetrics:
                 "Prompt tokens served from the prefix cache (tokens).",
             ),
         }
+        for attr, (name, doc) in SPEC_COUNTERS.items():
+            self.counters[attr] = counter(f"tokenmill_{name}", doc)
+            if vllm_gauges:
+                self.counters[f"vllm:{attr}"] = counter(f"vllm:{name}", f"{doc} (vLLM)")
         finished = Counter(
             "tokenmill_requests_finished",
             "Finished requests by finished_reason (stop, length, abort, error).",
@@ -202,6 +223,11 @@ class ServerMetrics:
         self.step_batch_size = histogram(
             "tokenmill_step_batch_size", "Sequences in the batch, per engine step.", BATCH_BUCKETS
         )
+        self.acceptance_length = histogram(
+            "tokenmill_spec_decode_acceptance_length",
+            "Tokens a speculating sequence gained in one verification step (1 + accepted drafts).",
+            ACCEPTANCE_BUCKETS,
+        )
         # The engine reports cumulative totals; counters advance by the difference.
         self._last_totals: dict[str, int] = {}
         self._last_step = 0  # num_steps_total of the last step whose per-step values we observed
@@ -213,7 +239,7 @@ class ServerMetrics:
         for attr, g in self.gauges.items():
             g.set(getattr(stats, attr.removeprefix("vllm:")))
         for attr, c in self.counters.items():
-            total, last = getattr(stats, attr), self._last_totals.get(attr, 0)
+            total, last = getattr(stats, attr.removeprefix("vllm:")), self._last_totals.get(attr, 0)
             if total > last:
                 c.inc(total - last)
             self._last_totals[attr] = total
@@ -229,6 +255,8 @@ class ServerMetrics:
             self._last_step = stats.num_steps_total
             for gap in stats.step_inter_token_latencies:
                 self.inter_token_latency.observe(gap)
+            for n in stats.step_acceptance_lengths:
+                self.acceptance_length.observe(n)
         for out in finished:
             self._observe_request(out)
 
@@ -333,6 +361,7 @@ class StatsLogger:
         self.interval_s = interval_s
         self._last_time = time.monotonic()
         self._last = (0, 0, 0, 0)  # prompt tokens, generated tokens, prefix queries, prefix hits
+        self._last_spec = (0, 0, 0)  # drafts, draft tokens, accepted tokens
 
     def __call__(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -360,3 +389,23 @@ class StatsLogger:
             stats.kv_cache_usage * 100,
             100.0 * hits / queries if queries else 0.0,
         )
+        self._log_spec(stats)
+
+    def _log_spec(self, stats: SchedulerStats) -> None:
+        """vLLM's SpecDecoding line, over the interval; none without drafts."""
+        totals = (
+            stats.spec_decode_num_drafts_total,
+            stats.spec_decode_num_draft_tokens_total,
+            stats.spec_decode_num_accepted_tokens_total,
+        )
+        drafts, drafted, accepted = (a - b for a, b in zip(totals, self._last_spec, strict=True))
+        self._last_spec = totals
+        if drafts:
+            logger.info(
+                "SpecDecoding metrics: Mean acceptance length: %.2f, Accepted: %d tokens, "
+                "Drafted: %d tokens, Avg Draft acceptance rate: %.1f%%",
+                1 + accepted / drafts,
+                accepted,
+                drafted,
+                100.0 * accepted / drafted,
+            )

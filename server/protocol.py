@@ -454,6 +454,12 @@ class Timings(BaseModel):
     predicted_ms: float  # first token → latest token (decode)
     predicted_per_token_ms: float | None
     predicted_per_second: float | None
+    draft_n: int | None = None  # speculative tokens drafted (left out when none, as llama's)
+    draft_n_accepted: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_draft(self, handler: Any) -> dict:
+        return {k: v for k, v in handler(self).items() if v is not None or k[:5] != "draft"}
 
 
 class _Omitting(BaseModel):

@@ -141,7 +141,7 @@ def test_every_metric_has_help_base_units_and_model_label(metrics: ServerMetrics
     body, _ = metrics.render(None)
     text = body.decode()
     names = set(re.findall(r"^# TYPE (tokenmill_\w+) (\w+)", text, re.M))
-    assert len(names) == 22, sorted(names)
+    assert len(names) == 26, sorted(names)  # 22 + 4 for speculative decoding
     for name, kind in names:
         help_line = re.search(rf"^# HELP {name} (.+)$", text, re.M)
         assert help_line and len(help_line.group(1)) > 20, name

@@ -50,3 +50,15 @@ async def test_engine_error_is_a_500_and_timings_only_when_asked() -> None:
         async for _ in acc.deltas(_stream(outs)):
             pass
     assert e.value.status_code == 500 and acc.timings() is None
+
+
+async def test_timings_report_draft_tokens_only_when_drafted() -> None:
+    """llama-server's draft_n / draft_n_accepted: summed over prompts, left out without drafts."""
+    m0, m1 = RequestMetrics(1.0), RequestMetrics(1.0, num_draft_tokens=8, num_accepted_tokens=5)
+    acc = RequestAccumulator([3], 1, lambda i, lps: [], True)
+    await acc.drain(_stream([(0, _out("r", [CompletionOutput(0, "a", [7], None, 1)], metrics=m0))]))
+    assert "draft_n" not in acc.timings().model_dump()
+    acc.metrics[0] = m1
+    t = acc.timings()
+    assert (t.draft_n, t.draft_n_accepted) == (8, 5)
+    assert t.model_dump()["draft_n_accepted"] == 5

@@ -33,3 +33,17 @@ def test_at_most_one_line_per_interval(caplog: pytest.LogCaptureFixture) -> None
     stats_logger = StatsLogger(interval_s=3600.0)
     stats_logger(SchedulerStats(num_running=1, generation_tokens_total=5), [])
     assert caplog.records == []
+
+
+def test_spec_decode_line_over_the_interval(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="server.metrics")
+    stats_logger = StatsLogger(interval_s=0.0)
+    stats_logger(SchedulerStats(num_running=1, generation_tokens_total=5), [])
+    assert len(caplog.records) == 1  # no drafts: no SpecDecoding line
+    stats_logger(SchedulerStats(num_running=1, generation_tokens_total=30,
+                                spec_decode_num_drafts_total=10,
+                                spec_decode_num_draft_tokens_total=40,
+                                spec_decode_num_accepted_tokens_total=15), [])  # fmt: skip
+    line = caplog.records[-1].getMessage()
+    assert "Mean acceptance length: 2.50, Accepted: 15 tokens, Drafted: 40 tokens" in line
+    assert "Avg Draft acceptance rate: 37.5%" in line
