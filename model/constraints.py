@@ -212,6 +212,11 @@ class ConstraintCompiler:
         if self.overlap and live and self._next is None:
             self._next = _Fill(live, self.words, self.eos_bits).start(self, background=True)
 
+    def settle(self) -> None:
+        """Wait for the prefetched fill: it reads the matchers (speculation validates drafts)."""
+        if self._next is not None:
+            self._next.wait()
+
     def shutdown(self) -> None:
         """Stop both threads; compiles not yet started are cancelled."""
         self._fill_thread.shutdown(wait=False)
@@ -244,6 +249,19 @@ class Matcher:
         if not ok:
             logger.warning("constraint rejected token %d: %s", token_id, self.ll.get_error())
         return ok
+
+    def valid_prefix(self, token_ids: list[int]) -> int:
+        """How many of `token_ids` (draft tokens) the grammar takes in a row from here; an EOS
+        ends them (the mask decides it where it is sampled)."""
+        eos = next((i for i, t in enumerate(token_ids) if t in self.eos_token_ids), None)
+        return self.ll.validate_tokens(token_ids[:eos]) if token_ids[:eos] else 0
+
+    def advanced(self, token_id: int) -> Matcher:
+        """A copy one (valid) token on: the grammar state a draft token's row is sampled in."""
+        m = Matcher(self.ll.deep_copy(), self.eos_token_ids)
+        m.ll.consume_token(token_id)
+        m.num_tokens = self.num_tokens + 1
+        return m
 
     @property
     def is_finished(self) -> bool:

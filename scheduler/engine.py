@@ -265,6 +265,8 @@ class LLMEngine:
         outputs = [
             out for rid, err in aborts if (out := self._finish_request(rid, error=err)) is not None
         ]
+        if self.constraints is not None and self.scheduler.speculative_config is not None:
+            self.constraints.settle()  # NOTE: drafts are checked against the matchers it reads
         batch = self.scheduler.schedule()
         t1 = time.perf_counter()
         split = {"schedule": t1 - t0, "execute": 0.0, "update": 0.0, "detokenize": 0.0}
@@ -286,7 +288,7 @@ class LLMEngine:
                 sampled = self.scheduler.update(batch, step_output)
                 pooled = [s for s in batch.pooling_seqs if s.is_finished]
                 if constraints is not None:  # the next step's masks, filled while this one ends
-                    self.constraints.prefetch(constraints.matchers)
+                    self.constraints.prefetch([s.matcher for s in batch.sampling_seqs])
                 t3 = time.perf_counter()
                 outputs.extend(self._outputs(sampled, gaps))
                 outputs.extend(self._pooled_outputs(pooled))

@@ -36,10 +36,16 @@ class ScheduledBatch:
     pooling_seqs: list[Sequence] = field(default_factory=list)  # one per pooling row
 
     def row_matchers(self) -> list:
-        """Each sampling row's grammar matcher (a speculating sequence has none): its seq's."""
-        counts = self.step_input.num_sampled or [1] * len(self.sampling_seqs)
-        seqs = self.sampling_seqs
-        return [s.matcher for s, c in zip(seqs, counts, strict=True) for _ in range(c)]
+        """Each sampling row's grammar matcher: its sequence's, moved on by the draft tokens
+        before the row (copies) when it speculates."""
+        out = []
+        for seq in self.sampling_seqs:
+            m = seq.matcher
+            out.append(m)
+            for token in seq.draft_token_ids:
+                m = None if m is None else m.advanced(token)
+                out.append(m)
+        return out
 
 
 @dataclass(slots=True)
@@ -179,14 +185,14 @@ class Scheduler:
 
     def _propose(self, seq: Sequence, n: int, room: int) -> list[int]:
         """Draft tokens for a decoding sequence: at most `room`, none past max_tokens or
-        max_model_len; a constrained sequence does not speculate."""
+        max_model_len, and (constrained) only a prefix its grammar accepts."""
         spec = self.speculative_config
         if (
             n != 1
             or seq.num_computed_tokens + 1 != seq.num_tokens
             or seq.num_output_tokens == 0
-            or seq.matcher is not None
             or seq.pooler is not None
+            or (seq.matcher is not None and seq.matcher.is_finished)
         ):
             return []
         state = seq.draft_state
@@ -200,7 +206,10 @@ class Scheduler:
             room = min(room, seq.max_tokens - seq.num_output_tokens - 1)
         if room < 1:
             return []
-        return propose_ngram(seq.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        draft = propose_ngram(seq.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        if seq.matcher is not None:  # NOTE: only tokens the grammar takes are verified
+            del draft[seq.matcher.valid_prefix(draft) :]
+        return draft
 
     def _build(self, seqs: list[Sequence], counts: list[int], preempted: int) -> ScheduledBatch:
         bs = self.block_manager.block_size

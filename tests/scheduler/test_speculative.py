@@ -180,25 +180,37 @@ def test_params_stops_and_logprobs_match(make_engine, oracle, assert_pool_free):
     assert_pool_free(engine)
 
 
-def test_grammar_rows_beside_speculating_sequences(make_engine, oracle, assert_pool_free):
-    """A constrained sequence does not draft; its mask rows stay aligned with the step's rows
-    when speculating sequences sample several rows before and after it."""
+def test_grammar_constrained_drafts(make_engine, oracle, assert_pool_free):
+    """A constrained sequence drafts only what its grammar takes, its draft rows are masked in
+    the grammar state after the draft tokens before them, and its mask rows stay aligned with
+    the step's rows beside speculating sequences: the output equals the non-speculative one."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+              "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+              "required": ["name", "tags"]}  # fmt: skip
+    json_spec = StructuredOutputsParams("json", json.dumps(schema))
     choice = StructuredOutputsParams("choice", json.dumps(["alpha beta gamma", "delta"]))
+    greedy = dict(temperature=0.0, max_tokens=40)
     reqs = {
-        "a": ([400 + i for i in range(20)], SamplingParams(temperature=0.0, max_tokens=16,
-                                                           ignore_eos=True)),
-        "g": ([500 + i for i in range(20)], SamplingParams(temperature=0.0, max_tokens=16,
-                                                           structured_outputs=choice)),
-        "b": ([600 + i for i in range(20)], SamplingParams(temperature=0.0, max_tokens=16,
-                                                           ignore_eos=True)),
+        "a": ([400 + i for i in range(20)], SamplingParams(**greedy, ignore_eos=True)),
+        "j": ([500 + i for i in range(20)], SamplingParams(**greedy, structured_outputs=json_spec)),
+        "c": ([550 + i for i in range(20)], SamplingParams(**greedy, structured_outputs=choice)),
+        "s": ([600 + i for i in range(20)], SamplingParams(temperature=0.8, seed=5, max_tokens=40,
+                                                          structured_outputs=json_spec)),
     }  # fmt: skip
     plain = make_engine(spec=None)
     ref = run(plain, reqs)
-    oracle({tuple(p): ref[rid][0].token_ids for rid, (p, _) in reqs.items()})
+    calls = oracle({tuple(p): ref[rid][0].token_ids for rid, (p, _) in reqs.items()})
     engine = make_engine()
     got = run(engine, reqs)
-    assert got == ref and got["g"][0].text in ("alpha beta gamma", "delta")
-    check_spec(engine)
+    assert got == ref and got["c"][0].text in ("alpha beta gamma", "delta")
+    assert got["j"][0].text.startswith('{"name":"') and got["s"][0].text.startswith('{"name":"')
+    check_spec(engine, min_accepted=10)
+    assert calls[0] > 10
+    m, tok = engine.constraints.matcher(json_spec), engine.tokenizer
+    good, bad = tok.encode('{"', False), tok.encode("]]", False)
+    assert m.valid_prefix(good + bad + good) == len(good)
+    assert m.valid_prefix([tok.eos_token_ids[0], *good]) == 0  # EOS: not a draft token
+    assert (m.advanced(good[0]).num_tokens, m.num_tokens) == (1, 0)
     assert_pool_free(engine)
 
 

@@ -1,0 +1,124 @@
+"""Speculative decoding (n-gram prompt lookup) against none: output tok/s, tokens per step,
+acceptance, and whether the replies are identical (greedy).
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/spec_decode.py [--model PATH] [--streams 1]
+        [--max-tokens 128] [--spec '{"method": "ngram", "num_speculative_tokens": 4, ...}']
+
+Grounded prompts carry a passage or code the answer copies or lightly edits; free-form prompts
+ask for stories and explanations. Each workload runs once without and once with speculation on
+the same engine settings; time counts from the first token to the last (decode only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from model.sampling_params import SamplingParams
+from scheduler.config import EngineConfig
+from scheduler.engine import LLMEngine
+
+PASSAGE = (
+    "The river starts in the northern mountains, where snow melts every spring and feeds a "
+    "dozen small streams. It flows south through pine forests and farmland for about three "
+    "hundred kilometres before it reaches the old harbour town of Calder, where most of the "
+    "region's grain is loaded onto ships. In 1911 a flood destroyed the lower bridge, and the "
+    "town council built the stone bridge that still stands today."
+)
+CODE = """def load_config(path):
+    with open(path) as f:
+        data = json.load(f)
+    if "name" not in data:
+        raise ValueError("config has no name")
+    data.setdefault("timeout", 30)
+    data.setdefault("retries", 3)
+    return data
+"""
+GROUNDED = [
+    f"Repeat this text exactly: {PASSAGE}",
+    f"Rewrite this function so the default timeout is 60 instead of 30:\n\n{CODE}",
+    f"Here is a passage:\n\n{PASSAGE}\n\nQuote the sentence about the flood, then summarise the "
+    "passage using its own words.",
+    f"Add a docstring to this function and return it whole:\n\n{CODE}",
+]
+FREE_FORM = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain why the sky is blue to a ten-year-old.",
+    "Write a poem about autumn in a city.",
+    "Give me three ideas for a weekend trip and explain each one.",
+]
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+         "prompt_lookup_max": 4}  # fmt: skip
+
+
+def run(engine: LLMEngine, prompts: list[list[int]], streams: int, max_tokens: int) -> dict:
+    """All prompts, `streams` at a time; decode seconds from each batch's first to last token."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    outputs, decode_s, tokens, steps = [], 0.0, 0, 0
+    for at in range(0, len(prompts), streams):
+        batch = prompts[at : at + streams]
+        for i, p in enumerate(batch):
+            engine.add_request(f"b{time.monotonic_ns()}-{i}", p, params)
+        got: dict[str, list[int]] = {}
+        first = None
+        while engine.has_unfinished_requests():
+            outs = engine.step()
+            now = time.perf_counter()
+            for out in outs:
+                for d in out.outputs:
+                    got.setdefault(out.request_id, []).extend(d.token_ids)
+            if outs and first is None:
+                first, n0 = now, sum(map(len, got.values()))
+            if first is not None:
+                steps += 1
+        decode_s += now - first
+        tokens += sum(map(len, got.values())) - n0
+        outputs += [got[k] for k in sorted(got)]
+    s = engine.get_stats()
+    return dict(
+        outputs=outputs,
+        tok_s=tokens / decode_s,
+        tokens_per_step=tokens / max(steps - 1, 1),
+        drafted=s.spec_decode_num_draft_tokens_total,
+        accepted=s.spec_decode_num_accepted_tokens_total,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--spec", type=json.loads, default=NGRAM)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    engines = {}
+    for name, spec in (("off", None), ("ngram", args.spec)):
+        engines[name] = LLMEngine(EngineConfig(model=args.model, speculative_config=spec,
+                                               max_model_len=2048))  # fmt: skip
+    tok = engines["off"].tokenizer
+    for workload, texts in (("grounded", GROUNDED), ("free-form", FREE_FORM)):
+        prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        prompts = (prompts * args.streams)[: max(len(prompts), args.streams)]
+        res = {}
+        for name, engine in engines.items():
+            engine.scheduler.spec_stats.__init__()  # per workload
+            run(engine, prompts[:1], 1, 8)  # warm-up
+            engine.scheduler.spec_stats.__init__()
+            res[name] = run(engine, prompts, args.streams, args.max_tokens)
+        off, on = res["off"], res["ngram"]
+        rate = on["accepted"] / on["drafted"] if on["drafted"] else 0.0
+        print(
+            f"{workload:9s} streams {args.streams}: off {off['tok_s']:6.1f} tok/s, ngram "
+            f"{on['tok_s']:6.1f} tok/s ({on['tok_s'] / off['tok_s']:.2f}x), tokens/step "
+            f"{on['tokens_per_step']:.2f}, accepted {on['accepted']}/{on['drafted']} "
+            f"({100 * rate:.0f}%), identical {off['outputs'] == on['outputs']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
