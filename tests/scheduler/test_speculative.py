@@ -264,3 +264,28 @@ def test_ngram_on_smollm2_is_exact_and_accepts(smollm2_gguf, assert_pool_free):
     s = engine.get_stats()
     assert s.spec_decode_num_accepted_tokens_total >= 10, s
     assert steps < ref_steps
+
+
+@pytest.mark.timeout(300)
+def test_tensor_parallel_verification(make_engine, oracle, assert_pool_free):
+    """Every rank runs the 1 + k rows (num_sampled travels in the step's wire form) and joins
+    the logits gather of all of them; rank 0 samples. Greedy, against the same TP without."""
+    reqs = {
+        f"r{i}": ([300 + 7 * i + j for j in range(24)],
+                  SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+        for i in range(3)
+    }  # fmt: skip
+    outs = []
+    for spec in (None, NGRAM):
+        engine = make_engine(spec=spec, tensor_parallel_size=2, kv_cache_memory=64 * 4096)
+        try:
+            if spec is None:
+                outs.append(tokens(run(engine, reqs)))
+                oracle({tuple(p): outs[0][rid][0] for rid, (p, _) in reqs.items()})
+            else:
+                outs.append(tokens(run(engine, reqs)))
+                check_spec(engine)
+            assert_pool_free(engine)
+        finally:
+            engine.shutdown()
+    assert outs[0] == outs[1]
