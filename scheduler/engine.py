@@ -31,7 +31,7 @@ from scheduler.errors import EngineFatalError, PromptTooLongError, fit_max_token
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from scheduler.scheduler import SampledToken, Scheduler
 from scheduler.sequence import Sequence, SequenceStatus
-from scheduler.spec_decode import SPEC_MAX_ROWS, SpeculativeConfig
+from scheduler.spec_decode import SPEC_MAX_ROWS, DraftModel, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,12 @@ class LLMEngine:
         self.model_config = self.executor.model_config
         self.max_model_len: int = self.executor.max_model_len
         self.model_name = served_model_name(config.model, config.served_model_name)
+        spec = config.speculative_config
+        spec = None if spec is None else SpeculativeConfig.from_dict(spec)
+        self.draft_model = None if spec is None else self._draft_model(spec)
         num_blocks = self.executor.num_kv_blocks
+        if self.draft_model is not None:  # NOTE: one block id names a block in both caches
+            num_blocks = min(num_blocks, self.draft_model.runner.num_kv_blocks)
         device = "cpu" if self.runner.device.type == "cpu" else "cuda"
         # CPU: KV pages become resident as blocks are written; keep RSS near the working set
         floor = num_blocks // 8 if device == "cpu" else None
@@ -89,8 +94,6 @@ class LLMEngine:
         self.max_num_batched_tokens: int = (
             config.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS[device]
         )
-        spec = config.speculative_config
-        spec = None if spec is None else SpeculativeConfig.from_dict(spec)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=self.max_num_seqs,
@@ -99,6 +102,7 @@ class LLMEngine:
             eos_token_ids=self.tokenizer.eos_token_ids,
             speculative_config=spec,
             spec_max_rows=SPEC_MAX_ROWS[device],
+            draft_model=self.draft_model,
         )
         if spec is not None:
             logger.info("speculative decoding: %s", spec)
@@ -112,6 +116,23 @@ class LLMEngine:
         self.model_steps: dict[str, int] = {}  # steps by the path that served them (runner)
         self.prompt_tokens_total = 0  # vLLM's counting: a request's prompt at its first token
         self.generation_tokens_total = 0
+
+    def _draft_model(self, spec: SpeculativeConfig) -> DraftModel | None:
+        """method draft_model: its runner on this process (one rank), with the target's settings
+        and max_model_len; None for ngram."""
+        if spec.method != "draft_model":
+            return None
+        cfg = self.config
+        path = resolve_model(spec.model, None, cfg.download_dir)
+        kwargs = runner_kwargs(cfg) | {"max_model_len": self.executor.max_model_len}
+        runner = ModelRunner(path, **kwargs)
+        vocab, draft_vocab = self.executor.model_config.vocab_size, runner.model_config.vocab_size
+        if draft_vocab != vocab:
+            raise ValueError(
+                f"draft model {spec.model} has {draft_vocab} tokens, the target {vocab}: it "
+                "must share the target's tokenizer"
+            )
+        return DraftModel(runner)
 
     def _generation_defaults(self, path: str) -> dict:
         """Request defaults from generation_config.json, validated now and logged once."""
@@ -282,6 +303,8 @@ class LLMEngine:
                 if self.constraints is not None:  # NOTE: unconstrained servers skip even this
                     constraints = self.constraints.batch(batch.row_matchers())
                 step_output = self.executor.execute(batch.step_input, constraints)
+                if self.draft_model is not None:
+                    self.draft_model.run_step(batch.step_input)
                 path = self.executor.last_path
                 self.model_steps[path] = self.model_steps.get(path, 0) + 1
                 t2 = time.perf_counter()
@@ -505,6 +528,8 @@ class LLMEngine:
         return self.executor.runner
 
     def shutdown(self) -> None:
+        if self.draft_model is not None:
+            self.draft_model.runner.shutdown()
         if self.constraints is not None:
             self.constraints.shutdown()
         self.executor.shutdown()

@@ -19,7 +19,13 @@ from model.pooler import add_chunk, finish
 from model.sampling_params import SamplingParams
 from scheduler.block_manager import BlockManager
 from scheduler.sequence import Sequence, SequenceStatus
-from scheduler.spec_decode import DraftState, SpecStats, SpeculativeConfig, propose_ngram
+from scheduler.spec_decode import (
+    DraftModel,
+    DraftState,
+    SpecStats,
+    SpeculativeConfig,
+    propose_ngram,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,7 @@ class Scheduler:
         eos_token_ids: Iterable[int] = (),
         speculative_config: SpeculativeConfig | None = None,
         spec_max_rows: int = 0,
+        draft_model: DraftModel | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -86,6 +93,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.speculative_config = speculative_config
         self.spec_max_rows = spec_max_rows  # no drafts past this many rows in a step
+        self.draft_model = draft_model  # method draft_model: drafts from it instead of n-grams
         self.spec_stats = SpecStats()
         self.acceptance_lengths: list[int] = []  # 1 + accepted per verified draft, since taken
 
@@ -206,7 +214,15 @@ class Scheduler:
             room = min(room, seq.max_tokens - seq.num_output_tokens - 1)
         if room < 1:
             return []
-        draft = propose_ngram(seq.token_ids, room, spec.prompt_lookup_min, spec.prompt_lookup_max)
+        if self.draft_model is None:
+            lo, hi = spec.prompt_lookup_min, spec.prompt_lookup_max
+            draft = propose_ngram(seq.token_ids, room, lo, hi)
+        else:  # NOTE: the draft model writes its K/V at the drafted positions: slots first
+            if self.block_manager.allocate_slots(seq, 1 + room) is None:
+                return []
+            draft = self.draft_model.propose(seq, room, self.block_manager.block_size)
+            if not draft:
+                self.block_manager.free_tail(seq)
         if seq.matcher is not None:  # NOTE: only tokens the grammar takes are verified
             del draft[seq.matcher.valid_prefix(draft) :]
         return draft

@@ -4,10 +4,16 @@ how many draft tokens a sequence gets (it shrinks where drafts are rejected)."""
 from __future__ import annotations
 
 from array import array
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
-METHODS = ("ngram",)  # "draft_model" is vLLM's other name, not served yet
+from model.inputs import SamplingRow, StepInput
+
+if TYPE_CHECKING:
+    from model.runner import ModelRunner
+    from scheduler.sequence import Sequence
+
+METHODS = ("ngram", "draft_model")
 # NOTE: a CPU step is compute-bound from a few rows on: past this many rows in a step no sequence
 # drafts (a rejected draft row then costs about what a decode row does)
 SPEC_MAX_ROWS = {"cuda": 256, "cpu": 8}
@@ -24,12 +30,19 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 3
     prompt_lookup_max: int = 5  # longest suffix matched (vLLM: 5 when neither is given)
     prompt_lookup_min: int = 5  # shortest
+    model: str | None = None  # draft_model: a small model with the target's tokenizer
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SpeculativeConfig:
         """Validate the JSON's keys and values (vLLM's defaults for the n-gram sizes)."""
         d = dict(d)
-        method = d.pop("method", None)
+        model = d.pop("model", None)
+        method = d.pop("method", "draft_model" if model is not None else None)
+        if (method == "draft_model") != (model is not None) or not isinstance(model, str | None):
+            raise ValueError(
+                f"speculative_config method {method!r} with model {model!r}: draft_model needs a "
+                "model path, ngram none"
+            )
         if method not in METHODS:
             raise ValueError(
                 f"speculative_config method {method!r} is not supported: use one of {METHODS}"
@@ -46,7 +59,7 @@ class SpeculativeConfig:
             )
         if d:
             raise ValueError(f"speculative_config has unknown keys {sorted(d)}")
-        return cls(method, k, hi, lo)
+        return cls(method, k, hi, lo, model)
 
 
 def _rfind(hay: bytes, needle: bytes, end: int) -> int:
@@ -72,6 +85,35 @@ def propose_ngram(token_ids: list[int], k: int, lookup_min: int, lookup_max: int
             start = at // 4 + n
             return token_ids[start : start + k]
     return []
+
+
+class DraftModel:
+    """vLLM's draft_model method: a small model with the target's tokenizer drafts greedily (a
+    point mass: verification stays exact). Its KV cache is indexed by the same block ids as the
+    target's: it runs every step the target runs, so cached and shared blocks hold both."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def run_step(self, step: StepInput) -> None:
+        """Write the draft's K/V for every token the target computes in `step` (no sampling)."""
+        self.runner.compute_logits(
+            replace(step, sample_indices=[], sampling=[], num_sampled=[], prompt_logprobs=[],
+                    pooling=[])
+        )  # fmt: skip
+
+    def propose(self, seq: Sequence, k: int, block_size: int) -> list[int]:
+        """k greedy tokens after the sequence's tokens, one draft forward each, written at its
+        slots from its pending last token on (the block table covers them)."""
+        table = [max(b, 0) for b in seq.block_table]
+        token, pos, out = seq.token_ids[-1], seq.num_tokens - 1, []
+        for _ in range(k):
+            slot = table[pos // block_size] * block_size + pos % block_size
+            step = StepInput([token], [pos], [slot], [1], [pos + 1], [table], [0], [SamplingRow()])
+            token = int(self.runner.compute_logits(step)[0].argmax())
+            out.append(token)
+            pos += 1
+        return out
 
 
 @dataclass(slots=True)

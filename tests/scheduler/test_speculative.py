@@ -289,3 +289,40 @@ def test_tensor_parallel_verification(make_engine, oracle, assert_pool_free):
         finally:
             engine.shutdown()
     assert outs[0] == outs[1]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("draft", ["itself", "another"])
+def test_draft_model(draft, make_engine, tiny_checkpoint, assert_pool_free):
+    """vLLM's draft_model method: the model drafting for itself is (nearly) always accepted,
+    another model rarely; either way the output is the non-speculative one."""
+    path = str(tiny_checkpoint("llama" if draft == "itself" else "qwen2"))
+    reqs = {
+        "g": ([300 + 7 * j for j in range(30)],
+              SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)),
+        "s": ([900 + 3 * j for j in range(20)],
+              SamplingParams(temperature=0.8, seed=11, top_k=20, max_tokens=24, ignore_eos=True)),
+        "hit": ([300 + 7 * j for j in range(30)] + [5, 6],  # "g"'s first block from cache
+                SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)),
+    }  # fmt: skip
+    ref = tokens(run(make_engine(spec=None), reqs))
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 3}
+    engine = make_engine(spec=spec, max_num_batched_tokens=16)  # chunked prompts: both caches
+    got = tokens(run(engine, {"g": reqs["g"]}))
+    s = engine.get_stats()
+    assert s.spec_decode_num_drafts_total > 0
+    if draft == "itself":  # greedy drafts of the same model: all accepted
+        assert s.spec_decode_num_accepted_tokens_total == s.spec_decode_num_draft_tokens_total
+    got |= tokens(run(engine, {"s": reqs["s"]}))
+    before = engine.get_stats()
+    got |= tokens(run(engine, {"hit": reqs["hit"]}))
+    s = engine.get_stats()
+    assert s.prefix_cache_hits_total - before.prefix_cache_hits_total == 16
+    if draft == "itself":  # the cached blocks hold the draft's K/V too
+        drafted = s.spec_decode_num_draft_tokens_total - before.spec_decode_num_draft_tokens_total
+        accepted = s.spec_decode_num_accepted_tokens_total
+        assert accepted - before.spec_decode_num_accepted_tokens_total == drafted > 0
+    assert got == ref
+    assert_pool_free(engine)
+    with pytest.raises(ValueError, match="draft_model needs a model path"):
+        SpeculativeConfig.from_dict({"method": "draft_model", "num_speculative_tokens": 2})
