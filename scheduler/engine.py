@@ -299,6 +299,8 @@ class LLMEngine:
                 if seq.metrics.first_scheduled_time is None:
                     seq.metrics.first_scheduled_time = now
             constraints = None
+            drafts = sum(len(s.draft_token_ids) for s in batch.seqs)
+            generated = self.generation_tokens_total
             try:
                 if self.constraints is not None:  # NOTE: unconstrained servers skip even this
                     constraints = self.constraints.batch(batch.row_matchers())
@@ -321,6 +323,10 @@ class LLMEngine:
                 t2 = t3 = t4 = time.perf_counter()
             split.update(execute=t2 - t1, update=t3 - t2, detokenize=t4 - t3)
             split.update(self.executor.last_timings)  # prepare / forward / sample (+ comm under TP)
+            gate = self.scheduler.spec_gate
+            if gate is not None and batch.step_input.num_tokens - drafts == len(batch.seqs):
+                generated = self.generation_tokens_total - generated
+                gate.observe(drafts > 0, generated, time.perf_counter() - t0)
             if constraints is not None:
                 split["mask"] = constraints.fill_time
                 split["mask_wait"] = constraints.wait_time  # of it, on the step's critical path

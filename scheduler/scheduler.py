@@ -22,6 +22,7 @@ from scheduler.sequence import Sequence, SequenceStatus
 from scheduler.spec_decode import (
     DraftModel,
     DraftState,
+    SpecGate,
     SpecStats,
     SpeculativeConfig,
     propose_ngram,
@@ -95,6 +96,8 @@ class Scheduler:
         self.spec_max_rows = spec_max_rows  # no drafts past this many rows in a step
         self.draft_model = draft_model  # method draft_model: drafts from it instead of n-grams
         self.spec_stats = SpecStats()
+        # None: draft whatever the speed
+        self.spec_gate = SpecGate() if speculative_config is not None else None
         self.acceptance_lengths: list[int] = []  # 1 + accepted per verified draft, since taken
 
     def add(self, seq: Sequence) -> None:
@@ -143,11 +146,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         preempted = i = 0
         spec_rows = self.spec_max_rows - len(self.running)  # draft rows this step may take
+        if self.speculative_config is None or (self.spec_gate and not self.spec_gate.allows()):
+            spec_rows = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             seq.draft_token_ids = []
-            if spec_rows > 0 and self.speculative_config is not None:
+            if spec_rows > 0:
                 draft = self._propose(seq, n, min(budget - n, spec_rows))
                 if draft and bm.allocate_slots(seq, n + len(draft)) is not None:
                     seq.draft_token_ids = draft
@@ -221,10 +226,10 @@ class Scheduler:
             if self.block_manager.allocate_slots(seq, 1 + room) is None:
                 return []
             draft = self.draft_model.propose(seq, room, self.block_manager.block_size)
-            if not draft:
-                self.block_manager.free_tail(seq)
         if seq.matcher is not None:  # NOTE: only tokens the grammar takes are verified
             del draft[seq.matcher.valid_prefix(draft) :]
+        if not draft:
+            self.block_manager.free_tail(seq)  # blocks a draft model's slots took
         return draft
 
     def _build(self, seqs: list[Sequence], counts: list[int], preempted: int) -> ScheduledBatch:

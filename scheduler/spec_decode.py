@@ -20,6 +20,9 @@ SPEC_MAX_ROWS = {"cuda": 256, "cpu": 8}
 # a sequence whose draft was wholly rejected skips this many steps before it drafts again (doubled
 # on each further miss up to MAX_BACKOFF): free-form text stops paying for verification rows
 MIN_BACKOFF, MAX_BACKOFF = 1, 16
+# the gate (SpecGate): steps of each kind before comparing, the speed drafting must keep, and
+# how long drafting pauses when it does not
+GATE_MIN_STEPS, GATE_MIN_GAIN, GATE_PAUSE_STEPS = 8, 1.0, 128
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,41 @@ class DraftState:
         else:
             self.k = max(1, self.k // 2)
             self.skip, self.backoff = self.backoff, min(MAX_BACKOFF, 2 * self.backoff)
+
+
+@dataclass(slots=True)
+class SpecGate:
+    """Pauses all drafting while decode steps with drafts yield fewer tokens per second than
+    steps without (a verification row can cost more than it saves: a slower kernel path, a
+    compute-bound batch), then measures again."""
+
+    plain: float = 0.0  # tokens/s of decode steps without drafts (moving average)
+    spec: float = 0.0  # of decode steps with drafts
+    num_plain: int = 0
+    num_spec: int = 0
+    pause: int = 0  # steps left without drafts
+
+    def allows(self) -> bool:
+        """Whether this step may draft (called once a step)."""
+        if self.pause:
+            self.pause -= 1
+            return False
+        return True
+
+    def observe(self, drafted: bool, tokens: int, seconds: float) -> None:
+        """One decode-only step: the tokens it gained and how long it took."""
+        if seconds <= 0.0 or tokens <= 0:
+            return
+        rate = tokens / seconds
+        if drafted:
+            self.spec = rate if not self.num_spec else 0.8 * self.spec + 0.2 * rate
+            self.num_spec += 1
+        else:
+            self.plain = rate if not self.num_plain else 0.8 * self.plain + 0.2 * rate
+            self.num_plain += 1
+        enough = min(self.num_spec, self.num_plain) >= GATE_MIN_STEPS
+        if enough and self.spec < GATE_MIN_GAIN * self.plain:
+            self.pause, self.num_spec = GATE_PAUSE_STEPS, 0
 
 
 @dataclass(slots=True)

@@ -14,7 +14,14 @@ import pytest
 
 import scheduler.scheduler as scheduler_module
 from model.sampling_params import SamplingParams, StructuredOutputsParams
-from scheduler.spec_decode import DraftState, SpeculativeConfig, propose_ngram
+from scheduler.spec_decode import (
+    GATE_MIN_STEPS,
+    GATE_PAUSE_STEPS,
+    DraftState,
+    SpecGate,
+    SpeculativeConfig,
+    propose_ngram,
+)
 from tests.scheduler.test_engine import BLOCK_BYTES, reference, run, tokens, workload  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
@@ -24,7 +31,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
 
 @pytest.fixture
 def make_engine(tiny_checkpoint):
-    """An engine on the tiny model; spec_max_rows raised so 8 streams all draft."""
+    """An engine on the tiny model; spec_max_rows raised so 8 streams all draft, no speed gate
+    (a loaded test machine's timings must not change what is drafted)."""
     from scheduler.config import EngineConfig
     from scheduler.engine import LLMEngine
 
@@ -38,6 +46,7 @@ def make_engine(tiny_checkpoint):
         )
         engine = LLMEngine(EngineConfig(**(cfg | kw)))
         engine.scheduler.spec_max_rows = 64
+        engine.scheduler.spec_gate = None
         return engine
 
     return make
@@ -107,6 +116,21 @@ def test_draft_state_adapts() -> None:
     assert SpeculativeConfig.from_dict({"method": "ngram", "num_speculative_tokens": 2}) == (
         SpeculativeConfig("ngram", 2, 5, 5)
     )
+
+
+def test_spec_gate_pauses_drafting_that_does_not_pay() -> None:
+    gate = SpecGate()
+    for _ in range(GATE_MIN_STEPS):
+        gate.observe(False, 1, 0.010)  # 100 tok/s without drafts
+        gate.observe(True, 2, 0.015)  # 133 tok/s with: drafting pays
+    assert gate.allows()
+    for _ in range(GATE_MIN_STEPS):
+        gate.observe(True, 1, 0.030)  # 33 tok/s: it no longer does
+        if gate.pause:
+            break
+    assert gate.pause == GATE_PAUSE_STEPS and gate.num_spec == 0  # then measured afresh
+    assert not any(gate.allows() for _ in range(GATE_PAUSE_STEPS))
+    assert gate.allows()
 
 
 @pytest.mark.parametrize(
@@ -257,6 +281,7 @@ def test_ngram_on_smollm2_is_exact_and_accepts(smollm2_gguf, assert_pool_free):
                         "prompt_lookup_min": 2, "prompt_lookup_max": 4}):  # fmt: skip
         engine = LLMEngine(EngineConfig(speculative_config=spec, kv_cache_memory="64MiB",
                                         max_model_len=512))  # fmt: skip
+        engine.scheduler.spec_gate = None
         outs.append((tokens(run(engine, {"r": (prompt, params)})), engine.num_steps))
         assert_pool_free(engine)
     (ref, ref_steps), (got, steps) = outs
