@@ -3,6 +3,7 @@ acceptance, and whether the replies are identical (greedy).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/spec_decode.py [--model PATH] [--streams 1]
         [--max-tokens 128] [--spec '{"method": "ngram", "num_speculative_tokens": 4, ...}']
+        [--no-gate]
 
 Grounded prompts carry a passage or code the answer copies or lightly edits; free-form prompts
 ask for stories and explanations. Each workload runs once without and once with speculation on
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import time
 
 import torch
@@ -37,12 +40,22 @@ CODE = """def load_config(path):
     data.setdefault("retries", 3)
     return data
 """
+LETTER = (
+    "Dear Ms Patel, thank you for your letter of 12 March about the delivery of the office "
+    "chairs. We are sorry that four of the twenty chairs arrived with broken wheels. Our driver "
+    "will collect the damaged chairs on Monday morning, and new chairs will be delivered on "
+    "Wednesday afternoon at no extra cost. If this time does not suit you, please call our "
+    "customer service team on 0161 496 0000 and we will arrange another day. Yours sincerely, "
+    "Tom Barker, Customer Service Manager."
+)
 GROUNDED = [
     f"Repeat this text exactly: {PASSAGE}",
+    f"Copy this letter, changing only the name Tom Barker to Anna Reed:\n\n{LETTER}",
     f"Rewrite this function so the default timeout is 60 instead of 30:\n\n{CODE}",
     f"Here is a passage:\n\n{PASSAGE}\n\nQuote the sentence about the flood, then summarise the "
     "passage using its own words.",
     f"Add a docstring to this function and return it whole:\n\n{CODE}",
+    f"Correct the punctuation of this letter and return the whole letter:\n\n{LETTER}",
 ]
 FREE_FORM = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -87,6 +100,23 @@ def run(engine: LLMEngine, prompts: list[list[int]], streams: int, max_tokens: i
     )
 
 
+def measure(args: argparse.Namespace) -> dict:
+    """One engine (with or without speculation) over both workloads, in this process."""
+    torch.set_num_threads(args.threads)
+    spec = None if args.config == "off" else args.spec
+    engine = LLMEngine(EngineConfig(model=args.model, speculative_config=spec, max_model_len=2048))
+    if args.no_gate:
+        engine.scheduler.spec_gate = None
+    tok, out = engine.tokenizer, {}
+    for workload, texts in (("grounded", GROUNDED), ("free-form", FREE_FORM)):
+        prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+        prompts = (prompts * args.streams)[: max(len(prompts), args.streams)]
+        run(engine, prompts[:1], 1, 8)  # warm-up
+        engine.scheduler.spec_stats.__init__()  # counted per workload
+        out[workload] = run(engine, prompts, args.streams, args.max_tokens)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -94,26 +124,22 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spec", type=json.loads, default=NGRAM)
+    ap.add_argument("--no-gate", action="store_true", help="draft even where it does not pay")
+    ap.add_argument("--config", choices=("off", "spec"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    engines = {}
-    for name, spec in (("off", None), ("ngram", args.spec)):
-        engines[name] = LLMEngine(EngineConfig(model=args.model, speculative_config=spec,
-                                               max_model_len=2048))  # fmt: skip
-    tok = engines["off"].tokenizer
-    for workload, texts in (("grounded", GROUNDED), ("free-form", FREE_FORM)):
-        prompts = [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
-        prompts = (prompts * args.streams)[: max(len(prompts), args.streams)]
-        res = {}
-        for name, engine in engines.items():
-            engine.scheduler.spec_stats.__init__()  # per workload
-            run(engine, prompts[:1], 1, 8)  # warm-up
-            engine.scheduler.spec_stats.__init__()
-            res[name] = run(engine, prompts, args.streams, args.max_tokens)
-        off, on = res["off"], res["ngram"]
+    if args.config:  # NOTE: one engine per process: two engines' kernel threads compete
+        print(json.dumps(measure(args)))
+        return
+    res = {}
+    for config in ("off", "spec"):
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--config", config]
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, check=True, text=True)
+        res[config] = json.loads(done.stdout.strip().splitlines()[-1])
+    for workload in res["off"]:
+        off, on = res["off"][workload], res["spec"][workload]
         rate = on["accepted"] / on["drafted"] if on["drafted"] else 0.0
         print(
-            f"{workload:9s} streams {args.streams}: off {off['tok_s']:6.1f} tok/s, ngram "
+            f"{workload:9s} streams {args.streams}: off {off['tok_s']:6.1f} tok/s, spec "
             f"{on['tok_s']:6.1f} tok/s ({on['tok_s'] / off['tok_s']:.2f}x), tokens/step "
             f"{on['tokens_per_step']:.2f}, accepted {on['accepted']}/{on['drafted']} "
             f"({100 * rate:.0f}%), identical {off['outputs'] == on['outputs']}"

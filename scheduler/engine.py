@@ -75,7 +75,11 @@ class LLMEngine:
         self.model_name = served_model_name(config.model, config.served_model_name)
         spec = config.speculative_config
         spec = None if spec is None else SpeculativeConfig.from_dict(spec)
-        self.draft_model = None if spec is None else self._draft_model(spec)
+        self.draft_model = None
+        if spec is not None and spec.method == "draft_model":
+            kwargs = runner_kwargs(config) | {"max_model_len": self.executor.max_model_len}
+            path = resolve_model(spec.model, None, config.download_dir)
+            self.draft_model = DraftModel.load(path, kwargs, self.executor.model_config)
         num_blocks = self.executor.num_kv_blocks
         if self.draft_model is not None:  # NOTE: one block id names a block in both caches
             num_blocks = min(num_blocks, self.draft_model.runner.num_kv_blocks)
@@ -116,23 +120,6 @@ class LLMEngine:
         self.model_steps: dict[str, int] = {}  # steps by the path that served them (runner)
         self.prompt_tokens_total = 0  # vLLM's counting: a request's prompt at its first token
         self.generation_tokens_total = 0
-
-    def _draft_model(self, spec: SpeculativeConfig) -> DraftModel | None:
-        """method draft_model: its runner on this process (one rank), with the target's settings
-        and max_model_len; None for ngram."""
-        if spec.method != "draft_model":
-            return None
-        cfg = self.config
-        path = resolve_model(spec.model, None, cfg.download_dir)
-        kwargs = runner_kwargs(cfg) | {"max_model_len": self.executor.max_model_len}
-        runner = ModelRunner(path, **kwargs)
-        vocab, draft_vocab = self.executor.model_config.vocab_size, runner.model_config.vocab_size
-        if draft_vocab != vocab:
-            raise ValueError(
-                f"draft model {spec.model} has {draft_vocab} tokens, the target {vocab}: it "
-                "must share the target's tokenizer"
-            )
-        return DraftModel(runner)
 
     def _generation_defaults(self, path: str) -> dict:
         """Request defaults from generation_config.json, validated now and logged once."""

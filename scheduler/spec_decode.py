@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from model.inputs import SamplingRow, StepInput
 
 if TYPE_CHECKING:
+    from model.config import ModelConfig
     from model.runner import ModelRunner
     from scheduler.sequence import Sequence
 
@@ -97,6 +98,20 @@ class DraftModel:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+
+    @classmethod
+    def load(cls, path: str, runner_kwargs: dict[str, Any], target: ModelConfig) -> DraftModel:
+        """Its runner on this process (one rank) with the target's settings; the vocabularies
+        must match (the same tokenizer)."""
+        from model.runner import ModelRunner
+
+        runner = ModelRunner(path, **runner_kwargs)
+        if runner.model_config.vocab_size != target.vocab_size:
+            raise ValueError(
+                f"draft model {path} has {runner.model_config.vocab_size} tokens, the target "
+                f"{target.vocab_size}: it must share the target's tokenizer"
+            )
+        return cls(runner)
 
     def run_step(self, step: StepInput) -> None:
         """Write the draft's K/V for every token the target computes in `step` (no sampling)."""
