@@ -83,6 +83,18 @@ def refs_of(reqs: dict, ref: dict) -> dict[tuple[int, ...], list[int]]:
     return {tuple(prompt): ref[rid][0] for rid, (prompt, _) in reqs.items()}
 
 
+def logprobs_of(engine, reqs: dict) -> dict[str, list]:
+    """Each request's reported token logprobs, in order (sample 0)."""
+    for rid, (prompt, params) in reqs.items():
+        engine.add_request(rid, prompt, params)
+    out: dict[str, list] = {rid: [] for rid in reqs}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            for d in o.outputs:
+                out[o.request_id] += d.logprobs or []
+    return out
+
+
 def check_spec(engine, min_accepted: int = 1) -> None:
     s = engine.get_stats()
     assert s.spec_decode_num_drafts_total > 0
@@ -196,9 +208,15 @@ def test_params_stops_and_logprobs_match(make_engine, oracle, assert_pool_free):
     ref = run(plain, reqs)
     oracle({tuple(p): ref[rid][0].token_ids for rid, (p, _) in reqs.items()})
     engine = make_engine()
+    lps_ref, lps = logprobs_of(plain, reqs), logprobs_of(engine, reqs)
     got = run(engine, reqs)
     assert got == ref
     assert got["stop_str"][0].finish_reason == "stop"
+    for rid, want in lps_ref.items():  # the target's logprobs, up to float32 batch rounding
+        assert [(x.token_id, x.rank, [t for t, _ in x.top]) for x in lps[rid]] == [
+            (x.token_id, x.rank, [t for t, _ in x.top]) for x in want
+        ]
+        assert [x.logprob for x in lps[rid]] == pytest.approx([x.logprob for x in want], abs=1e-4)
     check_spec(engine)
     assert_pool_free(plain)
     assert_pool_free(engine)
