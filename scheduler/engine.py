@@ -78,6 +78,8 @@ class LLMEngine:
         self.draft_model = None
         if spec is not None and spec.method == "draft_model":
             kwargs = runner_kwargs(config) | {"max_model_len": self.executor.max_model_len}
+            if kwargs["kv_cache_memory"]:  # NOTE: per rank; the draft's one rank holds all heads
+                kwargs["kv_cache_memory"] *= config.tensor_parallel_size
             path = resolve_model(spec.model, None, config.download_dir)
             self.draft_model = DraftModel.load(path, kwargs, self.executor.model_config)
         num_blocks = self.executor.num_kv_blocks

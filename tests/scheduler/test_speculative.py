@@ -310,7 +310,7 @@ def test_ngram_on_smollm2_is_exact_and_accepts(smollm2_gguf, assert_pool_free):
 
 
 @pytest.mark.timeout(300)
-def test_tensor_parallel_verification(make_engine, oracle, assert_pool_free):
+def test_tensor_parallel_verification(make_engine, oracle, tiny_checkpoint, assert_pool_free):
     """Every rank runs the 1 + k rows (num_sampled travels in the step's wire form) and joins
     the logits gather of all of them; rank 0 samples. Greedy, against the same TP without."""
     reqs = {
@@ -319,19 +319,23 @@ def test_tensor_parallel_verification(make_engine, oracle, assert_pool_free):
         for i in range(3)
     }  # fmt: skip
     outs = []
-    for spec in (None, NGRAM):
+    itself = {"method": "draft_model", "model": str(tiny_checkpoint()), "num_speculative_tokens": 3}
+    for spec in (None, NGRAM, itself):  # the draft model runs on rank 0 alone
         engine = make_engine(spec=spec, tensor_parallel_size=2, kv_cache_memory=64 * 4096)
         try:
+            outs.append(tokens(run(engine, reqs)))
+            s = engine.get_stats()
             if spec is None:
-                outs.append(tokens(run(engine, reqs)))
                 oracle({tuple(p): outs[0][rid][0] for rid, (p, _) in reqs.items()})
-            else:
-                outs.append(tokens(run(engine, reqs)))
+            elif spec is NGRAM:
                 check_spec(engine)
+            else:  # greedy drafts of the same model: all accepted
+                drafted = s.spec_decode_num_draft_tokens_total
+                assert s.spec_decode_num_accepted_tokens_total == drafted > 0
             assert_pool_free(engine)
         finally:
             engine.shutdown()
-    assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
 
 
 @pytest.mark.timeout(300)
