@@ -407,6 +407,14 @@ class GGUFCheckpoint:
         """HF names of every weight tensor, in file order."""
         return list(self._by_hf_name)
 
+    def has_blocks(self) -> bool:
+        """Whether a matrix is in quantized blocks the int8 kernels take (an F16/F32 file has
+        none: its weights are float, and `--activation-dtype auto` keeps it exact)."""
+        return any(
+            t.tensor_type.name in GGML_TYPE_IDS and len(t.shape) == 2
+            for t in self._by_hf_name.values()
+        )
+
     def get(
         self, name: str, packed: bool = False, blocks: bool = False
     ) -> torch.Tensor | QuantTensor:

@@ -101,7 +101,7 @@ def add_flags(s: argparse.ArgumentParser) -> None:
         "--activation-dtype",
         choices=ACTIVATION_DTYPES,
         default="auto",
-        help="int8: a GGUF's blocks times 8-bit activations (auto on CPU); float32: exact path",
+        help="int8: packed blocks times 8-bit activations (auto on CPU); float32: exact path",
     )
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
