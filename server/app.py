@@ -20,16 +20,12 @@ from server.limits import default_max_waiting
 from server.metrics import ServerMetrics, StatsLogger
 from server.middleware import install_middleware
 from server.offload import Offload, offloaded_json_route
-from server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DetokenizeRequest,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-)
-from server.protocol_anthropic import AnthropicCountTokensRequest, AnthropicMessagesRequest
-from server.protocol_pooling import EmbeddingRequest, RerankRequest, ScoreRequest
-from server.protocol_responses import ResponsesRequest
+from server.protocol.anthropic import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from server.protocol.chat import ChatCompletionRequest
+from server.protocol.completions import CompletionRequest
+from server.protocol.models import DetokenizeRequest, TokenizeChatRequest, TokenizeCompletionRequest
+from server.protocol.pooling import EmbeddingRequest, RerankRequest, ScoreRequest
+from server.protocol.responses import ResponsesRequest
 from server.response_store import ResponseStore
 from server.serving_chat import OpenAIServingChat
 from server.serving_completion import OpenAIServingCompletion
