@@ -1,4 +1,4 @@
-"""protocol.py → SamplingParams, errors.py envelopes, auth.py compare: no engine, no server."""
+"""server/protocol/ → SamplingParams, errors.py envelopes, auth.py compare: no engine, no server."""
 
 from __future__ import annotations
 
