@@ -125,7 +125,8 @@ KINDS = {"gauge": Gauge, "total": Counter, "counter": Counter, "histogram": Hist
 
 
 class ServerMetrics:
-    """Every tokenmill_* metric, fed by the engine's stat listener and by an HTTP middleware."""
+    """Every tokenmill_* metric (METRICS' rows are its attributes), fed by the engine's stat
+    listener and by server/middleware.py's HTTPMetricsMiddleware."""
 
     def __init__(
         self, model_name: str, registry: CollectorRegistry | None = None, vllm_gauges: bool = False

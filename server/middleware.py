@@ -24,11 +24,10 @@ UNMATCHED_ROUTE = "<unmatched>"  # one label value for every path no route match
 
 
 def install_middleware(app: FastAPI, cfg: ServerConfig, metrics: ServerMetrics) -> None:
-    """Add the stack to `app` in the order of this file (Starlette wraps the last added outermost).
-
-    Metrics sit outside the key and size checks so they count 401s and 413s; CORS too, so that
-    401s carry CORS headers; Anthropic's error shape covers the key and size checks' errors;
-    no body is read for a caller without the key."""
+    """Add the stack in this file's order, outermost first (Starlette wraps the last added)."""
+    # NOTE: metrics sit outside the key and size checks so they count 401s and 413s, CORS too so
+    # that 401s carry CORS headers, and Anthropic's error shape covers both checks' errors; the
+    # key check comes before the size check: no body is read for a caller without the key
     cors = dict(
         allow_origins=list(cfg.allowed_origins),
         allow_methods=list(cfg.allowed_methods),
