@@ -1,0 +1,186 @@
+"""Mixture-of-experts families (Qwen3-MoE, Mixtral, Qwen2-MoE, OLMoE) on tiny random checkpoints:
+transformers parity from the folder and from llama.cpp's conversion, packed GGUF experts, TP=2,
+and batch invariance (a token's expert outputs never depend on the rows beside it)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.layers.qdot import BlockTensor
+from model.models import MODELS
+from model.parallel import ParallelContext
+from model.runner import ModelRunner
+from tests.model.conftest import MOE_FAMILIES, MOE_LAYOUTS
+from tests.model.test_families_parity import Driver, check_against_transformers, load_pair, prompt
+from tests.model.test_gguf_families import reference
+
+CLASSES = {
+    "qwen3_moe_mlp_only": "Qwen3MoeForCausalLM",
+    "qwen2_moe_step2": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+KW = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+
+
+def moe_layers(runner: ModelRunner) -> list:
+    return [layer.mlp for layer in runner.model.model.layers if hasattr(layer.mlp, "experts")]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", MOE_FAMILIES + tuple(MOE_LAYOUTS))
+def test_moe_family_matches_transformers(family_checkpoint, family: str) -> None:
+    runner, hf = load_pair(family_checkpoint(family))
+    assert type(runner.model).__name__ == CLASSES[family]
+    assert not runner.model.fits_fused_decode and runner.fused is None
+    sparse = [hasattr(layer.mlp, "experts") for layer in runner.model.model.layers]
+    want = {
+        "qwen3_moe_mlp_only": [True, True, False, True],
+        "qwen2_moe_step2": [False, True, False, True],
+    }
+    assert sparse == want.get(family, [True] * 4)  # mlp_only_layers, decoder_sparse_step
+    check_against_transformers(runner, hf)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_converted_gguf_matches_transformers(family_gguf, family_checkpoint, family) -> None:
+    """llama.cpp's stacked ffn_*_exps tensors, its router and shared-expert names; a layer with
+    no router (Qwen3-MoE's mlp_only_layers) is found dense from the file's tensors."""
+    runner = ModelRunner(str(family_gguf(family)), **KW)
+    assert type(runner.model).__name__ == CLASSES[family]
+    assert not runner.model.fits_fused_decode
+    check_against_transformers(runner, reference(family_checkpoint(family), family))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe"])
+def test_q8_0_experts_stay_packed(family_gguf, family) -> None:
+    """Each expert keeps the file's Q8_0 bytes (no float copy, no stacked float parameter): the
+    float kernel serves the dequantized file's log-probs; the int8 path its blocks."""
+    path = str(family_gguf(family, "q8_0"))
+    ids = prompt(37, seed=1)
+    out = {}
+    for name, kw in (
+        ("float", dict(activation_dtype="float32")),
+        ("int8", dict(activation_dtype="int8")),
+        ("none", dict(quantization="none")),
+    ):
+        runner = ModelRunner(path, **KW, **kw)
+        for mlp in moe_layers(runner):
+            for proj in (mlp.experts.gate_up_proj, mlp.experts.down_proj):
+                if name == "none":
+                    assert proj.quant is None and proj.weight is not None
+                    continue
+                assert proj.weight is None and len(proj.quant) == proj.num_experts
+                assert isinstance(proj.quant[0], BlockTensor) == (name == "int8")
+                # Q8_0: 34 bytes per 32 weights (the panels of the int8 path hold the same)
+                rows, cols = sum(proj.rows), proj.cols
+                assert proj.quant.nbytes <= 1.1 * proj.num_experts * rows * cols * 34 / 32
+        logits = runner.compute_logits(Driver(runner).step([("a", ids, 0)]))[0]
+        out[name] = logits.log_softmax(-1)
+    torch.testing.assert_close(out["float"], out["none"], atol=1e-4, rtol=0)
+    # int8 activations (every linear, dense or expert) round each row per block: near, not equal
+    assert out["int8"].argmax() == out["none"].argmax()
+    torch.testing.assert_close(out["int8"], out["none"], atol=0.25, rtol=0)
+
+
+def test_tp_ranks_hold_every_experts_slice(family_checkpoint) -> None:
+    """Experts split along their intermediate dimension: each rank holds all 8 experts' halves;
+    the router is replicated."""
+    from model.hf_weights import load_hf_config
+
+    cfg = ModelConfig.from_hf_dict(load_hf_config(str(family_checkpoint("qwen2_moe"))))
+    with torch.device("meta"):
+        shards = [MODELS[cfg.architecture](cfg, ParallelContext(r, 2)) for r in range(2)]
+    for shard in shards:
+        mlp = shard.model.layers[0].mlp
+        assert tuple(mlp.experts.gate_up_proj.weight.shape) == (8, 32, 64)  # 2 x 32 / 2
+        assert tuple(mlp.experts.down_proj.weight.shape) == (8, 64, 16)
+        assert tuple(mlp.gate.weight.shape) == (8, 64)
+        assert mlp.shared_expert.down_proj.input_size_per_rank == 24
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_tp2_moe_greedy_identical(family_checkpoint, family: str) -> None:
+    from tests.model.test_tensor_parallel import assert_same_greedy, tp
+
+    folder = str(family_checkpoint(family))
+    r1, r2 = ModelRunner(folder, **KW), tp(folder, 2, **KW)
+    try:
+        assert_same_greedy(r1, r2, [prompt(12, 4), prompt(30, 5)])
+    finally:
+        r2.shutdown()
+
+
+def test_olmoe_refuses_tensor_parallelism(family_checkpoint) -> None:
+    from model.hf_weights import load_hf_config
+    from model.rendezvous import ParallelConfig
+
+    cfg = ModelConfig.from_hf_dict(load_hf_config(str(family_checkpoint("olmoe"))))
+    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
+        ParallelConfig(tensor_parallel_size=2).check_model(cfg)
+
+
+# -- batch invariance ----------------------------------------------------------------------------
+
+
+def assert_rows_invariant(mlp: torch.nn.Module, x: torch.Tensor) -> None:
+    """The routed experts' output for each row equals that row's output alone, bitwise."""
+    with torch.inference_mode():
+        batched = mlp.experts(x, mlp.gate(x))
+        for i in range(x.shape[0]):
+            alone = mlp.experts(x[i : i + 1], mlp.gate(x[i : i + 1]))
+            assert torch.equal(batched[i : i + 1], alone), f"row {i}"
+
+
+@pytest.mark.timeout(120)
+def test_experts_are_row_invariant_float(family_checkpoint) -> None:
+    runner = ModelRunner(str(family_checkpoint("mixtral")), **KW)
+    x = torch.randn(40, 64, generator=torch.Generator().manual_seed(0))
+    for mlp in moe_layers(runner):
+        assert_rows_invariant(mlp, x)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("activation_dtype", ["float32", "int8"])
+def test_experts_are_row_invariant_packed(family_gguf, activation_dtype: str) -> None:
+    """Packed experts: quant.c's float kernel (up to KERNEL_MAX_ROWS rows a call) and qdot.c's
+    int8 kernel (activations quantized per row) give each row the same bits in any batch."""
+    path = str(family_gguf("qwen3_moe", "q8_0"))
+    runner = ModelRunner(path, **KW, activation_dtype=activation_dtype)
+    x = torch.randn(80, 64, generator=torch.Generator().manual_seed(0))
+    for mlp in moe_layers(runner):
+        assert_rows_invariant(mlp, x)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("activation_dtype", ["float32", "int8"])
+def test_one_request_alone_and_among_others(family_gguf, activation_dtype: str) -> None:
+    """The same prompt and greedy decode steps alone, then beside 15 other sequences (their
+    prefills sharing its steps): the same tokens, and log-probs as close as the dense layers
+    allow (MKL's float GEMMs and attention are not bitwise across batches; the experts are)."""
+    path = str(family_gguf("qwen3_moe", "q8_0"))
+    runner = ModelRunner(path, **KW, activation_dtype=activation_dtype)
+    ids = prompt(21, seed=9)
+    runs = []
+    for others in (0, 15):
+        drv = Driver(runner, seed=others)
+        chunks = [("me", ids, 0)] + [(f"o{i}", prompt(5 + i, 100 + i), 0) for i in range(others)]
+        seqs = {sid: list(toks) for sid, toks, _ in chunks}
+        got = []
+        for _ in range(8):
+            logits = runner.compute_logits(drv.step(chunks))
+            got.append(logits[0].log_softmax(-1))
+            for (sid, _, _), row in zip(chunks, logits, strict=True):
+                seqs[sid].append(int(row.argmax()))
+            chunks = [(sid, s[-1:], len(s) - 1) for sid, s in seqs.items()]
+        runs.append((seqs["me"], torch.stack(got)))
+    (alone, a), (among, b) = runs
+    assert alone == among
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
