@@ -184,3 +184,18 @@ def test_one_request_alone_and_among_others(family_gguf, activation_dtype: str) 
     (alone, a), (among, b) = runs
     assert alone == among
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_quantized_folder_packs_experts_and_decode_c_refuses(family_checkpoint, quantization):
+    """--quantization packs every expert of an HF folder; decode.c (dense layers only) refuses
+    the model, so the torch modules serve it."""
+    folder = str(family_checkpoint("mixtral"))
+    runner = ModelRunner(folder, **KW, quantization=quantization)
+    assert runner.fused is None and not runner.model.fits_fused_decode
+    for mlp in moe_layers(runner):
+        assert mlp.experts.gate_up_proj.weight is None and mlp.experts.down_proj.quant is not None
+    ids = prompt(30, seed=2)
+    got = runner.compute_logits(Driver(runner).step([("a", ids, 0)]))[0]
+    assert torch.isfinite(got).all()
