@@ -178,7 +178,7 @@ class ExpertLinear(nn.Module):
                 f"{type(self).__name__}: expert {e} part {part} is {tuple(piece.shape)}, "
                 f"expected {want}"
             )
-        stash = self.__dict__.setdefault("_stash", {})
+        stash = self.__dict__.setdefault("_pending", {})
         parts = stash.setdefault(e, {})
         parts[part] = piece
         if len(parts) < len(self.rows):
@@ -194,7 +194,7 @@ class ExpertLinear(nn.Module):
             merged.pack()
         stash[e] = merged
         if len(stash) == self.num_experts and all(not isinstance(v, dict) for v in stash.values()):
-            del self.__dict__["_stash"]
+            del self.__dict__["_pending"]
             self.quant = PackedExperts(stash[i] for i in range(self.num_experts))
             self.weight = None
 
