@@ -123,17 +123,9 @@ class ExpertLinear(nn.Module):
                 else t[start : start + rows]
             )
         start = self.ctx.rank * self.cols
-        if not isinstance(t, QuantTensor):
-            return t[:, start : start + self.cols]
-        part = t.narrow_cols(start, self.cols)
-        if part is None:
-            end = start + self.cols
-            raise ValueError(
-                f"{type(self).__name__}: this rank's columns {start}..{end} split a quantization "
-                "block; choose a tensor_parallel_size whose share of moe_intermediate_size is "
-                "whole blocks"
-            )
-        return part
+        if isinstance(t, QuantTensor):
+            return t.narrow_cols(start, self.cols)
+        return t[:, start : start + self.cols]
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         name = type(self).__name__
@@ -157,8 +149,10 @@ class ExpertLinear(nn.Module):
         if not 0 <= e < self.num_experts:
             raise ValueError(f"{type(self).__name__}: expert {e} of {self.num_experts}")
         if isinstance(loaded, QuantTensor):
-            if keeps_packed(param):
-                return self._stash(e, part, self._narrow(loaded, part))
+            piece = self._narrow(loaded, part)
+            if piece is not None and keeps_packed(param):
+                return self._stash(e, part, piece)
+            # NOTE: a rank's columns that split quantization groups: float, as RowParallelLinear
             loaded = loaded.dequantize()
         piece = self._narrow(loaded, part)
         offset = sum(self.rows[:part])

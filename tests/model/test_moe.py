@@ -118,6 +118,22 @@ def test_tp2_moe_greedy_identical(family_checkpoint, family: str) -> None:
         r2.shutdown()
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_tp2_packed_gguf_greedy_identical(family_gguf, family: str) -> None:
+    """Each rank converts its rows (gate_up) and columns (down) of every expert from the stacked
+    Q8_0 tensor; Qwen3-MoE's 16 columns a rank split Q8_0's 32-blocks, so its down projections
+    are float there (as a RowParallelLinear's would be), Mixtral's stay packed."""
+    from tests.model.test_tensor_parallel import assert_same_greedy, tp
+
+    path = str(family_gguf(family, "q8_0"))
+    r1, r2 = ModelRunner(path, **KW), tp(path, 2, **KW)
+    try:
+        assert_same_greedy(r1, r2, [prompt(12, 4), prompt(30, 5)])
+    finally:
+        r2.shutdown()
+
+
 def test_olmoe_refuses_tensor_parallelism(family_checkpoint) -> None:
     from model.hf_weights import load_hf_config
     from model.rendezvous import ParallelConfig
