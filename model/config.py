@@ -238,7 +238,9 @@ def _moe(d: dict[str, Any], arch: str, n: int) -> dict[str, Any]:
     return dict(
         num_experts=experts,
         num_experts_per_tok=k,
-        moe_intermediate_size=d.get("moe_intermediate_size") or d.get("intermediate_size"),
+        moe_intermediate_size=(
+            d.get("moe_intermediate_size") or d.get("intermediate_size") or 4 * d["hidden_size"]
+        ),
         norm_topk_prob=bool(norm),
         shared_expert_intermediate_size=shared if arch == "Qwen2MoeForCausalLM" else 0,
         moe_layers=tuple(i not in only and (i + 1) % step == 0 for i in range(n)),

@@ -59,6 +59,8 @@ class ReplicatedLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         if isinstance(loaded, QuantTensor):
             loaded = loaded.dequantize()
+        if loaded.dim() == 1 and loaded.numel() == param.numel():  # a GGUF's [hidden] gate
+            loaded = loaded.view(param.shape)
         if param.shape != loaded.shape:
             raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
         param.data.copy_(loaded)

@@ -46,6 +46,27 @@ def test_moe_family_matches_transformers(family_checkpoint, family: str) -> None
     check_against_transformers(runner, hf)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_transformers_in_memory_layout_loads_the_same(family_checkpoint, family: str) -> None:
+    """transformers 5 keeps experts stacked in memory (experts.gate_up_proj [E, 2 * inter,
+    hidden], experts.down_proj, mlp.* for Mixtral too): that state_dict loads the same weights
+    as the per-expert tensors on disk."""
+    from model.loader import load_weights
+    from model.runner import materialize
+
+    runner, hf = load_pair(family_checkpoint(family))
+    names = list(hf.state_dict())
+    assert any(n.endswith(".mlp.experts.gate_up_proj") for n in names)
+    with torch.device("meta"):
+        net = MODELS[runner.model_config.architecture](runner.model_config)
+    net = materialize(net, torch.device("cpu"), torch.float32)
+    load_weights(net, hf.state_dict().items())
+    ours = dict(runner.model.named_parameters())
+    for name, p in net.named_parameters():
+        assert torch.equal(p, ours[name]), name
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_moe_converted_gguf_matches_transformers(family_gguf, family_checkpoint, family) -> None:
