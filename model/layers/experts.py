@@ -239,7 +239,7 @@ class FusedMoE(nn.Module):
         flat = ids.flatten()  # [T * k]: row i * k + j is token i's j-th choice
         order = torch.argsort(flat, stable=True)  # grouped by expert
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        out_rows = torch.empty(t * k, x.shape[1], dtype=x.dtype)  # [T * k, hidden]
+        out_rows = x.new_empty(t * k, x.shape[1])  # [T * k, hidden]
         start = 0
         for e, n in enumerate(counts):
             if n == 0:
