@@ -232,22 +232,25 @@ class FusedMoE(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
 
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on its rows x [n, hidden] -> [n, hidden]."""
+        gate, up = self.gate_up_proj(e, x).chunk(2, dim=-1)  # [n, inter / tp] each
+        return self.down_proj(e, F.silu(gate, inplace=True).mul_(up))
+
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden] (partial sums under TP)."""
         t, k = x.shape[0], self.top_k
         weights, ids = self.route(router_logits)
-        flat = ids.flatten()  # [T * k]: row i * k + j is token i's j-th choice
-        order = torch.argsort(flat, stable=True)  # grouped by expert
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        out_rows = x.new_empty(t * k, x.shape[1])  # [T * k, hidden]
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            sel = order[start : start + n]  # the (token, choice) pairs expert e serves
-            start += n
-            gate, up = self.gate_up_proj(e, x[sel // k]).chunk(2, dim=-1)  # [n, inter / tp]
-            out_rows[sel] = self.down_proj(e, (F.silu(gate) * up).contiguous())
+        if t == 1:  # decode of one sequence: no grouping (the same products, the same bits)
+            out_rows = torch.cat([self.expert(e, x) for e in ids[0].tolist()])  # [k, hidden]
+        else:
+            flat = ids.flatten()  # [T * k]: row i * k + j is token i's j-th choice
+            order = torch.argsort(flat, stable=True)  # grouped by expert
+            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+            out_rows = x.new_empty(t * k, x.shape[1])  # [T * k, hidden]
+            for e, sel in enumerate(order.split(counts)):
+                if len(sel):  # sel: the (token, choice) pairs expert e serves
+                    out_rows[sel] = self.expert(e, x[sel // k])
         out_rows = out_rows.view(t, k, -1)  # [T, k, hidden]
         w = weights.to(x.dtype)
         out = out_rows[:, 0] * w[:, :1]
