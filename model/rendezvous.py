@@ -79,8 +79,6 @@ class ParallelConfig:
         for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
             if getattr(cfg, name) % size:
                 bad.append(f"{name} {getattr(cfg, name)}")
-        if cfg.architecture == "OlmoeForCausalLM":  # model/models/olmoe.py
-            bad.append("OLMoE's q/k norms span every head (serve it with tensor_parallel_size 1)")
         if bad:
             raise ValueError(
                 f"tensor_parallel_size {size} does not evenly split the model: {'; '.join(bad)}"

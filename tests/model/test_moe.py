@@ -126,9 +126,27 @@ def test_tp_ranks_hold_every_experts_slice(family_checkpoint) -> None:
         assert mlp.shared_expert.down_proj.input_size_per_rank == 24
 
 
+def test_olmoe_ranks_keep_their_heads(family_checkpoint) -> None:
+    """OLMoE at TP=4 (4 heads, 2 KV heads): whole q/k/v projections on every rank, one q head
+    each, KV heads shared by pairs of ranks; o_proj split by columns."""
+    from model.hf_weights import load_hf_config
+
+    cfg = ModelConfig.from_hf_dict(load_hf_config(str(family_checkpoint("olmoe"))))
+    with torch.device("meta"):
+        shards = [MODELS[cfg.architecture](cfg, ParallelContext(r, 4)) for r in range(4)]
+    for r, shard in enumerate(shards):
+        attn = shard.model.layers[0].self_attn
+        assert tuple(attn.qkv_proj.weight.shape) == (4 * 16 + 2 * 2 * 16, 64)
+        assert attn.q_heads == (r, 1) and attn.kv_heads == (r // 2, 1)
+        assert (attn.attn.num_heads, attn.attn.num_kv_heads) == (1, 1)
+        assert attn.o_proj.input_size_per_rank == 16
+
+
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_tp2_moe_greedy_identical(family_checkpoint, family: str) -> None:
+    """Experts split along their width; OLMoE's ranks project every head (its q/k norms span
+    them) and attend with their own."""
     from tests.model.test_tensor_parallel import assert_same_greedy, tp
 
     folder = str(family_checkpoint(family))
@@ -153,15 +171,6 @@ def test_tp2_packed_gguf_greedy_identical(family_gguf, family: str) -> None:
         assert_same_greedy(r1, r2, [prompt(12, 4), prompt(30, 5)])
     finally:
         r2.shutdown()
-
-
-def test_olmoe_refuses_tensor_parallelism(family_checkpoint) -> None:
-    from model.hf_weights import load_hf_config
-    from model.rendezvous import ParallelConfig
-
-    cfg = ModelConfig.from_hf_dict(load_hf_config(str(family_checkpoint("olmoe"))))
-    with pytest.raises(ValueError, match="tensor_parallel_size 1"):
-        ParallelConfig(tensor_parallel_size=2).check_model(cfg)
 
 
 # -- batch invariance ----------------------------------------------------------------------------
