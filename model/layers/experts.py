@@ -167,7 +167,8 @@ class ExpertLinear(nn.Module):
 
     def _stash(self, e: int, part: int, piece: QuantTensor) -> None:
         """Packed parts wait for their expert's others, merge, and once every expert has its
-        weight the float parameter is dropped (never allocated beside the packed bytes)."""
+        weight the float parameter is dropped (never written, so its pages never became
+        resident: the packed bytes are what the process holds)."""
         if tuple(piece.shape) != (self.rows[part], self.cols):
             want = f"{self.rows[part]}x{self.cols}"
             raise ValueError(
