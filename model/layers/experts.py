@@ -136,10 +136,10 @@ class ExpertLinear(nn.Module):
             raise ValueError(f"{name}: part {part} of {len(self.rows)}")
         if expert is not None:
             return self._load_one(param, expert, part, loaded)
+        if len(loaded.shape) != 3 or loaded.shape[0] != self.num_experts:
+            raise ValueError(f"{name}: expected [{self.num_experts}, out, in], got "
+                             f"{tuple(loaded.shape)}")  # fmt: skip
         if isinstance(loaded, torch.Tensor):
-            if loaded.dim() != 3 or loaded.shape[0] != self.num_experts:
-                raise ValueError(f"{name}: expected [{self.num_experts}, out, in], got "
-                                 f"{tuple(loaded.shape)}")  # fmt: skip
             for e in range(self.num_experts):
                 self._load_one(param, e, part, loaded[e])
             return None

@@ -263,3 +263,28 @@ def test_engine_batch_gives_each_prompt_its_alone_tokens(family_gguf) -> None:
     batched = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     alone = [llm.generate(p, params)[0].outputs[0].token_ids for p in prompts]
     assert batched == alone and all(len(t) == 12 for t in batched)
+
+
+def test_missing_or_misshapen_experts_are_named(family_checkpoint) -> None:
+    """A checkpoint that lacks one expert's up_proj, or stacks the wrong expert count, fails
+    with the parameter and the numbers in the message."""
+    from model.hf_weights import iterate_hf_weights, load_hf_config
+    from model.layers.experts import ExpertLinear
+    from model.loader import WeightLoadError, load_weights
+    from model.runner import materialize
+
+    folder = str(family_checkpoint("qwen3_moe"))
+    cfg = ModelConfig.from_hf_dict(load_hf_config(folder))
+    with torch.device("meta"):
+        net = MODELS[cfg.architecture](cfg)
+    net = materialize(net, torch.device("cpu"), torch.float32)
+    stream = (
+        (n, t)
+        for n, t in iterate_hf_weights(folder)
+        if n != "model.layers.1.mlp.experts.5.up_proj.weight"
+    )
+    with pytest.raises(WeightLoadError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj"):
+        load_weights(net, stream)
+    proj = ExpertLinear(8, 64, [32, 32], column=True)
+    with pytest.raises(ValueError, match=r"expected \[8, out, in\], got \(3, 32, 64\)"):
+        proj.weight_loader(proj.weight, torch.zeros(3, 32, 64), 0)
