@@ -89,6 +89,8 @@ _PER_LAYER_ARCH = {
 }
 _PER_LAYER_ARCH["gemma3"] = _PER_LAYER_ARCH["gemma2"]
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# older Mixtral files: one tensor per expert (blk.N.ffn_gate.E.weight), not stacked
+_EXPERT_NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 # Tensors that configure the model instead of holding weights (consumed into the config).
 _CONFIG_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
@@ -97,6 +99,9 @@ def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """'blk.3.attn_q.weight' → 'model.layers.3.self_attn.q_proj.weight'; None when unknown."""
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
+    m = _EXPERT_NAME.match(name)
+    if m is not None:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     m = _LAYER_NAME.match(name)
     if m is None:
         return None

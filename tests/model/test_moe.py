@@ -288,3 +288,63 @@ def test_missing_or_misshapen_experts_are_named(family_checkpoint) -> None:
     proj = ExpertLinear(8, 64, [32, 32], column=True)
     with pytest.raises(ValueError, match=r"expected \[8, out, in\], got \(3, 32, 64\)"):
         proj.weight_loader(proj.weight, torch.zeros(3, 32, 64), 0)
+
+
+def test_gguf_config_finds_dense_layers_and_llama_cpp_routing() -> None:
+    """No converter writes a Qwen3-MoE with dense layers, so the metadata is checked alone: a
+    block without ffn_gate_inp is dense; llama.cpp's norm_w per architecture, unless the file
+    says expert_weights_norm; a `llama` file with experts is Mixtral."""
+    from model.gguf_weights import _moe_config
+
+    base = {"num_hidden_layers": 4, "intermediate_size": 128}
+    fields = {"qwen3moe.expert_count": 8, "qwen3moe.expert_used_count": 2,
+              "qwen3moe.expert_feed_forward_length": 32}  # fmt: skip
+    tensors = {f"blk.{i}.ffn_gate_inp.weight": None for i in (0, 1, 3)}
+    got = _moe_config(fields, "qwen3moe", base, tensors)
+    assert got["mlp_only_layers"] == [2] and got["norm_topk_prob"] is True
+    assert (got["num_experts"], got["num_experts_per_tok"], got["moe_intermediate_size"]) == (
+        8,
+        2,
+        32,
+    )
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "vocab_size": 10,
+            "hidden_size": 64,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            **base,
+            **got,
+        }  # fmt: skip
+    )
+    assert cfg.moe_layers == (True, True, False, True)
+    olmoe = {
+        "olmoe.expert_count": 8,
+        "olmoe.expert_used_count": 2,
+        "olmoe.expert_weights_norm": True,
+    }
+    assert _moe_config(olmoe, "olmoe", base, tensors | {"blk.2.ffn_gate_inp.weight": None})[
+        "norm_topk_prob"
+    ]
+    mixtral = _moe_config(
+        {"llama.expert_count": 4, "llama.expert_used_count": 2}, "llama", base, {}
+    )
+    assert mixtral["architectures"] == ["MixtralForCausalLM"] and mixtral["norm_topk_prob"]
+    assert mixtral["moe_intermediate_size"] == 128
+    assert _moe_config({}, "llama", base, {}) == {}  # plain Llama
+
+
+def test_gguf_expert_tensor_names() -> None:
+    from model.gguf_weights import gguf_to_hf_name
+
+    assert gguf_to_hf_name("blk.3.ffn_up_exps.weight", "qwen3moe") == (
+        "model.layers.3.mlp.experts.up_proj.weight"
+    )
+    assert gguf_to_hf_name("blk.0.ffn_gate_inp_shexp.weight", "qwen2moe") == (
+        "model.layers.0.mlp.shared_expert_gate.weight"
+    )
+    # older Mixtral conversions: per-expert tensors, loaded through expert_params_mapping
+    assert gguf_to_hf_name("blk.2.ffn_down.7.weight", "llama") == (
+        "model.layers.2.mlp.experts.7.down_proj.weight"
+    )
