@@ -38,8 +38,9 @@ RUN pip install . \
 
 # ---- final stage: the venv only, run as a non-root user ----
 FROM base AS runtime
-# gcc: tokenmill compiles its CPU decode GEMV (model/layers/gemv.c, ~1 s) for the host CPU at
-# start-up, ~1.5x faster single-stream decode than oneDNN; without it the server still works.
+# gcc: tokenmill compiles its five CPU kernel files (model/layers/*.c, built by kernels.py: ~20 s
+# on 2 cores, once per CPU, cached) for the host CPU on first start; without it the server still
+# works, on the torch path.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*

@@ -20,7 +20,6 @@ from collections import defaultdict
 
 import torch
 
-from model.layers import gemv
 from model.sampling_params import SamplingParams
 from scheduler.config import EngineConfig
 from scheduler.engine import LLMEngine
@@ -110,12 +109,6 @@ def main() -> None:
         ),
         "single_stream": run(engine, [make_prompt(engine, rng, 32)], args.decode_tokens),
     }
-    if gemv.max_rows() and args.tensor_parallel_size == 1:  # A/B in this run: oneDNN's GEMV
-        gemv.enabled = False
-        results["single_stream_onednn"] = run(
-            engine, [make_prompt(engine, rng, 32)], args.decode_tokens
-        )
-        gemv.enabled = True
     engine.shutdown()
     print(
         f"model={engine.model_name} threads={args.threads} dtype={args.dtype} "
@@ -133,13 +126,6 @@ def main() -> None:
         f"(c) single-stream decode       : {results['single_stream']['decode_tok_s']:8.1f} "
         f"tokens/s ({results['single_stream']['decode_ms_per_step']:.1f} ms/token)"
     )
-    if "single_stream_onednn" in results:
-        base = results["single_stream_onednn"]
-        print(
-            f"    (same run, oneDNN GEMV)    : {base['decode_tok_s']:8.1f} tokens/s "
-            f"({base['decode_ms_per_step']:.1f} ms/token): gemv.c is "
-            f"{results['single_stream']['decode_tok_s'] / base['decode_tok_s']:.2f}x"
-        )
     for name, r in results.items():
         split = " ".join(f"{k}={v:.2f}" for k, v in r["split_ms_per_step"].items())
         print(f"    step split {name:15s} ms/step: {split}")

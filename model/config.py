@@ -50,7 +50,15 @@ SUPPORTED_ARCHITECTURES: dict[str, dict[str, Any]] = {
     "SmolLM3ForCausalLM": {"tie_word_embeddings": True},
     "GraniteForCausalLM": {},
     "Phi3ForCausalLM": {},
+    # mixture of experts (model/models/moe.py)
+    "Qwen3MoeForCausalLM": {"qk_norm": True},
+    "MixtralForCausalLM": {"norm_topk_prob": True},  # always renormalizes its top-k
+    "Qwen2MoeForCausalLM": {"attention_bias": True},
+    "OlmoeForCausalLM": {},
 }
+MOE_ARCHITECTURES = (
+    "Qwen3MoeForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM",
+)  # fmt: skip
 ROPE_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3")
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -89,6 +97,13 @@ class ModelConfig:
     residual_multiplier: float = 1.0  # Granite
     attention_multiplier: float | None = None  # Granite: the attention scale itself
     logits_scaling: float = 1.0  # Granite: logits are divided by it
+    num_experts: int = 0  # mixture of experts: routed experts per MoE layer (0: dense model)
+    num_experts_per_tok: int = 0  # top-k
+    moe_intermediate_size: int = 0  # each expert's FFN width
+    norm_topk_prob: bool = False  # renormalize the top-k routing weights to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0: none
+    moe_layers: tuple[bool, ...] = ()  # per layer: routed experts (else the dense MLP)
+    clip_qkv: float | None = None  # OLMoE: q, k, v clamped to [-clip, clip]
 
     @property
     def rope_scaling_dict(self) -> dict[str, Any] | None:
@@ -103,6 +118,9 @@ class ModelConfig:
 
     def uses_rope(self, layer: int) -> bool:
         return not self.rope_layers or self.rope_layers[layer]
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     @property
     def all_layers_sliding(self) -> bool:
@@ -153,7 +171,9 @@ class ModelConfig:
             tie_word_embeddings=bool(
                 d.get("tie_word_embeddings", defaults.get("tie_word_embeddings", False))
             ),
-            attention_bias=bool(d.get("attention_bias", defaults.get("attention_bias", False))),
+            attention_bias=bool(
+                d.get("attention_bias", d.get("qkv_bias", defaults.get("attention_bias", False)))
+            ),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=d.get("eos_token_id"),
             hidden_act=(
@@ -174,6 +194,7 @@ class ModelConfig:
             residual_multiplier=float(d.get("residual_multiplier", 1.0)),
             attention_multiplier=d.get("attention_multiplier"),
             logits_scaling=float(d.get("logits_scaling", 1.0)),
+            **_moe(d, arch, n),
         )
 
 
@@ -181,6 +202,7 @@ class ModelConfig:
 SIZE_KEYS = (
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "intermediate_size", "head_dim", "max_position_embeddings",
+    "moe_intermediate_size",
 )  # fmt: skip
 
 
@@ -197,6 +219,33 @@ def _check_sizes(d: dict[str, Any], arch: str) -> None:
     if not d.get("head_dim") and hidden % heads:
         raise ValueError(f"config of {arch}: hidden_size {hidden} is not divisible by "
                          f"num_attention_heads {heads} (and no head_dim)")  # fmt: skip
+
+
+def _moe(d: dict[str, Any], arch: str, n: int) -> dict[str, Any]:
+    """The routed-expert fields: which layers are sparse (Qwen's decoder_sparse_step and
+    mlp_only_layers), the top-k, each expert's width, the shared expert (Qwen2-MoE)."""
+    if arch not in MOE_ARCHITECTURES:
+        return {}
+    experts = d.get("num_experts") or d.get("num_local_experts") or 0
+    k = d.get("num_experts_per_tok") or 0
+    if type(experts) is not int or type(k) is not int or not 0 < k <= experts:
+        raise ValueError(f"config of {arch}: num_experts_per_tok {k!r} is not in [1, "
+                         f"num_experts {experts!r}]")  # fmt: skip
+    step = d.get("decoder_sparse_step") or 1
+    only = set(d.get("mlp_only_layers") or ())
+    shared = d.get("shared_expert_intermediate_size") or 0
+    norm = SUPPORTED_ARCHITECTURES[arch].get("norm_topk_prob") or d.get("norm_topk_prob", False)
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=k,
+        moe_intermediate_size=(
+            d.get("moe_intermediate_size") or d.get("intermediate_size") or 4 * d["hidden_size"]
+        ),
+        norm_topk_prob=bool(norm),
+        shared_expert_intermediate_size=shared if arch == "Qwen2MoeForCausalLM" else 0,
+        moe_layers=tuple(i not in only and (i + 1) % step == 0 for i in range(n)),
+        clip_qkv=d.get("clip_qkv"),
+    )
 
 
 def _gemma3_text(d: dict[str, Any]) -> dict[str, Any]:
@@ -228,14 +277,19 @@ def _rope_layers(d: dict[str, Any], n: int) -> tuple[bool, ...]:
 def _windows(d: dict[str, Any], arch: str, n: int, max_pos: int) -> tuple[int | None, tuple]:
     """(sliding_window or None, per-layer types) as transformers decides them for each family."""
     window = d.get("sliding_window")
-    if window is None or arch == "LlamaForCausalLM":
+    if window is None or arch in ("LlamaForCausalLM", "OlmoeForCausalLM"):
         return None, (FULL,) * n
+    if arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM") and not d.get("use_sliding_window"):
+        return None, (FULL,) * n  # NOTE: Qwen2-MoE's config sets sliding_window 0 then
     if arch in ("Gemma2ForCausalLM", "Gemma3ForCausalLM") and d.get("layer_types") is None:
         pattern = 2 if arch == "Gemma2ForCausalLM" else d.get("sliding_window_pattern", 6)
         types = tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
     elif d.get("layer_types") is not None:
         types = tuple(d["layer_types"])
-    elif arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"):
+    elif arch in (
+        "Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM", "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+    ):  # fmt: skip
         if not d.get("use_sliding_window", False):
             return None, (FULL,) * n
         first = d.get("max_window_layers", n)

@@ -36,7 +36,13 @@ ARCHITECTURES = {
     "smollm3": ("SmolLM3ForCausalLM", "smollm3"),
     "granite": ("GraniteForCausalLM", "granite"),
     "phi3": ("Phi3ForCausalLM", "phi3"),
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "olmoe": ("OlmoeForCausalLM", "olmoe"),
 }
+MIXTRAL = ("MixtralForCausalLM", "mixtral")  # written as "llama" with an expert_count
+# llama.cpp's norm_w per architecture where the file has no expert_weights_norm
+NORM_TOPK = {"qwen3moe": True, "llama": True, "qwen2moe": False, "olmoe": False}
 PERMUTED_QK = ("llama", "smollm3", "granite")  # the converter's LlamaModel.permute: undone here
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # the converter stores Gemma's (1 + w): w is given back
 
@@ -63,6 +69,14 @@ _PER_LAYER = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # the router
+    "ffn_gate_exps": "mlp.experts.gate_proj",  # [E, inter, hidden], every expert stacked
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 # per architecture: the names whose meaning differs from _PER_LAYER's
 _PER_LAYER_ARCH = {
@@ -75,6 +89,8 @@ _PER_LAYER_ARCH = {
 }
 _PER_LAYER_ARCH["gemma3"] = _PER_LAYER_ARCH["gemma2"]
 _LAYER_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+# older Mixtral files: one tensor per expert (blk.N.ffn_gate.E.weight), not stacked
+_EXPERT_NAME = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
 # Tensors that configure the model instead of holding weights (consumed into the config).
 _CONFIG_TENSORS = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
@@ -83,6 +99,9 @@ def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
     """'blk.3.attn_q.weight' → 'model.layers.3.self_attn.q_proj.weight'; None when unknown."""
     if name in _TOP_LEVEL:
         return _TOP_LEVEL[name]
+    m = _EXPERT_NAME.match(name)
+    if m is not None:
+        return f"model.layers.{m.group(1)}.mlp.experts.{m.group(3)}.{m.group(2)}_proj.weight"
     m = _LAYER_NAME.match(name)
     if m is None:
         return None
@@ -232,7 +251,35 @@ def _build_config(reader: Any, path: str, tensors: dict[str, Any]) -> dict[str, 
     if arch == "qwen2":
         config["attention_bias"] = True
     config.update(_family_config(reader, arch, config, tensors))
+    config.update(_moe_config(fields, arch, config, tensors))
     return config
+
+
+def _moe_config(
+    fields: dict[str, Any], arch: str, config: dict[str, Any], tensors: dict[str, Any]
+) -> dict[str, Any]:
+    """Routed experts: counts and widths from the metadata; a layer without a router
+    (ffn_gate_inp) is dense, as llama.cpp's loader finds it."""
+    experts = fields.get(f"{arch}.expert_count")
+    if not experts:
+        return {}
+    out: dict[str, Any] = {}
+    if arch == "llama":
+        out["architectures"], out["model_type"] = [MIXTRAL[0]], MIXTRAL[1]
+    n = config["num_hidden_layers"]
+    out["num_experts"] = experts
+    out["num_experts_per_tok"] = fields.get(f"{arch}.expert_used_count")
+    out["moe_intermediate_size"] = fields.get(
+        f"{arch}.expert_feed_forward_length", config["intermediate_size"]
+    )
+    shared = fields.get(f"{arch}.expert_shared_feed_forward_length")
+    if shared:
+        out["shared_expert_intermediate_size"] = shared
+    out["norm_topk_prob"] = bool(fields.get(f"{arch}.expert_weights_norm", NORM_TOPK.get(arch)))
+    dense = [i for i in range(n) if f"blk.{i}.ffn_gate_inp.weight" not in tensors]
+    if dense:
+        out["mlp_only_layers"] = dense
+    return out
 
 
 def _dequantized(tensors: dict[str, Any], name: str) -> list[float]:
@@ -394,6 +441,27 @@ class GGUFQuantTensor(QuantTensor):
         return self.whole().dequantize()
 
 
+class GGUFExperts:
+    """A stacked [E, rows, cols] quantized expert tensor (ffn_*_exps), read one expert at a time
+    from its own bytes: never unstacked or dequantized whole (model/layers/experts.py)."""
+
+    __slots__ = ("kind", "raw", "rows", "cols", "blocks")
+
+    def __init__(self, kind: str, raw: np.ndarray, rows: int, cols: int, blocks: bool) -> None:
+        self.kind, self.raw, self.rows, self.cols, self.blocks = kind, raw, rows, cols, blocks
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.raw.shape[0], self.rows, self.cols
+
+    def expert(self, e: int) -> QuantTensor:
+        """Expert e: the file's blocks (int8 path) or a lazily converted packed tensor."""
+        if self.blocks and self.kind in GGML_TYPE_IDS:
+            data = torch.from_numpy(np.array(self.raw[e], dtype=np.uint8, copy=True))
+            return BlockTensor([(self.kind, data)], self.cols)
+        return GGUFQuantTensor(self.kind, self.raw[e], self.rows, self.cols, None)
+
+
 @dataclass(slots=True)
 class GGUFCheckpoint:
     """A memory-mapped GGUF: HF-style config plus tensors read and dequantized on demand."""
@@ -406,6 +474,14 @@ class GGUFCheckpoint:
     def tensor_names(self) -> list[str]:
         """HF names of every weight tensor, in file order."""
         return list(self._by_hf_name)
+
+    def has_blocks(self) -> bool:
+        """Whether a matrix is in quantized blocks the int8 kernels take (an F16/F32 file has
+        none: its weights are float, and `--activation-dtype auto` keeps it exact)."""
+        return any(
+            t.tensor_type.name in GGML_TYPE_IDS and len(t.shape) == 2
+            for t in self._by_hf_name.values()
+        )
 
     def get(
         self, name: str, packed: bool = False, blocks: bool = False
@@ -421,6 +497,9 @@ class GGUFCheckpoint:
         kind = t.tensor_type.name
         heads = None
         arch = self.reader.fields.get("general.architecture")
+        if packed and kind in PACKED_TYPES and len(t.shape) == 3:
+            cols, rows, experts = (int(n) for n in t.shape)
+            return GGUFExperts(kind, t.data.reshape(experts, rows, -1), rows, cols, blocks)
         if arch in PERMUTED_QK:
             if ".self_attn.q_proj." in name:
                 heads = self.config["num_attention_heads"]

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import gc
 import logging
+import re
 from collections.abc import Iterable
 
 import torch
@@ -15,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 # checkpoint tensors we recompute ourselves
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# one routed expert's tensor: ...mlp.experts.E.gate_proj.weight (model.expert_params_mapping)
+EXPERT_NAME = re.compile(r"\.experts\.(\d+)\.(\w+)\.")
 
 
 class WeightLoadError(ValueError):
@@ -27,9 +30,24 @@ def _default_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) ->
     param.data.copy_(loaded)
 
 
-def _expected_shards(param: nn.Parameter) -> set:
+def _complete(param: nn.Parameter, got: set) -> bool:
+    """Every shard arrived (a stacked expert weight: every part of every expert)."""
     owner = getattr(getattr(param, "weight_loader", None), "__self__", None)
-    return set(getattr(owner, "shard_names", [None]))
+    if hasattr(owner, "is_loaded"):
+        return owner.is_loaded(got)
+    return None in got or set(getattr(owner, "shard_names", [None])) <= got
+
+
+def _target(name: str, mapping: dict, experts: dict) -> tuple[str, int | str | tuple | None]:
+    """(our parameter name, shard id) of one checkpoint tensor."""
+    m = EXPERT_NAME.search(name) if experts else None
+    if m is not None and m.group(2) in experts:
+        dst, part = experts[m.group(2)]
+        return f"{name[: m.start()]}.experts.{dst}.{name[m.end() :]}", (int(m.group(1)), part)
+    for src, (dst, shard_id) in mapping.items():
+        if f".{src}." in name:
+            return name.replace(f".{src}.", f".{dst}."), shard_id
+    return name, None
 
 
 def _names(names: Iterable[str], limit: int = 10) -> str:
@@ -55,6 +73,7 @@ def load_weights(
         stream = adapt(stream)
     params = dict(model.named_parameters())
     mapping: dict[str, tuple[str, int | str]] = getattr(model, "packed_modules_mapping", {})
+    experts: dict[str, tuple[str, int]] = getattr(model, "expert_params_mapping", {})
     tied = getattr(model, "lm_head", "absent") is None
     loaded: dict[str, set] = {name: set() for name in params}
     unexpected: list[str] = []
@@ -65,11 +84,7 @@ def load_weights(
     for name, tensor in stream:
         if name.endswith(IGNORED_SUFFIXES) or (tied and name.startswith("lm_head.")):
             continue
-        target, shard = name, None
-        for src, (dst, shard_id) in mapping.items():
-            if f".{src}." in name:
-                target, shard = name.replace(f".{src}.", f".{dst}."), shard_id
-                break
+        target, shard = _target(name, mapping, experts)
         param = params.get(target)
         if param is None:
             unexpected.append(name)
@@ -80,11 +95,7 @@ def load_weights(
         except ValueError as e:
             raise WeightLoadError(f"cannot load {name} into {target}: {e}") from e
         loaded[target].add(shard)
-    missing = [
-        name
-        for name, got in loaded.items()
-        if None not in got and not _expected_shards(params[name]) <= got
-    ]
+    missing = [name for name, got in loaded.items() if not _complete(params[name], got)]
     if unexpected or missing:
         parts = []
         if unexpected:

@@ -76,6 +76,9 @@ class ParallelConfig:
             bad.append(f"num_key_value_heads {kv} (needs a multiple of {size}, or to divide it)")
         if cfg.intermediate_size % size:
             bad.append(f"intermediate_size {cfg.intermediate_size}")
+        for name in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+            if getattr(cfg, name) % size:
+                bad.append(f"{name} {getattr(cfg, name)}")
         if bad:
             raise ValueError(
                 f"tensor_parallel_size {size} does not evenly split the model: {'; '.join(bad)}"

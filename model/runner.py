@@ -54,14 +54,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def resolve_activation_dtype(
     activation_dtype: str, path: str, quantization: str | None, device: torch.device, dtype
 ) -> str:
-    """float32 unless int8 is asked for; int8 needs packed weights (a GGUF's own, or
-    --quantization int8 / int4 as Q8_0 / Q4_1 blocks) on CPU in float32 with the C kernels.
-
-    NOTE: auto stays float32 for now: on the int8 path a decode step served by decode.c and the
-    same token in a mixed step served by the torch modules round their activations apart (an
-    attention rounding difference flips an int8 rounding), so a greedy reply can change with
-    the batch it shares; float32 differs there by ~1e-5 only (benchmarks/README.md)."""
-    packed = quantization in ("int8", "int4") or (path.endswith(".gguf") and quantization is None)
+    """auto: int8 where it can serve, else float32. int8 needs packed weights (a GGUF's own, or
+    --quantization int8 / int4 as Q8_0 / Q4_1 blocks) on CPU in float32 with the C kernels;
+    float32 stays the exact path (within 1e-3 of transformers). Both are bitwise
+    batch-invariant where decode.c serves (benchmarks/batch_invariance.py)."""
+    packed = quantization in ("int8", "int4") or (
+        path.endswith(".gguf") and quantization is None and _gguf_has_blocks(path)
+    )
     int8 = packed and device.type == "cpu" and dtype == torch.float32 and kernels.load() is not None
     if activation_dtype == "int8" and not int8:
         raise ValueError(
@@ -70,7 +69,18 @@ def resolve_activation_dtype(
             f"{path}, quantization {quantization}, device "
             f"{device}, dtype {dtype}, kernels {'on' if kernels.load() else 'off'})"
         )
-    return "int8" if activation_dtype == "int8" else "float32"
+    if activation_dtype == "auto":
+        return "int8" if int8 else "float32"
+    return activation_dtype
+
+
+def _gguf_has_blocks(path: str) -> bool:
+    """A quantized GGUF (its header only; a missing file is open_checkpoint's error)."""
+    if not os.path.isfile(path):
+        return False
+    from model.gguf_weights import load_gguf
+
+    return load_gguf(path).has_blocks()
 
 
 def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = False):
@@ -146,6 +156,7 @@ class ModelRunner:
         enforce_eager: bool = False,
         activation_dtype: str = "auto",
         runner: str = "generate",
+        fused_step: bool | None = None,
     ) -> None:
         if runner not in RUNNERS:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {runner!r}")
@@ -168,6 +179,9 @@ class ModelRunner:
         self.fused: FusedDecode | None = None
         self.graphs: CUDAGraphs | None = None
         self.enforce_eager = enforce_eager
+        # False: the torch modules serve every step (None: TOKENMILL_FUSED_DECODE=0 says False)
+        env = os.environ.get("TOKENMILL_FUSED_DECODE", "1") != "0"
+        self.fused_step = env if fused_step is None else fused_step
         self.parallel = parallel or ParallelContext()
         self.device = resolve_device(device, local_rank)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -214,6 +228,8 @@ class ModelRunner:
 
         attn = self.model.attention_layers()[0]
         self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else DTYPES[kv_cache_dtype]
+        # NOTE: float16 K/V with int8 activations (llama.cpp's default) measured 0.34 from
+        # transformers on the parity prompts (float32 K/V: 0.24): opt-in, not auto
         spec = KVCacheSpec(
             cfg.num_hidden_layers, attn.num_kv_heads, cfg.head_dim, block_size, self.kv_cache_dtype
         )
@@ -248,7 +264,7 @@ class ModelRunner:
         for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
             layer.bind_kv_cache(k, v)
         self.fused = None  # None: torch serves every step
-        if self.model.fits_fused_decode:  # decode.c knows the Llama layer only
+        if self.fused_step and self.model.fits_fused_decode:  # decode.c knows the Llama layer
             self.fused = FusedDecode.build(self.model, block_size)
         if use_graphs:
             self.graphs = CUDAGraphs(self.model, block_size, self.max_model_len, self.num_kv_blocks)
@@ -340,7 +356,12 @@ class ModelRunner:
             if path == "fused":
                 t1 = time.perf_counter()
                 hidden = self.fused(  # [T, hidden]: every layer in one decode.c call
-                    input_ids, positions, step.slot_mapping, step.context_lens, step.block_tables
+                    input_ids,
+                    positions,
+                    step.slot_mapping,
+                    step.query_lens,
+                    step.context_lens,
+                    step.block_tables,
                 )
             else:
                 meta = AttentionMetadata.build(

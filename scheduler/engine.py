@@ -1,4 +1,5 @@
-"""LLMEngine: add_request / step / abort_request on one thread; builds RequestOutput deltas."""
+"""LLMEngine: add_request / step / abort_request on one thread; each step is schedule → execute →
+update → process (scheduler/output_processor.py turns sampled tokens into RequestOutput deltas)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import NoReturn
 
 from model.constraints import ConstraintCompiler
@@ -28,8 +29,9 @@ from scheduler.config import (
     served_model_name,
 )
 from scheduler.errors import EngineFatalError, PromptTooLongError, fit_max_tokens
-from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
-from scheduler.scheduler import SampledToken, Scheduler
+from scheduler.output_processor import OutputProcessor, Request
+from scheduler.outputs import RequestMetrics, RequestOutput, SchedulerStats
+from scheduler.scheduler import Scheduler
 from scheduler.sequence import Sequence, SequenceStatus
 from scheduler.spec_decode import SPEC_MAX_ROWS, DraftModel, SpeculativeConfig
 
@@ -38,20 +40,6 @@ logger = logging.getLogger(__name__)
 
 # Errors after which the device cannot be trusted again (a later step would fail or be wrong).
 FATAL_MARKERS = ("CUDA error", "device-side assert", "NCCL error", "CUBLAS_STATUS")
-
-
-@dataclass(slots=True, eq=False)
-class Request:
-    """A request's n sequences plus what its outputs repeat (prompt ids, metrics)."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-
-    @property
-    def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -113,15 +101,13 @@ class LLMEngine:
         if spec is not None:
             logger.info("speculative decoding: %s", spec)
         self.constraints: ConstraintCompiler | None = None  # made by the first constrained request
-        self.requests: dict[str, Request] = {}
+        self.output_processor = OutputProcessor(self.tokenizer, self.scheduler)
         self._lock = threading.Lock()  # guards the two inboxes below (filled from other threads)
         self._new: list[Request] = []
         self._aborts: list[tuple[str, str | None]] = []  # (request id, error or None)
         self._last_step = SchedulerStats()
         self.num_steps = 0
         self.model_steps: dict[str, int] = {}  # steps by the path that served them (runner)
-        self.prompt_tokens_total = 0  # vLLM's counting: a request's prompt at its first token
-        self.generation_tokens_total = 0
 
     def _generation_defaults(self, path: str) -> dict:
         """Request defaults from generation_config.json, validated now and logged once."""
@@ -269,11 +255,13 @@ class LLMEngine:
             new, self._new = self._new, []
             aborts, self._aborts = self._aborts, []
         for req in new:
-            self.requests[req.request_id] = req
+            self.output_processor.add(req)
             for seq in req.seqs:
                 self.scheduler.add(seq)
         outputs = [
-            out for rid, err in aborts if (out := self._finish_request(rid, error=err)) is not None
+            out
+            for rid, err in aborts
+            if (out := self.output_processor.finish_request(rid, error=err)) is not None
         ]
         if self.constraints is not None and self.scheduler.speculative_config is not None:
             self.constraints.settle()  # NOTE: drafts are checked against the matchers it reads
@@ -289,7 +277,7 @@ class LLMEngine:
                     seq.metrics.first_scheduled_time = now
             constraints = None
             drafts = sum(len(s.draft_token_ids) for s in batch.seqs)
-            generated = self.generation_tokens_total
+            generated = self.output_processor.generation_tokens_total
             try:
                 if self.constraints is not None:  # NOTE: unconstrained servers skip even this
                     constraints = self.constraints.batch(batch.row_matchers())
@@ -304,8 +292,8 @@ class LLMEngine:
                 if constraints is not None:  # the next step's masks, filled while this one ends
                     self.constraints.prefetch([s.matcher for s in batch.sampling_seqs])
                 t3 = time.perf_counter()
-                outputs.extend(self._outputs(sampled, gaps))
-                outputs.extend(self._pooled_outputs(pooled))
+                outputs.extend(self.output_processor.process(sampled, gaps))
+                outputs.extend(self.output_processor.process_pooled(pooled))
                 t4 = time.perf_counter()
             except Exception as exc:
                 outputs.extend(self._fail_step(batch.seqs, exc))
@@ -314,7 +302,7 @@ class LLMEngine:
             split.update(self.executor.last_timings)  # prepare / forward / sample (+ comm under TP)
             gate = self.scheduler.spec_gate
             if gate is not None and batch.step_input.num_tokens - drafts == len(batch.seqs):
-                generated = self.generation_tokens_total - generated
+                generated = self.output_processor.generation_tokens_total - generated
                 gate.observe(drafts > 0, generated, time.perf_counter() - t0)
             if constraints is not None:
                 split["mask"] = constraints.fill_time
@@ -330,128 +318,6 @@ class LLMEngine:
         self.scheduler.acceptance_lengths = []
         return outputs
 
-    def _outputs(self, sampled: list[SampledToken], gaps: list[float]) -> list[RequestOutput]:
-        """Detokenize new tokens (a stop string may finish a sample), group them per request and
-        append to `gaps` one inter-token latency per request that already had a token."""
-        now = time.monotonic()
-        changed: dict[str, list[CompletionOutput]] = {}
-        cut: set[int] = set()  # sequences a stop string ended: their later tokens are dropped
-        for st in sampled:
-            seq, params = st.seq, st.seq.params
-            if id(seq) in cut:
-                continue
-            self.generation_tokens_total += 1
-            metrics = seq.metrics
-            if seq.request_id not in changed:  # the request's first token of this step
-                if metrics.first_token_time is None:
-                    metrics.first_token_time = now
-                    self.prompt_tokens_total += seq.num_prompt_tokens
-                else:
-                    gaps.append(now - metrics.last_token_time)
-            metrics.last_token_time = now
-            # a grammar that completes also stops, but its last token is text, not a stop token
-            last = st.num_tokens == seq.num_tokens  # NOTE: the step's last token of the sample
-            stopped_by_token = (
-                last
-                and seq.status == SequenceStatus.FINISHED_STOPPED
-                and (
-                    seq.matcher is None
-                    or st.token_id in params.stop_token_ids
-                    or st.token_id in self.tokenizer.eos_token_ids
-                )
-            )
-            hidden = stopped_by_token and not (
-                params.include_stop_str_in_output and st.token_id in params.stop_token_ids
-            )
-            text, stop_str = seq.detokenizer.step([] if hidden else [st.token_id])
-            if stop_str is not None:
-                seq.stop_reason = stop_str
-                del seq.token_ids[st.num_tokens :]  # NOTE: accepted draft tokens after it
-                cut.add(id(seq))
-                self.scheduler.finish([seq], SequenceStatus.FINISHED_STOPPED)
-            elif last and seq.is_finished:
-                text += seq.detokenizer.flush()
-            logprobs = None
-            if params.logprobs is not None:
-                # NOTE: report only tokens whose text was returned: none held back for a possible
-                # stop string, none past a stop string, no hidden stop token
-                seq.output_logprobs.append(st.logprob)
-                end = min(seq.detokenizer.num_returned_tokens, len(seq.output_logprobs))
-                logprobs = seq.output_logprobs[seq.num_logprobs_reported : end] or None
-                seq.num_logprobs_reported = max(end, seq.num_logprobs_reported)
-            _add_delta(
-                changed.setdefault(seq.request_id, []),
-                CompletionOutput(
-                    index=seq.sample_index,
-                    text=text,
-                    token_ids=[st.token_id],
-                    logprobs=logprobs,
-                    num_tokens=seq.num_output_tokens,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                ),
-            )
-        outputs = []
-        for rid, outs in changed.items():
-            req = self.requests[rid]
-            finished = req.finished
-            if finished:
-                req.metrics.finished_time = now
-                del self.requests[rid]
-            outputs.append(self._request_output(req, outs, finished))
-        return outputs
-
-    def _pooled_outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
-        """The one output of each pooling request whose prompt finished this step."""
-        now, outputs = time.monotonic(), []
-        for seq in seqs:
-            req = self.requests.pop(seq.request_id)
-            req.metrics.first_token_time = req.metrics.finished_time = now
-            self.prompt_tokens_total += seq.num_prompt_tokens
-            out = self._request_output(
-                req, [CompletionOutput(0, "", [], None, 0, seq.finish_reason)], True
-            )
-            out.embedding = seq.pooled
-            outputs.append(out)
-        return outputs
-
-    def _request_output(
-        self, req: Request, outs: list[CompletionOutput], finished: bool, error: str | None = None
-    ) -> RequestOutput:
-        lead = req.seqs[0]
-        prompt_lps = None
-        if lead.wants_prompt_logprobs and any(o.index == 0 and o.num_tokens == 1 for o in outs):
-            prompt_lps = [None, *lead.prompt_logprobs]  # NOTE: with sample 0's first token
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=outs,
-            finished=finished,
-            num_cached_tokens=req.seqs[0].num_cached_tokens,
-            metrics=req.metrics,
-            error=error,
-            prompt_logprobs=prompt_lps,
-        )
-
-    def _finish_request(
-        self,
-        request_id: str,
-        status: SequenceStatus = SequenceStatus.FINISHED_ABORTED,
-        error: str | None = None,
-    ) -> RequestOutput | None:
-        """Finish every unfinished sample of a request now (abort or error); free its blocks."""
-        req = self.requests.pop(request_id, None)
-        if req is None:
-            return None  # already finished, or never existed
-        live = [s for s in req.seqs if not s.is_finished]
-        self.scheduler.finish(live, status)
-        req.metrics.finished_time = time.monotonic()
-        outs = [
-            CompletionOutput(s.sample_index, "", [], None, s.num_output_tokens, s.finish_reason)
-            for s in live
-        ]
-        return self._request_output(req, outs, True, error)
-
     def _fail_step(self, seqs: list[Sequence], exc: Exception) -> list[RequestOutput]:
         """A step raised: end only the requests it ran (finish_reason "error", blocks freed) and
         keep serving the rest, unless a worker died or the device is broken (re-raised)."""
@@ -464,7 +330,7 @@ class LLMEngine:
         logger.exception("%s; failing the %d sequences of this step", message, len(seqs))
         # a request that finished inside the failed step lost its output: report it failed
         return [
-            self._finish_request(rid, SequenceStatus.FINISHED_ERROR, message)
+            self.output_processor.finish_request(rid, SequenceStatus.FINISHED_ERROR, message)
             or RequestOutput.failed(rid, message)
             for rid in dict.fromkeys(seq.request_id for seq in seqs)
         ]
@@ -479,7 +345,9 @@ class LLMEngine:
         outputs = []
         for rid in list(self.requests):
             try:
-                out = self._finish_request(rid, SequenceStatus.FINISHED_ERROR, error)
+                out = self.output_processor.finish_request(
+                    rid, SequenceStatus.FINISHED_ERROR, error
+                )
             except Exception:  # the pool may be inconsistent after the failure: still report
                 logger.exception("could not free request %s", rid)
                 self.requests.pop(rid, None)
@@ -502,8 +370,8 @@ class LLMEngine:
             prefix_cache_hits_total=bm.prefix_hits,
             num_steps_total=self.num_steps,
             model_steps_total=dict(self.model_steps),
-            prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total,
+            prompt_tokens_total=self.output_processor.prompt_tokens_total,
+            generation_tokens_total=self.output_processor.generation_tokens_total,
             spec_decode_num_drafts_total=spec.num_drafts,
             spec_decode_num_draft_tokens_total=spec.num_draft_tokens,
             spec_decode_num_accepted_tokens_total=spec.num_accepted_tokens,
@@ -518,6 +386,11 @@ class LLMEngine:
         return self.executor.dead_reason
 
     @property
+    def requests(self) -> dict[str, Request]:
+        """The requests in flight, by id (the output processor finishes them)."""
+        return self.output_processor.requests
+
+    @property
     def runner(self) -> ModelRunner:
         """This process's rank (rank 0): for tests and diagnostics; steps go through executor."""
         return self.executor.runner
@@ -528,21 +401,6 @@ class LLMEngine:
         if self.constraints is not None:
             self.constraints.shutdown()
         self.executor.shutdown()
-
-
-def _add_delta(outs: list[CompletionOutput], out: CompletionOutput) -> None:
-    """Append a sample's delta, or fold it into the sample's previous one of this step (a
-    speculating sequence gets several tokens a step)."""
-    last = outs[-1] if outs else None
-    if last is None or last.index != out.index:
-        outs.append(out)
-        return
-    last.text += out.text
-    last.token_ids += out.token_ids
-    if out.logprobs is not None:
-        last.logprobs = (last.logprobs or []) + out.logprobs
-    last.num_tokens, last.finish_reason = out.num_tokens, out.finish_reason
-    last.stop_reason = out.stop_reason
 
 
 def runner_kwargs(config: EngineConfig) -> dict:

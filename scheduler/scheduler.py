@@ -62,7 +62,8 @@ class SampledToken:
     seq: Sequence
     token_id: int
     logprob: TokenLogprob | None = None
-    num_tokens: int = 0  # the sequence's length with this token (later ones of a step follow it)
+    # the sequence's length with this token (later ones of a step follow it); None: its last
+    num_tokens: int | None = None
 
 
 # the SamplingParams fields a SamplingRow copies as they are (temperature, top_k, ..., seed)

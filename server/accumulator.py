@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from server.errors import APIError
-from server.protocol import PromptTokensDetails, Timings, UsageInfo
+from server.protocol.base import PromptTokensDetails, Timings, UsageInfo
 
 if TYPE_CHECKING:
     from scheduler import TokenLogprob

@@ -9,10 +9,17 @@ import os
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from scheduler.config import EngineConfig
 from server.config import ServerConfig
 from server.flags import configs, make_parser, uvicorn_settings
+
+if TYPE_CHECKING:  # serve() imports them when it runs
+    import uvicorn
+    from fastapi import FastAPI
+
+    from scheduler.async_engine import AsyncEngine
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +45,6 @@ def serve(
     uvicorn_kwargs: dict | None = None,
 ) -> int:
     """Load the model (progress bar), start uvicorn, print one ready line; returns the exit code."""
-    import uvicorn
-
     from scheduler.async_engine import AsyncEngine
     from server.app import build_app
 
@@ -53,35 +58,7 @@ def serve(
         logger.error("cannot load the model: %s", e)
         return 1
     app = build_app(engine, server_config)
-    kv_tokens = engine.get_stats().num_total_blocks * engine_config.block_size
-    kwargs = dict(uvicorn_kwargs or {})  # TLS and logging flags
-    scheme = "https" if kwargs.get("ssl_certfile") else "http"
-    root = "/" + server_config.root_path.strip("/") if server_config.root_path else ""
-    ready = (
-        f"tokenmill: serving {engine.model_name} at "
-        f"{scheme}://{server_config.host}:{server_config.port}{root} "
-        f"(KV cache {kv_tokens} tokens, max_model_len {engine.max_model_len})"
-    )
-
-    class Server(uvicorn.Server):
-        async def startup(self, sockets=None) -> None:
-            # NOTE: frozen, the model's ~240k objects are never scanned again by the GC (a full
-            # collection held the GIL ~0.4 s on a busy 2-core machine: a /health stall)
-            gc.collect()
-            gc.freeze()
-            await super().startup(sockets=sockets)
-            if self.started:
-                print(ready, flush=True)
-
-    config = uvicorn.Config(
-        app,
-        host=server_config.host,
-        port=server_config.port,
-        log_level=kwargs.pop("log_level", None) or log_level,
-        timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout) + 2,
-        **kwargs,
-    )
-    server = Server(config)
+    server = _uvicorn_server(app, engine, engine_config, server_config, log_level, uvicorn_kwargs)
     # NOTE: the engine steps on the main thread (torch's kernels run fastest there) and uvicorn
     # serves from its own (no signal handlers there): ours call its handle_exit, the lifespan
     # drains and stops the engine, and run_forever() returns.
@@ -110,6 +87,49 @@ def serve(
     while http.is_alive():
         http.join(0.5)
     return 0 if server.started and engine.fatal_error is None else 1
+
+
+def _uvicorn_server(
+    app: FastAPI,
+    engine: AsyncEngine,
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    log_level: str,
+    uvicorn_kwargs: dict | None,
+) -> uvicorn.Server:
+    """uvicorn for `app`, which prints one ready line once it listens (tests and scripts wait
+    for it)."""
+    import uvicorn
+
+    kv_tokens = engine.get_stats().num_total_blocks * engine_config.block_size
+    kwargs = dict(uvicorn_kwargs or {})  # TLS and logging flags
+    scheme = "https" if kwargs.get("ssl_certfile") else "http"
+    root = "/" + server_config.root_path.strip("/") if server_config.root_path else ""
+    ready = (
+        f"tokenmill: serving {engine.model_name} at "
+        f"{scheme}://{server_config.host}:{server_config.port}{root} "
+        f"(KV cache {kv_tokens} tokens, max_model_len {engine.max_model_len})"
+    )
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            # NOTE: frozen, the model's ~240k objects are never scanned again by the GC (a full
+            # collection held the GIL ~0.4 s on a busy 2-core machine: a /health stall)
+            gc.collect()
+            gc.freeze()
+            await super().startup(sockets=sockets)
+            if self.started:
+                print(ready, flush=True)
+
+    config = uvicorn.Config(
+        app,
+        host=server_config.host,
+        port=server_config.port,
+        log_level=kwargs.pop("log_level", None) or log_level,
+        timeout_graceful_shutdown=math.ceil(server_config.shutdown_timeout) + 2,
+        **kwargs,
+    )
+    return Server(config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,8 @@
 """API errors: one exception type and one body constructor for OpenAI's error envelope, and
-Anthropic's shape for its routes."""
+Anthropic's shape for its routes (server/middleware.py rewrites their errors into it)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import KW_ONLY, dataclass
 
@@ -11,7 +10,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParamsError
 
@@ -116,50 +114,3 @@ def anthropic_error_body(message: str, status_code: int) -> dict:
     default = "api_error" if status_code >= 500 else "invalid_request_error"
     err_type = ANTHROPIC_ERROR_TYPES.get(status_code, default)
     return {"type": "error", "error": {"type": err_type, "message": message}}
-
-
-class AnthropicErrorMiddleware:
-    """On Anthropic's routes, every error body (routes, validation, API key, body size, unknown
-    paths) leaves in Anthropic's shape: OpenAI's envelope is rewritten once, here.
-
-    Pure ASGI; only error responses (small JSON bodies) are buffered, streams pass untouched."""
-
-    def __init__(self, app: ASGIApp, prefix: str = "/v1/messages") -> None:
-        self.app = app
-        self.prefix = prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not (path == self.prefix or path.startswith(self.prefix)):
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        body = b""
-
-        async def rewriting_send(message: Message) -> None:
-            nonlocal start, body
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                start = message
-                return
-            if start is None:
-                await send(message)
-                return
-            body += message.get("body", b"")
-            if message.get("more_body", False):
-                return
-            await self._send_rewritten(send, start, body)
-
-        await self.app(scope, receive, rewriting_send)
-
-    @staticmethod
-    async def _send_rewritten(send: Send, start: Message, body: bytes) -> None:
-        status = start["status"]
-        try:
-            message = json.loads(body)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = body.decode("utf-8", "replace") or f"HTTP {status}"
-        new = json.dumps(anthropic_error_body(message, status)).encode()
-        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-        headers += [(b"content-length", str(len(new)).encode())]
-        await send({**start, "headers": headers})
-        await send({"type": "http.response.body", "body": new})

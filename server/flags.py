@@ -74,6 +74,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def add_flags(s: argparse.ArgumentParser) -> None:
     """serve's flags; `worker` takes them too, so one command line works with another rank."""
+    for add in (_engine, _parsers, _model_source, _http, _logging, _limits):  # --help's order
+        add(s)
+
+
+def _engine(s: argparse.ArgumentParser) -> None:
+    """The ungrouped flags: the model, where it listens, the scheduler's limits, the KV cache,
+    parallelism, dtypes and the device."""
     env = os.environ.get  # torchrun's variables are the multi-host defaults
     s.add_argument("model", nargs="?", help="HF folder, .gguf or cached repo id (default: SmolLM2)")
     s.add_argument("--host", default="127.0.0.1")
@@ -101,7 +108,7 @@ def add_flags(s: argparse.ArgumentParser) -> None:
         "--activation-dtype",
         choices=ACTIVATION_DTYPES,
         default="auto",
-        help="int8: a GGUF's blocks times 8-bit activations (auto on CPU); float32: exact path",
+        help="int8: packed blocks times 8-bit activations (auto on CPU); float32: exact path",
     )
     s.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     s.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode")
@@ -120,6 +127,9 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--chat-template", help="a Jinja chat template file that replaces the model's")
     s.add_argument("--shutdown-timeout", type=float, default=10.0, help="s to drain on SIGTERM")
     s.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+
+
+def _parsers(s: argparse.ArgumentParser) -> None:
     t = s.add_argument_group("reasoning and tool calls (vLLM)")
     why = "split <think>…</think> off replies into message.reasoning"
     t.add_argument("--reasoning-parser", choices=sorted(REASONING_PARSERS), help=why)
@@ -127,6 +137,9 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     t.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS), help=why)
     why = "allow tool_choice auto with --tool-call-parser"
     t.add_argument("--enable-auto-tool-choice", action="store_true", help=why)
+
+
+def _model_source(s: argparse.ArgumentParser) -> None:
     m = s.add_argument_group("model source (vLLM)")
     m.add_argument("--tokenizer", help="folder, .gguf or cached repo id (default: the model's)")
     m.add_argument("--revision", help="of a repo-id model (default: main)")
@@ -134,6 +147,9 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     m.add_argument("--download-dir", help="HF hub cache to look in (tokenmill never downloads)")
     m.add_argument("--generation-config", type=generation_config, default="auto")
     m.add_argument("--override-generation-config", type=json_object, help="JSON merged over it")
+
+
+def _http(s: argparse.ArgumentParser) -> None:
     h = s.add_argument_group("HTTP (vLLM)")
     h.add_argument("--allowed-origins", type=json_list, help="CORS, e.g. '[\"*\"]' (default none)")
     h.add_argument("--allowed-methods", type=json_list, default=["*"])
@@ -143,6 +159,9 @@ def add_flags(s: argparse.ArgumentParser) -> None:
         h.add_argument(name, type=existing_file)
     h.add_argument("--ssl-cert-reqs", type=cert_reqs, default=int(ssl.CERT_NONE))
     h.add_argument("--root-path", default="", help="path prefix of a path-routing proxy")
+
+
+def _logging(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("logging (vLLM)")
     g.add_argument("--uvicorn-log-level", choices=("trace", *LOG_LEVELS))
     g.add_argument("--disable-uvicorn-access-log", action="store_true")
@@ -154,6 +173,9 @@ def add_flags(s: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--disable-vllm-metrics", action="store_true", help="no vllm:* gauges on /metrics"
     )
+
+
+def _limits(s: argparse.ArgumentParser) -> None:
     d = ServingLimits()
     r = s.add_argument_group("request limits (a request over one gets a 400/413 naming it)")
     r.add_argument("--max-waiting", type=positive, help="queued sequences before 503 (KV blocks)")

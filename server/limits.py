@@ -1,16 +1,14 @@
-"""Per-request limits (each a `tokenmill serve` flag) and the body size cap: a 400 (413) naming
-the field and limit before any work, so one request cannot buy unbounded CPU, memory or queue."""
+"""Per-request limits (each a `tokenmill serve` flag): a 400 naming the field and limit before
+any work, so one request cannot buy unbounded CPU, memory or queue (the body size cap, a 413, is
+server/middleware.py's)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from scheduler import MAX_LOGPROBS
-from server.errors import APIError, error_response
+from server.errors import APIError
 
 MiB = 1024 * 1024
 
@@ -106,62 +104,3 @@ def check_text_length(engine: Any, num_chars: int, param: str) -> None:
             param=param,
             code="context_length_exceeded",
         )
-
-
-class BodyTooLarge(HTTPException):
-    """Raised from `receive` once a streamed body passes the cap (FastAPI re-raises HTTPException
-    from body parsing, so the error handlers turn it into the 413 envelope)."""
-
-    def __init__(self, max_size: int) -> None:
-        super().__init__(413, _too_large(f"more than {max_size}", max_size))
-        self.code = "request_too_large"
-
-
-def _too_large(size: str, max_size: int) -> str:
-    return (
-        f"request body of {size} bytes exceeds the server limit "
-        f"(--max-request-body-size {max_size})"
-    )
-
-
-class BodySizeLimitMiddleware:
-    """413 for a body over the cap: by Content-Length up front, else counted as it arrives."""
-
-    def __init__(self, app: ASGIApp, max_size: int) -> None:
-        self.app = app
-        self.max_size = max_size
-
-    def _error(self, size: str) -> APIError:
-        return APIError(_too_large(size, self.max_size), 413, code="request_too_large")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), b"")
-        if length.strip().isdigit() and int(length) > self.max_size:
-            await error_response(self._error(str(int(length))))(scope, receive, send)
-            return
-        received = 0
-        started = False
-
-        async def counting_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_size:
-                    raise BodyTooLarge(self.max_size)
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counting_receive, tracking_send)
-        except BodyTooLarge:
-            if started:
-                raise
-            await error_response(self._error(f"more than {self.max_size}"))(scope, receive, send)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, NamedTuple
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,7 +19,6 @@ from prometheus_client import (
 from prometheus_client.exposition import choose_encoder
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -30,7 +28,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FINISHED_REASONS = ("stop", "length", "abort", "error")
-UNMATCHED_ROUTE = "<unmatched>"  # one label value for every path no route matched (404s, scans)
 
 # Buckets in base units that cover a fast GPU (ms) and a busy 2-core CPU (tens of seconds).
 LATENCY_BUCKETS = (
@@ -47,22 +44,6 @@ STEP_BUCKETS = (
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 ACCEPTANCE_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33)
-# speculative decoding counters (SchedulerStats field → the name without _total, help); exported
-# under tokenmill_ and, with the vLLM gauges, vLLM's names
-SPEC_COUNTERS = {
-    "spec_decode_num_drafts_total": (
-        "spec_decode_num_drafts",
-        "Verification steps of a sequence with draft tokens (one per sequence and step).",
-    ),
-    "spec_decode_num_draft_tokens_total": (
-        "spec_decode_num_draft_tokens",
-        "Draft tokens proposed.",
-    ),
-    "spec_decode_num_accepted_tokens_total": (
-        "spec_decode_num_accepted_tokens",
-        "Draft tokens accepted (equal to the target's own token there).",
-    ),
-}
 
 # The gauges the Gateway API Inference Extension and KEDA scrape from each pod, by vLLM's names
 # (SchedulerStats field → name, help). NOTE: colons are for recording rules by Prometheus'
@@ -73,11 +54,92 @@ VLLM_GAUGES = {
     "kv_cache_usage": ("vllm:kv_cache_usage_perc", "KV-cache usage, 1 means 100 percent (vLLM)."),
 }
 
-ASGIApp = Callable[[MutableMapping[str, Any], Callable, Callable], Awaitable[None]]
+
+class Metric(NamedTuple):
+    """One row of METRICS; every metric is labelled model_name, then `labels`."""
+
+    attribute: str  # gauge, total: the SchedulerStats field; others: the ServerMetrics attribute
+    name: str
+    kind: str  # gauge / total: mirror a SchedulerStats field (total: its running total)
+    help: str
+    buckets: tuple | None = None  # histograms
+    labels: tuple[str, ...] = ()  # after model_name: the attribute is then labels → child
+
+
+METRICS = (
+    Metric("num_running", "tokenmill_num_requests_running", "gauge",
+           "Requests in the running batch after the last step."),
+    Metric("num_waiting", "tokenmill_num_requests_waiting", "gauge",
+           "Requests queued for admission (incl. preempted ones) after the last step."),
+    Metric("kv_cache_usage", "tokenmill_kv_cache_usage_ratio", "gauge",
+           "Fraction of KV cache blocks in use, 0..1 (cached-but-free prefix blocks are free)."),
+    Metric("num_free_blocks", "tokenmill_kv_cache_free_blocks", "gauge",
+           "KV cache blocks free (incl. evictable cached ones)."),
+    Metric("num_total_blocks", "tokenmill_kv_cache_total_blocks", "gauge",
+           "KV cache blocks allocated at startup."),
+    Metric("prompt_tokens_total", "tokenmill_prompt_tokens", "total",
+           "Prompt tokens, counted once per request when its first token is generated "
+           "(as usage.prompt_tokens; vLLM's counting)."),
+    Metric("generation_tokens_total", "tokenmill_generation_tokens", "total",
+           "Generated tokens, all samples, counted every engine step "
+           "(as usage.completion_tokens)."),
+    Metric("num_preemptions_total", "tokenmill_num_preemptions", "total",
+           "Running requests preempted because KV blocks ran out."),
+    Metric("prefix_cache_queries_total", "tokenmill_prefix_cache_queries", "total",
+           "Prompt tokens looked up in the prefix cache (tokens, not requests)."),
+    Metric("prefix_cache_hits_total", "tokenmill_prefix_cache_hits", "total",
+           "Prompt tokens served from the prefix cache (tokens)."),
+    Metric("requests_finished", "tokenmill_requests_finished", "counter",
+           "Finished requests by finished_reason (stop, length, abort, error).",
+           labels=("finished_reason",)),
+    Metric("model_steps", "tokenmill_model_steps", "counter",
+           "Model steps by the path that served them: graph (CUDA graph), fused (decode.c: a "
+           "decode step in one call) or torch (the modules), with the activation dtype "
+           "(int8: GGUF blocks x 8-bit activations; float32: the exact path).",
+           labels=("path",)),
+    Metric("http_requests", "tokenmill_http_requests", "counter",
+           "HTTP responses by route template (not raw path) and status code.",
+           labels=("route", "status")),
+    Metric("http_duration", "tokenmill_http_request_duration_seconds", "histogram",
+           "Seconds from request start to the end of the response body (streams included), "
+           "by route template and status code.", LATENCY_BUCKETS, ("route", "status")),
+    Metric("time_to_first_token", "tokenmill_time_to_first_token_seconds", "histogram",
+           "Seconds from arrival to the first generated token, per request.", LATENCY_BUCKETS),
+    Metric("inter_token_latency", "tokenmill_inter_token_latency_seconds", "histogram",
+           "Seconds between consecutive generated tokens of a request, one observation per gap "
+           "(per engine step that gave the request tokens after its first).", ITL_BUCKETS),
+    Metric("e2e_latency", "tokenmill_e2e_request_latency_seconds", "histogram",
+           "Seconds from arrival to finish, per finished request (any finished_reason).",
+           LATENCY_BUCKETS),
+    Metric("queue_time", "tokenmill_request_queue_time_seconds", "histogram",
+           "Seconds from arrival to first scheduled, per finished request.", LATENCY_BUCKETS),
+    Metric("prompt_length", "tokenmill_request_prompt_tokens", "histogram",
+           "Prompt length in tokens, per finished request.", TOKEN_BUCKETS),
+    Metric("generation_length", "tokenmill_request_generation_tokens", "histogram",
+           "Generated tokens per finished request, all samples summed.", TOKEN_BUCKETS),
+    Metric("step_duration", "tokenmill_step_duration_seconds", "histogram",
+           "Seconds per engine step (schedule + forward + sample + update).", STEP_BUCKETS),
+    Metric("step_batch_size", "tokenmill_step_batch_size", "histogram",
+           "Sequences in the batch, per engine step.", BATCH_BUCKETS),
+    Metric("spec_decode_num_drafts_total", "tokenmill_spec_decode_num_drafts", "total",
+           "Verification steps of a sequence with draft tokens (one per sequence and step)."),
+    Metric("spec_decode_num_draft_tokens_total", "tokenmill_spec_decode_num_draft_tokens", "total",
+           "Draft tokens proposed (speculative decoding)."),
+    Metric("spec_decode_num_accepted_tokens_total", "tokenmill_spec_decode_num_accepted_tokens",
+           "total", "Draft tokens accepted (equal to the target's own token there)."),
+    Metric("acceptance_length", "tokenmill_spec_decode_acceptance_length", "histogram",
+           "Tokens a speculating sequence gained in one verification step (1 + accepted "
+           "drafts).", ACCEPTANCE_BUCKETS),
+)  # fmt: skip
+# exported under vLLM's names too, with the vLLM gauges
+VLLM_TOTALS = ("spec_decode_num_drafts_total", "spec_decode_num_draft_tokens_total",
+               "spec_decode_num_accepted_tokens_total")  # fmt: skip
+KINDS = {"gauge": Gauge, "total": Counter, "counter": Counter, "histogram": Histogram}
 
 
 class ServerMetrics:
-    """Every tokenmill_* metric, fed by the engine's stat listener and by an HTTP middleware."""
+    """Every tokenmill_* metric (METRICS' rows are its attributes), fed by the engine's stat
+    listener and by server/middleware.py's HTTPMetricsMiddleware."""
 
     def __init__(
         self, model_name: str, registry: CollectorRegistry | None = None, vllm_gauges: bool = False
@@ -91,148 +153,41 @@ class ServerMetrics:
             PlatformCollector(registry=registry)
         self.registry = registry
         self.model_name = model_name
-        m = {"registry": registry}
-
-        def labelled(cls: type, n: str, doc: str, **kwargs: Any) -> Any:
-            return cls(n, doc, ["model_name"], registry=registry, **kwargs).labels(model_name)
-
-        gauge, counter = partial(labelled, Gauge), partial(labelled, Counter)
-
-        def histogram(n: str, doc: str, buckets: tuple) -> Histogram:
-            return labelled(Histogram, n, doc, buckets=buckets)
-
-        # Gauges and counters that mirror a SchedulerStats field (counters: its running total).
-        self.gauges = {
-            "num_running": gauge(
-                "tokenmill_num_requests_running",
-                "Requests in the running batch after the last step.",
-            ),
-            "num_waiting": gauge(
-                "tokenmill_num_requests_waiting",
-                "Requests queued for admission (incl. preempted ones) after the last step.",
-            ),
-            "kv_cache_usage": gauge(
-                "tokenmill_kv_cache_usage_ratio",
-                "Fraction of KV cache blocks in use, 0..1 (cached-but-free prefix blocks are "
-                "free).",
-            ),
-            "num_free_blocks": gauge(
-                "tokenmill_kv_cache_free_blocks",
-                "KV cache blocks free (incl. evictable cached ones).",
-            ),
-            "num_total_blocks": gauge(
-                "tokenmill_kv_cache_total_blocks", "KV cache blocks allocated at startup."
-            ),
-        }
-        if vllm_gauges:
-            for attr, (name, doc) in VLLM_GAUGES.items():
-                self.gauges[f"vllm:{attr}"] = gauge(name, doc)
-        self.counters = {
-            "prompt_tokens_total": counter(
-                "tokenmill_prompt_tokens",
-                "Prompt tokens, counted once per request when its first token is generated "
-                "(as usage.prompt_tokens; vLLM's counting).",
-            ),
-            "generation_tokens_total": counter(
-                "tokenmill_generation_tokens",
-                "Generated tokens, all samples, counted every engine step "
-                "(as usage.completion_tokens).",
-            ),
-            "num_preemptions_total": counter(
-                "tokenmill_num_preemptions",
-                "Running requests preempted because KV blocks ran out.",
-            ),
-            "prefix_cache_queries_total": counter(
-                "tokenmill_prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache (tokens, not requests).",
-            ),
-            "prefix_cache_hits_total": counter(
-                "tokenmill_prefix_cache_hits",
-                "Prompt tokens served from the prefix cache (tokens).",
-            ),
-        }
-        for attr, (name, doc) in SPEC_COUNTERS.items():
-            self.counters[attr] = counter(f"tokenmill_{name}", doc)
-            if vllm_gauges:
-                self.counters[f"vllm:{attr}"] = counter(f"vllm:{name}", f"{doc} (vLLM)")
-        finished = Counter(
-            "tokenmill_requests_finished",
-            "Finished requests by finished_reason (stop, length, abort, error).",
-            ["model_name", "finished_reason"],
-            **m,
-        )
-        self.requests_finished = {r: finished.labels(model_name, r) for r in FINISHED_REASONS}
-        steps = Counter(
-            "tokenmill_model_steps",
-            "Model steps by the path that served them: graph (CUDA graph), fused (decode.c: a "
-            "decode step in one call) or torch (the modules), with the activation dtype "
-            "(int8: GGUF blocks x 8-bit activations; float32: the exact path).",
-            ["model_name", "path"],
-            **m,
-        )
-        self.model_steps = partial(steps.labels, model_name)
-        self.http_requests = Counter(
-            "tokenmill_http_requests",
-            "HTTP responses by route template (not raw path) and status code.",
-            ["model_name", "route", "status"],
-            **m,
-        )
-        self.http_duration = Histogram(
-            "tokenmill_http_request_duration_seconds",
-            "Seconds from request start to the end of the response body (streams included), "
-            "by route template and status code.",
-            ["model_name", "route", "status"],
-            buckets=LATENCY_BUCKETS,
-            **m,
-        )
-        self.time_to_first_token = histogram(
-            "tokenmill_time_to_first_token_seconds",
-            "Seconds from arrival to the first generated token, per request.",
-            LATENCY_BUCKETS,
-        )
-        self.inter_token_latency = histogram(
-            "tokenmill_inter_token_latency_seconds",
-            "Seconds between consecutive generated tokens of a request, one observation per gap "
-            "(per engine step that gave the request tokens after its first).",
-            ITL_BUCKETS,
-        )
-        self.e2e_latency = histogram(
-            "tokenmill_e2e_request_latency_seconds",
-            "Seconds from arrival to finish, per finished request (any finished_reason).",
-            LATENCY_BUCKETS,
-        )
-        self.queue_time = histogram(
-            "tokenmill_request_queue_time_seconds",
-            "Seconds from arrival to first scheduled, per finished request.",
-            LATENCY_BUCKETS,
-        )
-        self.prompt_length = histogram(
-            "tokenmill_request_prompt_tokens", "Prompt length in tokens, per finished request.",
-            TOKEN_BUCKETS,
-        )  # fmt: skip
-        self.generation_length = histogram(
-            "tokenmill_request_generation_tokens",
-            "Generated tokens per finished request, all samples summed.",
-            TOKEN_BUCKETS,
-        )
-        self.step_duration = histogram(
-            "tokenmill_step_duration_seconds",
-            "Seconds per engine step (schedule + forward + sample + update).",
-            STEP_BUCKETS,
-        )
-        self.step_batch_size = histogram(
-            "tokenmill_step_batch_size", "Sequences in the batch, per engine step.", BATCH_BUCKETS
-        )
-        self.acceptance_length = histogram(
-            "tokenmill_spec_decode_acceptance_length",
-            "Tokens a speculating sequence gained in one verification step (1 + accepted drafts).",
-            ACCEPTANCE_BUCKETS,
-        )
+        self.gauges: dict[str, Gauge] = {}  # SchedulerStats field → gauge
+        self.counters: dict[str, Counter] = {}  # SchedulerStats running total → counter
+        vllm = [Metric(f"vllm:{a}", name, "gauge", doc) for a, (name, doc) in VLLM_GAUGES.items()]
+        vllm += [
+            Metric(f"vllm:{m.attribute}", m.name.replace("tokenmill_", "vllm:"), "total",
+                   f"{m.help} (vLLM)")
+            for m in METRICS if m.attribute in VLLM_TOTALS
+        ]  # fmt: skip
+        gauges = [m for m in METRICS if m.kind == "gauge"] + (vllm if vllm_gauges else [])
+        for m in gauges + [m for m in METRICS if m.kind != "gauge"]:
+            self._register(m)
+        for reason in FINISHED_REASONS:  # every reason's series from the start, at 0
+            self.requests_finished(reason)
         # The engine reports cumulative totals; counters advance by the difference.
         self._last_totals: dict[str, int] = {}
         self._last_step = 0  # num_steps_total of the last step whose per-step values we observed
         # Per-request tokens of the samples that finished in an earlier delta (n > 1).
         self._sample_tokens: dict[str, dict[int, int]] = {}
+
+    def _register(self, m: Metric) -> None:
+        """Create one row's metric in the registry and keep it where the listeners look."""
+        kwargs = {"buckets": m.buckets} if m.buckets is not None else {}
+        metric = KINDS[m.kind](
+            m.name, m.help, ["model_name", *m.labels], registry=self.registry, **kwargs
+        )
+        if m.labels:
+            setattr(self, m.attribute, partial(metric.labels, self.model_name))
+            return
+        child = metric.labels(self.model_name)
+        if m.kind == "gauge":
+            self.gauges[m.attribute] = child
+        elif m.kind == "total":
+            self.counters[m.attribute] = child
+        else:
+            setattr(self, m.attribute, child)
 
     def stat_listener(self, stats: SchedulerStats, finished: list[RequestOutput]) -> None:
         """Called on the engine's step thread after each step; O(finished) and lock-light."""
@@ -275,7 +230,7 @@ class ServerMetrics:
         self.prompt_length.observe(num_prompt)
         self.generation_length.observe(num_generated)
         reason = "error" if out.error else _request_reason(out)
-        self.requests_finished[reason].inc()
+        self.requests_finished(reason).inc()
         m = out.metrics
         if m is None:
             return
@@ -294,64 +249,29 @@ class ServerMetrics:
         return {r: int(get(name, {**labels, "finished_reason": r}) or 0) for r in FINISHED_REASONS}
 
     def count_http(self, route: str, status: int, seconds: float | None = None) -> None:
-        self.http_requests.labels(self.model_name, route, str(status)).inc()
+        self.http_requests(route, str(status)).inc()
         if seconds is not None:
-            self.http_duration.labels(self.model_name, route, str(status)).observe(seconds)
+            self.http_duration(route, str(status)).observe(seconds)
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition in the format the scraper asked for (text 0.0.4 or OpenMetrics)."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
 
-    def install(self, app: FastAPI) -> None:
-        """Add the HTTP counting middleware and GET /metrics to `app` (before it starts)."""
+    def add_route(self, app: FastAPI) -> None:
+        """GET /metrics on `app`; server/middleware.py counts the HTTP traffic."""
 
         async def metrics(request: Request) -> Response:
             body, content_type = self.render(request.headers.get("accept"))
             return Response(body, media_type=content_type)
 
         app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-        app.add_middleware(HTTPMetricsMiddleware, metrics=self, routes=app.router.routes)
 
 
 def _request_reason(out: RequestOutput) -> str:
     """One finished_reason per request: the worst of its samples (error > abort > length > stop)."""
     reasons = {c.finish_reason for c in out.outputs}
     return next((r for r in ("error", "abort", "length") if r in reasons), "stop")
-
-
-class HTTPMetricsMiddleware:
-    """Pure ASGI (streams pass through untouched): counts responses by route template + status."""
-
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: list | None = None) -> None:
-        self.app = app
-        self.metrics = metrics
-        self.routes = routes if routes is not None else []  # the app's list: later routes too
-
-    def route_template(self, scope: MutableMapping[str, Any]) -> str:
-        """The matched route's template; for responses sent before routing (401), match here."""
-        route = scope.get("route")
-        if route is None:
-            route = next((r for r in self.routes if r.matches(scope)[0] != Match.NONE), None)
-        return getattr(route, "path", None) or UNMATCHED_ROUTE
-
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable, send: Callable):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500  # an exception before the response started is a 500 to the client
-        start = time.perf_counter()
-
-        async def send_wrapper(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            self.metrics.count_http(self.route_template(scope), status, time.perf_counter() - start)
 
 
 class StatsLogger:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from scheduler import SamplingParams, TokenLogprob
 from server.accumulator import LOGPROB_FLOOR
+from server.constraints import functions, tool_call_constraint
 from server.errors import APIError
-from server.protocol import (
+from server.protocol.chat import (
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -37,10 +38,8 @@ from server.tool_calls import (
     CALL_OPEN,
     ToolCallDelta,
     ToolCallStreamer,
-    functions,
     parse_tool_calls,
     preamble,
-    tool_call_constraint,
 )
 from server.tool_parsers import TOOL_PARSERS, ToolParser
 

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, Any
 from scheduler import TokenLogprob
 from scheduler.errors import SamplingParamsError
 from server.accumulator import LOGPROB_FLOOR
-from server.protocol import (
+from server.protocol.base import PromptLogprobs
+from server.protocol.completions import (
     CompletionChoice,
     CompletionLogProbs,
     CompletionRequest,
     CompletionResponse,
-    PromptLogprobs,
 )
 from server.serving_engine import (
     OpenAIServing,

@@ -17,7 +17,7 @@ from server.accumulator import LOGPROB_FLOOR, RequestAccumulator
 from server.errors import APIError, from_exception
 from server.limits import ServingLimits, check_text_length
 from server.offload import Offload
-from server.protocol import PromptLogprob, PromptLogprobs
+from server.protocol.base import PromptLogprob, PromptLogprobs
 
 if TYPE_CHECKING:
     from scheduler import TokenLogprob

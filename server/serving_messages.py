@@ -12,8 +12,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.errors import APIError, anthropic_error_body
-from server.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from server.protocol_anthropic import (
+from server.protocol.anthropic import (
     AnthropicCountTokensRequest,
     AnthropicCountTokensResponse,
     AnthropicMessagesRequest,
@@ -21,6 +20,7 @@ from server.protocol_anthropic import (
     AnthropicUsage,
     _AnthropicPrompt,
 )
+from server.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
 from server.serving_chat import OpenAIServingChat
 from server.serving_engine import check_model_name
 from server.sse import EventStream

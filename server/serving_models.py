@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from server.errors import APIError
 from server.limits import check_text_length
 from server.offload import Offload
-from server.protocol import (
+from server.protocol.models import (
     DetokenizeRequest,
     DetokenizeResponse,
     ModelCard,

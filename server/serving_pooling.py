@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from server.errors import APIError, from_exception
-from server.protocol_pooling import (
+from server.protocol.pooling import (
     EmbeddingData,
     EmbeddingRequest,
     EmbeddingResponse,

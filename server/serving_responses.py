@@ -12,8 +12,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from server.errors import APIError, error_body, from_exception
-from server.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
-from server.protocol_responses import (
+from server.protocol.chat import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse
+from server.protocol.responses import (
     DeletedResponse,
     InputItemList,
     InputTokensDetails,

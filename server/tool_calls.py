@@ -1,5 +1,6 @@
 """Tool calls as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes / Qwen, which
-many templates teach): the preamble, the llguidance grammar that enforces them, their parser."""
+many templates teach): the preamble and their parser (server/constraints.py's grammar enforces
+them)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,6 @@ import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
-
-from scheduler import StructuredOutputsParams
-from scheduler.errors import SamplingParamsError
 
 CALL_OPEN = "<tool_call>"
 CALL_CLOSE = "</tool_call>"
@@ -26,85 +24,6 @@ PREAMBLE = (
 def preamble(tools: list[dict[str, Any]]) -> str:
     """The system text that describes the tools to a model whose template knows none."""
     return PREAMBLE.format(tools="\n".join(json.dumps(t["function"]) for t in tools))
-
-
-def closed(schema: Any) -> Any:
-    """`additionalProperties: false` where unset: a small model cannot invent keys for ever."""
-    if isinstance(schema, list):
-        return [closed(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if "properties" in schema and "additionalProperties" not in schema:
-        out["additionalProperties"] = False
-    return out
-
-
-def call_schema(function: dict[str, Any], args_key: str = "arguments") -> dict[str, Any]:
-    """One call as a JSON object: this function's name, then its arguments' schema."""
-    params = closed(function.get("parameters") or {"type": "object", "properties": {}})
-    return {
-        "type": "object",
-        "properties": {"name": {"const": function["name"]}, args_key: params},
-        "required": ["name", args_key],
-        "additionalProperties": False,
-        # compact JSON: with free whitespace small models can emit newlines for ever
-        "x-guidance": {"whitespace_flexible": False},
-    }
-
-
-def tag(text: str, token_id: int | None) -> str:
-    """A tag as a Lark alternative: its text, or its single special token where it has one."""
-    return json.dumps(text) if token_id is None else f"({json.dumps(text)} | <[{token_id}]>)"
-
-
-def functions(tools: list[dict[str, Any]], name: str | None) -> list[dict[str, Any]]:
-    """The tools' functions a call may use: all, or the one `tool_choice` names (a 400 if none)."""
-    fns = [t["function"] for t in tools if name is None or t["function"]["name"] == name]
-    if not fns:
-        known = ", ".join(repr(t["function"]["name"]) for t in tools)
-        raise SamplingParamsError(
-            f"tool_choice names function {name!r}, which is not in tools ({known})",
-            "tool_choice",
-        )
-    return fns
-
-
-def tool_call_constraint(
-    tools: list[dict[str, Any]],
-    name: str | None,
-    parallel: bool,
-    auto: bool = False,
-    tag_ids: tuple[int | None, int | None] = (None, None),
-) -> StructuredOutputsParams:
-    """Calls to `name` or any tool (several if `parallel`); `auto`: free text until the opening
-    tag (a lazy trigger), then only calls. `tag_ids`: the tags' special token ids, if any."""
-    fns = functions(tools, name)
-    if name is not None:
-        parallel = False
-    open_id, close_id = tag_ids
-    # NOTE: no separator between parallel calls: after a newline small models start another call
-    more = " call*" if parallel else ""
-    if auto:
-        head = "head_text" if open_id is None else f"head_text | TEXT <[{open_id}]>"
-        start = [
-            f"start: TEXT | head args close{more}",
-            f"head: {head}",
-            f"head_text[lazy]: TEXT {json.dumps(CALL_OPEN)}",
-            r"TEXT: /(.|\n)*/",
-        ]
-    else:
-        start = [f"start: call{more}"]
-    lines = [
-        "%llguidance {}",
-        *start,
-        "call: open args close",
-        f"open: {tag(CALL_OPEN, open_id)}",
-        f"close: {tag(CALL_CLOSE, close_id)}",
-        "args: " + " | ".join(f"fn_{i}" for i in range(len(fns))),
-        *(f"fn_{i}: %json{json.dumps(call_schema(f))}" for i, f in enumerate(fns)),
-    ]
-    return StructuredOutputsParams("grammar", "\n".join(lines), param="tools")
 
 
 def new_call_id() -> str:

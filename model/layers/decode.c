@@ -1,17 +1,21 @@
-/* A whole decode step's decoder layers in one call: for B sequences with one new token each,
+/* A whole step's decoder layers in one call: for B token rows (decode rows, prompt chunks, both),
  *   residual += h; x = RMSNorm(residual); qkv = x Wqkv^T (+b); RoPE(q, k); K/V -> paged cache;
- *   a = softmax(q K^T / sqrt(d)) V over each sequence's blocks; h = a Wo^T;
+ *   a = softmax(q K^T / sqrt(d)) V over the row's keys; h = a Wo^T;
  *   residual += h; x = RMSNorm(residual); h = (silu(x Wg^T) * x Wu^T) Wd^T
- * for every layer, with the packed weights of quant.c, then the final RMSNorm. At one stream the
- * step is ~30 layers x ~60 small torch ops, and their dispatch (~3 us each) costs more than
- * reading the 4-bit weights; here it is one ctypes call. The torch modules (model/llama.py) stay
- * the reference and serve every other step (prefill chunks, mixed batches, tensor parallelism,
- * float weights); tests/model/test_fused_decode.py compares the two. Built with quant.c by
- * kernels.py.
+ * for every layer, with packed weights (quant.c, float32 activations) or GGUF blocks (qdot.c,
+ * int8 activations), then the final RMSNorm. At one stream a step is ~30 layers x ~60 small torch
+ * ops, whose dispatch (~3 us each) costs more than reading the 4-bit weights; here it is one
+ * ctypes call. Every computation of a row depends on that row alone (row-invariant kernels,
+ * attention runs fixed by the row's context length), so one request gets the same bits alone,
+ * batched, chunked or on a prefix hit. The torch modules (model/models/llama.py) stay the
+ * reference and serve what this does not take (tensor parallelism, float weights, other
+ * families); tests/model/test_fused_decode.py compares the two. Built by kernels.py.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "kernels.h"
 #ifdef _OPENMP
 #include <omp.h>
 static int thread_num(void) { return omp_get_thread_num(); }
@@ -49,7 +53,7 @@ typedef struct { /* one linear: quant.py's QuantTensor, or (nparts > 0) qdot.py'
 typedef struct {
     dlin qkv, o, gate_up, down;
     const float *in_norm, *post_norm; /* [hidden] */
-    float *k_cache, *v_cache;         /* [kv_heads, num_blocks, block_size, head_dim] */
+    void *k_cache, *v_cache; /* [kv_heads, num_blocks, block_size, head_dim], float32 or float16 */
 } dlayer;
 
 typedef struct {
@@ -57,6 +61,7 @@ typedef struct {
     float eps;
     long num_blocks;
     int block_size;
+    int kv_f16; /* 1: the KV cache holds float16 (rounded to nearest even, as torch's .half()) */
 } dshape;
 
 #if defined(__AVX512F__)
@@ -202,25 +207,92 @@ static void rope(float *x, const float *cos, const float *sin, int d) {
 }
 
 
-/* Attention is split into equal runs of (sequence, KV head, block) units, one run per thread:
- * every K/V byte is read once (by the G query heads of its KV head together) and both threads
- * work even at one sequence. A run leaves, per query head, its max score, its sum of
- * exp(score - max) and its unnormalised output; merge() combines a head's runs (flash-decoding).
- * Per-head work items instead left SmolLM2's 9 heads at 5:4 and read K/V ~1.3x. Prefetching the
+/* Attention splits each row's context into runs of RUN_TOKENS keys (whole blocks) counted from
+ * its first key: a run leaves, per query head, its max score, its sum of exp(score - max) and its
+ * unnormalised output, and merge() combines a row's runs in order (flash-decoding). The runs and
+ * their merge depend on the row's own context length only, never on the batch, the step's other
+ * rows or the thread count, so a token's result is the same bits alone, batched, in a prefill
+ * chunk of any size or as a decode row. Threads share out the (row, KV head, run) items; every
+ * K/V byte of a run is read once by the G query heads of its KV head together. Prefetching the
  * next block measured no better with AVX-512 and ~1.1x slower with AVX2, so there is none. */
+#define RUN_TOKENS 64
+/* rows whose attention parts are held at once: bounds the parts at long contexts */
+#define PARTS_FLOATS (4L << 20)
+/* rows that go through every layer together: bounds the scratch of a long prefill chunk (a row
+ * only reads K/V of earlier positions, which earlier tiles have written) */
+#define ROW_TILE 256L
 
-/* part + g * ps = {max, sum, out[d]} of the run's query head g over its tokens; sc: [G, tokens] */
-static void attend_run(const float *qrow, const float *kc, const float *vc, const int *table,
-                       int ctx, int bs, int d, int G, float scale, int j0, int j1, float *sc,
-                       float *part, long ps) {
+static int run_blocks(int bs) { return bs >= RUN_TOKENS ? 1 : RUN_TOKENS / bs; }
+static long runs_of(long ctx, int bs) {
+    const long nb = (ctx + bs - 1) / bs, rb = run_blocks(bs);
+    return (nb + rb - 1) / rb;
+}
+
+/* float32 -> float16, rounded to nearest even (torch's .half()), overflow to inf */
+static inline uint16_t f2h(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT);
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (ax > 0x7f800000 ? 0x200 : 0));
+    if (ax >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* rounds past 65504 */
+    if (ax < 0x38800000) { /* a subnormal half: scale by 2^24 and round to an integer */
+        float a;
+        memcpy(&a, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)nearbyintf(a * 16777216.0f));
+    }
+    const uint32_t r = ax + 0xfff + ((ax >> 13) & 1) - 0x38000000; /* rebias, round even */
+    return (uint16_t)(sign | (r >> 13));
+#endif
+}
+
+/* d values into the cache at element `at`, as float32 or float16 */
+static void store_kv(void *cache, long at, const float *src, int d, int f16) {
+    if (!f16) {
+        memcpy((float *)cache + at, src, d * sizeof(float));
+        return;
+    }
+    uint16_t *o = (uint16_t *)cache + at;
+    int i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= d; i += 16)
+        _mm256_storeu_si256((__m256i *)(o + i),
+                            _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < d; i++) o[i] = f2h(src[i]);
+}
+
+/* one cached row (d values) as float32 into out (float16 widened exactly) */
+static inline const float *kv_row(const void *cache, long at, int d, const int F16, float *out) {
+    if (!F16) return (const float *)cache + at;
+    const uint16_t *h = (const uint16_t *)cache + at;
+    int i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= d; i += 16)
+        _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(h + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= d; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < d; i++) out[i] = h2f(h[i]);
+    return out;
+}
+
+/* part + g * ps = {max, sum, out[d]} of the run's query head g over its tokens; sc: [G, tokens];
+ * row: d floats of scratch for a widened float16 row */
+static inline __attribute__((always_inline)) void attend_run_t(
+    const float *qrow, const void *kc, const void *vc, const int *table, int ctx, int bs, int d,
+    int G, float scale, int j0, int j1, float *sc, float *part, long ps, float *row, const int F16) {
     const long blk = (long)bs * d;
     const int t0 = j0 * bs, t1 = j1 * bs < ctx ? j1 * bs : ctx, n = t1 - t0;
     for (int j = j0; j < j1; j++) {
-        const float *k = kc + table[j] * blk;
         const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
-        for (int t = j * bs; t < e; t++)
-            for (int g = 0; g < G; g++)
-                sc[g * n + t - t0] = dot(qrow + g * d, k + (t - j * bs) * d, d) * scale;
+        for (int t = j * bs; t < e; t++) {
+            const float *k = kv_row(kc, table[j] * blk + (t - j * bs) * d, d, F16, row);
+            for (int g = 0; g < G; g++) sc[g * n + t - t0] = dot(qrow + g * d, k, d) * scale;
+        }
     }
     for (int g = 0; g < G; g++) {
         float *sg = sc + g * n, mx = -INFINITY, sum = 0.0f;
@@ -237,12 +309,13 @@ static void attend_run(const float *qrow, const float *kc, const float *vc, cons
         __m512 acc[16];
         for (int i = 0; i < G * C; i++) acc[i] = _mm512_setzero_ps();
         for (int j = j0; j < j1; j++) {
-            const float *v = vc + table[j] * blk;
             const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
             for (int t = j * bs; t < e; t++) {
-                const float *vr = v + (t - j * bs) * d;
+                const long at = table[j] * blk + (t - j * bs) * d;
                 for (int c = 0; c < C; c++) {
-                    const __m512 vv = _mm512_loadu_ps(vr + c * 16);
+                    const __m512 vv = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                (const __m256i *)((const uint16_t *)vc + at + c * 16)))
+                                          : _mm512_loadu_ps((const float *)vc + at + c * 16);
                     for (int g = 0; g < G; g++)
                         acc[g * C + c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g * n + t - t0]), vv,
                                                          acc[g * C + c]);
@@ -257,27 +330,35 @@ static void attend_run(const float *qrow, const float *kc, const float *vc, cons
     for (int g = 0; g < G; g++)
         for (int i = 0; i < d; i++) part[g * ps + 2 + i] = 0.0f;
     for (int j = j0; j < j1; j++) {
-        const float *v = vc + table[j] * blk;
         const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
-        for (int t = j * bs; t < e; t++)
+        for (int t = j * bs; t < e; t++) {
+            const float *vr = kv_row(vc, table[j] * blk + (t - j * bs) * d, d, F16, row);
             for (int g = 0; g < G; g++) {
-                const float p = sc[g * n + t - t0], *vr = v + (t - j * bs) * d;
+                const float p = sc[g * n + t - t0];
                 float *o = part + g * ps + 2;
                 for (int i = 0; i < d; i++) o[i] += p * vr[i];
             }
+        }
     }
 }
 
-/* out[d] = the softmax-weighted sum of one head's parts (d + 2 floats each, stride apart; a
- * NaN max marks a thread without a run on this head) */
-static void merge(const float *part, int nparts, long stride, int d, float *out) {
+static void attend_run(const float *qrow, const void *kc, const void *vc, const int *table,
+                       int ctx, int bs, int d, int G, float scale, int j0, int j1, float *sc,
+                       float *part, long ps, float *row, int f16) {
+    if (f16)
+        attend_run_t(qrow, kc, vc, table, ctx, bs, d, G, scale, j0, j1, sc, part, ps, row, 1);
+    else
+        attend_run_t(qrow, kc, vc, table, ctx, bs, d, G, scale, j0, j1, sc, part, ps, row, 0);
+}
+
+/* out[d] = the softmax-weighted sum of one head's nparts runs (d + 2 floats each, in order) */
+static void merge(const float *part, long nparts, int d, float *out) {
+    const long stride = d + 2;
     float mx = -INFINITY, sum = 0.0f;
-    for (int r = 0; r < nparts; r++)
-        if (!isnan(part[r * stride])) mx = part[r * stride] > mx ? part[r * stride] : mx;
+    for (long r = 0; r < nparts; r++) mx = part[r * stride] > mx ? part[r * stride] : mx;
     for (int i = 0; i < d; i++) out[i] = 0.0f;
-    for (int r = 0; r < nparts; r++) {
+    for (long r = 0; r < nparts; r++) {
         const float *pr = part + r * stride;
-        if (isnan(pr[0])) continue;
         const float w = expf(pr[0] - mx);
         sum += pr[1] * w;
         for (int i = 0; i < d; i++) out[i] += w * pr[2 + i];
@@ -286,74 +367,84 @@ static void merge(const float *part, int nparts, long stride, int d, float *out)
     for (int i = 0; i < d; i++) out[i] *= inv;
 }
 
+static long tile_rows(long B) { return B < ROW_TILE ? B : ROW_TILE; }
+
 /* scratch floats decode_layers needs for B rows and contexts up to max_ctx */
 long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
-    long qkv = (long)(s->heads + 2 * s->kv_heads) * s->head_dim;
+    const long T = tile_rows(B), d = s->head_dim;
+    long qkv = (long)(s->heads + 2 * s->kv_heads) * d;
     long group = s->heads / s->kv_heads;
     long widest = s->inter > s->hidden ? s->inter : s->hidden;
-    if ((long)s->heads * s->head_dim > widest) widest = (long)s->heads * s->head_dim;
-    return B * (s->hidden + qkv + (long)s->heads * s->head_dim + 3L * s->inter) +
-           B * widest + /* int8 activations, both block kinds: ~2.4 bytes a value */
-           (long)nthreads * group * max_ctx + /* scores of a run */
-           B * s->heads * (long)nthreads * (s->head_dim + 2); /* each run's parts */
+    if ((long)s->heads * d > widest) widest = (long)s->heads * d;
+    long parts = T * s->heads * runs_of(max_ctx, s->block_size) * (d + 2);
+    if (parts > PARTS_FLOATS) parts = PARTS_FLOATS;
+    if (parts < s->heads * runs_of(max_ctx, s->block_size) * (d + 2))
+        parts = s->heads * runs_of(max_ctx, s->block_size) * (d + 2); /* one row at least */
+    return T * (s->hidden + qkv + (long)s->heads * d + 3L * s->inter) +
+           T * widest + /* int8 activations, both block kinds: ~2.4 bytes a value */
+           (long)nthreads * (group * run_blocks(s->block_size) * s->block_size + d) + /* runs */
+           parts;
 }
 
-/* att [B, heads * d] for one layer: runs split the (sequence, KV head, block) units evenly
- * among the threads; a head's parts sit at [b][h][thread] */
+/* att [B, heads * d] for one layer, rows a sub-tile at a time (parts: [row][head][run]) */
 static void attention(const dlayer *L, const dshape *s, const float *qkv, long qkv_n, long B,
-                      const int *ctx_lens, const int *tables, int max_blocks, long max_ctx,
-                      float scale, long cache_head, float *scores, float *parts, int nthreads,
-                      float *att) {
+                      const int *ctx_lens, const int *tables, const int *row_seq, int max_blocks,
+                      long max_runs, float scale, long cache_head, float *scores, float *parts,
+                      long parts_rows, int nthreads, float *att) {
     const int d = s->head_dim, nh = s->heads, nkv = s->kv_heads, G = nh / nkv, bs = s->block_size;
-    const long stride = d + 2;
-    long units = 0;
-    for (long b = 0; b < B; b++) units += (long)nkv * ((ctx_lens[b] + bs - 1) / bs);
-    for (long i = 0; i < B * nh * (long)nthreads; i++) parts[i * stride] = NAN; /* no run */
+    const long stride = d + 2, rb = run_blocks(bs), row_parts = nh * max_runs * stride;
+    for (long r0 = 0; r0 < B; r0 += parts_rows) {
+        const long r1 = r0 + parts_rows < B ? r0 + parts_rows : B;
+        long units = 0;
+        for (long b = r0; b < r1; b++) units += (long)nkv * runs_of(ctx_lens[b], bs);
 #pragma omp parallel num_threads(nthreads)
-    {
-        const int th = thread_num(), nth = omp_threads();
-        const long u0 = units * th / nth, u1 = units * (th + 1) / nth;
-        long u = 0;
-        float *sc = scores + (long)th * G * max_ctx;
-        for (long b = 0; b < B && u < u1; b++) {
-            const int nb = (ctx_lens[b] + bs - 1) / bs;
-            for (int kh = 0; kh < nkv && u < u1; kh++, u += nb) {
-                const long lo = u0 > u ? u0 - u : 0, hi = u1 - u < nb ? u1 - u : nb;
-                if (lo >= hi) continue;
-                attend_run(qkv + b * qkv_n + (long)kh * G * d, L->k_cache + kh * cache_head,
-                           L->v_cache + kh * cache_head, tables + b * max_blocks, ctx_lens[b], bs,
-                           d, G, scale, (int)lo, (int)hi, sc,
-                           parts + ((b * nh + (long)kh * G) * nthreads + th) * stride,
-                           nthreads * stride);
+        {
+            const int th = thread_num(), nth = omp_threads();
+            const long u0 = units * th / nth, u1 = units * (th + 1) / nth;
+            float *sc = scores + (long)th * (G * rb * bs + d), *row = sc + G * rb * bs;
+            const long es = s->kv_f16 ? 2 : 4; /* bytes a cached value */
+            long u = 0;
+            for (long b = r0; b < r1 && u < u1; b++) {
+                const long nr = runs_of(ctx_lens[b], bs), nb = (ctx_lens[b] + bs - 1) / bs;
+                const int *table = tables + (long)row_seq[b] * max_blocks;
+                for (int kh = 0; kh < nkv && u < u1; kh++)
+                    for (long r = 0; r < nr; r++, u++) {
+                        if (u < u0) continue;
+                        if (u >= u1) break;
+                        const long j1 = (r + 1) * rb < nb ? (r + 1) * rb : nb;
+                        attend_run(qkv + b * qkv_n + (long)kh * G * d,
+                                   (const char *)L->k_cache + kh * cache_head * es,
+                                   (const char *)L->v_cache + kh * cache_head * es, table,
+                                   ctx_lens[b], bs, d, G, scale, (int)(r * rb), (int)j1, sc,
+                                   parts + (b - r0) * row_parts + ((long)kh * G * max_runs + r) * stride,
+                                   max_runs * stride, row, s->kv_f16);
+                    }
             }
-        }
 #pragma omp barrier
 #pragma omp for schedule(static)
-        for (long bh = 0; bh < B * nh; bh++)
-            merge(parts + bh * nthreads * stride, nthreads, stride, d, att + bh * d);
+            for (long bh = r0 * nh; bh < r1 * nh; bh++) {
+                const long b = bh / nh, h = bh % nh;
+                merge(parts + (b - r0) * row_parts + h * max_runs * stride,
+                      runs_of(ctx_lens[b], bs), d, att + bh * d);
+            }
+        }
     }
 }
 
-/* h [B, hidden]: in, the embeddings; out, the final norm's output (final_norm [hidden]).
- * residual [B, hidden]: scratch. cos/sin [B, head_dim]. slots [B]. ctx_lens [B] (including this
- * token). tables [B, max_blocks]. 0 on success, -1 on bad sizes. */
-int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, const dshape *s,
-                  float *h, float *residual,
-                  long B, const float *cos, const float *sin, const long *slots,
-                  const int *ctx_lens, const int *tables, int max_blocks, float *scratch,
-                  long max_ctx, int nthreads) {
+/* Rows [0, B) of one tile through every layer, then the final norm (see decode_layers). */
+static int tile_layers(int n_layers, const dlayer *layers, const float *final_norm,
+                       const dshape *s, float *h, float *residual, long B, const float *cos,
+                       const float *sin, const long *slots, const int *ctx_lens,
+                       const int *tables, const int *row_seq, int max_blocks, float *scratch,
+                       long max_runs, long parts_rows, int nthreads) {
     const int d = s->head_dim, nh = s->heads, nkv = s->kv_heads, H = s->hidden;
-    const long qkv_n = (long)(nh + 2 * nkv) * d;
-    float *x = scratch, *qkv = x + B * H, *att = qkv + B * qkv_n, *gu = att + B * (long)nh * d;
-    float *act = gu + B * 2L * s->inter, *scores = act + B * (long)s->inter;
-    float *parts = scores + (long)nthreads * (nh / nkv) * max_ctx;
-    char *xq = (char *)(parts + B * nh * (long)nthreads * (d + 2));
+    const long qkv_n = (long)(nh + 2 * nkv) * d, T = tile_rows(B);
+    float *x = scratch, *qkv = x + T * H, *att = qkv + T * qkv_n, *gu = att + T * (long)nh * d;
+    float *act = gu + T * 2L * s->inter, *scores = act + T * (long)s->inter;
+    float *parts = scores + (long)nthreads * ((nh / nkv) * run_blocks(s->block_size) * s->block_size + d);
+    char *xq = (char *)(parts + parts_rows * nh * max_runs * (d + 2));
     const float scale = 1.0f / sqrtf((float)d);
     const long cache_head = s->num_blocks * s->block_size * d; /* floats per KV head */
-    for (long b = 0; b < B; b++)
-        if (ctx_lens[b] < 1 || ctx_lens[b] > max_ctx ||
-            ctx_lens[b] > (long)max_blocks * s->block_size)
-            return -1;
     for (int li = 0; li < n_layers; li++) {
         const dlayer *L = &layers[li];
         for (long b = 0; b < B; b++)
@@ -363,13 +454,13 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
             float *row = qkv + b * qkv_n;
             for (int hh = 0; hh < nh + nkv; hh++) rope(row + hh * d, cos + b * d, sin + b * d, d);
             for (int kh = 0; kh < nkv; kh++) {
-                long at = kh * cache_head + slots[b] * d;
-                memcpy(L->k_cache + at, row + (nh + kh) * d, d * sizeof(float));
-                memcpy(L->v_cache + at, row + (nh + nkv + kh) * d, d * sizeof(float));
+                const long at = kh * cache_head + slots[b] * d;
+                store_kv(L->k_cache, at, row + (nh + kh) * d, d, s->kv_f16);
+                store_kv(L->v_cache, at, row + (nh + nkv + kh) * d, d, s->kv_f16);
             }
         }
-        attention(L, s, qkv, qkv_n, B, ctx_lens, tables, max_blocks, max_ctx, scale, cache_head,
-                  scores, parts, nthreads, att);
+        attention(L, s, qkv, qkv_n, B, ctx_lens, tables, row_seq, max_blocks, max_runs, scale,
+                  cache_head, scores, parts, parts_rows, nthreads, att);
         if (lin(&L->o, att, h, B, nthreads, xq)) return -1;
         for (long b = 0; b < B; b++)
             add_norm(residual + b * H, h + b * H, 1, x + b * H, L->post_norm, H, s->eps);
@@ -386,5 +477,35 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
     for (long b = 0; b < B; b++)
         add_norm(residual + b * H, h + b * H, n_layers > 0, x + b * H, final_norm, H, s->eps);
     memcpy(h, x, B * H * sizeof(float));
+    return 0;
+}
+
+/* Any step's rows (decode rows, prefill chunks, both) through every layer; every per-row
+ * computation depends on that row alone, so the step's make-up changes no bits.
+ * h [B, hidden]: in, the embeddings; out, the final norm's output (final_norm [hidden]).
+ * residual [B, hidden]: scratch. cos/sin [B, head_dim]. slots [B]. ctx_lens [B]: keys row b
+ * sees (its position + 1; its own K/V and its sequence's earlier rows are written first).
+ * row_seq [B]: row b's sequence, its block table at tables [row_seq[b], max_blocks]. Rows go
+ * ROW_TILE at a time, in order. 0 on success, -1 on bad sizes. */
+int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, const dshape *s,
+                  float *h, float *residual, long B, const float *cos, const float *sin,
+                  const long *slots, const int *ctx_lens, const int *tables, const int *row_seq,
+                  int max_blocks, float *scratch, long max_ctx, int nthreads) {
+    const int d = s->head_dim, H = s->hidden;
+    for (long b = 0; b < B; b++)
+        if (ctx_lens[b] < 1 || ctx_lens[b] > max_ctx ||
+            ctx_lens[b] > (long)max_blocks * s->block_size || row_seq[b] < 0)
+            return -1;
+    const long max_runs = runs_of(max_ctx, s->block_size);
+    long parts_rows = PARTS_FLOATS / (s->heads * max_runs * (d + 2));
+    if (parts_rows < 1) parts_rows = 1;
+    if (parts_rows > tile_rows(B)) parts_rows = tile_rows(B);
+    for (long r0 = 0; r0 < B; r0 += ROW_TILE) {
+        const long n = B - r0 < ROW_TILE ? B - r0 : ROW_TILE;
+        if (tile_layers(n_layers, layers, final_norm, s, h + r0 * H, residual + r0 * H, n,
+                        cos + r0 * d, sin + r0 * d, slots + r0, ctx_lens + r0, tables,
+                        row_seq + r0, max_blocks, scratch, max_runs, parts_rows, nthreads))
+            return -1;
+    }
     return 0;
 }

@@ -1,27 +1,28 @@
-"""Decode steps through decode.c: every decoder layer of a Llama-family model in one C call.
+"""Steps through decode.c: every decoder layer of a Llama-family model in one C call.
 
-Used when a step only decodes (one token per sequence), at tensor_parallel_size 1, on CPU in
-float32 with packed weights and a float32 KV cache. Everything else (prefill chunks, mixed
-batches, TP, float checkpoints) runs the torch modules, which are the reference
+Serves every step (decode rows, prompt chunks, mixed) at tensor_parallel_size 1, on CPU in
+float32 with packed weights and a float32 or float16 KV cache: each row's arithmetic depends on
+that row alone, which is what makes a request's output bitwise batch-invariant. TP, float
+checkpoints and the other families run the torch modules, which are the reference
 (tests/model/test_fused_decode.py compares both on the same steps).
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 
 import torch
 from torch import nn
 
 from model.layers import kernels
 from model.layers.qdot import GGML_TYPE_IDS, BlockTensor
-from model.layers.quant import KERNEL_MAX_ROWS, QuantTensor
+from model.layers.quant import QuantTensor
 
 _p, _i, _l, _f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 
 
 MAX_PARTS = 3  # decode.c's parts of one merged GGUF-block linear (q, k, v)
+KV_DTYPES = (torch.float32, torch.float16)  # the KV caches decode.c reads and writes
 
 
 class _Lin(ctypes.Structure):
@@ -67,6 +68,7 @@ class _Shape(ctypes.Structure):
         ("eps", _f),
         ("num_blocks", _l),
         ("block_size", _i),
+        ("kv_f16", _i),
     ]
 
 
@@ -97,8 +99,6 @@ def _lib() -> ctypes.CDLL | None:
 class FusedDecode:
     """Binds one model's packed weights and KV cache to decode.c (built when the model fits)."""
 
-    enabled = os.environ.get("TOKENMILL_FUSED_DECODE", "1") != "0"
-
     def __init__(self, model: nn.Module, block_size: int) -> None:
         inner = model.model
         layers = inner.layers
@@ -113,6 +113,7 @@ class FusedDecode:
             inner.norm.eps,
             attn0.attn.k_cache.shape[1],
             block_size,
+            int(attn0.attn.k_cache.dtype == torch.float16),
         )
         table = []
         for layer in layers:
@@ -136,7 +137,7 @@ class FusedDecode:
     def build(model: nn.Module, block_size: int) -> FusedDecode | None:
         """A FusedDecode when every piece fits decode.c, else None (the torch path serves)."""
         inner = getattr(model, "model", None)
-        if not FusedDecode.enabled or inner is None or _lib() is None:
+        if inner is None or _lib() is None:
             return None
         for layer in inner.layers:
             a, m = layer.self_attn, layer.mlp
@@ -149,7 +150,7 @@ class FusedDecode:
                 return None
             if a.o_proj.ctx.size != 1 or a.attn.backend != "sdpa" or a.attn.k_cache is None:
                 return None
-            if a.attn.k_cache.dtype != torch.float32 or a.attn.k_cache.device.type != "cpu":
+            if a.attn.k_cache.dtype not in KV_DTYPES or a.attn.k_cache.device.type != "cpu":
                 return None
             if any(x.bias is not None for x in (a.o_proj, m.gate_up_proj, m.down_proj)):
                 return None
@@ -157,30 +158,36 @@ class FusedDecode:
 
     @staticmethod
     def takes(query_lens: list[int]) -> bool:
-        """Decode-only steps of up to KERNEL_MAX_ROWS sequences."""
-        return 0 < len(query_lens) <= KERNEL_MAX_ROWS and all(q == 1 for q in query_lens)
+        """Any step with rows: decode rows, prompt chunks and mixes of both."""
+        return sum(query_lens) > 0
 
     def __call__(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         slot_mapping: list[int],
+        query_lens: list[int],
         context_lens: list[int],
         block_tables: list[list[int]],
     ) -> torch.Tensor:
-        """input_ids, positions [B] -> final-normed hidden states [B, hidden] (norm in C too)."""
+        """input_ids, positions [T] -> final-normed hidden states [T, hidden] (norm in C too)."""
         inner = self.model.model
         b = input_ids.shape[0]
-        h = inner.embed_tokens(input_ids).contiguous()  # [B, hidden]
-        cos, sin = inner.rotary_emb.cos_sin(positions, torch.float32)  # [B, 1, D] each
+        h = inner.embed_tokens(input_ids).contiguous()  # [T, hidden]
+        cos, sin = inner.rotary_emb.cos_sin(positions, torch.float32)  # [T, 1, D] each
         residual = torch.empty_like(h)
         max_blocks = max(len(t) for t in block_tables)
         tables = torch.tensor(
             [t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.int32
-        )  # [B, max_blocks]
+        )  # [S, max_blocks]
+        row_seq, row_ctx = [], []  # each row's sequence, and the keys it sees (itself included)
+        for i, (q, c) in enumerate(zip(query_lens, context_lens, strict=True)):
+            row_seq += [i] * q
+            row_ctx += range(c - q + 1, c + 1)
         slots = torch.tensor(slot_mapping, dtype=torch.long)
-        ctx = torch.tensor(context_lens, dtype=torch.int32)
-        max_ctx = max(context_lens)
+        ctx = torch.tensor(row_ctx, dtype=torch.int32)
+        seqs = torch.tensor(row_seq, dtype=torch.int32)
+        max_ctx = max(row_ctx)
         threads = torch.get_num_threads()
         lib = _lib()
         need = lib.decode_scratch(ctypes.byref(self.shape), b, max_ctx, threads)
@@ -189,12 +196,12 @@ class FusedDecode:
         rc = lib.decode_layers(
             len(self.layers), self.layers, inner.norm.weight.data_ptr(), ctypes.byref(self.shape),
             h.data_ptr(), residual.data_ptr(), b, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-            ctx.data_ptr(), tables.data_ptr(), max_blocks, self.scratch.data_ptr(), max_ctx,
-            threads,
+            ctx.data_ptr(), tables.data_ptr(), seqs.data_ptr(), max_blocks,
+            self.scratch.data_ptr(), max_ctx, threads,
         )  # fmt: skip
         if rc != 0:
             raise ValueError(
-                f"decode_layers refused the step: {b} rows, contexts {context_lens}, "
-                f"{max_blocks} blocks of {self.block_size}"
+                f"decode_layers refused the step: {b} rows, query_lens {query_lens}, contexts "
+                f"{context_lens}, {max_blocks} blocks of {self.block_size}"
             )
         return h

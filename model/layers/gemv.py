@@ -12,8 +12,6 @@ import torch
 
 from model.layers import kernels
 
-enabled = True  # benchmarks switch it off to measure oneDNN in the same run
-
 
 def max_rows() -> int:
     """The largest batch the kernel takes; 0 while unavailable."""
@@ -24,8 +22,7 @@ def max_rows() -> int:
 def usable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether gemv() takes this product: CPU float32, a few unit-stride rows, [out, in] weight."""
     return (
-        enabled
-        and x.dim() == 2
+        x.dim() == 2
         and 0 < x.shape[0] <= max_rows()
         and x.dtype == torch.float32
         and weight.dtype == torch.float32

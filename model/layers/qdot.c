@@ -562,7 +562,12 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
         const uint8_t *scp = o + (MIN ? 4 : 2) * P, *mnp = scp + NG * P;
         const uint8_t *q = SC ? (MIN == PX_KMIN ? mnp + NG * P : scp + NG * P) : scp;
         const uint8_t *qh = q + BK * P / 2;
-        __m512i isum[PMR];
+        __m512i isum[PMR], mnpair[4]; /* Q4_K: lanes (mn_2h, mn_2h+1) of each row as int16s */
+        if (MIN == PX_KMIN)
+            for (int h = 0; h < NG / 2; h++)
+                mnpair[h] = _mm512_or_si512(
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mnp + 2 * h * P))),
+                    _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mnp + (2 * h + 1) * P))), 16));
         for (int r = 0; r < MR; r++) isum[r] = _mm512_setzero_si512();
         for (int g = 0; g < NG; g++) {
             __m512i dot[PMR];
@@ -620,13 +625,15 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                 const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 2 * P)));
                 const float xs = dx * (float)((const xq8 *)((const char *)x + r * xrb) + s)->s;
                 acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs), acc[r]);
-            } else if (MIN == PX_KMIN) { /* - dmin dx sum_g mn_g xsum_g */
+            } else if (MIN == PX_KMIN) { /* - dmin dx sum_g mn_g xsum_g, two groups a vpmaddwd */
                 const int16_t *bs = ((const xq8k *)((const char *)x + r * xrb) + s)->bsums;
                 __m512i ms = _mm512_setzero_si512();
-                for (int g = 0; g < NG; g++)
-                    ms = _mm512_add_epi32(ms, _mm512_mullo_epi32(
-                        _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mnp + g * P))),
-                        _mm512_set1_epi32(bs[2 * g] + bs[2 * g + 1])));
+                for (int h = 0; h < NG / 2; h++) { /* |xsum_g| <= 32 * 127 fits int16 */
+                    const uint32_t lo = (uint16_t)(bs[4 * h] + bs[4 * h + 1]);
+                    const uint32_t hi = (uint16_t)(bs[4 * h + 2] + bs[4 * h + 3]);
+                    ms = _mm512_add_epi32(ms, _mm512_madd_epi16(mnpair[h],
+                                                                _mm512_set1_epi32((int)(lo | hi << 16))));
+                }
                 const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 2 * P)));
                 acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(dm, _mm512_set1_ps(dx)), acc[r]);
             }

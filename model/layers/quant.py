@@ -316,31 +316,6 @@ def quantize_rtn(w: torch.Tensor, bits: int) -> QuantTensor:
 
 # -- products ------------------------------------------------------------------------------------
 
-# Batches up to this many rows stream the packed weights through quant.c; larger ones dequantize
-# the layer slice by slice into a reused scratch buffer for a float GEMM (measured crossover:
-# benchmarks/README).
-KERNEL_MAX_ROWS = 64
-# Float32 bytes of weight rows dequantized at a time for a big batch: a 64 MiB buffer, not a whole
-# float copy of the largest layer (134 MB for a 1B model's gate_up). 16 MiB slices measured 15%
-# slower at 256 rows (narrower GEMMs); 64 MiB cuts a 1B model's gate_up in two.
-SLICE_BYTES = 64 << 20
-
-
-class _Scratch:
-    """One float32 buffer reused by every layer's dequantize-then-GEMM (grown, never shrunk)."""
-
-    def __init__(self) -> None:
-        self.buf = torch.empty(0)
-
-    def get(self, n: int) -> torch.Tensor:
-        if self.buf.numel() < n:
-            self.buf = torch.empty(n)
-        return self.buf[:n]
-
-
-_scratch = _Scratch()
-use_kernel = True  # tests and benchmarks switch it off to run the plain-torch path
-
 
 def _args(t: QuantTensor, row: int = 0) -> tuple:
     """quant.c's weight arguments, starting at output row `row` (rows are contiguous)."""
@@ -360,8 +335,7 @@ def _lib() -> ctypes.CDLL | None:
 def kernel_usable(x: torch.Tensor) -> bool:
     lib = _lib()
     return (
-        use_kernel
-        and lib is not None
+        lib is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 2
@@ -377,7 +351,7 @@ def dequantize_fast(
     n_in = t.shape[1]
     w = out if out is not None else torch.empty(rows, n_in)
     lib = _lib()
-    if lib is None or not use_kernel:
+    if lib is None:
         w.copy_(t.dequantize()[start : start + rows])
         return w
     rc = lib.qdequant(*_args(t, start), w.data_ptr(), rows, n_in, torch.get_num_threads())
@@ -386,33 +360,20 @@ def dequantize_fast(
     return w
 
 
-def _sliced_linear(x: torch.Tensor, t: QuantTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ dequantize(t)^T + bias for a big batch: SLICE_BYTES of weight rows at a time."""
-    rows, n_in = t.shape
-    step = max(1, SLICE_BYTES // (4 * n_in))
-    if step >= rows:
-        return F.linear(x, dequantize_fast(t, _scratch.get(rows * n_in).view(rows, n_in)), bias)
-    y = torch.empty(x.shape[0], rows)  # [m, out]
-    buf = _scratch.get(step * n_in)
-    for a in range(0, rows, step):
-        n = min(step, rows - a)
-        w = dequantize_fast(t, buf[: n * n_in].view(n, n_in), a, n)
-        y[:, a : a + n] = F.linear(x, w, None if bias is None else bias[a : a + n])
-    return y
-
-
-def qlinear(x: torch.Tensor, t: QuantTensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [m, in] @ dequantize(t)^T + bias -> [m, out] float32."""
+def qlinear(
+    x: torch.Tensor, t: QuantTensor, bias: torch.Tensor | None, kernel: bool = True
+) -> torch.Tensor:
+    """x [m, in] @ dequantize(t)^T + bias -> [m, out] float32, through qgemm at every m: each row's
+    sums run in one order whatever the batch (a float GEMM's blocking follows m, so a token's
+    logits would change with its neighbours). kernel=False: dequantize + F.linear, the oracle."""
     rows, n_in = t.shape
     if x.shape[-1] != n_in:
         raise ValueError(f"qlinear: x has {x.shape[-1]} columns, weight is {rows}x{n_in}")
-    if not kernel_usable(x):
+    if not kernel or not kernel_usable(x):
         return F.linear(x, t.dequantize().to(x.dtype), bias)
     m = x.shape[0]
     if m == 0:  # a prefill chunk that samples no row still projects through the lm_head
         return torch.empty(0, rows)
-    if m > KERNEL_MAX_ROWS:
-        return _sliced_linear(x, t, bias)
     y = torch.empty(m, rows)  # [m, out]
     b = None if bias is None else bias.contiguous().data_ptr()
     rc = _lib().qgemm(

@@ -94,13 +94,15 @@ class LlamaMLP(nn.Module):
     """Gated MLP (SwiGLU; GELU-tanh for Gemma) with one gate_up GEMM; down_proj leaves partial
     sums for the next norm."""
 
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext) -> None:
+    def __init__(
+        self, cfg: ModelConfig, ctx: ParallelContext, intermediate_size: int | None = None
+    ) -> None:
         super().__init__()
         if cfg.hidden_act not in ACTIVATIONS:
             raise ValueError(
                 f"unsupported hidden_act {cfg.hidden_act!r}; supported: {', '.join(ACTIVATIONS)}"
             )
-        inter = cfg.intermediate_size
+        inter = intermediate_size or cfg.intermediate_size
         self.silu = cfg.hidden_act == "silu"
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], ctx=ctx)
@@ -115,17 +117,25 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """`attention` and `make_mlp` are the knobs (OLMoE's attention, the MoE families' experts)."""
+
+    attention: type[nn.Module] = LlamaAttention
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, backend: str, layer: int) -> None:
         super().__init__()
         m = cfg.residual_multiplier
         self.input_layernorm = ResidualRMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, ctx, residual_multiplier=m
         )
-        self.self_attn = LlamaAttention(cfg, ctx, backend, layer)
+        self.self_attn = self.attention(cfg, ctx, backend, layer)
         self.post_attention_layernorm = ResidualRMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, ctx, residual_multiplier=m
         )
-        self.mlp = LlamaMLP(cfg, ctx)
+        self.mlp = self.make_mlp(cfg, ctx, layer)
+
+    @staticmethod
+    def make_mlp(cfg: ModelConfig, ctx: ParallelContext, layer: int) -> nn.Module:
+        return LlamaMLP(cfg, ctx)
 
     def forward(
         self,

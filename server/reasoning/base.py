@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import partial_suffix, tag
+from server.constraints import tag
+from server.tool_calls import partial_suffix
 
 
 @dataclass(slots=True)

@@ -9,14 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import (
-    ToolCallDelta,
-    functions,
-    gather,
-    new_call_id,
-    partial_suffix,
-    tag,
-)
+from server.constraints import functions, tag
+from server.tool_calls import ToolCallDelta, gather, new_call_id, partial_suffix
 
 
 @dataclass(slots=True)

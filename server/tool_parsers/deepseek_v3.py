@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import closed, tag
+from server.constraints import closed, tag
 from server.tool_parsers.base import Extracted, ToolParser, json_end, start_lines, text_before
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"

@@ -7,7 +7,8 @@ import json
 from typing import Any
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallStreamer, tool_call_constraint
+from server.constraints import tool_call_constraint
+from server.tool_calls import CALL_CLOSE, CALL_OPEN, ToolCallStreamer
 from server.tool_parsers.base import ToolParser
 
 

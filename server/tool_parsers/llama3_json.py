@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import call_schema
+from server.constraints import call_schema
 from server.tool_parsers.base import Extracted, ToolParser, json_call
 
 PYTHON_TAG = "<|python_tag|>"

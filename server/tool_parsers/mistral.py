@@ -10,7 +10,7 @@ import string
 from typing import Any
 
 from scheduler import StructuredOutputsParams
-from server.tool_calls import call_schema
+from server.constraints import call_schema
 from server.tool_parsers.base import (
     Extracted,
     ToolParser,

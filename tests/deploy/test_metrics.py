@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from scheduler.outputs import CompletionOutput, RequestMetrics, RequestOutput, SchedulerStats
 from server.metrics import FINISHED_REASONS, ServerMetrics
+from server.middleware import HTTPMetricsMiddleware
 from tests.deploy.deploy_helpers import (
     MODEL_NAME,
     REPO,
@@ -198,7 +199,9 @@ def _app(metrics: ServerMetrics) -> FastAPI:
             return JSONResponse({"error": "no"}, status_code=401)
         return await call_next(request)
 
-    metrics.install(app)  # last: outermost, as in server/app.py
+    metrics.add_route(app)
+    # last: outermost, as in server/middleware.py
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, routes=app.router.routes)
 
     @app.get("/secret/{name}")
     async def secret(name: str) -> dict:

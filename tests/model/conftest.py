@@ -109,6 +109,37 @@ def family_model(name: str):
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**d, rope_parameters=rope))
     if name == "mistral":
         return tf.MistralForCausalLM(tf.MistralConfig(**d, head_dim=16, sliding_window=WINDOW))
+    return moe_model(name, d)
+
+
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
+# dense layers among the sparse ones (llama.cpp's converter refuses them): folders only
+MOE_LAYOUTS = {
+    "qwen3_moe_mlp_only": ("qwen3_moe", dict(mlp_only_layers=[2])),
+    "qwen2_moe_step2": ("qwen2_moe", dict(decoder_sparse_step=2)),
+}
+
+
+def moe_model(name: str, d: dict):
+    """Mixture-of-experts families: 4-8 experts, top-2, tiny experts; Qwen2-MoE with its shared
+    expert; the MOE_LAYOUTS variants with dense layers (mlp_only_layers, decoder_sparse_step)."""
+    import transformers as tf
+
+    name, layout = MOE_LAYOUTS.get(name, (name, {}))
+    moe = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, **layout)
+    if name == "qwen3_moe":
+        # NOTE: norm_topk_prob as Qwen3-30B-A3B has it (and llama.cpp assumes for qwen3moe)
+        cfg = tf.Qwen3MoeConfig(**d, **moe, head_dim=32, norm_topk_prob=True)
+        return tf.Qwen3MoeForCausalLM(cfg)
+    if name == "mixtral":
+        cfg = tf.MixtralConfig(**d, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
+        return tf.MixtralForCausalLM(cfg)
+    if name == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**d, **moe, shared_expert_intermediate_size=48)
+        return tf.Qwen2MoeForCausalLM(cfg)
+    if name == "olmoe":
+        d = dict(d, intermediate_size=32)  # OLMoE's experts are intermediate_size wide
+        return tf.OlmoeForCausalLM(tf.OlmoeConfig(**d, num_experts=8, num_experts_per_tok=2))
     raise ValueError(name)
 
 

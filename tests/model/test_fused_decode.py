@@ -78,6 +78,20 @@ def test_fused_decode_matches_torch_layers(
         torch.set_num_threads(before)
 
 
+def test_fused_decode_with_a_float16_kv_cache(tiny_checkpoint) -> None:
+    """decode.c stores K/V as float16 rounded as torch's .half() and reads them back widened:
+    the torch modules on the same cache agree to float32 rounding."""
+    runner = ModelRunner(str(tiny_checkpoint("llama", True)), quantization="int4",
+                         kv_cache_memory=1 << 22, activation_dtype="float32",
+                         kv_cache_dtype="float16")  # fmt: skip
+    assert runner.fused is not None and runner.kv_cache[0][0].dtype == torch.float16
+    prompts = [list(range(100, 137)), list(range(500, 503))]
+    for got, ref in decode_steps(runner, prompts, steps=12):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    runner.shutdown()
+
+
 def test_fused_decode_on_the_smollm2_gguf(smollm2_gguf) -> None:
     runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 26, activation_dtype="float32")
     assert runner.fused is not None
@@ -105,35 +119,75 @@ def test_fused_int8_decode_on_the_smollm2_gguf(smollm2_gguf) -> None:
     assert runner.fused is not None
     prompts = [list(range(1000, 1100)), [1, 2, 3], list(range(2000, 2050))]
     for got, ref in decode_steps(runner, prompts, steps=8):
-        assert_like_int8(got, ref, 0.2)
+        assert_like_int8(got, ref, 0.3)  # two int8 roundings, each within 0.25 of transformers
     runner.shutdown()
 
 
-def test_fused_decode_only_where_it_fits(tiny_checkpoint, monkeypatch) -> None:
+def test_fused_decode_only_where_it_fits(tiny_checkpoint) -> None:
     folder = str(tiny_checkpoint("llama"))
     assert ModelRunner(folder, kv_cache_memory=1 << 20).fused is None  # float weights: torch
     assert ModelRunner(folder, quantization="int8", kv_cache_dtype="bfloat16",
                        kv_cache_memory=1 << 20).fused is None  # fmt: skip
-    monkeypatch.setattr(FusedDecode, "enabled", False)
-    assert ModelRunner(folder, quantization="int8", kv_cache_memory=1 << 20).fused is None
-    assert (
-        FusedDecode.takes([1, 1, 1]) and not FusedDecode.takes([1, 2]) and not FusedDecode.takes([])
-    )
+    assert ModelRunner(folder, quantization="int8", kv_cache_memory=1 << 20).fused is not None
+    assert ModelRunner(folder, quantization="int8", kv_cache_memory=1 << 20,
+                       fused_step=False).fused is None  # fmt: skip
+    assert FusedDecode.takes([1, 1, 1]) and FusedDecode.takes([1, 40]) and not FusedDecode.takes([])
 
 
-def test_choose_path_names_what_served_each_step(smollm2_gguf) -> None:
-    """Prefill and mixed steps run the torch modules, decode-only steps decode.c; the label
-    carries the activation dtype (tokenmill_model_steps_total{path=...})."""
+def test_choose_path_names_what_served_each_step(smollm2_gguf, tiny_checkpoint) -> None:
+    """decode.c serves decode, prefill and mixed steps of a model it fits; the torch modules the
+    rest; the label carries the activation dtype (tokenmill_model_steps_total{path=...})."""
+    prefill = StepInput([1, 2, 3], [0, 1, 2], [0, 1, 2], [3], [3], [[0]], [0])
     for act in ("int8", "float32"):
         runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 24, activation_dtype=act)
         served = []
         for _ in decode_steps(runner, [list(range(1000, 1020)), [5, 6]], steps=2):
             served.append(runner.last_path)
         assert served == [f"fused_{act}"] * 2
-        prefill = StepInput([1, 2, 3], [0, 1, 2], [0, 1, 2], [3], [3], [[0]], [0])
         runner.compute_logits(prefill)
-        assert runner.last_path == f"torch_{act}"
+        assert runner.last_path == f"fused_{act}"
         runner.shutdown()
+    runner = ModelRunner(str(tiny_checkpoint("llama")), kv_cache_memory=1 << 20)
+    runner.compute_logits(prefill)
+    assert runner.last_path == "torch_float32"  # float weights: decode.c does not take them
+
+
+@pytest.mark.parametrize("activation_dtype", ["float32", "int8"])
+def test_prefill_and_mixed_steps_match_torch_and_are_row_invariant(
+    smollm2_gguf, activation_dtype
+) -> None:
+    """A prompt chunk, then a mixed step (one decode row beside a second prompt's chunk): decode.c
+    against the torch modules, and each row's hidden state the same bits as when that row's
+    sequence runs alone in a step of its own."""
+    runner = ModelRunner(smollm2_gguf, kv_cache_memory=1 << 26, activation_dtype=activation_dtype)
+    bs, fused = runner.block_size, runner.fused
+    assert fused is not None
+
+    def slots(table, start, n):
+        return [table[t // bs] * bs + t % bs for t in range(start, start + n)]
+
+    a, b = list(range(1000, 1090)), list(range(3000, 3070))  # 90 and 70 prompt tokens
+    ta, tb = list(range(0, 8)), list(range(8, 16))
+    first = StepInput(a, list(range(90)), slots(ta, 0, 90), [90], [90], [ta], [0])
+    mixed = StepInput([a[-1]] + b[:40], [90] + list(range(40)), slots(ta, 90, 1) + slots(tb, 0, 40),
+                      [1, 40], [91, 40], [ta, tb], [0, 1])  # fmt: skip
+    runner.fused = fused
+    got = [runner.compute_logits(first), runner.compute_logits(mixed)]
+    # the mixed step's rows again, each sequence alone (same slots, same K/V): the same bits
+    alone_a = runner.compute_logits(
+        StepInput([a[-1]], [90], slots(ta, 90, 1), [1], [91], [ta], [0])
+    )
+    alone_b = runner.compute_logits(StepInput(b[:40], list(range(40)), slots(tb, 0, 40), [40],
+                                              [40], [tb], [0]))  # fmt: skip
+    assert torch.equal(alone_a[0], got[1][0]) and torch.equal(alone_b[0], got[1][1])
+    runner.fused = None
+    ref = [runner.compute_logits(first), runner.compute_logits(mixed)]
+    for g, r in zip(got, ref, strict=True):
+        if activation_dtype == "int8":
+            assert_like_int8(g, r, 0.3)
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=5e-4)
+    runner.shutdown()
 
 
 def test_out_of_range_slots_and_blocks_are_refused(smollm2_gguf) -> None:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from server.protocol import (
+from server.protocol.base import PromptTokensDetails, UsageInfo
+from server.protocol.chat import (
     ChatCompletionChunk,
     ChatStreamChoice,
     DeltaFunction,
     DeltaMessage,
     DeltaToolCall,
-    PromptTokensDetails,
-    UsageInfo,
 )
 
 

@@ -13,7 +13,7 @@ import anthropic
 import pytest
 from scripted_engine import mock_http, serving, sse_body
 
-from server.protocol_anthropic import AnthropicMessagesRequest
+from server.protocol.anthropic import AnthropicMessagesRequest
 from server.serving_messages import ServingMessages, to_chat
 
 pytestmark = pytest.mark.timeout(60)

@@ -1,4 +1,4 @@
-"""protocol.py → SamplingParams, errors.py envelopes, auth.py compare: no engine, no server."""
+"""server/protocol/ → SamplingParams, errors.py envelopes, auth.py compare: no engine, no server."""
 
 from __future__ import annotations
 
@@ -11,13 +11,9 @@ from pydantic import ValidationError
 from scheduler.errors import EngineDeadError, PromptTooLongError, SamplingParamsError
 from server.auth import key_matches
 from server.errors import APIError, error_body, from_exception, validation_error
-from server.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    DeltaMessage,
-    TokenizeChatRequest,
-    TokenizeCompletionRequest,
-)
+from server.protocol.chat import ChatCompletionRequest, DeltaMessage
+from server.protocol.completions import CompletionRequest
+from server.protocol.models import TokenizeChatRequest, TokenizeCompletionRequest
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 from scripted_engine import mock_http, serving, sse_body
 
-from server.protocol_responses import ResponsesRequest
+from server.protocol.responses import ResponsesRequest
 from server.response_store import ResponseStore
 from server.serving_responses import ServingResponses, chat_messages, stored_items
 

@@ -13,7 +13,7 @@ from scripted_engine import serving
 
 from server.errors import APIError
 from server.flags import configs, make_parser
-from server.protocol import ChatCompletionRequest
+from server.protocol.chat import ChatCompletionRequest
 
 pytestmark = pytest.mark.timeout(60)
 

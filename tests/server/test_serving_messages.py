@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.errors import APIError
-from server.protocol_anthropic import AnthropicMessagesRequest
+from server.protocol.anthropic import AnthropicMessagesRequest
 from server.serving_messages import _cut_stop, _events, to_chat
 from tests.server.chat_chunks import chunk
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.protocol_responses import ResponsesRequest
+from server.protocol.responses import ResponsesRequest
 from server.response_store import ResponseStore
 from server.serving_responses import ServingResponses, chat_messages, stored_items, to_chat
 from tests.server.chat_chunks import chunk

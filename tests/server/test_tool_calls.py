@@ -5,14 +5,15 @@ from __future__ import annotations
 import pytest
 
 from model.sampling_params import SamplingParamsError
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.constraints import structured_outputs, tool_call_constraint
+from server.protocol.chat import ChatCompletionRequest
+from server.protocol.completions import CompletionRequest
 from server.tool_calls import (
     CALL_CLOSE,
     CALL_OPEN,
     ToolCallDelta,
     ToolCallStreamer,
     parse_tool_calls,
-    tool_call_constraint,
 )
 
 pytestmark = pytest.mark.timeout(30)
@@ -93,7 +94,8 @@ def test_request_fields_to_one_constraint():
     assert req.to_sampling_params().structured_outputs.kind == "choice"
     req = CompletionRequest(prompt="x", guided_json='{"type": "object"}')
     assert req.to_sampling_params().structured_outputs.param == "guided_json"
-    assert ChatCompletionRequest(**chat, response_format={"type": "text"}).structured() is None
+    text = ChatCompletionRequest(**chat, response_format={"type": "text"})
+    assert structured_outputs(text) is None
     with pytest.raises(SamplingParamsError, match="only one"):
         CompletionRequest(prompt="x", guided_regex="a", guided_choice=["b"]).to_sampling_params()
     with pytest.raises(SamplingParamsError, match="tool_choice needs tools"):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, StrictBool, StrictInt
 
-from server.protocol import _Request
+from server.protocol.base import _Request
 
 # an input: text, token ids, or a list of either (OpenAI's embeddings input)
 EmbeddingInput = str | list[str] | list[StrictInt] | list[list[StrictInt]]

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StrictBool, StrictInt, field_validator
 from pydantic_core import PydanticCustomError
 
-from server.protocol import _Request
+from server.protocol.base import _Request
 
 # Block types a text model can take; images, documents and server-side blocks are refused by name.
 BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
