@@ -294,7 +294,7 @@ def test_gguf_config_finds_dense_layers_and_llama_cpp_routing() -> None:
     """No converter writes a Qwen3-MoE with dense layers, so the metadata is checked alone: a
     block without ffn_gate_inp is dense; llama.cpp's norm_w per architecture, unless the file
     says expert_weights_norm; a `llama` file with experts is Mixtral."""
-    from model.gguf_weights import _moe_config
+    from model.gguf_config import _moe_config
 
     base = {"num_hidden_layers": 4, "intermediate_size": 128}
     fields = {"qwen3moe.expert_count": 8, "qwen3moe.expert_used_count": 2,
