@@ -18,7 +18,6 @@ MAX_FUNCTION_LINES = 80
 KNOWN_LONG_FILES: set[str] = set()
 KNOWN_LONG_FUNCTIONS = {
     "model/runner.py:ModelRunner._build",  # the runner rewrite
-    "model/layers/attention_metadata.py:AttentionMetadata.build",  # the runner rewrite
 }
 
 
