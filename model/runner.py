@@ -88,8 +88,8 @@ def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = F
 
     quantization None keeps a GGUF's quantized tensors packed and an HF checkpoint float;
     "none" dequantizes everything to float (the reference path); "int8"/"int4" also pack the
-    float 2-D weights (round to nearest, group 32). blocks: a GGUF's quantized tensors stay in
-    the file's own blocks (the int8 activation path, model/layers/qdot.py).
+    float 2-D weights, MoE routers excepted (round to nearest, group 32). blocks: a GGUF's
+    quantized tensors stay in the file's own blocks (the int8 path, model/layers/qdot.py).
     """
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -109,11 +109,17 @@ def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = F
     return config, stream
 
 
+# MoE routers (Mixtral's named before adapt_weights renames block_sparse_moe) and Qwen2-MoE's
+# shared-expert gate stay float, as llama.cpp keeps them: a rounded router can pick other experts.
+ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".shared_expert_gate.weight")
+
+
 def _quantize_stream(stream, bits: int, blocks: bool):
     """Pack every float 2-D weight whose rows split into whole groups (as Q8_0 / Q4_1 blocks for
-    the int8 path); the rest pass through."""
+    the int8 path) but the routers; the rest pass through."""
     for name, tensor in stream:
-        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
+        matrix = isinstance(tensor, torch.Tensor) and tensor.dim() == 2
+        if matrix and tensor.shape[1] % 32 == 0 and not name.endswith(ROUTERS):
             tensor = quantize_rtn(tensor, bits)
             tensor = rtn_to_blocks(tensor) if blocks else tensor
         yield name, tensor
