@@ -88,8 +88,8 @@ def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = F
 
     quantization None keeps a GGUF's quantized tensors packed and an HF checkpoint float;
     "none" dequantizes everything to float (the reference path); "int8"/"int4" also pack the
-    float 2-D weights (round to nearest, group 32). blocks: a GGUF's quantized tensors stay in
-    the file's own blocks (the int8 activation path, model/layers/qdot.py).
+    float 2-D weights, MoE routers excepted (round to nearest, group 32). blocks: a GGUF's
+    quantized tensors stay in the file's own blocks (the int8 path, model/layers/qdot.py).
     """
     if path.endswith(".gguf"):
         if not os.path.isfile(path):
@@ -109,11 +109,17 @@ def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = F
     return config, stream
 
 
+# MoE routers (Mixtral's named before adapt_weights renames block_sparse_moe) and Qwen2-MoE's
+# shared-expert gate stay float, as llama.cpp keeps them: a rounded router can pick other experts.
+ROUTERS = (".mlp.gate.weight", ".block_sparse_moe.gate.weight", ".shared_expert_gate.weight")
+
+
 def _quantize_stream(stream, bits: int, blocks: bool):
     """Pack every float 2-D weight whose rows split into whole groups (as Q8_0 / Q4_1 blocks for
-    the int8 path); the rest pass through."""
+    the int8 path) but the routers; the rest pass through."""
     for name, tensor in stream:
-        if isinstance(tensor, torch.Tensor) and tensor.dim() == 2 and tensor.shape[1] % 32 == 0:
+        matrix = isinstance(tensor, torch.Tensor) and tensor.dim() == 2
+        if matrix and tensor.shape[1] % 32 == 0 and not name.endswith(ROUTERS):
             tensor = quantize_rtn(tensor, bits)
             tensor = rtn_to_blocks(tensor) if blocks else tensor
         yield name, tensor
@@ -215,9 +221,31 @@ class ModelRunner:
         self.weight_bytes = packed_nbytes(self.model) + sum(
             p.numel() * p.element_size() for p in self.model.parameters()
         )
+        self._log_weights()
+
+        spec, capacity, use_graphs = self._size_kv_cache(
+            kv_cache_memory, max_model_len, kv_cache_dtype
+        )
+        self.kv_cache = allocate_kv_cache(spec, self.num_kv_blocks + use_graphs, self.device)
+        for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
+            layer.bind_kv_cache(k, v)
+        self.fused = None  # None: torch serves every step
+        if self.fused_step and self.model.fits_fused_decode:  # decode.c knows the Llama layer
+            self.fused = FusedDecode.build(self.model, block_size)
+        if use_graphs:
+            self.graphs = CUDAGraphs(self.model, block_size, self.max_model_len, self.num_kv_blocks)
+        if self.device.type == "cuda":
+            # NOTE: cuDNN's SDPA plans each new shape (every eager step): measured on an H200, off
+            # it takes one eager decode stream from 42 to 17 ms a step, a graph's from 3.7 to 3.3
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        if ctx.is_first:
+            self._log_kv_cache(spec, capacity)
+
+    def _log_weights(self) -> None:
+        """What this rank holds and which activations serve it (the int8 path names its ISA)."""
         logger.info(
             "rank %d holds %.1f MiB of weights (%.1f MiB packed); %s activations%s",
-            ctx.rank,
+            self.parallel.rank,
             self.weight_bytes / 2**20,
             packed_nbytes(self.model) / 2**20,
             self.activation_dtype,
@@ -226,6 +254,13 @@ class ModelRunner:
             else "",
         )
 
+    def _size_kv_cache(
+        self, kv_cache_memory: int | None, max_model_len: int | None, kv_cache_dtype: str
+    ) -> tuple[KVCacheSpec, int, bool]:
+        """(spec, capacity in tokens, CUDA graphs on): the block count is the smallest any rank
+        affords, so every rank's block ids mean the same; sets kv_cache_dtype, num_kv_blocks and
+        max_model_len."""
+        cfg, ctx, block_size = self.model_config, self.parallel, self.block_size
         attn = self.model.attention_layers()[0]
         self.kv_cache_dtype = self.dtype if kv_cache_dtype == "auto" else DTYPES[kv_cache_dtype]
         # NOTE: float16 K/V with int8 activations (llama.cpp's default) measured 0.34 from
@@ -260,29 +295,19 @@ class ModelRunner:
                 f"{cfg.max_position_embeddings}"
             )
         self.max_model_len = max_model_len or min(cfg.max_position_embeddings, capacity)
-        self.kv_cache = allocate_kv_cache(spec, self.num_kv_blocks + use_graphs, self.device)
-        for layer, (k, v) in zip(self.model.attention_layers(), self.kv_cache, strict=True):
-            layer.bind_kv_cache(k, v)
-        self.fused = None  # None: torch serves every step
-        if self.fused_step and self.model.fits_fused_decode:  # decode.c knows the Llama layer
-            self.fused = FusedDecode.build(self.model, block_size)
-        if use_graphs:
-            self.graphs = CUDAGraphs(self.model, block_size, self.max_model_len, self.num_kv_blocks)
-        if self.device.type == "cuda":
-            # NOTE: cuDNN's SDPA plans each new shape (every eager step): measured on an H200, off
-            # it takes one eager decode stream from 42 to 17 ms a step, a graph's from 3.7 to 3.3
-            torch.backends.cuda.enable_cudnn_sdp(False)
-        if ctx.is_first:
-            logger.info(
-                "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB per rank, %s); "
-                "max_model_len %d",
-                self.num_kv_blocks,
-                block_size,
-                capacity,
-                self.num_kv_blocks * spec.bytes_per_block / 1024**3,
-                str(self.kv_cache_dtype).removeprefix("torch."),
-                self.max_model_len,
-            )
+        return spec, capacity, use_graphs
+
+    def _log_kv_cache(self, spec: KVCacheSpec, capacity: int) -> None:
+        """The KV cache's blocks, tokens, bytes per rank and the max_model_len they allow."""
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB per rank, %s); max_model_len %d",
+            self.num_kv_blocks,
+            self.block_size,
+            capacity,
+            self.num_kv_blocks * spec.bytes_per_block / 1024**3,
+            str(self.kv_cache_dtype).removeprefix("torch."),
+            self.max_model_len,
+        )
 
     def check_step(self, step: StepInput) -> None:
         """Raise ValueError on a malformed step (before any rank starts on it)."""

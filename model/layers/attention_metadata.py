@@ -69,63 +69,15 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
         """Group rows into decodes and prefills and build their gather indices and masks."""
-        num_tokens = len(slot_mapping)
-        starts, start = [], 0
-        for q in query_lens:
-            starts.append(start)
-            start += q
+        rows = _StepRows.of(query_lens, context_lens, block_tables, block_size, device)
         dec = [i for i, q in enumerate(query_lens) if q == 1]
         pre = [i for i, q in enumerate(query_lens) if q > 1]
-
-        def tables(seqs: list[int]) -> tuple[torch.Tensor, int]:
-            nb = max(-(-context_lens[i] // block_size) for i in seqs)
-            rows = [(block_tables[i][:nb] + [0] * nb)[:nb] for i in seqs]
-            return torch.tensor(rows, dtype=torch.long, device=device), nb * block_size
-
-        def lens(seqs: list[int], which: list[int]) -> torch.Tensor:
-            return torch.tensor([which[i] for i in seqs], dtype=torch.long, device=device)
-
-        groups = []
-        for members in _group_by_blocks(dec, context_lens, block_size):
-            tab, span = tables(members)
-            keep = first = None
-            if len(members) == 1:
-                span = context_lens[members[0]]  # one row: narrow to the exact context, no mask
-                used = block_tables[members[0]][: -(-span // block_size)]
-                if used == list(range(used[0], used[0] + len(used))):
-                    first = used[0]
-            elif any(context_lens[i] != span for i in members):
-                keys = torch.arange(span, device=device)
-                keep = (keys[None, :] < lens(members, context_lens)[:, None]).view(-1, 1, 1, span)
-            rows = None
-            if len(members) != num_tokens:
-                rows = torch.tensor([starts[i] for i in members], dtype=torch.long, device=device)
-            group = DecodeGroup(rows, tab.view(-1), len(members), span, keep, first, tuple(members))
-            groups.append(group)
-        pre_rows = pre_pad = pre_tables = pre_mask = pre_qpos = None
+        groups = [
+            rows.decode_group(members, len(slot_mapping))
+            for members in _group_by_blocks(dec, context_lens, block_size)
+        ]
         max_q = max((query_lens[i] for i in pre), default=0)
-        if pre:
-            if len(dec) > 0:
-                pre_rows = torch.tensor(
-                    [starts[i] + j for i in pre for j in range(query_lens[i])],
-                    dtype=torch.long,
-                    device=device,
-                )
-            if len(pre) > 1:
-                pre_pad = torch.tensor(
-                    [k * max_q + j for k, i in enumerate(pre) for j in range(query_lens[i])],
-                    dtype=torch.long,
-                    device=device,
-                )
-            if len(pre) > 1 or context_lens[pre[0]] != query_lens[pre[0]]:
-                pre_tables, span = tables(pre)
-                ctx, qlen = lens(pre, context_lens), lens(pre, query_lens)
-                # NOTE: padded query rows attend like the last token: no empty rows, no NaN
-                j = torch.arange(max_q, device=device)[None, :]
-                qpos = torch.minimum(ctx[:, None] - qlen[:, None] + j, ctx[:, None] - 1)
-                keys = torch.arange(span, device=device)
-                pre_mask = (keys[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
-                pre_qpos = qpos
+        pre_rows, pre_pad, pre_tables, pre_mask, pre_qpos = rows.prefill(pre, len(dec) > 0, max_q)
         return AttentionMetadata(
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=device),
             query_lens=tuple(query_lens),
@@ -143,6 +95,92 @@ class AttentionMetadata:
             prefill_qpos=pre_qpos,
             prefill_members=tuple(pre),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class _StepRows:
+    """The step's host lists, from which AttentionMetadata.build makes its device indices."""
+
+    query_lens: list[int]
+    context_lens: list[int]
+    block_tables: list[list[int]]
+    block_size: int
+    device: torch.device | str
+    starts: list[int]  # each sequence's first token row
+
+    @staticmethod
+    def of(
+        query_lens: list[int],
+        context_lens: list[int],
+        block_tables: list[list[int]],
+        block_size: int,
+        device: torch.device | str,
+    ) -> _StepRows:
+        starts, start = [], 0
+        for q in query_lens:
+            starts.append(start)
+            start += q
+        return _StepRows(query_lens, context_lens, block_tables, block_size, device, starts)
+
+    def tables(self, seqs: list[int]) -> tuple[torch.Tensor, int]:
+        """[len(seqs), max_blocks] block tables (short ones padded with block 0) and their span."""
+        nb = max(-(-self.context_lens[i] // self.block_size) for i in seqs)
+        rows = [(self.block_tables[i][:nb] + [0] * nb)[:nb] for i in seqs]
+        return torch.tensor(rows, dtype=torch.long, device=self.device), nb * self.block_size
+
+    def lens(self, seqs: list[int], which: list[int]) -> torch.Tensor:
+        return torch.tensor([which[i] for i in seqs], dtype=torch.long, device=self.device)
+
+    def decode_group(self, members: list[int], num_tokens: int) -> DecodeGroup:
+        """One group's tables, padded to its longest context and masked where a row is shorter."""
+        context_lens, block_size, device = self.context_lens, self.block_size, self.device
+        tab, span = self.tables(members)
+        keep = first = None
+        if len(members) == 1:
+            span = context_lens[members[0]]  # one row: narrow to the exact context, no mask
+            used = self.block_tables[members[0]][: -(-span // block_size)]
+            if used == list(range(used[0], used[0] + len(used))):
+                first = used[0]
+        elif any(context_lens[i] != span for i in members):
+            keys = torch.arange(span, device=device)
+            keep = (keys[None, :] < self.lens(members, context_lens)[:, None]).view(-1, 1, 1, span)
+        rows = None
+        if len(members) != num_tokens:
+            rows = torch.tensor([self.starts[i] for i in members], dtype=torch.long, device=device)
+        return DecodeGroup(rows, tab.view(-1), len(members), span, keep, first, tuple(members))
+
+    def prefill(
+        self, pre: list[int], has_decode: bool, max_q: int
+    ) -> tuple[torch.Tensor | None, ...]:
+        """(rows, pad, block tables, mask, query positions) of the prompt chunks; None where not
+        needed (no decode rows to skip, one chunk to pad, a fresh prompt's plain causal mask)."""
+        query_lens, context_lens = self.query_lens, self.context_lens
+        starts, device = self.starts, self.device
+        pre_rows = pre_pad = pre_tables = pre_mask = pre_qpos = None
+        if not pre:
+            return pre_rows, pre_pad, pre_tables, pre_mask, pre_qpos
+        if has_decode:
+            pre_rows = torch.tensor(
+                [starts[i] + j for i in pre for j in range(query_lens[i])],
+                dtype=torch.long,
+                device=device,
+            )
+        if len(pre) > 1:
+            pre_pad = torch.tensor(
+                [k * max_q + j for k, i in enumerate(pre) for j in range(query_lens[i])],
+                dtype=torch.long,
+                device=device,
+            )
+        if len(pre) > 1 or context_lens[pre[0]] != query_lens[pre[0]]:
+            pre_tables, span = self.tables(pre)
+            ctx, qlen = self.lens(pre, context_lens), self.lens(pre, query_lens)
+            # NOTE: padded query rows attend like the last token: no empty rows, no NaN
+            j = torch.arange(max_q, device=device)[None, :]
+            qpos = torch.minimum(ctx[:, None] - qlen[:, None] + j, ctx[:, None] - 1)
+            keys = torch.arange(span, device=device)
+            pre_mask = (keys[None, None, :] <= qpos[:, :, None]).unsqueeze(1)
+            pre_qpos = qpos
+        return pre_rows, pre_pad, pre_tables, pre_mask, pre_qpos
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
 /* A whole step's decoder layers in one call: for B token rows (decode rows, prompt chunks, both),
- *   residual += h; x = RMSNorm(residual); qkv = x Wqkv^T (+b); RoPE(q, k); K/V -> paged cache;
+ *   residual += h; x = RMSNorm(residual); qkv = x Wqkv^T (+b); (q/k RMSNorm;) RoPE(q, k);
+ *   K/V -> paged cache;
  *   a = softmax(q K^T / sqrt(d)) V over the row's keys; h = a Wo^T;
  *   residual += h; x = RMSNorm(residual); h = (silu(x Wg^T) * x Wu^T) Wd^T
  * for every layer, with packed weights (quant.c, float32 activations) or GGUF blocks (qdot.c,
@@ -53,6 +54,7 @@ typedef struct { /* one linear: quant.py's QuantTensor, or (nparts > 0) qdot.py'
 typedef struct {
     dlin qkv, o, gate_up, down;
     const float *in_norm, *post_norm; /* [hidden] */
+    const float *q_norm, *k_norm;     /* [head_dim] per-head RMSNorm before RoPE (Qwen3), or NULL */
     void *k_cache, *v_cache; /* [kv_heads, num_blocks, block_size, head_dim], float32 or float16 */
 } dlayer;
 
@@ -193,6 +195,13 @@ static void add_norm(float *residual, const float *h, int add, float *x, const f
     float ss = dot(residual, residual, n);
     float r = 1.0f / sqrtf(ss / n + eps);
     for (int i = 0; i < n; i++) x[i] = w[i] * (residual[i] * r);
+}
+
+/* x = x / rms(x) * w in place, one head (Qwen3's q/k norm: RMSNorm over head_dim) */
+static void head_norm(float *x, const float *w, int d, float eps) {
+    float ss = dot(x, x, d);
+    float r = 1.0f / sqrtf(ss / d + eps);
+    for (int i = 0; i < d; i++) x[i] = w[i] * (x[i] * r);
 }
 
 /* x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]; cos, sin as RotaryEmbedding.cos_sin gives
@@ -452,6 +461,9 @@ static int tile_layers(int n_layers, const dlayer *layers, const float *final_no
         if (lin(&L->qkv, x, qkv, B, nthreads, xq)) return -1;
         for (long b = 0; b < B; b++) {
             float *row = qkv + b * qkv_n;
+            if (L->q_norm)
+                for (int hh = 0; hh < nh + nkv; hh++)
+                    head_norm(row + hh * d, hh < nh ? L->q_norm : L->k_norm, d, s->eps);
             for (int hh = 0; hh < nh + nkv; hh++) rope(row + hh * d, cos + b * d, sin + b * d, d);
             for (int kh = 0; kh < nkv; kh++) {
                 const long at = kh * cache_head + slots[b] * d;

@@ -5,8 +5,8 @@ Row invariance (one token's output is the same bits whatever shares its experts)
 multiply each row as its own 1 x in product (a batched GEMM of M=1 items: measured bitwise equal
 for any batch, where F.linear over a group of rows is not, MKL choosing kernels by row count);
 packed GGUF blocks go through qdot.c's int8 kernel (activations quantized per row, integer dot
-products) or quant.c's float kernel in chunks of at most KERNEL_MAX_ROWS rows (above it quant.c
-falls back to a GEMM). Each expert's rows are one call: its weights are read once per step.
+products) or quant.c's qgemm (row-invariant at every row count). Each expert's rows are one
+call: its weights are read once per step.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from model.layers.linear import keeps_packed
 from model.layers.qdot import BlockTensor, cat_blocks, qx_linear
-from model.layers.quant import KERNEL_MAX_ROWS, QuantTensor, cat_rows, qlinear
+from model.layers.quant import QuantTensor, cat_rows, qlinear
 from model.parallel import ParallelContext
 
 
@@ -34,9 +34,7 @@ def packed_linear(x: torch.Tensor, w: QuantTensor) -> torch.Tensor:
     """x [n, in] @ dequantize(w)^T with a row-invariant kernel (see the module docstring)."""
     if isinstance(w, BlockTensor):
         return qx_linear(x, w, None)
-    if x.shape[0] <= KERNEL_MAX_ROWS:
-        return qlinear(x, w, None)
-    return torch.cat([qlinear(c, w, None) for c in x.split(KERNEL_MAX_ROWS)])
+    return qlinear(x, w, None)
 
 
 class PackedExperts(tuple):

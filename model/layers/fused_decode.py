@@ -53,6 +53,8 @@ class _Layer(ctypes.Structure):
         ("down", _Lin),
         ("in_norm", _p),
         ("post_norm", _p),
+        ("q_norm", _p),
+        ("k_norm", _p),
         ("k_cache", _p),
         ("v_cache", _p),
     ]
@@ -126,6 +128,8 @@ class FusedDecode:
                     _lin(m.down_proj),
                     layer.input_layernorm.weight.data_ptr(),
                     layer.post_attention_layernorm.weight.data_ptr(),
+                    a.q_norm.weight.data_ptr() if a.q_norm is not None else None,
+                    a.k_norm.weight.data_ptr() if a.k_norm is not None else None,
                     a.attn.k_cache.data_ptr(),
                     a.attn.v_cache.data_ptr(),
                 )

@@ -221,11 +221,13 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def fits_fused_decode(self) -> bool:
-        """decode.c's layer: plain Llama attention (no q/k norm, window, soft-cap, NoPE, partial
-        rotary or multipliers; any rope scaling: it takes the torch cos/sin) and a SwiGLU MLP."""
+        """decode.c's layer: Llama attention, Qwen3's per-head q/k RMSNorm allowed (no window,
+        soft-cap, NoPE, partial rotary, Gemma's (1 + w) norms or multipliers; any rope scaling:
+        it takes the torch cos/sin) and a SwiGLU MLP."""
         cfg = self.config
+        attn = self.model.layers[0].self_attn
         return (
-            not cfg.qk_norm
+            (not cfg.qk_norm or (type(attn) is LlamaAttention and attn.norm_offset == 0.0))
             and cfg.sliding_window is None
             and cfg.attn_logit_softcapping is None
             and cfg.final_logit_softcapping is None

@@ -196,11 +196,12 @@ def test_graph_padded_decode_keeps_windows(family_checkpoint, family: str) -> No
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "qwen2_yarn"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("qwen2_yarn", "qwen3")])
 def test_packed_families_are_refused_by_fused_decode(family_checkpoint, tiny_checkpoint, family):
-    """decode.c serves the plain Llama layer only: packed weights of every other layer (q/k norm,
-    window, soft-cap, GELU, NoPE, partial or scaled rotary, multipliers) stay on the torch path,
-    while the Llama-shaped tiny checkpoint, packed the same way, takes decode.c."""
+    """decode.c serves the Llama layer (and Qwen3's q/k norm) only: packed weights of every other
+    layer (Gemma's norms, window, soft-cap, GELU, NoPE, partial or scaled rotary, multipliers)
+    stay on the torch path, while the Llama-shaped tiny checkpoint, packed the same way, takes
+    decode.c."""
     from model.layers import kernels
 
     kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
@@ -225,5 +226,26 @@ def test_yarn_qwen2_decodes_through_decode_c(family_checkpoint) -> None:
     runner = ModelRunner(str(family_checkpoint("qwen2_yarn")), **kw)
     assert runner.fused is not None and runner.model.model.rotary_emb.attention_scaling > 1.0
     for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=16):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("activation_dtype", ["float32", "int8"])
+def test_qwen3_runs_through_decode_c(family_checkpoint, activation_dtype) -> None:
+    """Qwen3's per-head q/k RMSNorm before RoPE in decode.c: prompt chunks and decode steps
+    against the torch layers (float32 to rounding; int8 as two int8 roundings)."""
+    from model.layers import kernels
+    from tests.model.test_fused_decode import assert_like_int8, decode_steps
+
+    if kernels.load() is None:
+        pytest.skip("the C kernels did not compile on this machine")
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
+    runner = ModelRunner(str(family_checkpoint("qwen3")), activation_dtype=activation_dtype, **kw)
+    assert runner.fused is not None and runner.model.model.layers[0].self_attn.q_norm is not None
+    for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=12):
+        if activation_dtype == "int8":
+            assert_like_int8(got, ref, 0.3)
+            continue
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
         assert torch.equal(got.argmax(-1), ref.argmax(-1))

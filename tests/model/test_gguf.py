@@ -14,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from model.config import ModelConfig
+from model.gguf_config import _llama3_rope_scaling
 from model.gguf_reader import read_gguf
-from model.gguf_weights import _llama3_rope_scaling, load_gguf, open_gguf
+from model.gguf_weights import load_gguf, open_gguf
 from model.layers.rotary import inv_frequencies
 
 pytestmark = pytest.mark.timeout(60)

@@ -247,6 +247,37 @@ def test_quantized_folder_packs_experts_and_decode_c_refuses(family_checkpoint, 
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_quantization_keeps_routers_float(family_checkpoint, family: str) -> None:
+    """--quantization int8 packs the experts but, as llama.cpp, not the router (Mixtral's named
+    block_sparse_moe.gate in the stream) nor Qwen2-MoE's shared-expert gate: both stay the
+    checkpoint's float weights, bit for bit."""
+    from model.layers.quant import QuantTensor
+    from model.runner import _quantize_stream, open_checkpoint
+
+    folder = str(family_checkpoint(family))
+    runner = ModelRunner(folder, **KW, quantization="int8")
+    _, stream = open_checkpoint(folder)
+    want = dict(runner.model.adapt_weights(stream))
+    gates = ["gate", "shared_expert_gate"] if family == "qwen2_moe" else ["gate"]
+    for i, layer in enumerate(runner.model.model.layers):
+        assert layer.mlp.experts.down_proj.quant is not None
+        for gate in gates:
+            module = getattr(layer.mlp, gate)
+            assert getattr(module, "quant", None) is None
+            assert isinstance(module.weight, torch.nn.Parameter)
+            assert module.weight.dtype == torch.float32
+            assert torch.equal(module.weight, want[f"model.layers.{i}.mlp.{gate}.weight"])
+    w = torch.randn(8, 64)
+    names = ["model.layers.0.block_sparse_moe.gate.weight", "model.layers.0.mlp.gate.weight",
+             "model.layers.0.mlp.shared_expert_gate.weight", "model.layers.0.mlp.gate_proj.weight",
+             "model.layers.0.mlp.shared_expert.gate_proj.weight"]  # fmt: skip
+    out = dict(_quantize_stream(((n, w) for n in names), 8, blocks=False))
+    assert [isinstance(out[n], QuantTensor) for n in names] == [False, False, False, True, True]
+    assert all(out[n] is w for n in names[:3])
+
+
 @pytest.mark.timeout(300)
 def test_engine_batch_gives_each_prompt_its_alone_tokens(family_gguf) -> None:
     """Through the scheduler (mixed prefill and decode steps, int8 activations on packed Q8_0
@@ -294,7 +325,7 @@ def test_gguf_config_finds_dense_layers_and_llama_cpp_routing() -> None:
     """No converter writes a Qwen3-MoE with dense layers, so the metadata is checked alone: a
     block without ffn_gate_inp is dense; llama.cpp's norm_w per architecture, unless the file
     says expert_weights_norm; a `llama` file with experts is Mixtral."""
-    from model.gguf_weights import _moe_config
+    from model.gguf_config import _moe_config
 
     base = {"num_hidden_layers": 4, "intermediate_size": 128}
     fields = {"qwen3moe.expert_count": 8, "qwen3moe.expert_used_count": 2,
