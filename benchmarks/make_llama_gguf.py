@@ -37,6 +37,7 @@ TYPES = {
     "q4_0": gguf.GGMLQuantizationType.Q4_0,
     "q8_0": gguf.GGMLQuantizationType.Q8_0,
     "q6_k": gguf.GGMLQuantizationType.Q6_K,
+    "f16": gguf.GGMLQuantizationType.F16,
     "f32": gguf.GGMLQuantizationType.F32,
 }
 FILE_TYPES = {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
@@ -105,6 +106,8 @@ def quantize(x: np.ndarray, kind: str) -> np.ndarray:
     """Float rows → the GGUF bytes of `kind` (F32 stays float)."""
     if kind == "f32":
         return x.astype(np.float32, copy=False)
+    if kind == "f16":
+        return x.astype(np.float16)
     if kind == "q6_k":
         return quantize_q6_k(x)
     return gguf.quants.quantize(x, TYPES[kind])

@@ -28,8 +28,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_llama_gguf as mk  # noqa: E402
 
-TYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-         "f16": gguf.GGMLQuantizationType.F16, "f32": gguf.GGMLQuantizationType.F32}  # fmt: skip
 FILE_TYPES = {"q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
               "f16": gguf.LlamaFileType.MOSTLY_F16}  # fmt: skip
 
@@ -49,19 +47,6 @@ class MoeShape:
     rope_theta: float = 1e6
     rms_norm_eps: float = 1e-6
     context_length: int = 32768
-
-
-def quantize(x: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "f32":
-        return x.astype(np.float32, copy=False)
-    if kind == "f16":
-        return x.astype(np.float16)
-    return gguf.quants.quantize(x, TYPES[kind])
-
-
-def nbytes(shape: tuple[int, ...], kind: str) -> int:
-    block, size = gguf.GGML_QUANT_SIZES[TYPES[kind]]
-    return int(np.prod(shape)) // block * size
 
 
 def tensor_plan(s: MoeShape, vocab: int, kind: str) -> list[tuple]:
@@ -95,14 +80,10 @@ def generate(name: str, shape: tuple[int, ...], kind: str, std: float | None, se
         return np.ones(shape, dtype=np.float32)
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     if len(shape) == 2:
-        return (
-            mk.generate(name, shape, kind, std, seed)
-            if kind in mk.TYPES
-            else quantize(rng.standard_normal(shape, dtype=np.float32) * np.float32(std), kind)
-        )
+        return mk.generate(name, shape, kind, std, seed)
     out = None
     for i in range(shape[0]):
-        w = quantize(rng.standard_normal(shape[1:], dtype=np.float32) * np.float32(std), kind)
+        w = mk.quantize(rng.standard_normal(shape[1:], dtype=np.float32) * np.float32(std), kind)
         if out is None:
             out = np.empty((shape[0], *w.shape), dtype=w.dtype)
         out[i] = w
@@ -131,8 +112,8 @@ def write_gguf(out: Path, kind: str, seed: int, source: str, s: MoeShape) -> tup
     vocab = mk.copy_tokenizer(w, source)
     plan = tensor_plan(s, vocab, kind)
     for name, shape, tkind, _ in plan:
-        raw = None if tkind == "f32" else TYPES[tkind]
-        w.add_tensor_info(name, shape, np.float32, nbytes(shape, tkind), raw)
+        raw = None if tkind == "f32" else mk.TYPES[tkind]
+        w.add_tensor_info(name, shape, np.float32, mk.nbytes(shape, tkind), raw)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
