@@ -52,21 +52,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_activation_dtype(
-    activation_dtype: str, path: str, quantization: str | None, device: torch.device, dtype
+    activation_dtype: str, packed: bool, path: str, device: torch.device, dtype
 ) -> str:
-    """auto: int8 where it can serve, else float32. int8 needs packed weights (a GGUF's own, or
-    --quantization int8 / int4 as Q8_0 / Q4_1 blocks) on CPU in float32 with the C kernels;
-    float32 stays the exact path (within 1e-3 of transformers). Both are bitwise
-    batch-invariant where decode.c serves (benchmarks/batch_invariance.py)."""
-    packed = quantization in ("int8", "int4") or (
-        path.endswith(".gguf") and quantization is None and _gguf_has_blocks(path)
-    )
+    """auto: int8 where it can serve, else float32. int8 needs packed weights (`packed`: a
+    quantized GGUF's blocks, or --quantization int8 / int4 as Q8_0 / Q4_1 blocks) on CPU in
+    float32 with the C kernels; float32 stays the exact path (within 1e-3 of transformers). Both
+    are bitwise batch-invariant where decode.c serves (benchmarks/batch_invariance.py)."""
     int8 = packed and device.type == "cpu" and dtype == torch.float32 and kernels.load() is not None
     if activation_dtype == "int8" and not int8:
         raise ValueError(
             "activation_dtype int8 needs packed weights (a quantized GGUF, or --quantization int8 "
             "or int4), served on CPU in float32 with the C kernels (got "
-            f"{path}, quantization {quantization}, device "
+            f"{path}, packed {packed}, device "
             f"{device}, dtype {dtype}, kernels {'on' if kernels.load() else 'off'})"
         )
     if activation_dtype == "auto":
@@ -74,17 +71,10 @@ def resolve_activation_dtype(
     return activation_dtype
 
 
-def _gguf_has_blocks(path: str) -> bool:
-    """A quantized GGUF (its header only; a missing file is open_checkpoint's error)."""
-    if not os.path.isfile(path):
-        return False
-    from model.gguf_weights import load_gguf
-
-    return load_gguf(path).has_blocks()
-
-
-def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = False):
-    """(config dict, weight stream) for an HF folder or a .gguf file.
+def open_checkpoint(path: str, quantization: str | None = None):
+    """(config dict, packed, tensors) for an HF folder or a .gguf file, opened once: `packed`
+    says whether the weights load packed (a quantized GGUF, or --quantization int8 / int4) and
+    tensors(blocks) streams them.
 
     quantization None keeps a GGUF's quantized tensors packed and an HF checkpoint float;
     "none" dequantizes everything to float (the reference path); "int8"/"int4" also pack the
@@ -97,16 +87,23 @@ def open_checkpoint(path: str, quantization: str | None = None, blocks: bool = F
         from model.gguf_weights import load_gguf
 
         ckpt = load_gguf(path)
-        config, stream = ckpt.config, ckpt.tensors(packed=quantization != "none", blocks=blocks)
+        config, packed = ckpt.config, quantization is None and ckpt.has_blocks()
+
+        def stream(blocks: bool):
+            return ckpt.tensors(packed=quantization != "none", blocks=blocks)
     else:
         from model.hf_weights import iterate_hf_weights, load_hf_config, safetensors_files
 
-        config = load_hf_config(path)
+        config, packed = load_hf_config(path), False
         safetensors_files(path)  # fail early, before the model is built
-        stream = iterate_hf_weights(path)
-    if quantization in ("int8", "int4"):
-        stream = _quantize_stream(stream, 8 if quantization == "int8" else 4, blocks)
-    return config, stream
+
+        def stream(blocks: bool):
+            return iterate_hf_weights(path)
+
+    if quantization not in ("int8", "int4"):
+        return config, packed, stream
+    bits = 8 if quantization == "int8" else 4
+    return config, True, lambda blocks: _quantize_stream(stream(blocks), bits, blocks)
 
 
 # MoE routers (Mixtral's named before adapt_weights renames block_sparse_moe) and Qwen2-MoE's
@@ -191,11 +188,11 @@ class ModelRunner:
         self.parallel = parallel or ParallelContext()
         self.device = resolve_device(device, local_rank)
         self.dtype = resolve_dtype(dtype, self.device)
+        config, packed, tensors = open_checkpoint(model, quantization)
         self.activation_dtype = resolve_activation_dtype(
-            activation_dtype, model, quantization, self.device, self.dtype
+            activation_dtype, packed, model, self.device, self.dtype
         )
-        blocks = self.activation_dtype == "int8"
-        config, stream = open_checkpoint(model, quantization, blocks)
+        stream = tensors(self.activation_dtype == "int8")
         if runner == "pooling":  # NOTE: a sentence-transformers folder holds the base model
             config, stream = as_base_model_config(config), with_model_prefix(stream)
         self.model_config = ModelConfig.from_hf_dict(config)

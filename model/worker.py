@@ -69,7 +69,7 @@ def fingerprint(
 
 def read_model_config(model: str, runner_kwargs: dict[str, Any]) -> ModelConfig:
     """The model's config alone (no weights read): enough to check the split and fingerprint."""
-    config, _ = open_checkpoint(model, runner_kwargs.get("quantization"))
+    config, _, _ = open_checkpoint(model, runner_kwargs.get("quantization"))
     if runner_kwargs.get("runner") == "pooling":
         config = as_base_model_config(config)  # a sentence-transformers folder's base model
     return ModelConfig.from_hf_dict(config)
