@@ -378,6 +378,15 @@ static void merge(const float *part, long nparts, int d, float *out) {
 
 static long tile_rows(long B) { return B < ROW_TILE ? B : ROW_TILE; }
 
+/* floats of one row's attention parts, and the rows whose parts are held at once */
+static long row_parts(const dshape *s, long max_ctx) {
+    return (long)s->heads * runs_of(max_ctx, s->block_size) * (s->head_dim + 2);
+}
+static long parts_rows_of(const dshape *s, long B, long max_ctx) {
+    const long r = PARTS_FLOATS / row_parts(s, max_ctx);
+    return r < 1 ? 1 : r > tile_rows(B) ? tile_rows(B) : r;
+}
+
 /* scratch floats decode_layers needs for B rows and contexts up to max_ctx */
 long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
     const long T = tile_rows(B), d = s->head_dim;
@@ -385,10 +394,7 @@ long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
     long group = s->heads / s->kv_heads;
     long widest = s->inter > s->hidden ? s->inter : s->hidden;
     if ((long)s->heads * d > widest) widest = (long)s->heads * d;
-    long parts = T * s->heads * runs_of(max_ctx, s->block_size) * (d + 2);
-    if (parts > PARTS_FLOATS) parts = PARTS_FLOATS;
-    if (parts < s->heads * runs_of(max_ctx, s->block_size) * (d + 2))
-        parts = s->heads * runs_of(max_ctx, s->block_size) * (d + 2); /* one row at least */
+    const long parts = parts_rows_of(s, B, max_ctx) * row_parts(s, max_ctx);
     return T * (s->hidden + qkv + (long)s->heads * d + 3L * s->inter) +
            T * widest + /* int8 activations, both block kinds: ~2.4 bytes a value */
            (long)nthreads * (group * run_blocks(s->block_size) * s->block_size + d) + /* runs */
@@ -509,9 +515,7 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
             ctx_lens[b] > (long)max_blocks * s->block_size || row_seq[b] < 0)
             return -1;
     const long max_runs = runs_of(max_ctx, s->block_size);
-    long parts_rows = PARTS_FLOATS / (s->heads * max_runs * (d + 2));
-    if (parts_rows < 1) parts_rows = 1;
-    if (parts_rows > tile_rows(B)) parts_rows = tile_rows(B);
+    const long parts_rows = parts_rows_of(s, B, max_ctx);
     for (long r0 = 0; r0 < B; r0 += ROW_TILE) {
         const long n = B - r0 < ROW_TILE ? B - r0 : ROW_TILE;
         if (tile_layers(n_layers, layers, final_norm, s, h + r0 * H, residual + r0 * H, n,
