@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -71,7 +72,9 @@ def allocate_kv_cache(
     outermost: a batch's gathered blocks need no transpose).
 
     NOTE: zeros, not empty: masked slots get probability 0, and 0 * NaN (garbage) = NaN. On CPU
-    they come from calloc (numpy): pages become resident only when a block is first written.
+    each tensor is its own anonymous mmap: zero pages that become resident only when a block is
+    first written, and page-aligned, so one (head, block) of 4 KiB is one page, not two (calloc's
+    16-byte header made every block straddle a page border and doubled the KV cache's RSS).
     """
     shape = (spec.num_kv_heads, num_blocks, spec.block_size, spec.head_dim)
 
@@ -79,7 +82,9 @@ def allocate_kv_cache(
         if device.type != "cpu":
             return torch.zeros(shape, dtype=spec.dtype, device=device)
         elem = torch.empty((), dtype=spec.dtype).element_size()
-        raw = torch.from_numpy(np.zeros(shape[:-1] + (shape[-1] * elem,), dtype=np.uint8))
-        return raw.view(spec.dtype)
+        nbytes = elem * int(np.prod(shape))
+        mm = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        raw = torch.frombuffer(mm, dtype=torch.uint8)
+        return raw.view(spec.dtype).view(shape)
 
     return [(zeros(), zeros()) for _ in range(spec.num_layers)]

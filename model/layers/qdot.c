@@ -25,8 +25,12 @@
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
 
-typedef struct { float d; int32_t s; int8_t q[32]; } xq8;                /* s = sum q */
-typedef struct { float d; int16_t bsums[16]; int8_t q[256]; } xq8k;       /* bsums: per 16 */
+/* s = sum q; the panels' integer dots start from -OFF s (o8: Q4_0, o128: Q8_0) and Q4_1 adds
+ * m d s (ds), so these come with the block instead of a scalar multiply and broadcast per use */
+typedef struct { float d; int32_t s, o8, o128; float ds; int8_t q[32]; } xq8;
+/* bsums: per 16; o32 = -32 bsums (Q6_K's offset); mpair[h] = the 32-sums of groups 2h and 2h+1 as
+ * two int16s (Q4_K's mins, a vpdpwssd against the panel's min pairs) */
+typedef struct { float d; int16_t bsums[16]; int32_t o32[16], mpair[4]; int8_t q[256]; } xq8k;
 
 #define MAX_MR 4 /* activation rows that share one pass over a weight row */
 
@@ -63,37 +67,74 @@ static inline void k4_scale_min(const uint8_t *q, int j, int *sc, int *mn) {
 
 /* ---- activation quantization ---------------------------------------------------------------- */
 
+/* max |v[k]|, and q[k] = v[k] * id rounded to nearest even (rintf in the default rounding mode,
+ * as lrintf was): plain loops the compiler vectorizes (fmaxf and lrintf were libm calls) */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+static inline float amax_of(const float *v, int n) { /* n: a multiple of 16 */
+    __m512 a = _mm512_setzero_ps();
+    for (int k = 0; k < n; k += 16) a = _mm512_max_ps(a, _mm512_abs_ps(_mm512_loadu_ps(v + k)));
+    return _mm512_reduce_max_ps(a);
+}
+
+static inline int round_to(const float *v, float id, int n, int8_t *q) { /* n: a multiple of 16 */
+    __m512i s = _mm512_setzero_si512();
+    for (int k = 0; k < n; k += 16) { /* vcvtps2dq rounds to nearest even (MXCSR default) */
+        const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(v + k), _mm512_set1_ps(id)));
+        _mm_storeu_si128((__m128i *)(q + k), _mm512_cvtsepi32_epi8(r));
+        s = _mm512_add_epi32(s, r);
+    }
+    return _mm512_reduce_add_epi32(s);
+}
+#else
+static inline float amax_of(const float *v, int n) {
+    float amax = 0.0f;
+    for (int k = 0; k < n; k++) {
+        const float a = fabsf(v[k]);
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
+static inline int round_to(const float *v, float id, int n, int8_t *q) {
+    int s = 0;
+    for (int k = 0; k < n; k++) {
+        const int r = (int)__builtin_rintf(v[k] * id);
+        q[k] = (int8_t)r;
+        s += r;
+    }
+    return s;
+}
+#endif
+
 static void quant_q8(const float *x, long nb, xq8 *out) {
     for (long b = 0; b < nb; b++) {
         const float *v = x + b * 32;
-        float amax = 0.0f;
-        for (int k = 0; k < 32; k++) amax = fmaxf(amax, fabsf(v[k]));
+        const float amax = amax_of(v, 32);
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int s = 0;
-        for (int k = 0; k < 32; k++) {
-            const int q = (int)lrintf(v[k] * id);
-            out[b].q[k] = (int8_t)q;
-            s += q;
-        }
+        const int s = round_to(v, id, 32, out[b].q);
         out[b].d = amax / 127.0f;
         out[b].s = s;
+        out[b].o8 = -8 * s;
+        out[b].o128 = -128 * s;
+        out[b].ds = out[b].d * (float)s;
     }
 }
 
 static void quant_q8k(const float *x, long nb, xq8k *out) {
     for (long b = 0; b < nb; b++) {
         const float *v = x + b * 256;
-        float amax = 0.0f;
-        for (int k = 0; k < 256; k++) amax = fmaxf(amax, fabsf(v[k]));
+        const float amax = amax_of(v, 256);
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
         for (int j = 0; j < 16; j++) {
-            int s = 0;
-            for (int k = 16 * j; k < 16 * j + 16; k++) {
-                const int q = (int)lrintf(v[k] * id);
-                out[b].q[k] = (int8_t)q;
-                s += q;
-            }
+            const int s = round_to(v + 16 * j, id, 16, out[b].q + 16 * j);
             out[b].bsums[j] = (int16_t)s;
+            out[b].o32[j] = -32 * s;
+        }
+        for (int h = 0; h < 4; h++) { /* |a 32-sum| <= 32 * 127 fits int16 */
+            const uint32_t lo = (uint16_t)(out[b].bsums[4 * h] + out[b].bsums[4 * h + 1]);
+            const uint32_t hi = (uint16_t)(out[b].bsums[4 * h + 2] + out[b].bsums[4 * h + 3]);
+            out[b].mpair[h] = (int32_t)(lo | hi << 16);
         }
         out[b].d = amax / 127.0f;
     }
@@ -542,36 +583,44 @@ int px_pack(int type, const uint8_t *raw, long row_bytes, long rows, long n_in, 
 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PX 1
-#define PMR 4 /* activation rows per pass over a panel */
+#define PMR 8 /* activation rows per pass over a panel */
 
-/* 16 rows x MR activation rows over one panel; y[r][0..16) written with ldy (valid: nrows) */
+/* 16 rows x MR activation rows over one panel; y[r][0..16) written with ldy (valid: nrows).
+ * Every vector op here shares two ports with vpdpbusd, so the epilogue is kept short: integer dots
+ * start from the activation block's -OFF sum (a broadcast load, no ALU op), a K-quant sub-block's
+ * integer scale is applied in float (vcvtdq2ps + FMA, exact: |sc dot| < 2^24; vpmulld is two µops),
+ * and the activation-side sums come precomputed with the block (xq8, xq8k). */
 static inline __attribute__((always_inline)) void panel(const int MR, const ptype *t, const int T,
                                                        const uint8_t *w, long nsb, const void *x,
                                                        long xrb, float *y, long ldy, int nrows,
                                                        const float *bias) {
     const int BK = T == Q4_0 || T == Q4_1 || T == Q8_0 ? 32 : 256;
     const int G = T == Q6_K ? 16 : 32, NG = BK / G;
-    const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : 4, OFF = T == Q4_0 ? 8 : T == Q8_0 ? 128 : T == Q6_K ? 32 : 0;
+    const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : 4;
     const int SC = T == Q4_K || T == Q6_K, MIN = T == Q4_1 ? PX_FMIN : T == Q4_K ? PX_KMIN : PX_NONE;
     const __m512i m4 = _mm512_set1_epi8(15), m2 = _mm512_set1_epi8(3);
+    const xq8 *x8[PMR];
+    const xq8k *xk[PMR];
+    for (int r = 0; r < MR; r++) {
+        x8[r] = (const xq8 *)((const char *)x + r * xrb);
+        xk[r] = (const xq8k *)((const char *)x + r * xrb);
+    }
     __m512 acc[PMR];
     for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
     for (long s = 0; s < nsb; s++) {
         const uint8_t *o = w + s * t->bytes;
-        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)o));
         const uint8_t *scp = o + (MIN ? 4 : 2) * P, *mnp = scp + NG * P;
         const uint8_t *q = SC ? (MIN == PX_KMIN ? mnp + NG * P : scp + NG * P) : scp;
         const uint8_t *qh = q + BK * P / 2;
-        __m512i isum[PMR], mnpair[4]; /* Q4_K: lanes (mn_2h, mn_2h+1) of each row as int16s */
-        if (MIN == PX_KMIN)
-            for (int h = 0; h < NG / 2; h++)
-                mnpair[h] = _mm512_or_si512(
-                    _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mnp + 2 * h * P))),
-                    _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mnp + (2 * h + 1) * P))), 16));
-        for (int r = 0; r < MR; r++) isum[r] = _mm512_setzero_si512();
+        __m512 facc[PMR]; /* K-quants: sum over sub-blocks of sc_g dot_g, in float */
+        __m512i dot[PMR];
         for (int g = 0; g < NG; g++) {
-            __m512i dot[PMR];
-            for (int r = 0; r < MR; r++) dot[r] = _mm512_setzero_si512();
+            for (int r = 0; r < MR; r++) {
+                if (T == Q4_0) dot[r] = _mm512_set1_epi32(x8[r][s].o8);
+                else if (T == Q8_0) dot[r] = _mm512_set1_epi32(x8[r][s].o128);
+                else if (T == Q6_K) dot[r] = _mm512_set1_epi32(xk[r][s].o32[g]);
+                else dot[r] = _mm512_setzero_si512();
+            }
             for (int c = 0; c < G / 4; c += (BITS == 8 ? 1 : 2)) {
                 const int k = g * G + 4 * c; /* first value of this chunk (pair) in the block */
                 __m512i v0, v1 = _mm512_setzero_si512();
@@ -588,8 +637,7 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                     }
                 }
                 for (int r = 0; r < MR; r++) {
-                    const int8_t *xq = BK == 32 ? ((const xq8 *)((const char *)x + r * xrb) + s)->q
-                                                : ((const xq8k *)((const char *)x + r * xrb) + s)->q;
+                    const int8_t *xq = BK == 32 ? x8[r][s].q : xk[r][s].q;
                     int32_t a0, a1;
                     memcpy(&a0, xq + k, 4);
                     dot[r] = _mm512_dpbusd_epi32(dot[r], v0, _mm512_set1_epi32(a0));
@@ -599,43 +647,33 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                     }
                 }
             }
-            /* isum += sc_g (dot - OFF * xsum_g) */
-            __m512i scv = _mm512_set1_epi32(1);
-            if (SC == 1) scv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(scp + g * P)));
-            if (T == Q6_K) scv = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(scp + g * P)));
-            for (int r = 0; r < MR; r++) {
-                __m512i dv = dot[r];
-                if (OFF) {
-                    int xs;
-                    if (BK == 32) xs = ((const xq8 *)((const char *)x + r * xrb) + s)->s;
-                    else {
-                        const int16_t *bs = ((const xq8k *)((const char *)x + r * xrb) + s)->bsums;
-                        xs = G == 16 ? bs[g] : bs[2 * g] + bs[2 * g + 1];
-                    }
-                    dv = _mm512_sub_epi32(dv, _mm512_set1_epi32(OFF * xs));
-                }
-                isum[r] = SC ? _mm512_add_epi32(isum[r], _mm512_mullo_epi32(dv, scv)) : dv;
+            if (SC) { /* facc += sc_g dot_g */
+                const __m128i sb = _mm_loadu_si128((const __m128i *)(scp + g * P));
+                const __m512 scf = _mm512_cvtepi32_ps(T == Q6_K ? _mm512_cvtepi8_epi32(sb) : _mm512_cvtepu8_epi32(sb));
+                for (int r = 0; r < MR; r++)
+                    facc[r] = g ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), scf, facc[r])
+                                : _mm512_mul_ps(_mm512_cvtepi32_ps(dot[r]), scf);
             }
         }
+        const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)o));
+        const __m512 m = MIN ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 2 * P))) : d;
+        __m512i mnpair[4]; /* Q4_K: lanes (mn_2h, mn_2h+1) of each row as int16s */
+        if (MIN == PX_KMIN)
+            for (int h = 0; h < NG / 2; h++)
+                mnpair[h] = _mm512_or_si512(
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mnp + 2 * h * P))),
+                    _mm512_slli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(mnp + (2 * h + 1) * P))), 16));
         for (int r = 0; r < MR; r++) {
-            const float dx = BK == 32 ? ((const xq8 *)((const char *)x + r * xrb) + s)->d
-                                      : ((const xq8k *)((const char *)x + r * xrb) + s)->d;
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
-            if (MIN == PX_FMIN) { /* + m dx xsum */
-                const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 2 * P)));
-                const float xs = dx * (float)((const xq8 *)((const char *)x + r * xrb) + s)->s;
-                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs), acc[r]);
-            } else if (MIN == PX_KMIN) { /* - dmin dx sum_g mn_g xsum_g, two groups a vpmaddwd */
-                const int16_t *bs = ((const xq8k *)((const char *)x + r * xrb) + s)->bsums;
+            const float dx = BK == 32 ? x8[r][s].d : xk[r][s].d;
+            const __m512 sum = SC ? facc[r] : _mm512_cvtepi32_ps(dot[r]);
+            acc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(dx)), acc[r]);
+            if (MIN == PX_FMIN) /* + m dx xsum */
+                acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(x8[r][s].ds), acc[r]);
+            else if (MIN == PX_KMIN) { /* - dmin dx sum_g mn_g xsum_g, two groups a vpdpwssd */
                 __m512i ms = _mm512_setzero_si512();
-                for (int h = 0; h < NG / 2; h++) { /* |xsum_g| <= 32 * 127 fits int16 */
-                    const uint32_t lo = (uint16_t)(bs[4 * h] + bs[4 * h + 1]);
-                    const uint32_t hi = (uint16_t)(bs[4 * h + 2] + bs[4 * h + 3]);
-                    ms = _mm512_add_epi32(ms, _mm512_madd_epi16(mnpair[h],
-                                                                _mm512_set1_epi32((int)(lo | hi << 16))));
-                }
-                const __m512 dm = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(o + 2 * P)));
-                acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(dm, _mm512_set1_ps(dx)), acc[r]);
+                for (int h = 0; h < NG / 2; h++)
+                    ms = _mm512_dpwssd_epi32(ms, mnpair[h], _mm512_set1_epi32(xk[r][s].mpair[h]));
+                acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(ms), _mm512_mul_ps(m, _mm512_set1_ps(dx)), acc[r]);
             }
         }
     }
@@ -651,7 +689,11 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
         case 1: panel(1, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
         case 2: panel(2, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
         case 3: panel(3, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        default: panel(4, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                       \
+        case 4: panel(4, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
+        case 5: panel(5, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
+        case 6: panel(6, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
+        case 7: panel(7, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
+        default: panel(8, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                       \
         }                                                                                          \
     }
 PANEL_FN(panel_q4_0, Q4_0)

@@ -129,3 +129,31 @@ def test_execute_greedy_is_argmax_and_bad_steps_raise(tiny_checkpoint) -> None:
     with pytest.raises(ValueError, match="1 sample_indices but 0 sampling rows"):
         runner.execute(step)
     runner.shutdown()
+
+
+def _resident_kib(t: torch.Tensor) -> int:
+    """Rss of the mapping holding t's storage, from /proc/self/smaps."""
+    addr, found = t.data_ptr(), False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not line.startswith(("Rss", "Size")):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                found = lo <= addr < hi
+            elif found and line.startswith("Rss:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds address {addr:#x}")
+
+
+@pytest.mark.timeout(60)
+def test_cpu_kv_cache_pages_follow_the_blocks_written() -> None:
+    """A (head, block) of 4 KiB is one page: writing n blocks makes n pages per head resident."""
+    from model.kv_cache import KVCacheSpec, allocate_kv_cache
+
+    spec = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
+    ((k, v),) = allocate_kv_cache(spec, 512, torch.device("cpu"))
+    assert k.shape == (2, 512, 16, 64) and k.data_ptr() % 4096 == 0 and bool((k == 0).all())
+    before = _resident_kib(k)
+    k[:, 100:110] = 1.0  # 10 blocks x 2 heads
+    assert _resident_kib(k) - before == 10 * 2 * 4
+    assert v.data_ptr() % 4096 == 0 and float(v.sum()) == 0.0
