@@ -150,7 +150,9 @@ def test_cpu_kv_cache_pages_follow_the_blocks_written() -> None:
     """A (head, block) of 4 KiB is one page: writing n blocks makes n pages per head resident."""
     from model.kv_cache import KVCacheSpec, allocate_kv_cache
 
-    spec = KVCacheSpec(num_layers=1, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32)
+    spec = KVCacheSpec(
+        num_layers=1, num_kv_heads=2, head_dim=64, block_size=16, dtype=torch.float32
+    )
     ((k, v),) = allocate_kv_cache(spec, 512, torch.device("cpu"))
     assert k.shape == (2, 512, 16, 64) and k.data_ptr() % 4096 == 0 and bool((k == 0).all())
     before = _resident_kib(k)
