@@ -289,50 +289,114 @@ static inline const float *kv_row(const void *cache, long at, int d, const int F
     return out;
 }
 
+#if defined(__AVX512F__)
+/* lane t = the sum of v[t]'s 16 lanes, by one fixed tree for every t: pairs within 128-bit lanes
+ * (unpack ps, then pd), then across them (shuffle_f32x4); ~3 ops a dot instead of ~10 */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                             _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+        b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+#endif
+
 /* part + g * ps = {max, sum, out[d]} of the run's query head g over its tokens; sc: [G, tokens];
  * row: d floats of scratch for a widened float16 row */
 static inline __attribute__((always_inline)) void attend_run_t(
     const float *qrow, const void *kc, const void *vc, const int *table, int ctx, int bs, int d,
-    int G, float scale, int j0, int j1, float *sc, float *part, long ps, float *row, const int F16) {
+    int G, float scale, int j0, int j1, float *sc, float *part, long ps, float *row, const int F16,
+    const int CC) {
     const long blk = (long)bs * d;
     const int t0 = j0 * bs, t1 = j1 * bs < ctx ? j1 * bs : ctx, n = t1 - t0;
-    for (int j = j0; j < j1; j++) {
-        const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
-        for (int t = j * bs; t < e; t++) {
-            const float *k = kv_row(kc, table[j] * blk + (t - j * bs) * d, d, F16, row);
-            for (int g = 0; g < G; g++) sc[g * n + t - t0] = dot(qrow + g * d, k, d) * scale;
+#if defined(__AVX512F__)
+    if (CC) { /* 16 keys at a time, their 16 dots summed in one tree */
+        const int C = CC;
+        for (int g = 0; g < G; g++) {
+            __m512 q[16];
+            for (int c = 0; c < C; c++) q[c] = _mm512_loadu_ps(qrow + g * d + c * 16);
+            for (int u = 0; u < n; u += 16) {
+                __m512 acc[16];
+                for (int i = 0; i < 16; i++) {
+                    acc[i] = _mm512_setzero_ps();
+                    if (u + i >= n) continue; /* lanes past the run's end stay 0 */
+                    const int t = t0 + u + i, j = t / bs;
+                    const long at = table[j] * blk + (t - j * bs) * d;
+                    for (int c = 0; c < C; c++) {
+                        const __m512 kv = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                    (const __m256i *)((const uint16_t *)kc + at + c * 16)))
+                                              : _mm512_loadu_ps((const float *)kc + at + c * 16);
+                        acc[i] = _mm512_fmadd_ps(q[c], kv, acc[i]);
+                    }
+                }
+                const __m512 v = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
+                const __mmask16 m = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);
+                _mm512_mask_storeu_ps(sc + g * n + u, m, v);
+            }
         }
-    }
+    } else
+#endif
+        for (int j = j0; j < j1; j++) {
+            const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
+            for (int t = j * bs; t < e; t++) {
+                const float *k = kv_row(kc, table[j] * blk + (t - j * bs) * d, d, F16, row);
+                for (int g = 0; g < G; g++) sc[g * n + t - t0] = dot(qrow + g * d, k, d) * scale;
+            }
+        }
     for (int g = 0; g < G; g++) {
         float *sg = sc + g * n, mx = -INFINITY, sum = 0.0f;
+#if defined(__AVX512F__)
+        __m512 vm = _mm512_set1_ps(-INFINITY), vs = _mm512_setzero_ps();
+        for (int u = 0; u < n; u += 16) {
+            const __mmask16 m = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);
+            vm = _mm512_mask_max_ps(vm, m, vm, _mm512_maskz_loadu_ps(m, sg + u));
+        }
+        mx = _mm512_reduce_max_ps(vm);
+        for (int u = 0; u < n; u += 16) {
+            const __mmask16 m = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);
+            const __m512 e = vexp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + u), _mm512_set1_ps(mx)));
+            _mm512_mask_storeu_ps(sg + u, m, e);
+            vs = _mm512_mask_add_ps(vs, m, vs, e);
+        }
+        sum = _mm512_reduce_add_ps(vs);
+#else
         for (int t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
         for (int t = 0; t < n; t++) sg[t] -= mx;
         exp_inplace(sg, n);
         for (int t = 0; t < n; t++) sum += sg[t];
+#endif
         part[g * ps] = mx;
         part[g * ps + 1] = sum;
     }
 #if defined(__AVX512F__)
-    if (d % 16 == 0 && G * (d / 16) <= 16) { /* the G outputs stay in registers */
-        const int C = d / 16;
-        __m512 acc[16];
-        for (int i = 0; i < G * C; i++) acc[i] = _mm512_setzero_ps();
-        for (int j = j0; j < j1; j++) {
-            const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
-            for (int t = j * bs; t < e; t++) {
-                const long at = table[j] * blk + (t - j * bs) * d;
-                for (int c = 0; c < C; c++) {
-                    const __m512 vv = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
-                                                (const __m256i *)((const uint16_t *)vc + at + c * 16)))
-                                          : _mm512_loadu_ps((const float *)vc + at + c * 16);
-                    for (int g = 0; g < G; g++)
-                        acc[g * C + c] = _mm512_fmadd_ps(_mm512_set1_ps(sc[g * n + t - t0]), vv,
-                                                         acc[g * C + c]);
+    if (CC) { /* one head's d outputs stay in registers (the sums run over t in order, as below) */
+        const int C = CC;
+        for (int g = 0; g < G; g++) {
+            __m512 acc[16];
+            for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+            for (int j = j0; j < j1; j++) {
+                const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
+                for (int t = j * bs; t < e; t++) {
+                    const long at = table[j] * blk + (t - j * bs) * d;
+                    const __m512 p = _mm512_set1_ps(sc[g * n + t - t0]);
+                    for (int c = 0; c < C; c++) {
+                        const __m512 vv = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                    (const __m256i *)((const uint16_t *)vc + at + c * 16)))
+                                              : _mm512_loadu_ps((const float *)vc + at + c * 16);
+                        acc[c] = _mm512_fmadd_ps(p, vv, acc[c]);
+                    }
                 }
             }
+            for (int c = 0; c < C; c++) _mm512_storeu_ps(part + g * ps + 2 + c * 16, acc[c]);
         }
-        for (int g = 0; g < G; g++)
-            for (int c = 0; c < C; c++) _mm512_storeu_ps(part + g * ps + 2 + c * 16, acc[g * C + c]);
         return;
     }
 #endif
@@ -354,10 +418,15 @@ static inline __attribute__((always_inline)) void attend_run_t(
 static void attend_run(const float *qrow, const void *kc, const void *vc, const int *table,
                        int ctx, int bs, int d, int G, float scale, int j0, int j1, float *sc,
                        float *part, long ps, float *row, int f16) {
-    if (f16)
-        attend_run_t(qrow, kc, vc, table, ctx, bs, d, G, scale, j0, j1, sc, part, ps, row, 1);
+#define RUN(F16, CC) attend_run_t(qrow, kc, vc, table, ctx, bs, d, G, scale, j0, j1, sc, part, ps, row, F16, CC)
+#if defined(__AVX512F__) /* head sizes 64, 128 and 256 with the loops over d unrolled */
+    if (d == 64) f16 ? RUN(1, 4) : RUN(0, 4);
+    else if (d == 128) f16 ? RUN(1, 8) : RUN(0, 8);
+    else if (d == 256) f16 ? RUN(1, 16) : RUN(0, 16);
     else
-        attend_run_t(qrow, kc, vc, table, ctx, bs, d, G, scale, j0, j1, sc, part, ps, row, 0);
+#endif
+        f16 ? RUN(1, 0) : RUN(0, 0);
+#undef RUN
 }
 
 /* out[d] = the softmax-weighted sum of one head's nparts runs (d + 2 floats each, in order) */

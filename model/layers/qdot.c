@@ -584,6 +584,9 @@ int px_pack(int type, const uint8_t *raw, long row_bytes, long rows, long n_in, 
 #if defined(__AVX512VNNI__) && defined(__AVX512F__) && defined(__AVX512BW__)
 #define PX 1
 #define PMR 8 /* activation rows per pass over a panel */
+#ifndef PX_KC
+#define PX_KC 1024 /* values of K per pass (px_gemm) */
+#endif
 
 /* 16 rows x MR activation rows over one panel; y[r][0..16) written with ldy (valid: nrows).
  * Every vector op here shares two ports with vpdpbusd, so the epilogue is kept short: integer dots
@@ -593,20 +596,21 @@ int px_pack(int type, const uint8_t *raw, long row_bytes, long rows, long n_in, 
 static inline __attribute__((always_inline)) void panel(const int MR, const ptype *t, const int T,
                                                        const uint8_t *w, long nsb, const void *x,
                                                        long xrb, float *y, long ldy, int nrows,
-                                                       const float *bias) {
+                                                       const float *bias, int more) {
     const int BK = T == Q4_0 || T == Q4_1 || T == Q8_0 ? 32 : 256;
     const int G = T == Q6_K ? 16 : 32, NG = BK / G;
     const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : 4;
     const int SC = T == Q4_K || T == Q6_K, MIN = T == Q4_1 ? PX_FMIN : T == Q4_K ? PX_KMIN : PX_NONE;
-    const __m512i m4 = _mm512_set1_epi8(15), m2 = _mm512_set1_epi8(3);
+    const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
     const xq8 *x8[PMR];
     const xq8k *xk[PMR];
     for (int r = 0; r < MR; r++) {
         x8[r] = (const xq8 *)((const char *)x + r * xrb);
         xk[r] = (const xq8k *)((const char *)x + r * xrb);
     }
-    __m512 acc[PMR];
-    for (int r = 0; r < MR; r++) acc[r] = _mm512_setzero_ps();
+    const __mmask16 k = (__mmask16)((1u << nrows) - 1);
+    __m512 acc[PMR]; /* more: y holds the sums of the earlier super-blocks (px_gemm's K chunks) */
+    for (int r = 0; r < MR; r++) acc[r] = more ? _mm512_maskz_loadu_ps(k, y + r * ldy) : _mm512_setzero_ps();
     for (long s = 0; s < nsb; s++) {
         const uint8_t *o = w + s * t->bytes;
         const uint8_t *scp = o + (MIN ? 4 : 2) * P, *mnp = scp + NG * P;
@@ -632,8 +636,12 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                     if (BITS == 6) {
                         const __m512i h = _mm512_loadu_si512(qh + (k / 16) * 4 * P);
                         const int sh = 2 * ((k % 16) / 4); /* this pair's first chunk */
-                        v0 = _mm512_or_si512(v0, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, sh), m2), 4));
-                        v1 = _mm512_or_si512(v1, _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(h, sh + 2), m2), 4));
+                        /* bits (sh, sh+1) and (sh+2, sh+3) of h to bits 4-5: one shift (none
+                         * for v0 when sh = 4), then v | (h' & 0x30) in one vpternlogd */
+                        const __m512i h0 = sh == 0 ? _mm512_slli_epi16(h, 4) : h;
+                        const __m512i h1 = sh == 0 ? _mm512_slli_epi16(h, 2) : _mm512_srli_epi16(h, 2);
+                        v0 = _mm512_ternarylogic_epi32(v0, h0, m30, 0xF8);
+                        v1 = _mm512_ternarylogic_epi32(v1, h1, m30, 0xF8);
                     }
                 }
                 for (int r = 0; r < MR; r++) {
@@ -677,23 +685,26 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
             }
         }
     }
-    const __mmask16 k = (__mmask16)((1u << nrows) - 1);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(k, bias) : _mm512_setzero_ps();
+    if (bias == NULL) { /* no + 0.0f: a partial sum goes back exactly as it is */
+        for (int r = 0; r < MR; r++) _mm512_mask_storeu_ps(y + r * ldy, k, acc[r]);
+        return;
+    }
+    const __m512 bv = _mm512_maskz_loadu_ps(k, bias);
     for (int r = 0; r < MR; r++) _mm512_mask_storeu_ps(y + r * ldy, k, _mm512_add_ps(acc[r], bv));
 }
 
 #define PANEL_FN(NAME, T)                                                                          \
     static void NAME(int mr, const ptype *t, const uint8_t *w, long nsb, const void *x, long xrb, \
-                     float *y, long ldy, int nrows, const float *bias) {                           \
+                     float *y, long ldy, int nrows, const float *bias, int more) {                 \
         switch (mr) {                                                                              \
-        case 1: panel(1, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        case 2: panel(2, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        case 3: panel(3, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        case 4: panel(4, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        case 5: panel(5, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        case 6: panel(6, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        case 7: panel(7, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                        \
-        default: panel(8, t, T, w, nsb, x, xrb, y, ldy, nrows, bias); break;                       \
+        case 1: panel(1, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
+        case 2: panel(2, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
+        case 3: panel(3, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
+        case 4: panel(4, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
+        case 5: panel(5, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
+        case 6: panel(6, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
+        case 7: panel(7, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
+        default: panel(8, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                       \
         }                                                                                          \
     }
 PANEL_FN(panel_q4_0, Q4_0)
@@ -722,15 +733,24 @@ int px_gemm(int type, const uint8_t *w, long out, long n_in, const void *xq, lon
     const long nsb = n_in / t->bk, npanels = (out + P - 1) / P;
     const long xrb = qx_row_bytes(n_in, t->bk == 256);
     void (*fn)(int, const ptype *, const uint8_t *, long, const void *, long, float *, long, int,
-               const float *) = type == Q4_0 ? panel_q4_0 : type == Q4_1 ? panel_q4_1
+               const float *, int) = type == Q4_0 ? panel_q4_0 : type == Q4_1 ? panel_q4_1
                                 : type == Q8_0 ? panel_q8_0 : type == Q4_K ? panel_q4_k : panel_q6_k;
+    /* K in chunks of PX_KC values, so that a panel's chunk and PMR activation rows of it stay in
+     * L1 while every row block passes (a 16 x 8192 Q6_K panel alone is 107 KiB); a row's sum is
+     * carried through y between chunks, so its bits do not depend on the chunking */
+    const long kc = m > PMR ? (PX_KC / t->bk > 0 ? PX_KC / t->bk : 1) : nsb;
+    const long xb = t->bk == 256 ? (long)sizeof(xq8k) : (long)sizeof(xq8);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long pn = 0; pn < npanels; pn++) {
         const int nrows = out - pn * P < P ? (int)(out - pn * P) : P;
-        for (long r0 = 0; r0 < m; r0 += PMR) {
-            const int mr = m - r0 < PMR ? (int)(m - r0) : PMR;
-            fn(mr, t, w + pn * nsb * t->bytes, nsb, (const char *)xq + r0 * xrb, xrb,
-               y + r0 * ldy + pn * P, ldy, nrows, bias ? bias + pn * P : NULL);
+        for (long s0 = 0; s0 < nsb; s0 += kc) {
+            const long ns = nsb - s0 < kc ? nsb - s0 : kc;
+            const float *b = bias && s0 + ns == nsb ? bias + pn * P : NULL;
+            for (long r0 = 0; r0 < m; r0 += PMR) {
+                const int mr = m - r0 < PMR ? (int)(m - r0) : PMR;
+                fn(mr, t, w + (pn * nsb + s0) * t->bytes, ns, (const char *)xq + r0 * xrb + s0 * xb,
+                   xrb, y + r0 * ldy + pn * P, ldy, nrows, b, s0 > 0);
+            }
         }
     }
     return 0;
