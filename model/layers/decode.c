@@ -324,18 +324,24 @@ static inline __attribute__((always_inline)) void attend_run_t(
             __m512 q[16];
             for (int c = 0; c < C; c++) q[c] = _mm512_loadu_ps(qrow + g * d + c * 16);
             for (int u = 0; u < n; u += 16) {
+                const int nv = n - u < 16 ? n - u : 16; /* lanes past the run's end stay 0 */
+                long at[16]; /* the keys' rows, walking the block table without a division */
+                int j = (t0 + u) / bs, off = t0 + u - j * bs;
+                for (int i = 0; i < nv; i++) {
+                    at[i] = table[j] * blk + (long)off * d;
+                    if (++off == bs) off = 0, j++;
+                }
                 __m512 acc[16];
+#pragma GCC unroll 16
                 for (int i = 0; i < 16; i++) {
                     acc[i] = _mm512_setzero_ps();
-                    if (u + i >= n) continue; /* lanes past the run's end stay 0 */
-                    const int t = t0 + u + i, j = t / bs;
-                    const long at = table[j] * blk + (t - j * bs) * d;
-                    for (int c = 0; c < C; c++) {
-                        const __m512 kv = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
-                                                    (const __m256i *)((const uint16_t *)kc + at + c * 16)))
-                                              : _mm512_loadu_ps((const float *)kc + at + c * 16);
-                        acc[i] = _mm512_fmadd_ps(q[c], kv, acc[i]);
-                    }
+                    if (i < nv)
+                        for (int c = 0; c < C; c++) {
+                            const __m512 kv = F16 ? _mm512_cvtph_ps(_mm256_loadu_si256(
+                                                        (const __m256i *)((const uint16_t *)kc + at[i] + c * 16)))
+                                                  : _mm512_loadu_ps((const float *)kc + at[i] + c * 16);
+                            acc[i] = _mm512_fmadd_ps(q[c], kv, acc[i]);
+                        }
                 }
                 const __m512 v = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
                 const __mmask16 m = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);

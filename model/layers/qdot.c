@@ -618,6 +618,7 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
         const uint8_t *qh = q + BK * P / 2;
         __m512 facc[PMR]; /* K-quants: sum over sub-blocks of sc_g dot_g, in float */
         __m512i dot[PMR];
+#pragma GCC unroll 16
         for (int g = 0; g < NG; g++) {
             for (int r = 0; r < MR; r++) {
                 if (T == Q4_0) dot[r] = _mm512_set1_epi32(x8[r][s].o8);
@@ -625,6 +626,7 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                 else if (T == Q6_K) dot[r] = _mm512_set1_epi32(xk[r][s].o32[g]);
                 else dot[r] = _mm512_setzero_si512();
             }
+#pragma GCC unroll 8
             for (int c = 0; c < G / 4; c += (BITS == 8 ? 1 : 2)) {
                 const int k = g * G + 4 * c; /* first value of this chunk (pair) in the block */
                 __m512i v0, v1 = _mm512_setzero_si512();
