@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 PERMUTED_QK = ("llama", "smollm3", "granite")  # the converter's LlamaModel.permute: undone here
 NORM_PLUS_ONE = ("gemma2", "gemma3")  # the converter stores Gemma's (1 + w): w is given back
 
+# Q2_K / Q3_K: llama-quantize's Q2_K and Q3_K_S/M/L mixes (both paths, like the other K-quants)
 SUPPORTED_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
 
 _TOP_LEVEL = {

@@ -1,14 +1,15 @@
 /* Integer products of GGUF-packed weights with 8-bit activations (the int8 activation path).
  *
- * Weights stay in the file's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K: resident
- * bytes = the file's bytes). Each activation row is quantized once per layer input, as llama.cpp
+ * Weights stay in the file's own blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K,
+ * Q6_K: resident bytes = the file's bytes). Each activation row is quantized once per layer input, as llama.cpp
  * does: per 32 values (xq8, for the 32-blocks) or per 256 (xq8k, for the K-quants, with sums of
  * each 16), d = max|x| / 127 and q = round(x * 127 / max|x|) (nearest, ties to even: torch.round).
  * A block's product is then an integer dot product, scaled once:
  *   32-blocks: sum_k w_k x_k = dw dx sum_k q_k xq_k + mw dx sum_k xq_k   (mw = -8 dw for Q4_0,
  *              -16 dw for Q5_0, 0 for Q8_0; Q4_1/Q5_1 carry their own min)
  *   K-quants:  integer sub-block scales multiply the integer dots inside a 256-super-block, and
- *              the mins (or Q6_K's -32 offset) meet the activation's 16-sums, one float per block.
+ *              the mins (Q2_K, Q4_K, Q5_K; or Q3_K's -4 and Q6_K's -32 offsets) meet the
+ *              activation's 16-sums, one float per block.
  * The integer dot products are AVX512-VNNI vpdpbusd/vpdpwssd (256-bit, EVEX), AVX-VNNI (VEX), or
  * AVX2 pmaddubsw + pmaddwd, else plain C; the compiler flags (model/layers/kernels.py: the CPU's
  * own, or capped with TOKENMILL_CPU_ISA) pick one. The integer sums are exact in int32; the float
@@ -23,7 +24,10 @@
 
 #include "kernels.h"
 
-enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
+enum {
+    Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8,
+    Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14,
+};
 
 /* s = sum q; the panels' integer dots start from -OFF s (o8: Q4_0, o128: Q8_0) and Q4_1 adds
  * m d s (ds), so these come with the block instead of a scalar multiply and broadcast per use */
@@ -62,6 +66,22 @@ static inline void k4_scale_min(const uint8_t *q, int j, int *sc, int *mn) {
     } else {
         *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
         *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+/* Q2_K / Q3_K's 16 sub-block scales (and Q2_K's mins): Q2_K's byte s is scale | min << 4; Q3_K's
+ * 6-bit scales are 12 packed bytes (low nibbles in bytes 0..7, high 2 bits in 8..11) minus 32 */
+static inline void k23_scales(const int T, const uint8_t *b, int *sc, int *mn) {
+    for (int s = 0; s < 16; s++) {
+        if (T == Q2_K) {
+            sc[s] = b[s] & 15;
+            mn[s] = b[s] >> 4;
+        } else {
+            const uint8_t *p = b + 96;
+            const int lo = s < 8 ? p[s] & 15 : p[s - 8] >> 4, hi = (p[8 + s % 4] >> (2 * (s / 4))) & 3;
+            sc[s] = (lo | hi << 4) - 32;
+            mn[s] = 0;
+        }
     }
 }
 
@@ -261,6 +281,55 @@ static inline __attribute__((always_inline)) void rows_k45(const int MR, const i
     for (int r = 0; r < MR; r++) out[r] = hsum8(acc[r]) - accm[r];
 }
 
+/* Q2_K / Q3_K: 16 sub-blocks of 16, value k of 32 h + l at bits 2 (k / 32 % 4) of qs[32 (k / 128) + l]
+ * (l = k % 32); Q2_K: u = 0..3 with 4-bit scales and mins; Q3_K: u = 0..7, its third bit from
+ * hmask[l] bit k / 32, signed scales and a -4 offset (w = d sc (u - 4)) that meets the 16-sums */
+static inline __attribute__((always_inline)) void rows_k23(const int MR, const int T,
+                                                          const uint8_t *w, long nb,
+                                                          const xq8k *x, long xs, float *out) {
+    const int bs = T == Q2_K ? 84 : 110;
+    const __m256i m3 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    __m256 acc[MAX_MR];
+    float accm[MAX_MR];
+    for (int r = 0; r < MR; r++) acc[r] = _mm256_setzero_ps(), accm[r] = 0.0f;
+    for (long i = 0; i < nb; i++) {
+        const uint8_t *b = w + i * bs, *qs = b + (T == Q2_K ? 16 : 32);
+        const float d = ld_h(b + (T == Q2_K ? 80 : 108));
+        int sc[16], mn[16], ms[MAX_MR];
+        k23_scales(T, b, sc, mn);
+        const __m256i hm = T == Q3_K ? _mm256_loadu_si256((const __m256i *)b) : m3;
+        __m256i isum[MAX_MR];
+        for (int r = 0; r < MR; r++) {
+            const xq8k *xb = x + r * xs + i;
+            int off = 0;
+            for (int s = 0; s < 16; s++) off += (T == Q2_K ? mn[s] : sc[s]) * xb->bsums[s];
+            ms[r] = off;
+            isum[r] = T == Q3_K ? _mm256_setr_epi32(-4 * off, 0, 0, 0, 0, 0, 0, 0) : _mm256_setzero_si256();
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m256i q = _mm256_loadu_si256((const __m256i *)(qs + 32 * h));
+            for (int j = 0; j < 4; j++) {
+                __m256i v = _mm256_and_si256(_mm256_srli_epi16(q, 2 * j), m3);
+                if (T == Q3_K)
+                    v = _mm256_or_si256(v, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hm, 4 * h + j), one), 2));
+                const int s0 = sc[8 * h + 2 * j], s1 = sc[8 * h + 2 * j + 1];
+                const __m256i sv = _mm256_set_m128i(_mm_set1_epi16((short)s1), _mm_set1_epi16((short)s0));
+                for (int r = 0; r < MR; r++) {
+                    const int8_t *xq = x[r * xs + i].q + 128 * h + 32 * j;
+                    const __m256i p = _mm256_maddubs_epi16(v, _mm256_loadu_si256((const __m256i *)xq));
+                    isum[r] = DPWSSD(isum[r], p, sv);
+                }
+            }
+        }
+        for (int r = 0; r < MR; r++) {
+            const float xd = x[r * xs + i].d;
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d * xd), acc[r]);
+            if (T == Q2_K) accm[r] = fmaf(ld_h(b + 82) * xd, (float)ms[r], accm[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) out[r] = hsum8(acc[r]) - accm[r];
+}
+
 /* Q6_K: 16 sub-blocks of 16 with int8 scales; values 0..63, offset -32 */
 static inline __attribute__((always_inline)) void rows_q6k(const int MR, const uint8_t *w,
                                                           long nb, const xq8k *x, long xs,
@@ -370,6 +439,34 @@ static void rows_k45(const int MR, const int T, const uint8_t *w, long nb, const
     }
 }
 
+static void rows_k23(const int MR, const int T, const uint8_t *w, long nb, const xq8k *x, long xs,
+                     float *out) {
+    const int bs = T == Q2_K ? 84 : 110;
+    for (int r = 0; r < MR; r++) {
+        float acc = 0.0f, accm = 0.0f;
+        for (long i = 0; i < nb; i++) {
+            const uint8_t *b = w + i * bs, *qs = b + (T == Q2_K ? 16 : 32);
+            const xq8k *xb = x + r * xs + i;
+            int sc[16], mn[16], isum = 0, ms = 0;
+            k23_scales(T, b, sc, mn);
+            for (int s = 0; s < 16; s++) {
+                int dot = T == Q3_K ? -4 * xb->bsums[s] : 0;
+                for (int l = 16 * (s % 2); l < 16 * (s % 2) + 16; l++) {
+                    const int h = s / 8, j = (s / 2) % 4;
+                    int v = (qs[32 * h + l] >> (2 * j)) & 3;
+                    if (T == Q3_K) v |= ((b[l] >> (4 * h + j)) & 1) << 2;
+                    dot += v * xb->q[128 * h + 32 * j + l];
+                }
+                isum += sc[s] * dot;
+                ms += mn[s] * xb->bsums[s];
+            }
+            acc = fmaf((float)isum, ld_h(b + (T == Q2_K ? 80 : 108)) * xb->d, acc);
+            if (T == Q2_K) accm = fmaf(ld_h(b + 82) * xb->d, (float)ms, accm);
+        }
+        out[r] = acc - accm;
+    }
+}
+
 static void rows_q6k(const int MR, const uint8_t *w, long nb, const xq8k *x, long xs, float *out) {
     for (int r = 0; r < MR; r++) {
         float acc = 0.0f;
@@ -406,11 +503,14 @@ static void rows_q6k(const int MR, const uint8_t *w, long nb, const xq8k *x, lon
 #define LEG(T, MR) rows_legacy(MR, T, w, nb, (const xq8 *)x, xs, o)
 #define K45(T, MR) rows_k45(MR, T, w, nb, (const xq8k *)x, xs, o)
 #define K6(MR) rows_q6k(MR, w, nb, (const xq8k *)x, xs, o)
+#define K23(T, MR) rows_k23(MR, T, w, nb, (const xq8k *)x, xs, o)
 ROWS_ALL(q4_0, LEG(Q4_0, 1), LEG(Q4_0, 2), LEG(Q4_0, 3), LEG(Q4_0, 4))
 ROWS_ALL(q4_1, LEG(Q4_1, 1), LEG(Q4_1, 2), LEG(Q4_1, 3), LEG(Q4_1, 4))
 ROWS_ALL(q5_0, LEG(Q5_0, 1), LEG(Q5_0, 2), LEG(Q5_0, 3), LEG(Q5_0, 4))
 ROWS_ALL(q5_1, LEG(Q5_1, 1), LEG(Q5_1, 2), LEG(Q5_1, 3), LEG(Q5_1, 4))
 ROWS_ALL(q8_0, LEG(Q8_0, 1), LEG(Q8_0, 2), LEG(Q8_0, 3), LEG(Q8_0, 4))
+ROWS_ALL(q2_k, K23(Q2_K, 1), K23(Q2_K, 2), K23(Q2_K, 3), K23(Q2_K, 4))
+ROWS_ALL(q3_k, K23(Q3_K, 1), K23(Q3_K, 2), K23(Q3_K, 3), K23(Q3_K, 4))
 ROWS_ALL(q4_k, K45(Q4_K, 1), K45(Q4_K, 2), K45(Q4_K, 3), K45(Q4_K, 4))
 ROWS_ALL(q5_k, K45(Q5_K, 1), K45(Q5_K, 2), K45(Q5_K, 3), K45(Q5_K, 4))
 ROWS_ALL(q6_k, K6(1), K6(2), K6(3), K6(4))
@@ -426,7 +526,8 @@ typedef struct {
 static const qtype TYPES[] = {
     {Q4_0, 32, 18, 0, TABLE(q4_0)}, {Q4_1, 32, 20, 0, TABLE(q4_1)},
     {Q5_0, 32, 22, 0, TABLE(q5_0)}, {Q5_1, 32, 24, 0, TABLE(q5_1)},
-    {Q8_0, 32, 34, 0, TABLE(q8_0)}, {Q4_K, 256, 144, 1, TABLE(q4_k)},
+    {Q8_0, 32, 34, 0, TABLE(q8_0)}, {Q2_K, 256, 84, 1, TABLE(q2_k)},
+    {Q3_K, 256, 110, 1, TABLE(q3_k)}, {Q4_K, 256, 144, 1, TABLE(q4_k)},
     {Q5_K, 256, 176, 1, TABLE(q5_k)}, {Q6_K, 256, 210, 1, TABLE(q6_k)},
 };
 

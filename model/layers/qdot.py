@@ -1,8 +1,8 @@
 """GGUF weights kept in the file's own blocks, multiplied with int8-quantized activations (qdot.c).
 
 The int8 activation path (`--activation-dtype int8`, the default for a GGUF on a CPU with the
-kernels): resident weight bytes are the file's tensor bytes, K-quants included, and a merged
-projection (qkv, gate_up) keeps each part's type. Each activation row is quantized once per
+kernels): resident weight bytes are the file's tensor bytes, K-quants (Q2_K..Q6_K) included, and a
+merged projection (qkv, gate_up) keeps each part's type. Each activation row is quantized once per
 layer input, per 32 values (Q4_0..Q8_0) or per 256 (K-quants), with its own scale, so a row's
 numbers never depend on the other rows of the batch. The reference below (`reference_linear`:
 gguf-py's dequantization of the weights times the dequantized int8 activations, in float64) is
@@ -20,7 +20,8 @@ from model.layers.quant import QuantFormat, QuantTensor
 
 # GGML type ids qdot.c takes, and the activation blocks each needs (0: 32 values, 1: 256)
 GGML_TYPE_IDS = {
-    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
+    "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8,
+    "Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14,
 }  # fmt: skip
 ACT_BLOCK = {k: 256 if k.endswith("_K") else 32 for k in GGML_TYPE_IDS}
 

@@ -2,7 +2,8 @@
 
 Every GGUF type the loader reads maps onto one of two packed layouts without re-rounding:
   bits 4, group 32: Q4_0 (no mins: w = d (q - 8)), Q4_1, Q4_K (super-block scales multiplied out);
-  bits 8, group 32: Q8_0, Q5_0 (q - 16), Q5_1, Q5_K; bits 8, group 16: Q6_K (q - 32).
+  bits 8, group 32: Q8_0, Q5_0 (q - 16), Q5_1, Q5_K; bits 8, group 16: Q6_K (q - 32), Q3_K
+  (q - 4 where the hmask bit is clear), Q2_K (d sc q - dmin m: mins).
 `w = scale * q + min` reproduces gguf-py's dequantization bit for bit (q * scale is exact in
 float32 for every source type), so `dequantize()` + F.linear is the oracle, and quant.c's kernels
 compute the same products with the weights dequantized in registers. `--quantization int8|int4`
@@ -252,6 +253,24 @@ def _blocks_to_packed(kind: str, b: np.ndarray):
                 torch.float32,
             ),
         )
+    if kind in ("Q2_K", "Q3_K"):
+        # value k = 128 h + 32 j + l: bits 2 j of qs[32 h + l] (Q3_K: minus 4 unless bit 4 h + j
+        # of hmask[l]); one scale (and Q2_K's min) per 16 values
+        qs = b[:, 16:80] if kind == "Q2_K" else b[:, 32:96]
+        shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+        q = ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 256).astype(np.int8)
+        if kind == "Q2_K":
+            d, dmin, sc = _f16(b[:, 80:82]), _f16(b[:, 82:84]), b[:, 0:16]
+            scales = d * (sc & 15).astype(np.float32)  # [n, 16] exact products, as gguf-py's
+            mins = -(dmin * (sc >> 4).astype(np.float32))
+            return q, scales, mins, (8, 16, torch.float32)
+        hbit = (b[:, 0:32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+        q = q - 4 * (1 - hbit.reshape(n, 256).astype(np.int8))
+        p = b[:, 96:108]
+        lo = np.concatenate([p[:, :8] & 15, p[:, :8] >> 4], axis=1)  # [n, 16]
+        hi = (p[:, 8:12].reshape(n, 1, 4) >> shifts.reshape(1, 4, 1)) & 3  # [n, 4 shifts, 4]
+        sc = (lo | (hi.reshape(n, 16) << 4)).astype(np.float32) - 32
+        return q, _f16(b[:, 108:110]) * sc, None, (8, 16, torch.float32)
     if kind == "Q6_K":
         ql = b[:, 0:128].reshape(n, 2, 1, 64)
         ql = np.concatenate([ql & 15, ql >> 4], axis=2).reshape(n, 8, 32)
@@ -265,7 +284,7 @@ def _blocks_to_packed(kind: str, b: np.ndarray):
     raise ValueError(f"no packed layout for GGUF type {kind}")
 
 
-PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q5_K", "Q6_K")
 
 
 def from_gguf_blocks(kind: str, data: np.ndarray, rows: int, cols: int) -> QuantTensor:
