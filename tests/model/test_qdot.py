@@ -24,7 +24,7 @@ pytestmark = pytest.mark.timeout(300)
 # byte offsets of each type's float16 scale fields (the rest of a block is free bit patterns)
 F16_FIELDS = {
     "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q8_0": [0],
-    "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
+    "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
 }  # fmt: skip
 
 
@@ -82,7 +82,7 @@ def test_mixed_parts_keep_their_types(lib) -> None:
     assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q2_K", "Q3_K", "Q4_K", "Q6_K"])
 def test_rows_are_batch_and_thread_invariant(lib, kind) -> None:
     """One row's outputs are the same floats alone, at any position of a batch of 1..13, and at
     1 or 2 threads: per-row activation scales, per-row accumulation order."""
@@ -98,6 +98,33 @@ def test_rows_are_batch_and_thread_invariant(lib, kind) -> None:
                 assert torch.equal(qx_linear(x[:m], t, None), alone[:m]), (threads, m)
     finally:
         torch.set_num_threads(before)
+
+
+def test_low_bit_k_quant_mix_keeps_each_part(lib) -> None:
+    """A Q2_K / Q3_K_M style merged projection (Q2_K, Q3_K, Q4_K and Q6_K parts, as
+    llama-quantize mixes them): each part its own kernel, the file's bytes resident (no panels
+    for Q2_K / Q3_K, whatever the build), every row against the reference."""
+    cols = 512
+    kinds = [("Q3_K", 6), ("Q2_K", 5), ("Q4_K", 3), ("Q6_K", 2), ("Q3_K", 4)]
+    parts = [(k, random_blocks(k, n, cols, seed=i)) for i, (k, n) in enumerate(kinds)]
+    ref_t = BlockTensor([(k, d.clone()) for k, d in parts], cols)
+    t = BlockTensor(parts, cols)
+    file_bytes = 2 * (6 + 4) * 110 + 2 * 5 * 84 + 2 * 3 * 144 + 2 * 2 * 210
+    assert t.shape == (20, cols) and t.nbytes == file_bytes
+    for kind in ("Q2_K", "Q3_K"):
+        assert lib.px_supported(GGML_TYPE_IDS[kind]) == 0, kind
+    t.pack()  # Q4_K / Q6_K may go to panels (same bytes, padded to 16 rows); Q2_K / Q3_K stay
+    low = [(d, p) for (k, d), p in zip(t.parts, t.panels, strict=True) if k in ("Q2_K", "Q3_K")]
+    assert all(p is None for _, p in low) and sum(d.numel() for d, _ in low) == 10 * 220 + 5 * 168
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, cols, generator=g)
+    bias = torch.randn(20, generator=g)
+    y = qx_linear(x, t, bias)
+    ref = reference_linear(x, ref_t, bias)
+    scale = (x.abs().double() @ ref_t.dequantize().abs().double().T).max()
+    assert (y.double() - ref).abs().max() <= 2e-6 * scale
+    alone = torch.cat([qx_linear(x[i : i + 1], t, bias) for i in range(6)])
+    assert torch.equal(alone, y)
 
 
 def test_activation_quantization_matches_the_kernels_blocks(lib) -> None:

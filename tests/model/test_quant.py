@@ -15,7 +15,9 @@ pytestmark = pytest.mark.timeout(120)
 
 ROWS, COLS = 48, 256
 QUANTIZABLE = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1")  # gguf-py can write these
-K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # gguf-py only reads these: random blocks with sane scales
+K_QUANTS = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")  # gguf-py only reads these: random blocks
+# byte offsets of each K-quant's float16 d (and dmin, a third of it): sane scales in random blocks
+K_F16 = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
 
 
 def gguf_tensor(kind: str, rows: int = ROWS, cols: int = COLS, seed: int = 0) -> np.ndarray:
@@ -28,11 +30,10 @@ def gguf_tensor(kind: str, rows: int = ROWS, cols: int = COLS, seed: int = 0) ->
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
     d = rng.uniform(0.001, 0.02, len(raw)).astype(np.float16).view(np.uint8).reshape(-1, 2)
-    if kind == "Q6_K":
-        raw[:, 208:210] = d
-    else:
-        raw[:, 0:2] = d
-        raw[:, 2:4] = (d.view(np.float16) / 3).astype(np.float16).view(np.uint8)
+    off, *dmin = K_F16[kind]
+    raw[:, off : off + 2] = d
+    for o in dmin:
+        raw[:, o : o + 2] = (d.view(np.float16) / 3).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
 
@@ -62,7 +63,7 @@ def test_dequantize_is_gguf_py_bit_for_bit(kind: str) -> None:
     assert t.nbytes <= ROWS * COLS * (bits + 2 * 32 / t.fmt.group) / 8 + 1  # no float copy
 
 
-@pytest.mark.parametrize("kind", ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"))
+@pytest.mark.parametrize("kind", ("Q4_0", "Q4_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q6_K"))
 @pytest.mark.parametrize("rows", (1, 2, 3, 7, 8, 9, 16, 65, 130))
 @pytest.mark.parametrize("threads", (1, 2))
 @pytest.mark.parametrize("shape", ((ROWS, COLS), (45, 1280)))
@@ -151,6 +152,29 @@ def test_merging_widens_without_changing_values() -> None:
     assert merged.fmt == Q.QuantFormat(4, 32, torch.float16, True)
     assert torch.equal(merged.dequantize(), torch.cat([p.dequantize() for p in parts]))
     assert_product(Q.qlinear(x, merged, None), x, merged)
+
+
+def test_low_bit_k_quants_map_and_merge_exactly() -> None:
+    """Q2_K (d sc q - dmin m) and Q3_K (d (sc - 32) (q - 4 h')) land on bits 8, group 16, with
+    float32 products, Q2_K with mins; a Q3_K_M style merge (Q3_K q, Q2_K k, Q4_K v) keeps every
+    part's values, and its product matches F.linear on gguf-py's dequantization."""
+    parts = {k: gguf_tensor(k, 8, COLS, seed=i) for i, k in enumerate(("Q3_K", "Q2_K", "Q4_K"))}
+    ts = [Q.from_gguf_blocks(k, data, 8, COLS) for k, data in parts.items()]
+    assert ts[0].fmt == Q.QuantFormat(8, 16, torch.float32, False)
+    assert ts[1].fmt == Q.QuantFormat(8, 16, torch.float32, True)
+    assert ts[0].qweight.view(torch.int8).min() >= -4 and ts[0].qweight.view(torch.int8).max() <= 3
+    assert int(ts[1].qweight.max()) <= 3
+    merged = Q.cat_rows(ts)
+    assert merged.fmt == Q.QuantFormat(8, 16, torch.float32, True)
+    expected = np.concatenate(
+        [gguf.quants.dequantize(d, gguf.GGMLQuantizationType[k]) for k, d in parts.items()]
+    )
+    assert np.array_equal(merged.dequantize().numpy(), expected)
+    x = torch.randn(5, COLS, generator=torch.Generator().manual_seed(5))
+    y = Q.qlinear(x, merged, None)
+    assert_product(y, x, merged)
+    ref = F.linear(x.double(), torch.from_numpy(expected).double())
+    assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_narrowing_for_tensor_parallel_ranks() -> None:
