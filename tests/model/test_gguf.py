@@ -235,14 +235,17 @@ def random_k_blocks(qtype: str, rows: int, cols: int) -> np.ndarray:
     """Random K-quant bytes with finite fp16 scales (gguf-py cannot quantize K types)."""
     block, size = gguf.GGML_QUANT_SIZES[Q[qtype]]
     raw = np.random.default_rng(1).integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
-    if qtype == "Q6_K":
-        raw[..., 208:210] = np.array([0.01], dtype=np.float16).view(np.uint8)
+    if qtype in ("Q6_K", "Q3_K"):
+        at = 208 if qtype == "Q6_K" else 108
+        raw[..., at : at + 2] = np.array([0.01], dtype=np.float16).view(np.uint8)
+    elif qtype == "Q2_K":
+        raw[..., 80:84] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)
     else:
         raw[..., 0:4] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
 
 
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
 def test_k_quant_tensor_round_trip(tiny_checkpoint, tmp_path, qtype):
     cfg = hf_config(tiny_checkpoint("qwen2"))
     raw = random_k_blocks(qtype, 8, 512)
@@ -253,6 +256,13 @@ def test_k_quant_tensor_round_trip(tiny_checkpoint, tmp_path, qtype):
     want = gguf.quants.dequantize(raw, Q[qtype])
     assert got.shape == (8, 512) and np.isfinite(want).all() and np.abs(want).max() > 0
     np.testing.assert_array_equal(got.numpy(), want)
+    # packed (the float32 path) and in the file's blocks (int8 path, the file's bytes resident)
+    ckpt = open_gguf(str(path))
+    packed = ckpt.get("model.layers.0.mlp.down_proj.weight", packed=True)
+    np.testing.assert_array_equal(packed.dequantize().numpy(), want)
+    blocks = ckpt.get("model.layers.0.mlp.down_proj.weight", packed=True, blocks=True)
+    assert blocks.nbytes == raw.nbytes and blocks.parts[0][0] == qtype
+    np.testing.assert_array_equal(blocks.dequantize().numpy(), want)
 
 
 def test_real_smollm2_config(smollm2_gguf):
