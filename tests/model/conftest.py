@@ -41,7 +41,8 @@ def family_model(name: str):
 
     d = dict(FAMILY_DIMS)
     if name == "qwen3":
-        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**d, head_dim=32, rope_theta=1e6))
+        # head_dim 128, as every Qwen3 (decode.c's unrolled attention for 128 = 8 vectors)
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**d, head_dim=128, rope_theta=1e6))
     if name == "gemma2":
         cfg = tf.Gemma2Config(
             **d,
