@@ -471,7 +471,7 @@ long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
     if ((long)s->heads * d > widest) widest = (long)s->heads * d;
     const long parts = parts_rows_of(s, B, max_ctx) * row_parts(s, max_ctx);
     return T * (s->hidden + qkv + (long)s->heads * d + 3L * s->inter) +
-           T * widest + /* int8 activations, both block kinds: ~2.4 bytes a value */
+           T * widest + /* int8 activations, both block kinds: ~3.1 bytes a value (of 4) */
            (long)nthreads * (group * run_blocks(s->block_size) * s->block_size + d) + /* runs */
            parts;
 }

@@ -190,6 +190,28 @@ def _high_bits(qh: np.ndarray, n_bits: int) -> np.ndarray:
     return np.unpackbits(qh, axis=-1, bitorder="little")[:, :n_bits]
 
 
+def _k23_to_packed(kind: str, b: np.ndarray):
+    """Q2_K / Q3_K blocks -> bits 8, group 16 (Q2_K with mins): _blocks_to_packed's low-bit part."""
+    n = b.shape[0]
+    # value k = 128 h + 32 j + l: bits 2 j of qs[32 h + l] (Q3_K: minus 4 unless bit 4 h + j
+    # of hmask[l]); one scale (and Q2_K's min) per 16 values
+    qs = b[:, 16:80] if kind == "Q2_K" else b[:, 32:96]
+    shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    q = ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 256).astype(np.int8)
+    if kind == "Q2_K":
+        d, dmin, sc = _f16(b[:, 80:82]), _f16(b[:, 82:84]), b[:, 0:16]
+        scales = d * (sc & 15).astype(np.float32)  # [n, 16] exact products, as gguf-py's
+        mins = -(dmin * (sc >> 4).astype(np.float32))
+        return q, scales, mins, (8, 16, torch.float32)
+    hbit = (b[:, 0:32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
+    q = q - 4 * (1 - hbit.reshape(n, 256).astype(np.int8))
+    p = b[:, 96:108]
+    lo = np.concatenate([p[:, :8] & 15, p[:, :8] >> 4], axis=1)  # [n, 16]
+    hi = (p[:, 8:12].reshape(n, 1, 4) >> shifts.reshape(1, 4, 1)) & 3  # [n, 4 shifts, 4]
+    sc = (lo | (hi.reshape(n, 16) << 4)).astype(np.float32) - 32
+    return q, _f16(b[:, 108:110]) * sc, None, (8, 16, torch.float32)
+
+
 def _blocks_to_packed(kind: str, b: np.ndarray):
     """[n_blocks, type_size] raw bytes -> (q [n, values], scales [n, groups], mins, fmt fields)."""
     n = b.shape[0]
@@ -215,21 +237,13 @@ def _blocks_to_packed(kind: str, b: np.ndarray):
                 (vals.astype(np.int16) - 16).astype(np.int8),
                 b[:, 0:2].copy().view(h),
                 None,
-                (
-                    8,
-                    32,
-                    torch.float16,
-                ),
+                (8, 32, torch.float16),
             )
         return (
             vals.astype(np.int8),
             b[:, 0:2].copy().view(h),
             b[:, 2:4].copy().view(h),
-            (
-                8,
-                32,
-                torch.float16,
-            ),
+            (8, 32, torch.float16),
         )
     if kind in ("Q4_K", "Q5_K"):
         d, dmin = _f16(b[:, 0:2]), _f16(b[:, 2:4])  # [n, 1]
@@ -247,30 +261,10 @@ def _blocks_to_packed(kind: str, b: np.ndarray):
             (lo | (hi << 4)).reshape(n, 256).astype(np.int8),
             scales,
             mins,
-            (
-                8,
-                32,
-                torch.float32,
-            ),
+            (8, 32, torch.float32),
         )
     if kind in ("Q2_K", "Q3_K"):
-        # value k = 128 h + 32 j + l: bits 2 j of qs[32 h + l] (Q3_K: minus 4 unless bit 4 h + j
-        # of hmask[l]); one scale (and Q2_K's min) per 16 values
-        qs = b[:, 16:80] if kind == "Q2_K" else b[:, 32:96]
-        shifts = np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
-        q = ((qs.reshape(n, 2, 1, 32) >> shifts) & 3).reshape(n, 256).astype(np.int8)
-        if kind == "Q2_K":
-            d, dmin, sc = _f16(b[:, 80:82]), _f16(b[:, 82:84]), b[:, 0:16]
-            scales = d * (sc & 15).astype(np.float32)  # [n, 16] exact products, as gguf-py's
-            mins = -(dmin * (sc >> 4).astype(np.float32))
-            return q, scales, mins, (8, 16, torch.float32)
-        hbit = (b[:, 0:32].reshape(n, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(1, 8, 1)) & 1
-        q = q - 4 * (1 - hbit.reshape(n, 256).astype(np.int8))
-        p = b[:, 96:108]
-        lo = np.concatenate([p[:, :8] & 15, p[:, :8] >> 4], axis=1)  # [n, 16]
-        hi = (p[:, 8:12].reshape(n, 1, 4) >> shifts.reshape(1, 4, 1)) & 3  # [n, 4 shifts, 4]
-        sc = (lo | (hi.reshape(n, 16) << 4)).astype(np.float32) - 32
-        return q, _f16(b[:, 108:110]) * sc, None, (8, 16, torch.float32)
+        return _k23_to_packed(kind, b)
     if kind == "Q6_K":
         ql = b[:, 0:128].reshape(n, 2, 1, 64)
         ql = np.concatenate([ql & 15, ql >> 4], axis=2).reshape(n, 8, 32)
