@@ -48,6 +48,19 @@ def lib():
     return lib
 
 
+def assert_near_reference(y, x, ref_t, bias) -> None:
+    """Within float32 block-by-block accumulation of exact integer dots of the float64 reference."""
+    ref = reference_linear(x, ref_t, bias)
+    scale = (x.abs().double() @ ref_t.dequantize().abs().double().T).max()
+    assert (y.double() - ref).abs().max() <= 2e-6 * scale
+
+
+def assert_rows_alone_match(y, x, t, bias) -> None:
+    """Each row computed alone gives the batch's bits (bitwise batch invariance)."""
+    alone = torch.cat([qx_linear(x[i : i + 1], t, bias) for i in range(x.shape[0])])
+    assert torch.equal(alone, y)
+
+
 @pytest.mark.parametrize("kind", sorted(GGML_TYPE_IDS))
 @pytest.mark.parametrize("m", [1, 3, 4, 9])
 def test_matches_reference(lib, kind, m) -> None:
@@ -58,11 +71,8 @@ def test_matches_reference(lib, kind, m) -> None:
     x = torch.randn(m, cols, generator=g)
     bias = torch.randn(rows, generator=g)
     y = qx_linear(x, t, bias)
-    ref = reference_linear(x, t, bias)
     assert y.shape == (m, rows) and y.dtype == torch.float32
-    # float32 block-by-block accumulation of exact integer dots
-    scale = (x.abs().double() @ t.dequantize().abs().double().T).max()
-    assert (y.double() - ref).abs().max() <= 2e-6 * scale
+    assert_near_reference(y, x, t, bias)
 
 
 def test_mixed_parts_keep_their_types(lib) -> None:
@@ -120,11 +130,8 @@ def test_low_bit_k_quant_mix_keeps_each_part(lib) -> None:
     x = torch.randn(6, cols, generator=g)
     bias = torch.randn(20, generator=g)
     y = qx_linear(x, t, bias)
-    ref = reference_linear(x, ref_t, bias)
-    scale = (x.abs().double() @ ref_t.dequantize().abs().double().T).max()
-    assert (y.double() - ref).abs().max() <= 2e-6 * scale
-    alone = torch.cat([qx_linear(x[i : i + 1], t, bias) for i in range(6)])
-    assert torch.equal(alone, y)
+    assert_near_reference(y, x, ref_t, bias)
+    assert_rows_alone_match(y, x, t, bias)
 
 
 def test_activation_quantization_matches_the_kernels_blocks(lib) -> None:
@@ -190,11 +197,8 @@ def test_panels_match_reference(lib, kind, rows) -> None:
     x = torch.randn(17, cols, generator=g)
     bias = torch.randn(rows, generator=g)
     y = qx_linear(x, t, bias)
-    ref = reference_linear(x, ref_t, bias)
-    scale = (x.abs().double() @ ref_t.dequantize().abs().double().T).max()
-    assert (y.double() - ref).abs().max() <= 2e-6 * scale
-    alone = torch.cat([qx_linear(x[i : i + 1], t, bias) for i in range(17)])
-    assert torch.equal(alone, y)
+    assert_near_reference(y, x, ref_t, bias)
+    assert_rows_alone_match(y, x, t, bias)
     with pytest.raises(ValueError, match="keeps only its panels"):
         t.dequantize()
 
