@@ -320,17 +320,17 @@ static inline __attribute__((always_inline)) void attend_run_t(
 #if defined(__AVX512F__)
     if (CC) { /* 16 keys at a time, their 16 dots summed in one tree */
         const int C = CC;
-        for (int g = 0; g < G; g++) {
-            __m512 q[16];
-            for (int c = 0; c < C; c++) q[c] = _mm512_loadu_ps(qrow + g * d + c * 16);
-            for (int u = 0; u < n; u += 16) {
-                const int nv = n - u < 16 ? n - u : 16; /* lanes past the run's end stay 0 */
-                long at[16]; /* the keys' rows, walking the block table without a division */
-                int j = (t0 + u) / bs, off = t0 + u - j * bs;
-                for (int i = 0; i < nv; i++) {
-                    at[i] = table[j] * blk + (long)off * d;
-                    if (++off == bs) off = 0, j++;
-                }
+        for (int u = 0; u < n; u += 16) {
+            const int nv = n - u < 16 ? n - u : 16; /* lanes past the run's end stay 0 */
+            long at[16]; /* the keys' rows (once for all G heads), walking the block table */
+            int j = (t0 + u) / bs, off = t0 + u - j * bs;
+            for (int i = 0; i < nv; i++) {
+                at[i] = table[j] * blk + (long)off * d;
+                if (++off == bs) off = 0, j++;
+            }
+            for (int g = 0; g < G; g++) {
+                __m512 q[16];
+                for (int c = 0; c < C; c++) q[c] = _mm512_loadu_ps(qrow + g * d + c * 16);
                 __m512 acc[16];
 #pragma GCC unroll 16
                 for (int i = 0; i < 16; i++) {
@@ -344,8 +344,7 @@ static inline __attribute__((always_inline)) void attend_run_t(
                         }
                 }
                 const __m512 v = _mm512_mul_ps(hsum16(acc), _mm512_set1_ps(scale));
-                const __mmask16 m = n - u >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - u)) - 1);
-                _mm512_mask_storeu_ps(sc + g * n + u, m, v);
+                _mm512_mask_storeu_ps(sc + g * n + u, (__mmask16)((1u << nv) - 1), v);
             }
         }
     } else
