@@ -798,7 +798,8 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
 
 #define PANEL_FN(NAME, T)                                                                          \
     static void NAME(int mr, const ptype *t, const uint8_t *w, long nsb, const void *x, long xrb, \
-                     float *y, long ldy, int nrows, const float *bias, int more) {                 \
+                     float *y, long ldy, int nrows, const float *bias, int more, int half) {       \
+        (void)half;                                                                \
         switch (mr) {                                                                              \
         case 1: panel(1, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
         case 2: panel(2, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
@@ -810,6 +811,162 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
         default: panel(8, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                       \
         }                                                                                          \
     }
+#elif defined(DPBUSD) && defined(__F16C__)
+/* ---- AVX-VNNI / AVX2 panels: the same 16-row panels as two 8-row halves (ymm lanes) -----------
+ *
+ * A panel chunk's 64 bytes hold rows 0-7 in their first 32 and rows 8-15 in the next 32, so a
+ * half is a ymm load at +32 half; its d, scales and mins are the 8 entries at row 8 half. With
+ * AVX-VNNI the dots are vpdpbusd as above. AVX2 has no vpdpbusd: pmaddubsw pairs are summed in
+ * int16 for as long as they cannot overflow (4-bit values: one 32-group, |sum| <= 16 * 15 * 127;
+ * 6-bit: one pair of chunks, <= 4 * 63 * 127) and widened once by pmaddwd; Q8_0 multiplies |q|
+ * with the activation's sign flipped (its q + 128 would saturate a pair). The integers are the
+ * same, and so is the float epilogue, lane for lane: these panels give the AVX-512 panels' bits. */
+#define PX 1
+#define PX_HALVES 2
+#define PMR 4 /* 16 ymm registers: 4 rows' sums, dots and float sums, the weights, the activation */
+#ifndef PX_KC
+#define PX_KC 1024
+#endif
+
+static inline __attribute__((always_inline)) void panel(const int MR, const ptype *t, const int T,
+                                                       const uint8_t *w, long nsb, const void *x,
+                                                       long xrb, float *y, long ldy, int nrows,
+                                                       const float *bias, int more, int half) {
+    const int BK = T == Q4_0 || T == Q4_1 || T == Q8_0 ? 32 : 256;
+    const int G = T == Q6_K ? 16 : 32, NG = BK / G;
+    const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : 4;
+    const int SC = T == Q4_K || T == Q6_K, MIN = T == Q4_1 ? PX_FMIN : T == Q4_K ? PX_KMIN : PX_NONE;
+    const int hb = 32 * half, hr = 8 * half; /* this half's bytes of a 64-byte chunk, first row */
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+#ifndef __AVXVNNI__
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    const xq8 *x8[PMR];
+    const xq8k *xk[PMR];
+    for (int r = 0; r < MR; r++) {
+        x8[r] = (const xq8 *)((const char *)x + r * xrb);
+        xk[r] = (const xq8k *)((const char *)x + r * xrb);
+    }
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32(nrows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256 acc[PMR];
+    for (int r = 0; r < MR; r++) acc[r] = more ? _mm256_maskload_ps(y + r * ldy, k) : _mm256_setzero_ps();
+    for (long s = 0; s < nsb; s++) {
+        const uint8_t *o = w + s * t->bytes;
+        const uint8_t *scp = o + (MIN ? 4 : 2) * P, *mnp = scp + NG * P;
+        const uint8_t *q = SC ? (MIN == PX_KMIN ? mnp + NG * P : scp + NG * P) : scp;
+        const uint8_t *qh = q + BK * P / 2;
+        __m256 facc[PMR];
+        __m256i dot[PMR], s16[PMR];
+#pragma GCC unroll 16
+        for (int g = 0; g < NG; g++) {
+            for (int r = 0; r < MR; r++) {
+                if (T == Q4_0) dot[r] = _mm256_set1_epi32(x8[r][s].o8);
+#ifdef __AVXVNNI__
+                else if (T == Q8_0) dot[r] = _mm256_set1_epi32(x8[r][s].o128);
+#endif
+                else if (T == Q6_K) dot[r] = _mm256_set1_epi32(xk[r][s].o32[g]);
+                else dot[r] = _mm256_setzero_si256();
+            }
+#pragma GCC unroll 8
+            for (int c = 0; c < G / 4; c += (BITS == 8 ? 1 : 2)) {
+                const int kk = g * G + 4 * c;
+                __m256i v0, v1 = _mm256_setzero_si256(), sq = _mm256_setzero_si256();
+                if (BITS == 8) {
+                    v0 = _mm256_loadu_si256((const __m256i *)(q + (kk / 4) * 4 * P + hb));
+#ifndef __AVXVNNI__
+                    sq = _mm256_xor_si256(v0, _mm256_set1_epi8((char)0x80)); /* q */
+                    v0 = _mm256_abs_epi8(sq);
+#endif
+                } else {
+                    const __m256i b = _mm256_loadu_si256((const __m256i *)(q + (kk / 8) * 4 * P + hb));
+                    v0 = _mm256_and_si256(b, m4);
+                    v1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+                    if (BITS == 6) {
+                        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + (kk / 16) * 4 * P + hb));
+                        const int sh = 2 * ((kk % 16) / 4);
+                        const __m256i h0 = sh == 0 ? _mm256_slli_epi16(h, 4) : h;
+                        const __m256i h1 = sh == 0 ? _mm256_slli_epi16(h, 2) : _mm256_srli_epi16(h, 2);
+                        v0 = _mm256_or_si256(v0, _mm256_and_si256(h0, m30));
+                        v1 = _mm256_or_si256(v1, _mm256_and_si256(h1, m30));
+                    }
+                }
+                (void)sq;
+                for (int r = 0; r < MR; r++) {
+                    const int8_t *xq = BK == 32 ? x8[r][s].q : xk[r][s].q;
+                    int32_t a0, a1 = 0;
+                    memcpy(&a0, xq + kk, 4);
+                    if (BITS != 8) memcpy(&a1, xq + kk + 4, 4);
+                    const __m256i x0 = _mm256_set1_epi32(a0), x1 = _mm256_set1_epi32(a1);
+#ifdef __AVXVNNI__
+                    dot[r] = DPBUSD(dot[r], v0, x0);
+                    if (BITS != 8) dot[r] = DPBUSD(dot[r], v1, x1);
+#else
+                    if (BITS == 8)
+                        dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(v0, _mm256_sign_epi8(x0, sq)), ones));
+                    else {
+                        const __m256i p2 = _mm256_add_epi16(_mm256_maddubs_epi16(v0, x0), _mm256_maddubs_epi16(v1, x1));
+                        if (BITS == 6) dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p2, ones));
+                        else s16[r] = c ? _mm256_add_epi16(s16[r], p2) : p2;
+                    }
+#endif
+                }
+            }
+#ifndef __AVXVNNI__
+            if (BITS == 4)
+                for (int r = 0; r < MR; r++) dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(s16[r], ones));
+#endif
+            if (SC) {
+                const __m128i sb = _mm_loadl_epi64((const __m128i *)(scp + g * P + hr));
+                const __m256 scf = _mm256_cvtepi32_ps(T == Q6_K ? _mm256_cvtepi8_epi32(sb) : _mm256_cvtepu8_epi32(sb));
+                for (int r = 0; r < MR; r++)
+                    facc[r] = g ? _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r]), scf, facc[r])
+                                : _mm256_mul_ps(_mm256_cvtepi32_ps(dot[r]), scf);
+            }
+        }
+        (void)s16;
+        const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + 2 * hr)));
+        const __m256 m = MIN ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + 2 * P + 2 * hr))) : d;
+        __m256i mnpair[4];
+        if (MIN == PX_KMIN)
+            for (int h = 0; h < NG / 2; h++)
+                mnpair[h] = _mm256_or_si256(
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mnp + 2 * h * P + hr))),
+                    _mm256_slli_epi32(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(mnp + (2 * h + 1) * P + hr))), 16));
+        for (int r = 0; r < MR; r++) {
+            const float dx = BK == 32 ? x8[r][s].d : xk[r][s].d;
+            const __m256 sum = SC ? facc[r] : _mm256_cvtepi32_ps(dot[r]);
+            acc[r] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
+            if (MIN == PX_FMIN)
+                acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(x8[r][s].ds), acc[r]);
+            else if (MIN == PX_KMIN) {
+                __m256i ms = _mm256_setzero_si256();
+                for (int h = 0; h < NG / 2; h++)
+                    ms = DPWSSD(ms, mnpair[h], _mm256_set1_epi32(xk[r][s].mpair[h]));
+                acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(m, _mm256_set1_ps(dx)), acc[r]);
+            }
+        }
+    }
+    if (bias == NULL) {
+        for (int r = 0; r < MR; r++) _mm256_maskstore_ps(y + r * ldy, k, acc[r]);
+        return;
+    }
+    const __m256 bv = _mm256_maskload_ps(bias, k);
+    for (int r = 0; r < MR; r++) _mm256_maskstore_ps(y + r * ldy, k, _mm256_add_ps(acc[r], bv));
+}
+
+#define PANEL_FN(NAME, T)                                                                          \
+    static void NAME(int mr, const ptype *t, const uint8_t *w, long nsb, const void *x, long xrb, \
+                     float *y, long ldy, int nrows, const float *bias, int more, int half) {       \
+        switch (mr) {                                                                              \
+        case 1: panel(1, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;            \
+        case 2: panel(2, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;            \
+        case 3: panel(3, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;            \
+        default: panel(4, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;           \
+        }                                                                                          \
+    }
+#endif
+
+#ifdef PX
 PANEL_FN(panel_q4_0, Q4_0)
 PANEL_FN(panel_q4_1, Q4_1)
 PANEL_FN(panel_q8_0, Q8_0)
@@ -836,12 +993,19 @@ int px_gemm(int type, const uint8_t *w, long out, long n_in, const void *xq, lon
     const long nsb = n_in / t->bk, npanels = (out + P - 1) / P;
     const long xrb = qx_row_bytes(n_in, t->bk == 256);
     void (*fn)(int, const ptype *, const uint8_t *, long, const void *, long, float *, long, int,
-               const float *, int) = type == Q4_0 ? panel_q4_0 : type == Q4_1 ? panel_q4_1
+               const float *, int, int) = type == Q4_0 ? panel_q4_0 : type == Q4_1 ? panel_q4_1
                                 : type == Q8_0 ? panel_q8_0 : type == Q4_K ? panel_q4_k : panel_q6_k;
     /* K in chunks of PX_KC values, so that a panel's chunk and PMR activation rows of it stay in
-     * L1 while every row block passes (a 16 x 8192 Q6_K panel alone is 107 KiB); a row's sum is
-     * carried through y between chunks, so its bits do not depend on the chunking */
+     * L1 while every row block passes (a 16 x 8192 Q6_K panel alone is 107 KiB), and while the
+     * second 8-row half passes where there are halves; a row's sum is carried through y between
+     * chunks, so its bits do not depend on the chunking */
+#ifdef PX_HALVES
+    const long kc = PX_KC / t->bk > 0 ? PX_KC / t->bk : 1;
+    const int halves = PX_HALVES, hp = P / PX_HALVES;
+#else
     const long kc = m > PMR ? (PX_KC / t->bk > 0 ? PX_KC / t->bk : 1) : nsb;
+    const int halves = 1, hp = P;
+#endif
     const long xb = t->bk == 256 ? (long)sizeof(xq8k) : (long)sizeof(xq8);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long pn = 0; pn < npanels; pn++) {
@@ -849,10 +1013,13 @@ int px_gemm(int type, const uint8_t *w, long out, long n_in, const void *xq, lon
         for (long s0 = 0; s0 < nsb; s0 += kc) {
             const long ns = nsb - s0 < kc ? nsb - s0 : kc;
             const float *b = bias && s0 + ns == nsb ? bias + pn * P : NULL;
-            for (long r0 = 0; r0 < m; r0 += PMR) {
-                const int mr = m - r0 < PMR ? (int)(m - r0) : PMR;
-                fn(mr, t, w + (pn * nsb + s0) * t->bytes, ns, (const char *)xq + r0 * xrb + s0 * xb,
-                   xrb, y + r0 * ldy + pn * P, ldy, nrows, b, s0 > 0);
+            for (int h = 0; h < halves && nrows > h * hp; h++) {
+                const int hr = nrows - h * hp < hp ? nrows - h * hp : hp;
+                for (long r0 = 0; r0 < m; r0 += PMR) {
+                    const int mr = m - r0 < PMR ? (int)(m - r0) : PMR;
+                    fn(mr, t, w + (pn * nsb + s0) * t->bytes, ns, (const char *)xq + r0 * xrb + s0 * xb,
+                       xrb, y + r0 * ldy + pn * P + h * hp, ldy, hr, b ? b + h * hp : NULL, s0 > 0, h);
+                }
             }
         }
     }

@@ -3,10 +3,15 @@ replaces, on the same steps and the same KV cache; and that serving really takes
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from model.inputs import StepInput
+from model.layers import kernels
 from model.layers.fused_decode import FusedDecode
 from model.runner import ModelRunner
 
@@ -212,3 +217,22 @@ def test_out_of_range_slots_and_blocks_are_refused(smollm2_gguf) -> None:
         with pytest.raises(ValueError, match="out of range"):
             runner.compute_logits(step)
     runner.shutdown()
+
+
+@pytest.mark.skipif("TOKENMILL_CPU_ISA" not in os.environ, reason="run by the capped-ISA test")
+def test_the_kernels_are_built_for_the_capped_isa() -> None:
+    assert kernels.int8_isa(kernels.load()) == os.environ["TOKENMILL_CPU_ISA"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif("TOKENMILL_CPU_ISA" in os.environ, reason="already capped")
+def test_an_avx2_host_runs_the_same_steps(smollm2_gguf) -> None:
+    """Hosts without AVX-512 (AMD Zen 3) build decode.c and qdot.c's panels for AVX2: this
+    module's GGUF tests, float32 and int8, pass in a process whose kernels are capped to it."""
+    if kernels.load("avx2") is None:
+        pytest.skip("this host cannot build the AVX2 kernels")
+    select = "capped_isa or fused_int8_decode_on_the_smollm2 or smollm2_gguf and 8-auto"
+    env = {**os.environ, "TOKENMILL_CPU_ISA": "avx2"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
+    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]

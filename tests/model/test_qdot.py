@@ -203,6 +203,41 @@ def test_panels_match_reference(lib, kind, rows) -> None:
         t.dequantize()
 
 
+@pytest.mark.parametrize("isa", ["avx_vnni", "avx2"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+def test_capped_panels_give_the_same_bits(lib, isa, kind) -> None:
+    """The AVX-VNNI / AVX2 builds multiply the same panels as two 8-row halves (AVX2: int16 pair
+    sums, |q| for Q8_0): the integers and the float epilogue are the AVX-512 panels', so the bits
+    are too; 45 rows end in a panel whose second half is short, 2560 columns are three K chunks."""
+    capped = kernels.load(isa)
+    if capped is None or not capped.px_supported(GGML_TYPE_IDS[kind]):
+        pytest.skip(f"the {isa} build has no {kind} panels")
+    rows, cols, m = 45, 2560, 9
+    raw = random_blocks(kind, rows, cols, seed=5)
+    ref_t = BlockTensor([(kind, raw.clone())], cols)
+    t = BlockTensor([(kind, raw)], cols).pack()
+    g = torch.Generator().manual_seed(2)
+    x, bias = torch.randn(m, cols, generator=g), torch.randn(rows, generator=g)
+
+    def run(lib_, xs):
+        k = int(kind.endswith("_K"))
+        xq = torch.empty(xs.shape[0] * lib_.qx_row_bytes(cols, k), dtype=torch.uint8)
+        assert lib_.qx_quantize(xs.data_ptr(), cols, xs.shape[0], cols, k, xq.data_ptr(), 1) == 0
+        y = torch.empty(xs.shape[0], rows)
+        rc = lib_.px_gemm(
+            GGML_TYPE_IDS[kind], t.panels[0].data_ptr(), rows, cols, xq.data_ptr(), xs.shape[0],
+            y.data_ptr(), rows, bias.data_ptr(), 2,
+        )  # fmt: skip
+        assert rc == 0
+        return y
+
+    y = run(capped, x)
+    assert_near_reference(y, x, ref_t, bias)
+    assert torch.equal(torch.cat([run(capped, x[i : i + 1]) for i in range(m)]), y)
+    if lib.px_supported(GGML_TYPE_IDS[kind]):
+        assert torch.equal(run(lib, x), y)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_rtn_packs_as_gguf_blocks(bits) -> None:
     """--quantization int8 / int4 on the int8 path: quantize_rtn's bytes as Q8_0 / Q4_1 blocks
