@@ -106,6 +106,16 @@ static inline int round_to(const float *v, float id, int n, int8_t *q) { /* n: a
     }
     return _mm512_reduce_add_epi32(s);
 }
+#elif defined(__AVX2__)
+#include <immintrin.h>
+static inline float amax_of(const float *v, int n) { /* n: a multiple of 8; a NaN is skipped */
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 a = _mm256_setzero_ps();
+    for (int k = 0; k < n; k += 8) a = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)), a);
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps(m, m, 1)));
+}
 #else
 static inline float amax_of(const float *v, int n) {
     float amax = 0.0f;
@@ -115,7 +125,9 @@ static inline float amax_of(const float *v, int n) {
     }
     return amax;
 }
+#endif
 
+#if !(defined(__AVX512F__) && defined(__AVX512BW__))
 static inline int round_to(const float *v, float id, int n, int8_t *q) {
     int s = 0;
     for (int k = 0; k < n; k++) {
