@@ -56,6 +56,9 @@ typedef struct {
     const float *in_norm, *post_norm; /* [hidden] */
     const float *q_norm, *k_norm;     /* [head_dim] per-head RMSNorm before RoPE (Qwen3), or NULL */
     void *k_cache, *v_cache; /* [kv_heads, num_blocks, block_size, head_dim], float32 or float16 */
+    const float *attn_out_norm, *ffn_out_norm; /* Gemma's norms after attention and the MLP */
+    int window; /* a sliding layer's keys (Mistral, Gemma): the last `window`; 0: all */
+    int rope;   /* 0: the global cos/sin, 1: the local (Gemma 3's sliding layers), -1: NoPE */
 } dlayer;
 
 typedef struct {
@@ -64,6 +67,11 @@ typedef struct {
     long num_blocks;
     int block_size;
     int kv_f16; /* 1: the KV cache holds float16 (rounded to nearest even, as torch's .half()) */
+    float scale;      /* the softmax scale (1/sqrt(d); Gemma's query_pre_attn_scalar, Granite's) */
+    float softcap;    /* Gemma 2's attention logit soft-cap, or 0 */
+    float resid_mult; /* Granite's residual multiplier (1 elsewhere) */
+    int act;          /* the gated MLP's: 0 SiLU, 1 GELU-tanh (Gemma) */
+    int rot;          /* rotary dims of a head (Phi-3's partial rotary: < head_dim) */
 } dshape;
 
 #if defined(__AVX512F__)
@@ -188,10 +196,14 @@ static int lin(const dlin *l, const float *x, float *y, long m, int nt, char *xq
     return 0;
 }
 
-/* residual += h (or = h for the first layer), x = residual / rms(residual) * w, one row */
+/* residual += h * mult (or = h for the first layer), x = residual / rms(residual) * w, one row
+ * (mult: Granite's residual multiplier, applied before the sum as the torch norm does) */
 static void add_norm(float *residual, const float *h, int add, float *x, const float *w, int n,
-                     float eps) {
-    for (int i = 0; i < n; i++) residual[i] = add ? residual[i] + h[i] : h[i];
+                     float eps, float mult) {
+    if (mult != 1.0f)
+        for (int i = 0; i < n; i++) residual[i] = add ? h[i] * mult + residual[i] : h[i];
+    else
+        for (int i = 0; i < n; i++) residual[i] = add ? residual[i] + h[i] : h[i];
     float ss = dot(residual, residual, n);
     float r = 1.0f / sqrtf(ss / n + eps);
     for (int i = 0; i < n; i++) x[i] = w[i] * (residual[i] * r);
@@ -202,6 +214,17 @@ static void head_norm(float *x, const float *w, int d, float eps) {
     float ss = dot(x, x, d);
     float r = 1.0f / sqrtf(ss / d + eps);
     for (int i = 0; i < d; i++) x[i] = w[i] * (x[i] * r);
+}
+
+/* a = act(g) * u: SiLU g / (1 + e^-g), or (act 1) GELU-tanh 0.5 g (1 + tanh(y)) written as
+ * g / (1 + e^-2y), y = sqrt(2 / pi) (g + 0.044715 g^3) (within float32 rounding of torch's) */
+static void gated_act(const float *g, const float *u, float *a, int n, int act) {
+    if (act == 1)
+        for (int i = 0; i < n; i++) a[i] = -1.5957691216057308f * (g[i] + 0.044715f * g[i] * g[i] * g[i]);
+    else
+        for (int i = 0; i < n; i++) a[i] = -g[i];
+    exp_inplace(a, n);
+    for (int i = 0; i < n; i++) a[i] = g[i] / (1.0f + a[i]) * u[i];
 }
 
 /* x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]; cos, sin as RotaryEmbedding.cos_sin gives
@@ -309,14 +332,15 @@ static inline __m512 hsum16(const __m512 *v) {
 }
 #endif
 
-/* part + g * ps = {max, sum, out[d]} of the run's query head g over its tokens; sc: [G, tokens];
- * row: d floats of scratch for a widened float16 row */
+/* part + g * ps = {max, sum, out[d]} of the run's query head g over its tokens from lo (a
+ * sliding window's first key) on; sc: [G, tokens]; row: d floats of scratch for a widened
+ * float16 row; cap: Gemma 2's soft-cap of the scaled scores, or 0 */
 static inline __attribute__((always_inline)) void attend_run_t(
-    const float *qrow, const void *kc, const void *vc, const int *table, int ctx, int bs, int d,
-    int G, float scale, int j0, int j1, float *sc, float *part, long ps, float *row, const int F16,
-    const int CC) {
+    const float *qrow, const void *kc, const void *vc, const int *table, int ctx, int lo, int bs,
+    int d, int G, float scale, float cap, int j0, int j1, float *sc, float *part, long ps,
+    float *row, const int F16, const int CC) {
     const long blk = (long)bs * d;
-    const int t0 = j0 * bs, t1 = j1 * bs < ctx ? j1 * bs : ctx, n = t1 - t0;
+    const int t0 = j0 * bs > lo ? j0 * bs : lo, t1 = j1 * bs < ctx ? j1 * bs : ctx, n = t1 - t0;
 #if defined(__AVX512F__)
     if (CC) { /* 16 keys at a time, their 16 dots summed in one tree */
         const int C = CC;
@@ -351,11 +375,13 @@ static inline __attribute__((always_inline)) void attend_run_t(
 #endif
         for (int j = j0; j < j1; j++) {
             const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
-            for (int t = j * bs; t < e; t++) {
+            for (int t = j * bs > t0 ? j * bs : t0; t < e; t++) {
                 const float *k = kv_row(kc, table[j] * blk + (t - j * bs) * d, d, F16, row);
                 for (int g = 0; g < G; g++) sc[g * n + t - t0] = dot(qrow + g * d, k, d) * scale;
             }
         }
+    if (cap > 0.0f) /* tanh(s / cap) * cap, as the torch path (rare: Gemma 2 only) */
+        for (long i = 0; i < (long)G * n; i++) sc[i] = tanhf(sc[i] / cap) * cap;
     for (int g = 0; g < G; g++) {
         float *sg = sc + g * n, mx = -INFINITY, sum = 0.0f;
 #if defined(__AVX512F__)
@@ -389,7 +415,7 @@ static inline __attribute__((always_inline)) void attend_run_t(
             for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
             for (int j = j0; j < j1; j++) {
                 const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
-                for (int t = j * bs; t < e; t++) {
+                for (int t = j * bs > t0 ? j * bs : t0; t < e; t++) {
                     const long at = table[j] * blk + (t - j * bs) * d;
                     const __m512 p = _mm512_set1_ps(sc[g * n + t - t0]);
                     for (int c = 0; c < C; c++) {
@@ -409,7 +435,7 @@ static inline __attribute__((always_inline)) void attend_run_t(
         for (int i = 0; i < d; i++) part[g * ps + 2 + i] = 0.0f;
     for (int j = j0; j < j1; j++) {
         const int e = (j + 1) * bs < t1 ? (j + 1) * bs : t1;
-        for (int t = j * bs; t < e; t++) {
+        for (int t = j * bs > t0 ? j * bs : t0; t < e; t++) {
             const float *vr = kv_row(vc, table[j] * blk + (t - j * bs) * d, d, F16, row);
             for (int g = 0; g < G; g++) {
                 const float p = sc[g * n + t - t0];
@@ -421,9 +447,10 @@ static inline __attribute__((always_inline)) void attend_run_t(
 }
 
 static void attend_run(const float *qrow, const void *kc, const void *vc, const int *table,
-                       int ctx, int bs, int d, int G, float scale, int j0, int j1, float *sc,
-                       float *part, long ps, float *row, int f16) {
-#define RUN(F16, CC) attend_run_t(qrow, kc, vc, table, ctx, bs, d, G, scale, j0, j1, sc, part, ps, row, F16, CC)
+                       int ctx, int lo, int bs, int d, int G, float scale, float cap, int j0,
+                       int j1, float *sc, float *part, long ps, float *row, int f16) {
+#define RUN(F16, CC) \
+    attend_run_t(qrow, kc, vc, table, ctx, lo, bs, d, G, scale, cap, j0, j1, sc, part, ps, row, F16, CC)
 #if defined(__AVX512F__) /* head sizes 64, 128 and 256 with the loops over d unrolled */
     if (d == 64) f16 ? RUN(1, 4) : RUN(0, 4);
     else if (d == 128) f16 ? RUN(1, 8) : RUN(0, 8);
@@ -482,10 +509,14 @@ static void attention(const dlayer *L, const dshape *s, const float *qkv, long q
                       long parts_rows, int nthreads, float *att) {
     const int d = s->head_dim, nh = s->heads, nkv = s->kv_heads, G = nh / nkv, bs = s->block_size;
     const long stride = d + 2, rb = run_blocks(bs), row_parts = nh * max_runs * stride;
+    /* a sliding layer's row sees keys [lo, ctx): the runs before lo's are skipped (a run is
+     * still counted from key 0, so the row's runs depend on its own context alone) */
+#define LO(b) (L->window > 0 && ctx_lens[b] > L->window ? ctx_lens[b] - L->window : 0)
+#define FIRST_RUN(b) (LO(b) / bs / rb)
     for (long r0 = 0; r0 < B; r0 += parts_rows) {
         const long r1 = r0 + parts_rows < B ? r0 + parts_rows : B;
         long units = 0;
-        for (long b = r0; b < r1; b++) units += (long)nkv * runs_of(ctx_lens[b], bs);
+        for (long b = r0; b < r1; b++) units += (long)nkv * (runs_of(ctx_lens[b], bs) - FIRST_RUN(b));
 #pragma omp parallel num_threads(nthreads)
         {
             const int th = thread_num(), nth = omp_threads();
@@ -497,14 +528,14 @@ static void attention(const dlayer *L, const dshape *s, const float *qkv, long q
                 const long nr = runs_of(ctx_lens[b], bs), nb = (ctx_lens[b] + bs - 1) / bs;
                 const int *table = tables + (long)row_seq[b] * max_blocks;
                 for (int kh = 0; kh < nkv && u < u1; kh++)
-                    for (long r = 0; r < nr; r++, u++) {
+                    for (long r = FIRST_RUN(b); r < nr; r++, u++) {
                         if (u < u0) continue;
                         if (u >= u1) break;
                         const long j1 = (r + 1) * rb < nb ? (r + 1) * rb : nb;
                         attend_run(qkv + b * qkv_n + (long)kh * G * d,
                                    (const char *)L->k_cache + kh * cache_head * es,
                                    (const char *)L->v_cache + kh * cache_head * es, table,
-                                   ctx_lens[b], bs, d, G, scale, (int)(r * rb), (int)j1, sc,
+                                   ctx_lens[b], LO(b), bs, d, G, scale, s->softcap, (int)(r * rb), (int)j1, sc,
                                    parts + (b - r0) * row_parts + ((long)kh * G * max_runs + r) * stride,
                                    max_runs * stride, row, s->kv_f16);
                     }
@@ -512,39 +543,46 @@ static void attention(const dlayer *L, const dshape *s, const float *qkv, long q
 #pragma omp barrier
 #pragma omp for schedule(static)
             for (long bh = r0 * nh; bh < r1 * nh; bh++) {
-                const long b = bh / nh, h = bh % nh;
-                merge(parts + (b - r0) * row_parts + h * max_runs * stride,
-                      runs_of(ctx_lens[b], bs), d, att + bh * d);
+                const long b = bh / nh, h = bh % nh, first = FIRST_RUN(b);
+                merge(parts + (b - r0) * row_parts + (h * max_runs + first) * stride,
+                      runs_of(ctx_lens[b], bs) - first, d, att + bh * d);
             }
         }
     }
+#undef FIRST_RUN
+#undef LO
 }
 
 /* Rows [0, B) of one tile through every layer, then the final norm (see decode_layers). */
 static int tile_layers(int n_layers, const dlayer *layers, const float *final_norm,
                        const dshape *s, float *h, float *residual, long B, const float *cos,
-                       const float *sin, const long *slots, const int *ctx_lens,
-                       const int *tables, const int *row_seq, int max_blocks, float *scratch,
-                       long max_runs, long parts_rows, int nthreads) {
+                       const float *sin, const float *cos_l, const float *sin_l,
+                       const long *slots, const int *ctx_lens, const int *tables,
+                       const int *row_seq, int max_blocks, float *scratch, long max_runs,
+                       long parts_rows, int nthreads) {
     const int d = s->head_dim, nh = s->heads, nkv = s->kv_heads, H = s->hidden;
     const long qkv_n = (long)(nh + 2 * nkv) * d, T = tile_rows(B);
     float *x = scratch, *qkv = x + T * H, *att = qkv + T * qkv_n, *gu = att + T * (long)nh * d;
     float *act = gu + T * 2L * s->inter, *scores = act + T * (long)s->inter;
     float *parts = scores + (long)nthreads * ((nh / nkv) * run_blocks(s->block_size) * s->block_size + d);
     char *xq = (char *)(parts + parts_rows * nh * max_runs * (d + 2));
-    const float scale = 1.0f / sqrtf((float)d);
+    const float scale = s->scale, m = s->resid_mult;
+    const int rot = s->rot;
     const long cache_head = s->num_blocks * s->block_size * d; /* floats per KV head */
     for (int li = 0; li < n_layers; li++) {
         const dlayer *L = &layers[li];
         for (long b = 0; b < B; b++)
-            add_norm(residual + b * H, h + b * H, li > 0, x + b * H, L->in_norm, H, s->eps);
+            add_norm(residual + b * H, h + b * H, li > 0, x + b * H, L->in_norm, H, s->eps, m);
         if (lin(&L->qkv, x, qkv, B, nthreads, xq)) return -1;
         for (long b = 0; b < B; b++) {
             float *row = qkv + b * qkv_n;
             if (L->q_norm)
                 for (int hh = 0; hh < nh + nkv; hh++)
                     head_norm(row + hh * d, hh < nh ? L->q_norm : L->k_norm, d, s->eps);
-            for (int hh = 0; hh < nh + nkv; hh++) rope(row + hh * d, cos + b * d, sin + b * d, d);
+            if (L->rope >= 0) { /* the first rot dims of each q/k head turn (the rest: partial rotary) */
+                const float *c = (L->rope ? cos_l : cos) + b * rot, *sn = (L->rope ? sin_l : sin) + b * rot;
+                for (int hh = 0; hh < nh + nkv; hh++) rope(row + hh * d, c, sn, rot);
+            }
             for (int kh = 0; kh < nkv; kh++) {
                 const long at = kh * cache_head + slots[b] * d;
                 store_kv(L->k_cache, at, row + (nh + kh) * d, d, s->kv_f16);
@@ -554,20 +592,22 @@ static int tile_layers(int n_layers, const dlayer *layers, const float *final_no
         attention(L, s, qkv, qkv_n, B, ctx_lens, tables, row_seq, max_blocks, max_runs, scale,
                   cache_head, scores, parts, parts_rows, nthreads, att);
         if (lin(&L->o, att, h, B, nthreads, xq)) return -1;
-        for (long b = 0; b < B; b++)
-            add_norm(residual + b * H, h + b * H, 1, x + b * H, L->post_norm, H, s->eps);
+        for (long b = 0; b < B; b++) {
+            if (L->attn_out_norm) head_norm(h + b * H, L->attn_out_norm, H, s->eps);
+            add_norm(residual + b * H, h + b * H, 1, x + b * H, L->post_norm, H, s->eps, m);
+        }
         if (lin(&L->gate_up, x, gu, B, nthreads, xq)) return -1;
         for (long b = 0; b < B; b++) {
             const float *g = gu + b * 2L * s->inter, *u = g + s->inter;
             float *a = act + b * (long)s->inter;
-            for (int i = 0; i < s->inter; i++) a[i] = -g[i];
-            exp_inplace(a, s->inter);
-            for (int i = 0; i < s->inter; i++) a[i] = g[i] / (1.0f + a[i]) * u[i];
+            gated_act(g, u, a, s->inter, s->act);
         }
         if (lin(&L->down, act, h, B, nthreads, xq)) return -1;
+        if (L->ffn_out_norm)
+            for (long b = 0; b < B; b++) head_norm(h + b * H, L->ffn_out_norm, H, s->eps);
     }
     for (long b = 0; b < B; b++)
-        add_norm(residual + b * H, h + b * H, n_layers > 0, x + b * H, final_norm, H, s->eps);
+        add_norm(residual + b * H, h + b * H, n_layers > 0, x + b * H, final_norm, H, s->eps, m);
     memcpy(h, x, B * H * sizeof(float));
     return 0;
 }
@@ -575,15 +615,17 @@ static int tile_layers(int n_layers, const dlayer *layers, const float *final_no
 /* Any step's rows (decode rows, prefill chunks, both) through every layer; every per-row
  * computation depends on that row alone, so the step's make-up changes no bits.
  * h [B, hidden]: in, the embeddings; out, the final norm's output (final_norm [hidden]).
- * residual [B, hidden]: scratch. cos/sin [B, head_dim]. slots [B]. ctx_lens [B]: keys row b
- * sees (its position + 1; its own K/V and its sequence's earlier rows are written first).
+ * residual [B, hidden]: scratch. cos/sin [B, rot]; cos_l/sin_l: the same for Gemma 3's sliding
+ * layers (else the global ones again). slots [B]. ctx_lens [B]: keys row b sees (its position
+ * + 1; its own K/V and its sequence's earlier rows are written first).
  * row_seq [B]: row b's sequence, its block table at tables [row_seq[b], max_blocks]. Rows go
  * ROW_TILE at a time, in order. 0 on success, -1 on bad sizes. */
 int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, const dshape *s,
                   float *h, float *residual, long B, const float *cos, const float *sin,
-                  const long *slots, const int *ctx_lens, const int *tables, const int *row_seq,
-                  int max_blocks, float *scratch, long max_ctx, int nthreads) {
-    const int d = s->head_dim, H = s->hidden;
+                  const float *cos_l, const float *sin_l, const long *slots, const int *ctx_lens,
+                  const int *tables, const int *row_seq, int max_blocks, float *scratch,
+                  long max_ctx, int nthreads) {
+    const int H = s->hidden;
     for (long b = 0; b < B; b++)
         if (ctx_lens[b] < 1 || ctx_lens[b] > max_ctx ||
             ctx_lens[b] > (long)max_blocks * s->block_size || row_seq[b] < 0)
@@ -593,7 +635,8 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
     for (long r0 = 0; r0 < B; r0 += ROW_TILE) {
         const long n = B - r0 < ROW_TILE ? B - r0 : ROW_TILE;
         if (tile_layers(n_layers, layers, final_norm, s, h + r0 * H, residual + r0 * H, n,
-                        cos + r0 * d, sin + r0 * d, slots + r0, ctx_lens + r0, tables,
+                        cos + r0 * s->rot, sin + r0 * s->rot, cos_l + r0 * s->rot,
+                        sin_l + r0 * s->rot, slots + r0, ctx_lens + r0, tables,
                         row_seq + r0, max_blocks, scratch, max_runs, parts_rows, nthreads))
             return -1;
     }

@@ -1,10 +1,12 @@
-"""Steps through decode.c: every decoder layer of a Llama-family model in one C call.
+"""Steps through decode.c: every decoder layer of a dense model in one C call.
 
 Serves every step (decode rows, prompt chunks, mixed) at tensor_parallel_size 1, on CPU in
 float32 with packed weights and a float32 or float16 KV cache: each row's arithmetic depends on
-that row alone, which is what makes a request's output bitwise batch-invariant. TP, float
-checkpoints and the other families run the torch modules, which are the reference
-(tests/model/test_fused_decode.py compares both on the same steps).
+that row alone, which is what makes a request's output bitwise batch-invariant. The layer is
+Llama's with the dense families' variations as data (Gemma's sandwich and (1 + w) norms,
+GELU-tanh, soft-cap and local RoPE, sliding windows, NoPE layers, partial rotary, Granite's
+multipliers). TP, float checkpoints and routed experts run the torch modules, which are the
+reference (tests/model/test_fused_decode.py and test_families_parity.py compare both).
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ class _Layer(ctypes.Structure):
         ("k_norm", _p),
         ("k_cache", _p),
         ("v_cache", _p),
+        ("attn_out_norm", _p),
+        ("ffn_out_norm", _p),
+        ("window", _i),
+        ("rope", _i),
     ]
 
 
@@ -71,7 +77,14 @@ class _Shape(ctypes.Structure):
         ("num_blocks", _l),
         ("block_size", _i),
         ("kv_f16", _i),
+        ("scale", _f),
+        ("softcap", _f),
+        ("resid_mult", _f),
+        ("act", _i),
+        ("rot", _i),
     ]
+
+ACTS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1}  # decode.c's gated activations
 
 
 def _lin(module: nn.Module) -> _Lin:
@@ -102,40 +115,59 @@ class FusedDecode:
     """Binds one model's packed weights and KV cache to decode.c (built when the model fits)."""
 
     def __init__(self, model: nn.Module, block_size: int) -> None:
-        inner = model.model
-        layers = inner.layers
-        attn0 = layers[0].self_attn
+        inner, cfg = model.model, model.config
+        attn0 = inner.layers[0].self_attn
         self.model, self.block_size = model, block_size
+        self.folded: list[torch.Tensor] = []  # Gemma's (1 + w) norm weights, as decode.c reads them
         self.shape = _Shape(
-            model.config.hidden_size,
+            cfg.hidden_size,
             attn0.num_heads,
             attn0.num_kv_heads,
             attn0.head_dim,
-            model.config.intermediate_size,
+            cfg.intermediate_size,
             inner.norm.eps,
             attn0.attn.k_cache.shape[1],
             block_size,
             int(attn0.attn.k_cache.dtype == torch.float16),
+            attn0.attn.scale,
+            attn0.attn.logits_soft_cap or 0.0,
+            cfg.residual_multiplier,
+            ACTS[cfg.hidden_act],
+            inner.rotary_emb.rotary_dim,
         )
-        table = []
-        for layer in layers:
-            a, m = layer.self_attn, layer.mlp
-            table.append(
-                _Layer(
-                    _lin(a.qkv_proj),
-                    _lin(a.o_proj),
-                    _lin(m.gate_up_proj),
-                    _lin(m.down_proj),
-                    layer.input_layernorm.weight.data_ptr(),
-                    layer.post_attention_layernorm.weight.data_ptr(),
-                    a.q_norm.weight.data_ptr() if a.q_norm is not None else None,
-                    a.k_norm.weight.data_ptr() if a.k_norm is not None else None,
-                    a.attn.k_cache.data_ptr(),
-                    a.attn.v_cache.data_ptr(),
-                )
-            )
-        self.layers = (_Layer * len(table))(*table)
+        self.layers = (_Layer * len(inner.layers))(*map(self._layer, inner.layers))
+        self.final_norm = self._norm(inner.norm)
         self.scratch = torch.empty(0)
+
+    def _norm(self, norm: nn.Module | None) -> int | None:
+        """The weight decode.c multiplies by: w, or Gemma's 1 + w computed as the torch norm does."""
+        if norm is None:
+            return None
+        if not getattr(norm, "offset", 0.0):
+            return norm.weight.data_ptr()
+        self.folded.append((norm.offset + norm.weight.float()).contiguous())
+        return self.folded[-1].data_ptr()
+
+    def _layer(self, layer: nn.Module) -> _Layer:
+        a, m = layer.self_attn, layer.mlp
+        sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma: norms after each branch
+        local = a.is_sliding and self.model.model.rotary_emb_local is not None
+        return _Layer(
+            _lin(a.qkv_proj),
+            _lin(a.o_proj),
+            _lin(m.gate_up_proj),
+            _lin(m.down_proj),
+            self._norm(layer.input_layernorm),
+            self._norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+            self._norm(a.q_norm),
+            self._norm(a.k_norm),
+            a.attn.k_cache.data_ptr(),
+            a.attn.v_cache.data_ptr(),
+            self._norm(layer.post_attention_layernorm) if sandwich else None,
+            self._norm(layer.post_feedforward_layernorm) if sandwich else None,
+            a.attn.sliding_window or 0,
+            (1 if local else 0) if a.uses_rope else -1,
+        )
 
     @staticmethod
     def build(model: nn.Module, block_size: int) -> FusedDecode | None:
@@ -177,8 +209,11 @@ class FusedDecode:
         """input_ids, positions [T] -> final-normed hidden states [T, hidden] (norm in C too)."""
         inner = self.model.model
         b = input_ids.shape[0]
-        h = inner.embed_tokens(input_ids).contiguous()  # [T, hidden]
-        cos, sin = inner.rotary_emb.cos_sin(positions, torch.float32)  # [T, 1, D] each
+        h = inner.embed(input_ids).contiguous()  # [T, hidden] (Gemma's and Granite's scaled)
+        cos, sin = inner.rotary_emb.cos_sin(positions, torch.float32)  # [T, 1, rot] each
+        cos_l, sin_l = cos, sin
+        if inner.rotary_emb_local is not None:  # Gemma 3's sliding layers
+            cos_l, sin_l = inner.rotary_emb_local.cos_sin(positions, torch.float32)
         residual = torch.empty_like(h)
         max_blocks = max(len(t) for t in block_tables)
         tables = torch.tensor(
@@ -198,8 +233,9 @@ class FusedDecode:
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need)
         rc = lib.decode_layers(
-            len(self.layers), self.layers, inner.norm.weight.data_ptr(), ctypes.byref(self.shape),
-            h.data_ptr(), residual.data_ptr(), b, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+            len(self.layers), self.layers, self.final_norm, ctypes.byref(self.shape),
+            h.data_ptr(), residual.data_ptr(), b, cos.data_ptr(), sin.data_ptr(), cos_l.data_ptr(),
+            sin_l.data_ptr(), slots.data_ptr(),
             ctx.data_ptr(), tables.data_ptr(), seqs.data_ptr(), max_blocks,
             self.scratch.data_ptr(), max_ctx, threads,
         )  # fmt: skip

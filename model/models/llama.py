@@ -10,6 +10,7 @@ from torch import nn
 from model.config import ModelConfig
 from model.layers.attention import Attention, AttentionMetadata
 from model.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from model.layers.fused_decode import ACTS
 from model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from model.layers.norm import ResidualRMSNorm, RMSNorm
 from model.layers.rotary import RotaryEmbedding
@@ -221,25 +222,11 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def fits_fused_decode(self) -> bool:
-        """decode.c's layer: Llama attention, Qwen3's per-head q/k RMSNorm allowed (no window,
-        soft-cap, NoPE, partial rotary, Gemma's (1 + w) norms or multipliers; any rope scaling:
-        it takes the torch cos/sin) and a SwiGLU MLP."""
-        cfg = self.config
-        attn = self.model.layers[0].self_attn
-        return (
-            (not cfg.qk_norm or (type(attn) is LlamaAttention and attn.norm_offset == 0.0))
-            and cfg.sliding_window is None
-            and cfg.attn_logit_softcapping is None
-            and cfg.final_logit_softcapping is None
-            and not cfg.rope_layers
-            and cfg.partial_rotary_factor == 1.0
-            and cfg.rope_local_theta is None
-            and cfg.hidden_act == "silu"
-            and cfg.embedding_multiplier == cfg.residual_multiplier == cfg.logits_scaling == 1.0
-            and cfg.attention_multiplier is None
-            and cfg.query_pre_attn_scalar is None
-            and type(self.model) is LlamaModel
-        )
+        """decode.c's layer: Llama's or Gemma's (sandwich norms, (1 + w) weights, GELU-tanh,
+        attention soft-cap), per-head q/k norms, sliding windows, NoPE layers, partial rotary,
+        Granite's multipliers and any rope scaling (it takes the torch cos/sin); the MoE
+        families override it."""
+        return self.config.hidden_act in ACTS and isinstance(self.model, LlamaModel)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

@@ -103,13 +103,15 @@ def family_model(name: str):
         d["max_position_embeddings"] = 2 * orig
         cfg = tf.Phi3Config(**d, rope_parameters=rope, original_max_position_embeddings=orig)
         return tf.Phi3ForCausalLM(cfg)
-    if name == "qwen2_yarn":  # Llama-shaped: the one family here that decode.c serves
+    if name == "qwen2_yarn":
         rope = dict(
             rope_type="yarn", factor=4.0, original_max_position_embeddings=1024, rope_theta=1e6
         )
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**d, rope_parameters=rope))
     if name == "mistral":
-        return tf.MistralForCausalLM(tf.MistralConfig(**d, head_dim=16, sliding_window=WINDOW))
+        # head_dim 64: decode.c's unrolled attention (16 keys a tree) with the window's first key
+        # inside a chunk of 16
+        return tf.MistralForCausalLM(tf.MistralConfig(**d, head_dim=64, sliding_window=WINDOW))
     return moe_model(name, d)
 
 

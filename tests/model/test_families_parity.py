@@ -195,21 +195,32 @@ def test_graph_padded_decode_keeps_windows(family_checkpoint, family: str) -> No
     torch.testing.assert_close(padded, eager, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("qwen2_yarn", "qwen3")])
-def test_packed_families_are_refused_by_fused_decode(family_checkpoint, tiny_checkpoint, family):
-    """decode.c serves the Llama layer (and Qwen3's q/k norm) only: packed weights of every other
-    layer (Gemma's norms, window, soft-cap, GELU, NoPE, partial or scaled rotary, multipliers)
-    stay on the torch path, while the Llama-shaped tiny checkpoint, packed the same way, takes
-    decode.c."""
+def test_families_run_through_decode_c(family_checkpoint, family) -> None:
+    """Every dense family's layer in decode.c: Gemma's sandwich (1 + w) norms, GELU-tanh, soft-cap,
+    query_pre_attn_scalar and local RoPE base, sliding windows (the prompts cross WINDOW, in
+    prompt chunks and decode rows), NoPE layers, partial rotary, Granite's multipliers; against
+    the torch layers on the same steps, float32 activations (both sides round alike)."""
     from model.layers import kernels
+    from tests.model.test_fused_decode import decode_steps
 
+    if kernels.load() is None:
+        pytest.skip("the C kernels did not compile on this machine")
     kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
-    runner = ModelRunner(str(family_checkpoint(family)), **kw)
-    assert runner.model.model.layers[0].mlp.down_proj.quant is not None  # packed, yet refused
-    assert runner.fused is None and not runner.model.fits_fused_decode
-    if kernels.load() is not None:  # the C kernels compiled on this machine
-        assert ModelRunner(str(tiny_checkpoint("llama")), **kw).fused is not None
+    runner = ModelRunner(str(family_checkpoint(family)), activation_dtype="float32", **kw)
+    fused = runner.fused
+    assert fused is not None and runner.model.fits_fused_decode
+    drv, ids = Driver(runner), prompt(40, 1)
+    for start in (0, 13, 26, 39):  # prompt chunks: each row's window inside decode.c
+        step = drv.step([("a", ids[start : start + 13], start)])
+        runner.fused = None
+        ref = runner.compute_logits(step)
+        runner.fused = fused
+        torch.testing.assert_close(runner.compute_logits(step), ref, rtol=1e-4, atol=1e-4)
+    for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=12):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
 
 
 @pytest.mark.timeout(120)

@@ -59,7 +59,7 @@ def test_q8_0_gguf_packed_matches_its_dequantized_weights(family_gguf, family) -
     for layer in packed.model.model.layers:
         for linear in (layer.self_attn.qkv_proj, layer.mlp.gate_up_proj):
             assert linear.quant is not None and linear.quant.fmt.bits == 8
-    assert (packed.fused is not None) == (family == "qwen3")  # decode.c knows Qwen3's layer
+    assert packed.fused is not None  # decode.c: Qwen3's q/k norms, Phi-3's partial rotary
     ids = prompt(37, seed=1)
     a = packed.compute_logits(Driver(packed).step([("a", ids, 0)]))[0].log_softmax(-1)
     b = plain.compute_logits(Driver(plain).step([("a", ids, 0)]))[0].log_softmax(-1)
