@@ -84,6 +84,7 @@ class _Shape(ctypes.Structure):
         ("rot", _i),
     ]
 
+
 ACTS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1}  # decode.c's gated activations
 
 
@@ -140,7 +141,7 @@ class FusedDecode:
         self.scratch = torch.empty(0)
 
     def _norm(self, norm: nn.Module | None) -> int | None:
-        """The weight decode.c multiplies by: w, or Gemma's 1 + w computed as the torch norm does."""
+        """The weight decode.c multiplies by: w, or Gemma's 1 + w computed as the torch norm is."""
         if norm is None:
             return None
         if not getattr(norm, "offset", 0.0):
@@ -152,13 +153,14 @@ class FusedDecode:
         a, m = layer.self_attn, layer.mlp
         sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma: norms after each branch
         local = a.is_sliding and self.model.model.rotary_emb_local is not None
+        mid = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
         return _Layer(
             _lin(a.qkv_proj),
             _lin(a.o_proj),
             _lin(m.gate_up_proj),
             _lin(m.down_proj),
             self._norm(layer.input_layernorm),
-            self._norm(layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm),
+            self._norm(mid),
             self._norm(a.q_norm),
             self._norm(a.k_norm),
             a.attn.k_cache.data_ptr(),
