@@ -64,6 +64,22 @@ class LlamaShape:
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
     context_length: int = 131072
+    arch: str = "llama"  # GGUF architecture: llama, qwen3 (q/k norms) or gemma3
+    sliding_window: int = 0  # gemma3: its local layers' window (five of every six layers)
+
+
+# 1B-class shapes of the other families (issue 22's speed targets), the same SmolLM2 vocabulary:
+# Qwen3 with Llama-1B's widths and Qwen3's heads (16 query / 8 KV of 128, q/k norms, rope 1e6:
+# 1.01B layer weights against Llama's 0.97B), and Gemma-3-1B's own shape (hidden 1152, 26
+# layers, 4 query / 1 KV head of 256, MLP 6912, window 512 on five layers of six, GELU-tanh,
+# sandwich norms).
+ARCH_SHAPES = {
+    "qwen3": dict(arch="qwen3", num_attention_heads=16, head_dim=128, rope_theta=1e6,
+                  rms_norm_eps=1e-6, rope_factor=None, context_length=40960),
+    "gemma3": dict(arch="gemma3", hidden_size=1152, num_hidden_layers=26, num_attention_heads=4,
+                   num_key_value_heads=1, head_dim=256, intermediate_size=6912, rope_theta=1e6,
+                   rms_norm_eps=1e-6, rope_factor=None, context_length=32768, sliding_window=512),
+}  # fmt: skip
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:
@@ -142,6 +158,8 @@ def tensor_plan(shape: LlamaShape, vocab: int, kind: str, embd_kind: str) -> lis
     plan: list[tuple] = [("token_embd.weight", (vocab, h), embd_kind, 0.02)]
     if shape.rope_factor is not None:
         plan.append(("rope_freqs.weight", (shape.head_dim // 2,), "f32", "rope"))
+    # norms are written as 1: for Gemma the file holds 1 + w, as convert_hf_to_gguf writes it
+    qk = [("attn_q_norm", shape.head_dim), ("attn_k_norm", shape.head_dim)]
     for i in range(shape.num_hidden_layers):
         p = f"blk.{i}."
         plan += [
@@ -150,11 +168,19 @@ def tensor_plan(shape: LlamaShape, vocab: int, kind: str, embd_kind: str) -> lis
             (p + "attn_k.weight", (kv, h), kind, 0.02),
             (p + "attn_v.weight", (kv, h), kind, 0.02),
             (p + "attn_output.weight", (h, q), kind, 0.02),
+        ]
+        if shape.arch != "llama":
+            plan += [(p + name + ".weight", (n,), "f32", None) for name, n in qk]
+        if shape.arch == "gemma3":
+            plan.append((p + "post_attention_norm.weight", (h,), "f32", None))
+        plan += [
             (p + "ffn_norm.weight", (h,), "f32", None),
             (p + "ffn_gate.weight", (shape.intermediate_size, h), kind, 0.02),
             (p + "ffn_up.weight", (shape.intermediate_size, h), kind, 0.02),
             (p + "ffn_down.weight", (h, shape.intermediate_size), kind, 0.02),
         ]
+        if shape.arch == "gemma3":
+            plan.append((p + "post_ffw_norm.weight", (h,), "f32", None))
     plan.append(("output_norm.weight", (h,), "f32", None))
     return plan
 
@@ -209,8 +235,8 @@ def write_gguf(
     out: Path, kind: str, seed: int, source: str, shape: LlamaShape, embd_kind: str
 ) -> tuple[int, int]:
     """Write the model; returns (tensor count, file bytes)."""
-    writer = gguf.GGUFWriter(str(out), "llama")
-    writer.add_name(f"random Llama-3.2-1B-shaped {kind.upper()} (tokenmill benchmark)")
+    writer = gguf.GGUFWriter(str(out), shape.arch)
+    writer.add_name(f"random 1B-class {shape.arch} {kind.upper()} (tokenmill benchmark)")
     writer.add_file_type(FILE_TYPES[kind])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_block_count(shape.num_hidden_layers)
@@ -224,6 +250,8 @@ def write_gguf(
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_layer_norm_rms_eps(shape.rms_norm_eps)
+    if shape.sliding_window:
+        writer.add_sliding_window(shape.sliding_window)
     vocab = copy_tokenizer(writer, source)
     writer.add_vocab_size(vocab)
     plan = tensor_plan(shape, vocab, kind, embd_kind)
@@ -263,18 +291,21 @@ def main(argv: list[str] | None = None) -> int:
         help="tied embedding / LM head type (default: llama-quantize's, Q6_K for q4_0)",
     )
     ap.add_argument("--rope", choices=("llama3", "plain"), default="llama3")
+    ap.add_argument("--arch", choices=("llama", *ARCH_SHAPES), default="llama")
     ap.add_argument("--tokenizer-from", default=None, help="GGUF to copy tokenizer.* from")
     args = ap.parse_args(argv)
     shape = LlamaShape()
     if args.rope == "plain":
         shape = LlamaShape(rope_factor=None, context_length=shape.original_max_position_embeddings)
+    if args.arch != "llama":
+        shape = LlamaShape(**ARCH_SHAPES[args.arch])
     embd_kind = args.embd_type or DEFAULT_EMBD_TYPE[args.kind]
     source = args.tokenizer_from or default_source()
     t0 = time.perf_counter()
     count, size = write_gguf(args.out, args.kind, args.seed, source, shape, embd_kind)
     print(
         f"wrote {args.out}: {count} tensors, {size / 2**20:.0f} MiB, layers {args.kind}, "
-        f"token_embd {embd_kind}, rope {args.rope}, in {time.perf_counter() - t0:.0f} s"
+        f"token_embd {embd_kind}, arch {shape.arch}, in {time.perf_counter() - t0:.0f} s"
     )
     return 0
 

@@ -228,11 +228,11 @@ def test_the_kernels_are_built_for_the_capped_isa() -> None:
 @pytest.mark.skipif("TOKENMILL_CPU_ISA" in os.environ, reason="already capped")
 def test_an_avx2_host_runs_the_same_steps(smollm2_gguf) -> None:
     """Hosts without AVX-512 (AMD Zen 3) build decode.c and qdot.c's panels for AVX2: this
-    module's GGUF tests, float32 and int8, pass in a process whose kernels are capped to it."""
+    module's int8 GGUF test passes in a process whose kernels are capped to it."""
     if kernels.load("avx2") is None:
         pytest.skip("this host cannot build the AVX2 kernels")
-    select = "capped_isa or fused_int8_decode_on_the_smollm2 or smollm2_gguf and 8-auto"
+    select = "capped_isa or fused_int8_decode_on_the_smollm2"
     env = {**os.environ, "TOKENMILL_CPU_ISA": "avx2"}
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", select]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
-    assert r.returncode == 0 and "3 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "2 passed" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
