@@ -3,7 +3,11 @@ acceptance, and whether the replies are identical (greedy).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/spec_decode.py [--model PATH] [--streams 1]
         [--max-tokens 128] [--spec '{"method": "ngram", "num_speculative_tokens": 4, ...}']
-        [--no-gate]
+        [--no-gate] [--peer-binary LLAMA_SERVER [--peer-spec "--spec-type ngram-simple ..."]]
+
+With --peer-binary, llama-server serves the same token prompts (one at a time, greedy, no prompt
+cache) without and with its own speculation (--peer-spec: its flags), and the table adds its
+decode tok/s (timings.predicted_n / predicted_ms) and draft counts (timings.draft_n, _accepted).
 
 Grounded prompts carry a passage or code the answer copies or lightly edits; free-form prompts
 ask for stories and explanations. Each workload runs once without and once with speculation on
@@ -14,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import socket
 import subprocess
 import sys
 import time
 
+import httpx
 import torch
 
 from model.sampling_params import SamplingParams
@@ -117,6 +124,62 @@ def measure(args: argparse.Namespace) -> dict:
     return out
 
 
+def peer(args: argparse.Namespace, spec: str, workloads: dict[str, list]) -> dict:
+    """llama-server on the same token prompts, one at a time: decode tok/s and drafts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [args.peer_binary, "-m", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "-c", "4096", "--parallel", "1", "-t", str(args.threads), "-tb", str(args.threads),
+           "--no-webui", *shlex.split(spec)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url, out = f"http://127.0.0.1:{port}", {}
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)  # NOTE: polling a child process's start-up, not synchronising a test
+        for workload, prompts in workloads.items():
+            n = ms = drafted = accepted = 0
+            outputs = []
+            for p in prompts:
+                body = {"prompt": p, "n_predict": args.max_tokens, "temperature": 0.0,
+                        "cache_prompt": False, "return_tokens": True}  # fmt: skip
+                r = httpx.post(f"{url}/completion", json=body, timeout=600).json()
+                t = r["timings"]
+                n, ms = n + t["predicted_n"] - 1, ms + t["predicted_ms"]
+                drafted += t.get("draft_n", 0)
+                accepted += t.get("draft_n_accepted", 0)
+                outputs.append(r.get("tokens", []))
+            out[workload] = dict(tok_s=1000 * n / ms, drafted=drafted, accepted=accepted,
+                                 outputs=outputs)  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    return out
+
+
+def peer_rows(args: argparse.Namespace, res: dict) -> None:
+    """llama-server without and with its speculation, beside tokenmill's speculative run."""
+    from model.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    workloads = {w: [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+                 for w, texts in (("grounded", GROUNDED), ("free-form", FREE_FORM))}  # fmt: skip
+    off, on = peer(args, "", workloads), peer(args, args.peer_spec, workloads)
+    for w in workloads:
+        ours = res["spec"][w]["tok_s"]
+        print(
+            f"{w:9s} llama-server: off {off[w]['tok_s']:6.1f} tok/s, spec {on[w]['tok_s']:6.1f} "
+            f"tok/s ({on[w]['tok_s'] / off[w]['tok_s']:.2f}x), accepted {on[w]['accepted']}/"
+            f"{on[w]['drafted']}, identical {off[w]['outputs'] == on[w]['outputs']}; tokenmill "
+            f"spec / llama-server spec {ours / on[w]['tok_s']:.2f}x"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None)
@@ -125,8 +188,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--spec", type=json.loads, default=NGRAM)
     ap.add_argument("--no-gate", action="store_true", help="draft even where it does not pay")
+    ap.add_argument("--peer-binary", default=None, help="llama-server to compare against")
+    ap.add_argument(
+        "--peer-spec",
+        default="--spec-type ngram-simple --spec-ngram-simple-size-n 4 "
+        "--spec-ngram-simple-size-m 6",
+        help="llama-server's speculation flags",
+    )
     ap.add_argument("--config", choices=("off", "spec"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.peer_binary and args.model is None:
+        from scheduler.config import default_model_path
+
+        args.model = default_model_path()
     if args.config:  # NOTE: one engine per process: two engines' kernel threads compete
         print(json.dumps(measure(args)))
         return
@@ -144,6 +218,8 @@ def main() -> None:
             f"{on['tokens_per_step']:.2f}, accepted {on['accepted']}/{on['drafted']} "
             f"({100 * rate:.0f}%), identical {off['outputs'] == on['outputs']}"
         )
+    if args.peer_binary:
+        peer_rows(args, res)
 
 
 if __name__ == "__main__":
