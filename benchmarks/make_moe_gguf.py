@@ -6,11 +6,12 @@ issue 23: hidden 2048, 24 layers, 64 experts (top-8, expert FFN 768), 32 query /
     llama-quantize --allow-requantize /tmp/moe-q8_0.gguf /tmp/moe-q4_k_m.gguf Q4_K_M  # ~4.5 GB
 
 (`--type f16` writes the unquantized source llama-quantize prefers, ~15 GB; `--type q4_0` a file
-tokenmill and llama-server read as is.) The expert tensors are written as llama.cpp stores them,
-stacked [experts, rows, cols] (`ffn_{gate,up,down}_exps`), generated and quantized one expert at
-a time, so the peak memory is one expert's float rows plus one stacked quantized tensor. The
-router `ffn_gate_inp` stays F32, as llama-quantize leaves it. The vocabulary and `tokenizer.*`
-metadata are the default SmolLM2 GGUF's (make_llama_gguf.copy_tokenizer).
+tokenmill and llama-server read as is; `--layers 4` a reduced model for quick timings.) The
+expert tensors are written as llama.cpp stores them, stacked [experts, rows, cols]
+(`ffn_{gate,up,down}_exps`), generated and quantized one expert at a time, so the peak memory is
+one expert's float rows plus one stacked quantized tensor. The router `ffn_gate_inp` stays F32,
+as llama-quantize leaves it. The vocabulary and `tokenizer.*` metadata are the default SmolLM2
+GGUF's (make_llama_gguf.copy_tokenizer).
 """
 
 from __future__ import annotations
@@ -128,11 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--type", choices=sorted(FILE_TYPES), default="q8_0", dest="kind")
     ap.add_argument("--out", type=Path, required=True, help="GGUF file to write")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=MoeShape.num_hidden_layers,
+                    help="decoder layers (fewer: a reduced model for quick timings)")  # fmt: skip
     ap.add_argument("--tokenizer-from", default=None, help="GGUF to copy tokenizer.* from")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     source = args.tokenizer_from or mk.default_source()
-    count, size = write_gguf(args.out, args.kind, args.seed, source, MoeShape())
+    shape = MoeShape(num_hidden_layers=args.layers)
+    count, size = write_gguf(args.out, args.kind, args.seed, source, shape)
     print(f"wrote {args.out}: {count} tensors, {size / 2**20:.0f} MiB, {args.kind}, "
           f"in {time.perf_counter() - t0:.0f} s")  # fmt: skip
     return 0

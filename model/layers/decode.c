@@ -3,6 +3,8 @@
  *   K/V -> paged cache;
  *   a = softmax(q K^T / sqrt(d)) V over the row's keys; h = a Wo^T;
  *   residual += h; x = RMSNorm(residual); h = (silu(x Wg^T) * x Wu^T) Wd^T
+ *   (or, in a sparse MoE layer, h = the sum over the row's top-k experts of weight * that
+ *   expert's SwiGLU of x, + a sigmoid-gated shared expert: moe_block)
  * for every layer, with packed weights (quant.c, float32 activations) or GGUF blocks (qdot.c,
  * int8 activations), then the final RMSNorm. At one stream a step is ~30 layers x ~60 small torch
  * ops, whose dispatch (~3 us each) costs more than reading the 4-bit weights; here it is one
@@ -51,6 +53,14 @@ typedef struct { /* one linear: quant.py's QuantTensor, or (nparts > 0) qdot.py'
     long rows[MAX_PARTS], row_bytes[MAX_PARTS];
 } dlin;
 
+typedef struct { /* a sparse MoE block (experts.py's FusedMoE, moe.py's SparseMoeBlock) */
+    const float *router;            /* [experts, hidden] float32 */
+    const dlin *gate_up, *down;     /* [experts] each: every expert's packed weights, no copies */
+    const dlin *sh_gate_up, *sh_down; /* Qwen2-MoE's shared expert, or NULL */
+    const float *sh_gate;           /* [hidden]: the shared expert's sigmoid gate */
+    int experts, top_k, inter, norm_topk, sh_inter;
+} dmoe;
+
 typedef struct {
     dlin qkv, o, gate_up, down;
     const float *in_norm, *post_norm; /* [hidden] */
@@ -59,6 +69,7 @@ typedef struct {
     const float *attn_out_norm, *ffn_out_norm; /* Gemma's norms after attention and the MLP */
     int window; /* a sliding layer's keys (Mistral, Gemma): the last `window`; 0: all */
     int rope;   /* 0: the global cos/sin, 1: the local (Gemma 3's sliding layers), -1: NoPE */
+    const dmoe *moe; /* routed experts in place of gate_up/down, or NULL (dense) */
 } dlayer;
 
 typedef struct {
@@ -72,6 +83,7 @@ typedef struct {
     float resid_mult; /* Granite's residual multiplier (1 elsewhere) */
     int act;          /* the gated MLP's: 0 SiLU, 1 GELU-tanh (Gemma) */
     int rot;          /* rotary dims of a head (Phi-3's partial rotary: < head_dim) */
+    int experts, top_k, moe_inter; /* the widest MoE block (moe_inter: routed or shared), or 0 */
 } dshape;
 
 #if defined(__AVX512F__)
@@ -172,19 +184,27 @@ static void exp_inplace(float *a, long n) {
 }
 #endif
 
-/* y [m, out] = x W^T (+ bias); GGUF-block parts quantize x once per activation kind into xq */
-static int lin(const dlin *l, const float *x, float *y, long m, int nt, char *xq) {
-    if (l->nparts == 0)
-        return qgemm(x, l->in, l->q, l->scales, l->mins, l->bits, l->group, l->f32, l->bias, y,
-                     l->out, m, l->in, l->out, nt);
-    char *act[2] = {xq, xq + m * qx_row_bytes(l->in, 0)};
-    int done[2] = {0, 0};
-    long at = 0;
+/* x's m rows quantized into xq for each activation kind l's parts need: act[k] (kind k's rows);
+ * done[k] says which kinds were made. 0, or -1 on a type or size qdot.c does not take. */
+static int quantize_for(const dlin *l, const float *x, long m, int nt, char *xq, char *act[2],
+                        int done[2]) {
+    act[0] = xq, act[1] = xq + m * qx_row_bytes(l->in, 0);
+    done[0] = done[1] = 0;
     for (int p = 0; p < l->nparts; p++) {
         const int k = qx_act_kind(l->types[p]);
         if (k < 0) return -1;
         if (!done[k] && qx_quantize(x, l->in, m, l->in, k, act[k], nt)) return -1;
         done[k] = 1;
+    }
+    return 0;
+}
+
+/* y [m, out] = x W^T (+ bias) for GGUF-block parts, x already quantized (act[k]: kind k's rows) */
+static int lin_parts(const dlin *l, char *const act[2], float *y, long m, int nt) {
+    long at = 0;
+    for (int p = 0; p < l->nparts; p++) {
+        const int k = qx_act_kind(l->types[p]);
+        if (k < 0) return -1;
         const float *b = l->bias ? l->bias + at : NULL;
         const int rc = l->panel[p]
             ? px_gemm(l->types[p], l->data[p], l->rows[p], l->in, act[k], m, y + at, l->out, b, nt)
@@ -194,6 +214,17 @@ static int lin(const dlin *l, const float *x, float *y, long m, int nt, char *xq
         at += l->rows[p];
     }
     return 0;
+}
+
+/* y [m, out] = x W^T (+ bias); GGUF-block parts quantize x once per activation kind into xq */
+static int lin(const dlin *l, const float *x, float *y, long m, int nt, char *xq) {
+    if (l->nparts == 0)
+        return qgemm(x, l->in, l->q, l->scales, l->mins, l->bits, l->group, l->f32, l->bias, y,
+                     l->out, m, l->in, l->out, nt);
+    char *act[2];
+    int done[2];
+    if (quantize_for(l, x, m, nt, xq, act, done)) return -1;
+    return lin_parts(l, act, y, m, nt);
 }
 
 /* residual += h * mult (or = h for the first layer), x = residual / rms(residual) * w, one row
@@ -225,6 +256,13 @@ static void gated_act(const float *g, const float *u, float *a, int n, int act) 
         for (int i = 0; i < n; i++) a[i] = -g[i];
     exp_inplace(a, n);
     for (int i = 0; i < n; i++) a[i] = g[i] / (1.0f + a[i]) * u[i];
+}
+
+/* act [m, inter] = act(g) * u for gu rows [g | u] of 2 * inter (an expert's: SiLU) */
+static void gated_rows(const float *gu, float *act, long m, int inter, int kind) {
+    for (long b = 0; b < m; b++)
+        gated_act(gu + b * 2L * inter, gu + b * 2L * inter + inter, act + b * (long)inter, inter,
+                  kind);
 }
 
 /* x = [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]; cos, sin as RotaryEmbedding.cos_sin gives
@@ -488,18 +526,36 @@ static long parts_rows_of(const dshape *s, long B, long max_ctx) {
     return r < 1 ? 1 : r > tile_rows(B) ? tile_rows(B) : r;
 }
 
+/* floats of the int8 activation scratch a tile's rows need (both block kinds of the widest input:
+ * ~3.1 bytes a value, of 4) */
+static long xq_floats(const dshape *s) {
+    long widest = s->inter > s->hidden ? s->inter : s->hidden;
+    if ((long)s->heads * s->head_dim > widest) widest = (long)s->heads * s->head_dim;
+    return widest > s->moe_inter ? widest : s->moe_inter;
+}
+
+/* floats of the MoE scratch for T rows: probabilities, weights, ids and grouping, every (row,
+ * choice)'s expert output, the layer input's int8 rows; then each thread's own: gathered rows
+ * (float and int8), an expert's SwiGLU and its int8 rows for down */
+static long moe_thread_floats(const dshape *s, long T) {
+    return T * (4L * s->moe_inter + 2L * s->hidden);
+}
+static long moe_floats(const dshape *s, long T, int nthreads) {
+    if (s->experts < 1) return 0;
+    const long E = s->experts, K = s->top_k, H = s->hidden;
+    return T * (E + 4 * K) + 3 * (E + 1) + T * K * H + T * H +
+           (long)nthreads * moe_thread_floats(s, T);
+}
+
 /* scratch floats decode_layers needs for B rows and contexts up to max_ctx */
 long decode_scratch(const dshape *s, long B, long max_ctx, int nthreads) {
     const long T = tile_rows(B), d = s->head_dim;
     long qkv = (long)(s->heads + 2 * s->kv_heads) * d;
     long group = s->heads / s->kv_heads;
-    long widest = s->inter > s->hidden ? s->inter : s->hidden;
-    if ((long)s->heads * d > widest) widest = (long)s->heads * d;
     const long parts = parts_rows_of(s, B, max_ctx) * row_parts(s, max_ctx);
-    return T * (s->hidden + qkv + (long)s->heads * d + 3L * s->inter) +
-           T * widest + /* int8 activations, both block kinds: ~3.1 bytes a value (of 4) */
+    return T * (s->hidden + qkv + (long)s->heads * d + 3L * s->inter) + T * xq_floats(s) +
            (long)nthreads * (group * run_blocks(s->block_size) * s->block_size + d) + /* runs */
-           parts;
+           parts + moe_floats(s, T, nthreads);
 }
 
 /* att [B, heads * d] for one layer, rows a sub-tile at a time (parts: [row][head][run]) */
@@ -553,6 +609,144 @@ static void attention(const dlayer *L, const dshape *s, const float *qkv, long q
 #undef LO
 }
 
+/* Routing of B rows x [B, H], as experts.py's FusedMoE.route: logits = x Wr^T in float32 (one
+ * dot a logit), softmax, the top_k probabilities in descending order (equal ones: the lower
+ * expert id first, as route's stable sort), renormalized to sum to 1 where norm_topk says.
+ * p [B, experts]: the probabilities; ids, wts [B, top_k]. Every row is its own. 0, or -1. */
+int moe_route(const float *router, int experts, int top_k, int norm_topk, const float *x, long B,
+              int H, float *p, int *ids, float *wts, int nthreads) {
+    const int E = experts, K = top_k;
+    if (E < 1 || K < 1 || K > E) return -1;
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (B * E * (long)H >= 262144)
+    for (long be = 0; be < B * E; be++)
+        p[be] = dot(x + be / E * H, router + be % E * (long)H, H);
+    for (long b = 0; b < B; b++) {
+        float *pb = p + b * E, mx = pb[0], sum = 0.0f;
+        for (int e = 1; e < E; e++) mx = pb[e] > mx ? pb[e] : mx;
+        for (int e = 0; e < E; e++) pb[e] -= mx;
+        exp_inplace(pb, E);
+        for (int e = 0; e < E; e++) sum += pb[e];
+        for (int e = 0; e < E; e++) pb[e] /= sum;
+        int *id = ids + b * K;
+        float *w = wts + b * K, tot = 0.0f;
+        for (int j = 0; j < K; j++) { /* strict >: of equal ones the lowest id not yet taken */
+            int best = -1;
+            for (int e = 0; e < E; e++) {
+                int taken = 0;
+                for (int i = 0; i < j; i++) taken |= id[i] == e;
+                if (!taken && (best < 0 || pb[e] > pb[best])) best = e;
+            }
+            id[j] = best, w[j] = pb[best];
+        }
+        if (norm_topk) {
+            for (int j = 0; j < K; j++) tot += w[j];
+            for (int j = 0; j < K; j++) w[j] /= tot;
+        }
+    }
+    return 0;
+}
+
+/* gu [n, 2 inter] = expert rows tok[0..n) through its gate_up: int8 rows gathered from the
+ * layer input's quantized rows (act, kinds done), or float rows gathered from x into xe */
+static int expert_gate_up(const dlin *l, const float *x, char *const act[2], const int done[2],
+                          const int *tok, long n, long T, float *xe, char *xqg, float *gu, int nt) {
+    const long H = l->in;
+    if (l->nparts == 0) {
+        for (long i = 0; i < n; i++) memcpy(xe + i * H, x + tok[i] * H, H * sizeof(float));
+        return qgemm(xe, H, l->q, l->scales, l->mins, l->bits, l->group, l->f32, l->bias, gu,
+                     l->out, n, H, l->out, nt);
+    }
+    char *g[2] = {xqg, xqg + T * qx_row_bytes(H, 0)};
+    for (int k = 0; k < 2; k++) {
+        if (!done[k]) continue;
+        const long rb = qx_row_bytes(H, k);
+        for (long i = 0; i < n; i++) memcpy(g[k] + i * rb, act[k] + tok[i] * rb, rb);
+    }
+    return lin_parts(l, g, gu, n, nt);
+}
+
+/* expert e's rows tok[0..n) -> out [n, H]: gate_up (int8 rows gathered from act, or float rows
+ * from x), SwiGLU, down; ts: moe_thread_floats of scratch */
+static int expert_rows(const dmoe *M, const dshape *s, int e, const float *x, char *const act[2],
+                       const int done[2], const int *tok, long n, long T, float *ts, float *out,
+                       int nt) {
+    const long mi = s->moe_inter, H = s->hidden;
+    float *gu = ts, *a = gu + 2 * T * mi, *xe = a + T * mi;
+    char *xqg = (char *)(xe + T * H), *xqd = xqg + T * H * sizeof(float);
+    if (expert_gate_up(&M->gate_up[e], x, act, done, tok, n, T, xe, xqg, gu, nt)) return -1;
+    gated_rows(gu, a, n, M->inter, 0);
+    return lin(&M->down[e], a, out, n, nt, xqd);
+}
+
+/* h [B, H] = the MoE block of post-norm rows x [B, H] (T: the tile's rows, ms: moe_floats of
+ * scratch, xq: the int8 scratch). Route; group the (row, choice) pairs by expert (in row, choice
+ * order); each active expert's rows in one gate_up and one down call, threads taking whole
+ * experts when there are enough of them (the same calls either way: the same bits); then each
+ * row's k outputs weighted and summed in rank order (choice 0, 1, ...), never in the batch's
+ * order; the shared expert's sigmoid-gated output added last, as moe.py's SparseMoeBlock. */
+static int moe_block(const dmoe *M, const dshape *s, const float *x, float *h, long B, long T,
+                     float *ms, char *xq, int nt) {
+    const int E = M->experts, K = M->top_k, H = s->hidden;
+    float *p = ms, *wts = p + T * E;
+    int *ids = (int *)(wts + T * K), *slot = ids + T * K, *tok = slot + T * K;
+    int *count = tok + T * K, *start = count + E + 1, *active = start + E + 1;
+    float *eo = (float *)(active + E + 1);
+    char *xqa = (char *)(eo + T * K * H);
+    float *ts = (float *)(xqa + T * H * sizeof(float)); /* per thread: moe_thread_floats */
+    const long tsn = moe_thread_floats(s, T);
+    if (moe_route(M->router, E, K, M->norm_topk, x, B, H, p, ids, wts, nt)) return -1;
+    for (int e = 0; e <= E; e++) count[e] = 0;
+    for (long i = 0; i < B * K; i++) count[ids[i]]++;
+    start[0] = 0;
+    int na = 0;
+    for (int e = 0; e < E; e++) {
+        start[e + 1] = start[e] + count[e];
+        if (count[e]) active[na++] = e;
+        count[e] = 0;
+    }
+    for (long i = 0; i < B * K; i++) {
+        slot[i] = start[ids[i]] + count[ids[i]]++;
+        tok[slot[i]] = (int)(i / K);
+    }
+    char *act[2] = {xqa, xqa};
+    int done[2] = {0, 0}, err = 0;
+    if (M->gate_up[0].nparts && quantize_for(&M->gate_up[0], x, B, nt, xqa, act, done)) return -1;
+    if (nt > 1 && na >= nt) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) reduction(| : err)
+        for (int i = 0; i < na; i++) {
+            const int e = active[i];
+            err |= expert_rows(M, s, e, x, act, done, tok + start[e], start[e + 1] - start[e], T,
+                               ts + thread_num() * tsn, eo + (long)start[e] * H, 1);
+        }
+    } else
+        for (int i = 0; i < na; i++) {
+            const int e = active[i];
+            err |= expert_rows(M, s, e, x, act, done, tok + start[e], start[e + 1] - start[e], T,
+                               ts, eo + (long)start[e] * H, nt);
+        }
+    if (err) return -1;
+    for (long b = 0; b < B; b++) {
+        float *o = h + b * H;
+        for (int j = 0; j < K; j++) {
+            const float *ej = eo + (long)slot[b * K + j] * H, wj = wts[b * K + j];
+            if (j == 0)
+                for (int i = 0; i < H; i++) o[i] = ej[i] * wj;
+            else
+                for (int i = 0; i < H; i++) o[i] += ej[i] * wj;
+        }
+    }
+    if (M->sh_gate_up == NULL) return 0;
+    float *gu = ts, *a = gu + 2 * T * s->moe_inter, *sh = a + T * s->moe_inter;
+    if (lin(M->sh_gate_up, x, gu, B, nt, xq)) return -1;
+    gated_rows(gu, a, B, M->sh_inter, 0);
+    if (lin(M->sh_down, a, sh, B, nt, xq)) return -1;
+    for (long b = 0; b < B; b++) {
+        const float g = 1.0f / (1.0f + expf(-dot(x + b * H, M->sh_gate, H)));
+        for (int i = 0; i < H; i++) h[b * H + i] += g * sh[b * H + i];
+    }
+    return 0;
+}
+
 /* Rows [0, B) of one tile through every layer, then the final norm (see decode_layers). */
 static int tile_layers(int n_layers, const dlayer *layers, const float *final_norm,
                        const dshape *s, float *h, float *residual, long B, const float *cos,
@@ -566,6 +760,7 @@ static int tile_layers(int n_layers, const dlayer *layers, const float *final_no
     float *act = gu + T * 2L * s->inter, *scores = act + T * (long)s->inter;
     float *parts = scores + (long)nthreads * ((nh / nkv) * run_blocks(s->block_size) * s->block_size + d);
     char *xq = (char *)(parts + parts_rows * nh * max_runs * (d + 2));
+    float *ms = (float *)xq + T * xq_floats(s); /* the MoE scratch */
     const float scale = s->scale, m = s->resid_mult;
     const int rot = s->rot;
     const long cache_head = s->num_blocks * s->block_size * d; /* floats per KV head */
@@ -596,13 +791,13 @@ static int tile_layers(int n_layers, const dlayer *layers, const float *final_no
             if (L->attn_out_norm) head_norm(h + b * H, L->attn_out_norm, H, s->eps);
             add_norm(residual + b * H, h + b * H, 1, x + b * H, L->post_norm, H, s->eps, m);
         }
-        if (lin(&L->gate_up, x, gu, B, nthreads, xq)) return -1;
-        for (long b = 0; b < B; b++) {
-            const float *g = gu + b * 2L * s->inter, *u = g + s->inter;
-            float *a = act + b * (long)s->inter;
-            gated_act(g, u, a, s->inter, s->act);
+        if (L->moe) {
+            if (moe_block(L->moe, s, x, h, B, T, ms, xq, nthreads)) return -1;
+        } else {
+            if (lin(&L->gate_up, x, gu, B, nthreads, xq)) return -1;
+            gated_rows(gu, act, B, s->inter, s->act);
+            if (lin(&L->down, act, h, B, nthreads, xq)) return -1;
         }
-        if (lin(&L->down, act, h, B, nthreads, xq)) return -1;
         if (L->ffn_out_norm)
             for (long b = 0; b < B; b++) head_norm(h + b * H, L->ffn_out_norm, H, s->eps);
     }
@@ -630,6 +825,13 @@ int decode_layers(int n_layers, const dlayer *layers, const float *final_norm, c
         if (ctx_lens[b] < 1 || ctx_lens[b] > max_ctx ||
             ctx_lens[b] > (long)max_blocks * s->block_size || row_seq[b] < 0)
             return -1;
+    for (int li = 0; li < n_layers; li++) {
+        const dmoe *M = layers[li].moe;
+        if (M && (M->experts > s->experts || M->top_k > s->top_k || M->top_k > M->experts ||
+                  M->top_k < 1 || M->inter > s->moe_inter || M->sh_inter > s->moe_inter ||
+                  M->gate_up[0].in != H))
+            return -1;
+    }
     const long max_runs = runs_of(max_ctx, s->block_size);
     const long parts_rows = parts_rows_of(s, B, max_ctx);
     for (long r0 = 0; r0 < B; r0 += ROW_TILE) {

@@ -224,9 +224,12 @@ class FusedMoE(nn.Module):
         )
 
     def route(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, E] logits -> (weights [T, k] float32, expert ids [T, k]), as transformers routes."""
+        """[T, E] logits -> (weights [T, k] float32, expert ids [T, k]), as transformers routes;
+        equal probabilities rank the lower expert id first (torch.topk leaves their order to its
+        algorithm; decode.c's moe_route ranks them so too)."""
         probs = torch.softmax(router_logits.float(), dim=-1)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)  # [T, k] each
+        weights, ids = torch.sort(probs, dim=-1, descending=True, stable=True)
+        weights, ids = weights[:, : self.top_k], ids[:, : self.top_k]  # [T, k] each
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids

@@ -5,8 +5,10 @@ float32 with packed weights and a float32 or float16 KV cache: each row's arithm
 that row alone, which is what makes a request's output bitwise batch-invariant. The layer is
 Llama's with the dense families' variations as data (Gemma's sandwich and (1 + w) norms,
 GELU-tanh, soft-cap and local RoPE, sliding windows, NoPE layers, partial rotary, Granite's
-multipliers). TP, float checkpoints and routed experts run the torch modules, which are the
-reference (tests/model/test_fused_decode.py and test_families_parity.py compare both).
+multipliers). Sparse MoE layers (Qwen3-MoE, Mixtral, Qwen2-MoE) pass their router and
+per-expert pointer tables (dmoe). TP, float checkpoints and OLMoE run the torch modules, which
+are the reference (tests/model/test_fused_decode.py, test_fused_moe.py and
+test_families_parity.py compare both).
 """
 
 from __future__ import annotations
@@ -63,6 +65,23 @@ class _Layer(ctypes.Structure):
         ("ffn_out_norm", _p),
         ("window", _i),
         ("rope", _i),
+        ("moe", _p),
+    ]
+
+
+class _Moe(ctypes.Structure):
+    _fields_ = [
+        ("router", _p),
+        ("gate_up", _p),
+        ("down", _p),
+        ("sh_gate_up", _p),
+        ("sh_down", _p),
+        ("sh_gate", _p),
+        ("experts", _i),
+        ("top_k", _i),
+        ("inter", _i),
+        ("norm_topk", _i),
+        ("sh_inter", _i),
     ]
 
 
@@ -82,6 +101,9 @@ class _Shape(ctypes.Structure):
         ("resid_mult", _f),
         ("act", _i),
         ("rot", _i),
+        ("experts", _i),
+        ("top_k", _i),
+        ("moe_inter", _i),
     ]
 
 
@@ -89,9 +111,14 @@ ACTS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_new": 1}  # decode.c's gated ac
 
 
 def _lin(module: nn.Module) -> _Lin:
-    t: QuantTensor = module.quant
-    rows, n_in = t.shape
+    """A packed linear module as decode.c's dlin (pointers into its bytes, no copies)."""
     bias = module.bias.data_ptr() if module.bias is not None else None
+    return _lin_of(module.quant, bias)
+
+
+def _lin_of(t: QuantTensor, bias: int | None) -> _Lin:
+    """One packed weight as decode.c's dlin: an expert's has no module, so no bias either."""
+    rows, n_in = t.shape
     if isinstance(t, BlockTensor):
         lin = _Lin(None, None, None, bias, 0, 0, 0, n_in, rows, len(t.parts))
         panels = t.panels or [None] * len(t.parts)
@@ -108,6 +135,76 @@ def _lin(module: nn.Module) -> _Lin:
     )  # fmt: skip
 
 
+def _layout(t: QuantTensor) -> tuple:
+    """What decode.c's call on t depends on besides the pointers: one per projection's experts."""
+    if isinstance(t, BlockTensor):
+        panels = t.panels or [None] * len(t.parts)
+        parts = tuple(
+            (k, d.shape[0], p is not None) for (k, d), p in zip(t.parts, panels, strict=True)
+        )
+        return (tuple(t.shape), parts)
+    return (tuple(t.shape), t.fmt.bits, t.fmt.group, t.fmt.scale_dtype, t.mins is None)
+
+
+def _moe_fits(m: nn.Module) -> bool:
+    """decode.c's MoE block: every expert packed alike per projection, TP 1, float32 gates."""
+    ex = m.experts
+    for proj in (ex.gate_up_proj, ex.down_proj):
+        if proj.quant is None or proj.ctx.size != 1:
+            return False
+        if len({_layout(q) for q in proj.quant}) != 1:
+            return False
+    gates = [m.gate.weight] + ([m.shared_expert_gate.weight] if m.shared_expert is not None else [])
+    return all(g.dtype == torch.float32 and g.is_contiguous() for g in gates)
+
+
+def _mlp_linears(m: nn.Module) -> tuple[list[QuantTensor | None], list[nn.Module]]:
+    """(the packed weights decode.c reads for one layer's MLP, its nn.Linear-like modules)."""
+    if not hasattr(m, "experts"):
+        mods = [m.gate_up_proj, m.down_proj]
+        return [getattr(x, "quant", None) for x in mods], mods
+    ex, sh = m.experts, m.shared_expert
+    mods = [sh.gate_up_proj, sh.down_proj] if sh is not None else []
+    quants = [getattr(x, "quant", None) for x in mods]
+    if not _moe_fits(m):
+        return [None], mods
+    return [ex.gate_up_proj.quant[0], ex.down_proj.quant[0], *quants], mods
+
+
+def _moe(m: nn.Module, keep: list) -> _Moe:
+    """m's experts as decode.c's dmoe: per-expert tables of pointers into their packed bytes."""
+    ex, sh = m.experts, m.shared_expert
+    tables = [
+        (_Lin * ex.num_experts)(*(_lin_of(q, None) for q in proj.quant))
+        for proj in (ex.gate_up_proj, ex.down_proj)
+    ]
+    moe = _Moe(m.gate.weight.data_ptr(), *map(ctypes.addressof, tables))
+    moe.experts, moe.top_k, moe.inter = ex.num_experts, ex.top_k, ex.gate_up_proj.rows[0]
+    moe.norm_topk = int(ex.norm_topk_prob)
+    if sh is not None:
+        shared = (_Lin * 2)(_lin(sh.gate_up_proj), _lin(sh.down_proj))
+        moe.sh_gate_up = ctypes.addressof(shared)
+        moe.sh_down = moe.sh_gate_up + ctypes.sizeof(_Lin)
+        moe.sh_gate = m.shared_expert_gate.weight.data_ptr()
+        moe.sh_inter = sh.gate_up_proj.quant.shape[0] // 2
+        tables.append(shared)
+    keep += [*tables, moe]
+    return moe
+
+
+def _moe_dims(layers: nn.ModuleList) -> tuple[int, int, int, int]:
+    """(the widest dense MLP, experts, top-k, expert or shared-expert width): decode.c's scratch."""
+    dense, dims = [0], [(0, 0, 0)]
+    for m in (layer.mlp for layer in layers):
+        if not hasattr(m, "experts"):
+            dense.append(m.gate_up_proj.quant.shape[0] // 2)
+            continue
+        ex, sh = m.experts, m.shared_expert
+        shared = sh.gate_up_proj.quant.shape[0] // 2 if sh is not None else 0
+        dims.append((ex.num_experts, ex.top_k, max(ex.gate_up_proj.rows[0], shared)))
+    return (max(dense), *(max(d[i] for d in dims) for i in range(3)))
+
+
 def _lib() -> ctypes.CDLL | None:
     return kernels.load()
 
@@ -120,12 +217,14 @@ class FusedDecode:
         attn0 = inner.layers[0].self_attn
         self.model, self.block_size = model, block_size
         self.folded: list[torch.Tensor] = []  # Gemma's (1 + w) norm weights, as decode.c reads them
+        self._keep: list = []  # the ctypes tables (experts, dmoe) the layer table points into
+        inter, experts, top_k, moe_inter = _moe_dims(inner.layers)
         self.shape = _Shape(
             cfg.hidden_size,
             attn0.num_heads,
             attn0.num_kv_heads,
             attn0.head_dim,
-            cfg.intermediate_size,
+            inter,
             inner.norm.eps,
             attn0.attn.k_cache.shape[1],
             block_size,
@@ -135,6 +234,9 @@ class FusedDecode:
             cfg.residual_multiplier,
             ACTS[cfg.hidden_act],
             inner.rotary_emb.rotary_dim,
+            experts,
+            top_k,
+            moe_inter,
         )
         self.layers = (_Layer * len(inner.layers))(*map(self._layer, inner.layers))
         self.final_norm = self._norm(inner.norm)
@@ -150,15 +252,17 @@ class FusedDecode:
         return self.folded[-1].data_ptr()
 
     def _layer(self, layer: nn.Module) -> _Layer:
+        """One decoder layer's pointers (a MoE layer's experts in a dmoe, its dense MLP empty)."""
         a, m = layer.self_attn, layer.mlp
+        sparse = hasattr(m, "experts")
         sandwich = hasattr(layer, "pre_feedforward_layernorm")  # Gemma: norms after each branch
         local = a.is_sliding and self.model.model.rotary_emb_local is not None
         mid = layer.pre_feedforward_layernorm if sandwich else layer.post_attention_layernorm
         return _Layer(
             _lin(a.qkv_proj),
             _lin(a.o_proj),
-            _lin(m.gate_up_proj),
-            _lin(m.down_proj),
+            _Lin() if sparse else _lin(m.gate_up_proj),
+            _Lin() if sparse else _lin(m.down_proj),
             self._norm(layer.input_layernorm),
             self._norm(mid),
             self._norm(a.q_norm),
@@ -169,6 +273,7 @@ class FusedDecode:
             self._norm(layer.post_feedforward_layernorm) if sandwich else None,
             a.attn.sliding_window or 0,
             (1 if local else 0) if a.uses_rope else -1,
+            ctypes.addressof(_moe(m, self._keep)) if sparse else None,
         )
 
     @staticmethod
@@ -178,19 +283,23 @@ class FusedDecode:
         if inner is None or _lib() is None:
             return None
         for layer in inner.layers:
-            a, m = layer.self_attn, layer.mlp
-            linears = (a.qkv_proj, a.o_proj, m.gate_up_proj, m.down_proj)
-            quants = [getattr(x, "quant", None) for x in linears]
+            a = layer.self_attn
+            mlp_quants, mlp_mods = _mlp_linears(layer.mlp)
+            quants = [getattr(x, "quant", None) for x in (a.qkv_proj, a.o_proj)] + mlp_quants
             if any(q is None for q in quants):
                 return None
             blocks = [q for q in quants if isinstance(q, BlockTensor)]
-            if blocks and (len(blocks) < 4 or any(len(q.parts) > MAX_PARTS for q in blocks)):
+            if blocks and (
+                len(blocks) < len(quants) or any(len(q.parts) > MAX_PARTS for q in blocks)
+            ):
                 return None
             if a.o_proj.ctx.size != 1 or a.attn.backend != "sdpa" or a.attn.k_cache is None:
                 return None
             if a.attn.k_cache.dtype not in KV_DTYPES or a.attn.k_cache.device.type != "cpu":
                 return None
-            if any(x.bias is not None for x in (a.o_proj, m.gate_up_proj, m.down_proj)):
+            if a.q_norm is not None and a.q_norm.weight.numel() != a.head_dim:
+                return None  # OLMoE's q/k norms span every head
+            if any(x.bias is not None for x in (a.o_proj, *mlp_mods)):
                 return None
         return FusedDecode(model, block_size)
 

@@ -57,6 +57,7 @@ SIGNATURES: dict[str, tuple] = {
     "px_rows": (_i, [_i, _p, _l, _l, _p, _l, _p]),
     "decode_layers": (_i, [_i, _p, _p, _p, _p, _p, _l, *[_p] * 8, _i, _p, _l, _i]),
     "decode_scratch": (_l, [_p, _l, _l, _i]),
+    "moe_route": (_i, [_p, _i, _i, _i, _p, _l, _i, _p, _p, _p, _i]),
     "bitmask_argmax": (None, [_p, _l, _l, _p, _l, _p, _l, _p, _i]),
     "bitmask_apply": (None, [_p, _p, _l, _l, _p, _l, _p, _l, _i]),
 }

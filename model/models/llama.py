@@ -224,8 +224,8 @@ class LlamaForCausalLM(nn.Module):
     def fits_fused_decode(self) -> bool:
         """decode.c's layer: Llama's or Gemma's (sandwich norms, (1 + w) weights, GELU-tanh,
         attention soft-cap), per-head q/k norms, sliding windows, NoPE layers, partial rotary,
-        Granite's multipliers and any rope scaling (it takes the torch cos/sin); the MoE
-        families override it."""
+        Granite's multipliers and any rope scaling (it takes the torch cos/sin); OLMoE
+        overrides it (FusedDecode.build checks MoE layers' experts)."""
         return self.config.hidden_act in ACTS and isinstance(self.model, LlamaModel)
 
     def forward(

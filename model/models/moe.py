@@ -2,7 +2,8 @@
 with its own sigmoid gate); OLMoE's attention is in olmoe.py. A layer is sparse or dense as the
 config says (Qwen's decoder_sparse_step and mlp_only_layers: ModelConfig.moe_layers).
 
-The torch modules serve every step (fits_fused_decode is False: decode.c knows the dense layer).
+decode.c serves Qwen3-MoE, Mixtral and Qwen2-MoE steps at TP 1 with packed experts (its MoE block:
+FusedDecode.build); the torch modules are the reference and serve the rest.
 """
 
 from __future__ import annotations
@@ -71,10 +72,6 @@ class MoeForCausalLM(LlamaForCausalLM):
         "up_proj": ("gate_up_proj", 1),
         "down_proj": ("down_proj", 0),
     }
-
-    @property
-    def fits_fused_decode(self) -> bool:
-        return False  # decode.c's layer is dense: the torch modules serve routed experts
 
     def adapt_weights(
         self, stream: Iterable[tuple[str, torch.Tensor]]

@@ -69,3 +69,7 @@ class OlmoeModel(MoeModel):
 
 class OlmoeForCausalLM(MoeForCausalLM):
     model_class = OlmoeModel
+
+    @property
+    def fits_fused_decode(self) -> bool:
+        return False  # decode.c's q/k norms are per head; OLMoE's span every head

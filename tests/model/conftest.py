@@ -120,6 +120,8 @@ MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe", "olmoe")
 MOE_LAYOUTS = {
     "qwen3_moe_mlp_only": ("qwen3_moe", dict(mlp_only_layers=[2])),
     "qwen2_moe_step2": ("qwen2_moe", dict(decoder_sparse_step=2)),
+    # a shared expert whose width is whole 32-blocks: decode.c's MoE block takes it packed
+    "qwen2_moe_shared64": ("qwen2_moe", dict(shared_expert_intermediate_size=64)),
 }
 
 
@@ -138,7 +140,8 @@ def moe_model(name: str, d: dict):
         cfg = tf.MixtralConfig(**d, head_dim=16, num_local_experts=4, num_experts_per_tok=2)
         return tf.MixtralForCausalLM(cfg)
     if name == "qwen2_moe":
-        cfg = tf.Qwen2MoeConfig(**d, **moe, shared_expert_intermediate_size=48)
+        shared = moe.pop("shared_expert_intermediate_size", 48)
+        cfg = tf.Qwen2MoeConfig(**d, **moe, shared_expert_intermediate_size=shared)
         return tf.Qwen2MoeForCausalLM(cfg)
     if name == "olmoe":
         d = dict(d, intermediate_size=32)  # OLMoE's experts are intermediate_size wide

@@ -19,6 +19,7 @@ from tests.model.test_gguf_families import reference
 CLASSES = {
     "qwen3_moe_mlp_only": "Qwen3MoeForCausalLM",
     "qwen2_moe_step2": "Qwen2MoeForCausalLM",
+    "qwen2_moe_shared64": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -36,7 +37,8 @@ def moe_layers(runner: ModelRunner) -> list:
 def test_moe_family_matches_transformers(family_checkpoint, family: str) -> None:
     runner, hf = load_pair(family_checkpoint(family))
     assert type(runner.model).__name__ == CLASSES[family]
-    assert not runner.model.fits_fused_decode and runner.fused is None
+    assert runner.model.fits_fused_decode == (family != "olmoe")  # OLMoE: norms over every head
+    assert runner.fused is None  # float experts: the torch modules serve
     sparse = [hasattr(layer.mlp, "experts") for layer in runner.model.model.layers]
     want = {
         "qwen3_moe_mlp_only": [True, True, False, True],
@@ -74,7 +76,7 @@ def test_moe_converted_gguf_matches_transformers(family_gguf, family_checkpoint,
     no router (Qwen3-MoE's mlp_only_layers) is found dense from the file's tensors."""
     runner = ModelRunner(str(family_gguf(family)), **KW)
     assert type(runner.model).__name__ == CLASSES[family]
-    assert not runner.model.fits_fused_decode
+    assert runner.fused is None  # float32 files: float experts, the torch modules serve
     check_against_transformers(runner, reference(family_checkpoint(family), family))
 
 
@@ -235,12 +237,12 @@ def test_one_request_alone_and_among_others(family_gguf, activation_dtype: str) 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_folder_packs_experts_and_decode_c_refuses(family_checkpoint, quantization):
-    """--quantization packs every expert of an HF folder; decode.c (dense layers only) refuses
-    the model, so the torch modules serve it."""
+def test_quantized_folder_packs_experts_and_decode_c_serves(family_checkpoint, quantization):
+    """--quantization packs every expert of an HF folder, and decode.c's MoE block serves the
+    model (tests/model/test_fused_moe.py compares it with the torch modules)."""
     folder = str(family_checkpoint("mixtral"))
     runner = ModelRunner(folder, **KW, quantization=quantization)
-    assert runner.fused is None and not runner.model.fits_fused_decode
+    assert runner.fused is not None and runner.model.fits_fused_decode
     for mlp in moe_layers(runner):
         assert mlp.experts.gate_up_proj.weight is None and mlp.experts.down_proj.quant is not None
     ids = prompt(30, seed=2)
