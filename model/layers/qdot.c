@@ -593,14 +593,18 @@ int qx_gemm(int type, const uint8_t *w, long row_bytes, long out, long n_in, con
  * rows are repacked so that one vpdpbusd multiplies 4 values of 16 rows with the same 4
  * activation bytes (broadcast): the lanes are output rows, the integer dots need no horizontal
  * sum, and each block's scaling is one vector op for 16 outputs. Layout of a panel's super-block
- * (BK values: 32 for Q4_0/Q4_1/Q8_0, 256 for Q4_K/Q6_K; P = 16 rows):
- *   d[P] float16; then m[P] float16 (Q4_1), or dmin[P] float16 (Q4_K);
+ * (BK values: 32 for Q4_0/Q4_1/Q5_0/Q5_1/Q8_0, 256 for Q4_K/Q6_K; P = 16 rows):
+ *   d[P] float16; then m[P] float16 (Q4_1, Q5_1), or dmin[P] float16 (Q4_K);
  *   sc[NG][P] (Q4_K: u8 6-bit, Q6_K: s8) and mn[NG][P] (Q4_K) sub-block scales and mins;
- *   quants: 4-bit (Q4_0, Q4_1, Q4_K, and Q6_K's low nibbles): for each 8 values, 64 bytes, byte
+ *   quants: 4-bit (Q4_0, Q4_1, Q4_K, and the low nibbles of Q5_0, Q5_1, Q6_K): for each 8
+ *   values, 64 bytes, byte
  *   [row][i] = v(8p + i) | v(8p + 4 + i) << 4; 8-bit (Q8_0, as q + 128): for each 4 values, 64
  *   bytes [row][i] = v(4c + i); Q6_K's high 2 bits: for each 16 values, 64 bytes [row][i] =
- *   h(16p + i) | h(16p + 4 + i) << 2 | h(16p + 8 + i) << 4 | h(16p + 12 + i) << 6.
- * Bytes per row: Q4_0 18, Q4_1 20, Q8_0 34, Q4_K 148 (file: 144), Q6_K 210: the file's size.
+ *   h(16p + i) | h(16p + 4 + i) << 2 | h(16p + 8 + i) << 4 | h(16p + 12 + i) << 6; Q5_0/Q5_1's
+ *   fifth bits: for each 32 values, 64 bytes [row][i] = bit 2p of h(8p + i), bit 2p + 1 of
+ *   h(8p + 4 + i) (p = 0..3).
+ * Bytes per row: Q4_0 18, Q4_1 20, Q5_0 22, Q5_1 24, Q8_0 34, Q4_K 148 (file: 144), Q6_K 210:
+ * the file's size.
  */
 #define P 16
 enum { PX_NONE = 0, PX_FMIN = 1, PX_KMIN = 2 };
@@ -613,6 +617,8 @@ typedef struct {
 static const ptype PTYPES[] = {
     {Q4_0, 32, 32, 4, 8, 0, PX_NONE, 2 * P + 32 * P / 2},
     {Q4_1, 32, 32, 4, 0, 0, PX_FMIN, 4 * P + 32 * P / 2},
+    {Q5_0, 32, 32, 5, 16, 0, PX_NONE, 2 * P + 32 * P / 2 + 32 * P / 8},
+    {Q5_1, 32, 32, 5, 0, 0, PX_FMIN, 4 * P + 32 * P / 2 + 32 * P / 8},
     {Q8_0, 32, 32, 8, 128, 0, PX_NONE, 2 * P + 32 * P},
     {Q4_K, 256, 32, 4, 0, 1, PX_KMIN, 4 * P + 16 * P + 256 * P / 2},
     {Q6_K, 256, 16, 6, 32, 2, PX_NONE, 2 * P + 16 * P + 256 * P / 2 + 256 * P / 4},
@@ -630,6 +636,9 @@ static void file_value(int type, const uint8_t *b, int k, int *v, int *sc, int *
     if (type == Q4_0 || type == Q4_1) {
         const uint8_t *qs = b + (type == Q4_0 ? 2 : 4);
         *v = k < 16 ? qs[k] & 15 : qs[k - 16] >> 4;
+    } else if (type == Q5_0 || type == Q5_1) {
+        const uint8_t *qh = b + (type == Q5_0 ? 2 : 4), *qs = qh + 4;
+        *v = (k < 16 ? qs[k] & 15 : qs[k - 16] >> 4) | ((qh[k / 8] >> (k % 8)) & 1) << 4;
     } else if (type == Q8_0) {
         *v = ((const int8_t *)(b + 2))[k] + 128;
     } else if (type == Q4_K) {
@@ -683,6 +692,8 @@ int px_pack(int type, const uint8_t *raw, long row_bytes, long rows, long n_in, 
                     else {
                         const int p = k / 8, i = k % 8;
                         q[p * 4 * P + r * 4 + i % 4] |= (uint8_t)((v & 15) << (i < 4 ? 0 : 4));
+                        if (t->bits == 5)
+                            qh[r * 4 + i % 4] |= (uint8_t)(((v >> 4) & 1) << (2 * p + (i >= 4)));
                         if (t->bits == 6) {
                             const int pp = k / 16, j = k % 16;
                             qh[pp * 4 * P + r * 4 + j % 4] |= (uint8_t)(((v >> 4) & 3) << (2 * (j / 4)));
@@ -710,10 +721,11 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                                                        const uint8_t *w, long nsb, const void *x,
                                                        long xrb, float *y, long ldy, int nrows,
                                                        const float *bias, int more) {
-    const int BK = T == Q4_0 || T == Q4_1 || T == Q8_0 ? 32 : 256;
+    const int BK = T == Q4_0 || T == Q4_1 || T == Q5_0 || T == Q5_1 || T == Q8_0 ? 32 : 256;
     const int G = T == Q6_K ? 16 : 32, NG = BK / G;
-    const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : 4;
-    const int SC = T == Q4_K || T == Q6_K, MIN = T == Q4_1 ? PX_FMIN : T == Q4_K ? PX_KMIN : PX_NONE;
+    const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : T == Q5_0 || T == Q5_1 ? 5 : 4;
+    const int SC = T == Q4_K || T == Q6_K;
+    const int MIN = T == Q4_1 || T == Q5_1 ? PX_FMIN : T == Q4_K ? PX_KMIN : PX_NONE;
     const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
     const xq8 *x8[PMR];
     const xq8k *xk[PMR];
@@ -735,6 +747,7 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
         for (int g = 0; g < NG; g++) {
             for (int r = 0; r < MR; r++) {
                 if (T == Q4_0) dot[r] = _mm512_set1_epi32(x8[r][s].o8);
+                else if (T == Q5_0) dot[r] = _mm512_set1_epi32(2 * x8[r][s].o8); /* -16 s */
                 else if (T == Q8_0) dot[r] = _mm512_set1_epi32(x8[r][s].o128);
                 else if (T == Q6_K) dot[r] = _mm512_set1_epi32(xk[r][s].o32[g]);
                 else dot[r] = _mm512_setzero_si512();
@@ -748,6 +761,16 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                     const __m512i b = _mm512_loadu_si512(q + (k / 8) * 4 * P);
                     v0 = _mm512_and_si512(b, m4);
                     v1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+                    if (BITS == 5) { /* bits 2p and 2p + 1 of the block's plane to bit 4 */
+                        const __m512i h = _mm512_loadu_si512(qh), p10 = _mm512_set1_epi8(0x10);
+                        const int p = k / 8;
+                        const __m512i h0 = p == 0 ? _mm512_slli_epi16(h, 4) : p == 1 ? _mm512_slli_epi16(h, 2)
+                                         : p == 2 ? h : _mm512_srli_epi16(h, 2);
+                        const __m512i h1 = p == 0 ? _mm512_slli_epi16(h, 3) : p == 1 ? _mm512_slli_epi16(h, 1)
+                                         : p == 2 ? _mm512_srli_epi16(h, 1) : _mm512_srli_epi16(h, 3);
+                        v0 = _mm512_ternarylogic_epi32(v0, h0, p10, 0xF8);
+                        v1 = _mm512_ternarylogic_epi32(v1, h1, p10, 0xF8);
+                    }
                     if (BITS == 6) {
                         const __m512i h = _mm512_loadu_si512(qh + (k / 16) * 4 * P);
                         const int sh = 2 * ((k % 16) / 4); /* this pair's first chunk */
@@ -830,9 +853,10 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
  * half is a ymm load at +32 half; its d, scales and mins are the 8 entries at row 8 half. With
  * AVX-VNNI the dots are vpdpbusd as above. AVX2 has no vpdpbusd: pmaddubsw pairs are summed in
  * int16 for as long as they cannot overflow (4-bit values: one 32-group, |sum| <= 16 * 15 * 127;
- * 6-bit: one pair of chunks, <= 4 * 63 * 127) and widened once by pmaddwd; Q8_0 multiplies |q|
- * with the activation's sign flipped (its q + 128 would saturate a pair). The integers are the
- * same, and so is the float epilogue, lane for lane: these panels give the AVX-512 panels' bits. */
+ * 5- and 6-bit: one pair of chunks, <= 4 * 63 * 127) and widened once by pmaddwd; Q8_0
+ * multiplies |q| with the activation's sign flipped (its q + 128 would saturate a pair). The
+ * integers are the same, and so is the float epilogue, lane for lane: these panels give the
+ * AVX-512 panels' bits. */
 #define PX 1
 #define PX_HALVES 2
 #define PMR 4 /* 16 ymm registers: 4 rows' sums, dots and float sums, the weights, the activation */
@@ -844,10 +868,11 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                                                        const uint8_t *w, long nsb, const void *x,
                                                        long xrb, float *y, long ldy, int nrows,
                                                        const float *bias, int more, int half) {
-    const int BK = T == Q4_0 || T == Q4_1 || T == Q8_0 ? 32 : 256;
+    const int BK = T == Q4_0 || T == Q4_1 || T == Q5_0 || T == Q5_1 || T == Q8_0 ? 32 : 256;
     const int G = T == Q6_K ? 16 : 32, NG = BK / G;
-    const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : 4;
-    const int SC = T == Q4_K || T == Q6_K, MIN = T == Q4_1 ? PX_FMIN : T == Q4_K ? PX_KMIN : PX_NONE;
+    const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : T == Q5_0 || T == Q5_1 ? 5 : 4;
+    const int SC = T == Q4_K || T == Q6_K;
+    const int MIN = T == Q4_1 || T == Q5_1 ? PX_FMIN : T == Q4_K ? PX_KMIN : PX_NONE;
     const int hb = 32 * half, hr = 8 * half; /* this half's bytes of a 64-byte chunk, first row */
     const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
 #ifndef __AVXVNNI__
@@ -873,6 +898,7 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
         for (int g = 0; g < NG; g++) {
             for (int r = 0; r < MR; r++) {
                 if (T == Q4_0) dot[r] = _mm256_set1_epi32(x8[r][s].o8);
+                else if (T == Q5_0) dot[r] = _mm256_set1_epi32(2 * x8[r][s].o8); /* -16 s */
 #ifdef __AVXVNNI__
                 else if (T == Q8_0) dot[r] = _mm256_set1_epi32(x8[r][s].o128);
 #endif
@@ -893,6 +919,16 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                     const __m256i b = _mm256_loadu_si256((const __m256i *)(q + (kk / 8) * 4 * P + hb));
                     v0 = _mm256_and_si256(b, m4);
                     v1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+                    if (BITS == 5) { /* bits 2p and 2p + 1 of the block's plane to bit 4 */
+                        const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + hb)), p10 = _mm256_set1_epi8(0x10);
+                        const int p = kk / 8;
+                        const __m256i h0 = p == 0 ? _mm256_slli_epi16(h, 4) : p == 1 ? _mm256_slli_epi16(h, 2)
+                                         : p == 2 ? h : _mm256_srli_epi16(h, 2);
+                        const __m256i h1 = p == 0 ? _mm256_slli_epi16(h, 3) : p == 1 ? _mm256_slli_epi16(h, 1)
+                                         : p == 2 ? _mm256_srli_epi16(h, 1) : _mm256_srli_epi16(h, 3);
+                        v0 = _mm256_or_si256(v0, _mm256_and_si256(h0, p10));
+                        v1 = _mm256_or_si256(v1, _mm256_and_si256(h1, p10));
+                    }
                     if (BITS == 6) {
                         const __m256i h = _mm256_loadu_si256((const __m256i *)(qh + (kk / 16) * 4 * P + hb));
                         const int sh = 2 * ((kk % 16) / 4);
@@ -917,7 +953,7 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
                         dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(_mm256_maddubs_epi16(v0, _mm256_sign_epi8(x0, sq)), ones));
                     else {
                         const __m256i p2 = _mm256_add_epi16(_mm256_maddubs_epi16(v0, x0), _mm256_maddubs_epi16(v1, x1));
-                        if (BITS == 6) dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p2, ones));
+                        if (BITS != 4) dot[r] = _mm256_add_epi32(dot[r], _mm256_madd_epi16(p2, ones));
                         else s16[r] = c ? _mm256_add_epi16(s16[r], p2) : p2;
                     }
 #endif
@@ -981,6 +1017,8 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
 #ifdef PX
 PANEL_FN(panel_q4_0, Q4_0)
 PANEL_FN(panel_q4_1, Q4_1)
+PANEL_FN(panel_q5_0, Q5_0)
+PANEL_FN(panel_q5_1, Q5_1)
 PANEL_FN(panel_q8_0, Q8_0)
 PANEL_FN(panel_q4_k, Q4_K)
 PANEL_FN(panel_q6_k, Q6_K)
@@ -1006,6 +1044,7 @@ int px_gemm(int type, const uint8_t *w, long out, long n_in, const void *xq, lon
     const long xrb = qx_row_bytes(n_in, t->bk == 256);
     void (*fn)(int, const ptype *, const uint8_t *, long, const void *, long, float *, long, int,
                const float *, int, int) = type == Q4_0 ? panel_q4_0 : type == Q4_1 ? panel_q4_1
+                                : type == Q5_0 ? panel_q5_0 : type == Q5_1 ? panel_q5_1
                                 : type == Q8_0 ? panel_q8_0 : type == Q4_K ? panel_q4_k : panel_q6_k;
     /* K in chunks of PX_KC values, so that a panel's chunk and PMR activation rows of it stay in
      * L1 while every row block passes (a 16 x 8192 Q6_K panel alone is 107 KiB), and while the
@@ -1066,11 +1105,12 @@ int px_rows(int type, const uint8_t *w, long rows, long n_in, const long *ids, l
                 else {
                     v = (q[(k / 8) * 4 * P + r * 4 + k % 4] >> (k % 8 < 4 ? 0 : 4)) & 15;
                     if (t->bits == 6) v |= ((qh[(k / 16) * 4 * P + r * 4 + k % 4] >> (2 * ((k % 16) / 4))) & 3) << 4;
+                    if (t->bits == 5) v |= ((qh[r * 4 + k % 4] >> (2 * (k / 8) + (k % 8 >= 4))) & 1) << 4;
                 }
                 const int g = k / t->g;
                 if (type == Q4_K) y[k] = d * (float)sc[g * P + r] * (float)v - m * (float)mn[g * P + r];
                 else if (type == Q6_K) y[k] = d * (float)(int8_t)sc[g * P + r] * (float)(v - 32);
-                else if (type == Q4_1) y[k] = d * (float)v + m;
+                else if (type == Q4_1 || type == Q5_1) y[k] = d * (float)v + m;
                 else y[k] = d * (float)(v - t->off);
             }
         }

@@ -176,7 +176,7 @@ def test_capped_isas_agree(lib, isa) -> None:
         assert (y.double() - ref).abs().max() <= 1e-5 * ref.abs().max(), kind
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
 @pytest.mark.parametrize("rows", [16, 37])
 def test_panels_match_reference(lib, kind, rows) -> None:
     """The 16-row panel layout (where the build has it) computes the same products as the file's
@@ -204,7 +204,7 @@ def test_panels_match_reference(lib, kind, rows) -> None:
 
 
 @pytest.mark.parametrize("isa", ["avx_vnni", "avx2"])
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
 def test_capped_panels_give_the_same_bits(lib, isa, kind) -> None:
     """The AVX-VNNI / AVX2 builds multiply the same panels as two 8-row halves (AVX2: int16 pair
     sums, |q| for Q8_0): the integers and the float epilogue are the AVX-512 panels', so the bits
@@ -252,7 +252,7 @@ def test_rtn_packs_as_gguf_blocks(bits) -> None:
     assert torch.equal(b.dequantize(), q.dequantize())
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q6_K"])
 def test_panel_rows_are_gguf_py_values(lib, kind) -> None:
     """Embedding lookups read panel rows: exactly gguf-py's dequantized values, any row order;
     an id past the table is refused."""
