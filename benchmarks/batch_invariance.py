@@ -1,6 +1,6 @@
 """Is one greedy request the same floats alone and among 15 others? Offline, default model.
 
-    .venv/bin/python benchmarks/batch_invariance.py [--activation-dtype float32|int8]
+    .venv/bin/python benchmarks/batch_invariance.py [--activation-dtype float32|int8] [--model M]
 
 The target request runs alone on a fresh engine, then as the 8th of 16 requests added at once (a
 fresh engine again, so no prefix-cache hit), with the default token budget and with
@@ -37,9 +37,12 @@ def logprobs(llm: LLM, prompts: list[str], index: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--activation-dtype", default="float32", choices=("float32", "int8"))
+    ap.add_argument("--model", default=None, help="GGUF or folder (default: SmolLM2's GGUF)")
     args = ap.parse_args()
     for budget in (None, 64):
         kw = {"activation_dtype": args.activation_dtype, "kv_cache_memory": "256MiB"}
+        if args.model:
+            kw["model"] = args.model
         if budget:
             kw["max_num_batched_tokens"] = budget
         runs = []
