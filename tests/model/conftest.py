@@ -108,10 +108,13 @@ def family_model(name: str):
             rope_type="yarn", factor=4.0, original_max_position_embeddings=1024, rope_theta=1e6
         )
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**d, rope_parameters=rope))
-    if name == "mistral":
-        # head_dim 64: decode.c's unrolled attention (16 keys a tree) with the window's first key
-        # inside a chunk of 16
-        return tf.MistralForCausalLM(tf.MistralConfig(**d, head_dim=64, sliding_window=WINDOW))
+    if name in ("mistral", "mistral_hd64"):
+        # mistral_hd64 (decode.c's tests only): the unrolled attention (16 keys a tree) with the
+        # window's first key inside a chunk of 16
+        head_dim = 64 if name == "mistral_hd64" else 16
+        return tf.MistralForCausalLM(
+            tf.MistralConfig(**d, head_dim=head_dim, sliding_window=WINDOW)
+        )
     return moe_model(name, d)
 
 

@@ -196,7 +196,9 @@ def test_graph_padded_decode_keeps_windows(family_checkpoint, family: str) -> No
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("qwen2_yarn", "qwen3")])
+@pytest.mark.parametrize(
+    "family", [f for f in FAMILIES if f not in ("qwen2_yarn", "qwen3")] + ["mistral_hd64"]
+)
 def test_families_run_through_decode_c(family_checkpoint, family) -> None:
     """Every dense family's layer in decode.c: Gemma's sandwich (1 + w) norms, GELU-tanh, soft-cap,
     query_pre_attn_scalar and local RoPE base, sliding windows (the prompts cross WINDOW, in

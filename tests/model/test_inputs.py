@@ -67,7 +67,7 @@ def with_header(payload: bytes, **counts: int) -> bytes:
     return HEADER.pack(b"TMS3", *values.values()) + payload[HEADER.size :]
 
 
-@pytest.mark.timeout(10)
+@pytest.mark.timeout(30)  # one case builds a 1 GiB payload: seconds on a loaded 2-core host
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
