@@ -720,7 +720,8 @@ int px_pack(int type, const uint8_t *raw, long row_bytes, long rows, long n_in, 
 static inline __attribute__((always_inline)) void panel(const int MR, const ptype *t, const int T,
                                                        const uint8_t *w, long nsb, const void *x,
                                                        long xrb, float *y, long ldy, int nrows,
-                                                       const float *bias, int more) {
+                                                       const float *bias, int more, int half) {
+    (void)half; /* one pass covers the 16 rows */
     const int BK = T == Q4_0 || T == Q4_1 || T == Q5_0 || T == Q5_1 || T == Q8_0 ? 32 : 256;
     const int G = T == Q6_K ? 16 : 32, NG = BK / G;
     const int BITS = T == Q8_0 ? 8 : T == Q6_K ? 6 : T == Q5_0 || T == Q5_1 ? 5 : 4;
@@ -831,21 +832,7 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
     for (int r = 0; r < MR; r++) _mm512_mask_storeu_ps(y + r * ldy, k, _mm512_add_ps(acc[r], bv));
 }
 
-#define PANEL_FN(NAME, T)                                                                          \
-    static void NAME(int mr, const ptype *t, const uint8_t *w, long nsb, const void *x, long xrb, \
-                     float *y, long ldy, int nrows, const float *bias, int more, int half) {       \
-        (void)half;                                                                \
-        switch (mr) {                                                                              \
-        case 1: panel(1, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
-        case 2: panel(2, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
-        case 3: panel(3, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
-        case 4: panel(4, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
-        case 5: panel(5, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
-        case 6: panel(6, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
-        case 7: panel(7, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                        \
-        default: panel(8, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more); break;                       \
-        }                                                                                          \
-    }
+#define PANEL_WIDE_CASES(CASE, T) CASE(4, T) CASE(5, T) CASE(6, T) CASE(7, T)
 #elif defined(DPBUSD) && defined(__F16C__)
 /* ---- AVX-VNNI / AVX2 panels: the same 16-row panels as two 8-row halves (ymm lanes) -----------
  *
@@ -1002,19 +989,21 @@ static inline __attribute__((always_inline)) void panel(const int MR, const ptyp
     for (int r = 0; r < MR; r++) _mm256_maskstore_ps(y + r * ldy, k, _mm256_add_ps(acc[r], bv));
 }
 
+#define PANEL_WIDE_CASES(CASE, T) /* PMR 4: cases 1-3 and the default */
+#endif
+
+#ifdef PX
+/* panel() for a run-time row count mr <= PMR, each MR its own unrolled copy */
+#define PANEL_CASE(MR, T) \
+    case MR: panel(MR, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;
 #define PANEL_FN(NAME, T)                                                                          \
     static void NAME(int mr, const ptype *t, const uint8_t *w, long nsb, const void *x, long xrb, \
                      float *y, long ldy, int nrows, const float *bias, int more, int half) {       \
         switch (mr) {                                                                              \
-        case 1: panel(1, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;            \
-        case 2: panel(2, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;            \
-        case 3: panel(3, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;            \
-        default: panel(4, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;           \
+            PANEL_CASE(1, T) PANEL_CASE(2, T) PANEL_CASE(3, T) PANEL_WIDE_CASES(PANEL_CASE, T)     \
+        default: panel(PMR, t, T, w, nsb, x, xrb, y, ldy, nrows, bias, more, half); break;         \
         }                                                                                          \
     }
-#endif
-
-#ifdef PX
 PANEL_FN(panel_q4_0, Q4_0)
 PANEL_FN(panel_q4_1, Q4_1)
 PANEL_FN(panel_q5_0, Q5_0)
