@@ -205,7 +205,7 @@ def test_families_run_through_decode_c(family_checkpoint, family) -> None:
     prompt chunks and decode rows), NoPE layers, partial rotary, Granite's multipliers; against
     the torch layers on the same steps, float32 activations (both sides round alike)."""
     from model.layers import kernels
-    from tests.model.test_fused_decode import decode_steps
+    from tests.model.test_fused_decode import assert_steps_match
 
     if kernels.load() is None:
         pytest.skip("the C kernels did not compile on this machine")
@@ -220,9 +220,7 @@ def test_families_run_through_decode_c(family_checkpoint, family) -> None:
         ref = runner.compute_logits(step)
         runner.fused = fused
         torch.testing.assert_close(runner.compute_logits(step), ref, rtol=1e-4, atol=1e-4)
-    for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=12):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_steps_match(runner, [prompt(37, 1), prompt(3, 2)], 12, atol=1e-4)
 
 
 @pytest.mark.timeout(120)
@@ -230,7 +228,7 @@ def test_yarn_qwen2_decodes_through_decode_c(family_checkpoint) -> None:
     """A Llama-shaped layer with scaled RoPE: decode.c takes the torch cos/sin (yarn's factor
     folded in) and matches the torch layers step by step."""
     from model.layers import kernels
-    from tests.model.test_fused_decode import decode_steps
+    from tests.model.test_fused_decode import assert_steps_match
 
     if kernels.load() is None:
         pytest.skip("the C kernels did not compile on this machine")
@@ -238,9 +236,7 @@ def test_yarn_qwen2_decodes_through_decode_c(family_checkpoint) -> None:
     kw["activation_dtype"] = "float32"  # the exact path: both sides round alike
     runner = ModelRunner(str(family_checkpoint("qwen2_yarn")), **kw)
     assert runner.fused is not None and runner.model.model.rotary_emb.attention_scaling > 1.0
-    for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=16):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_steps_match(runner, [prompt(37, 1), prompt(3, 2)], 16, atol=1e-4)
 
 
 @pytest.mark.timeout(180)
@@ -249,16 +245,11 @@ def test_qwen3_runs_through_decode_c(family_checkpoint, activation_dtype) -> Non
     """Qwen3's per-head q/k RMSNorm before RoPE in decode.c: prompt chunks and decode steps
     against the torch layers (float32 to rounding; int8 as two int8 roundings)."""
     from model.layers import kernels
-    from tests.model.test_fused_decode import assert_like_int8, decode_steps
+    from tests.model.test_fused_decode import assert_steps_match
 
     if kernels.load() is None:
         pytest.skip("the C kernels did not compile on this machine")
     kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, quantization="int8")
     runner = ModelRunner(str(family_checkpoint("qwen3")), activation_dtype=activation_dtype, **kw)
     assert runner.fused is not None and runner.model.model.layers[0].self_attn.q_norm is not None
-    for got, ref in decode_steps(runner, [prompt(37, 1), prompt(3, 2)], steps=12):
-        if activation_dtype == "int8":
-            assert_like_int8(got, ref, 0.3)
-            continue
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_steps_match(runner, [prompt(37, 1), prompt(3, 2)], 12, int8_tol=0.3, atol=1e-4)

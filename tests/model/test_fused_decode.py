@@ -46,6 +46,19 @@ def decode_steps(runner: ModelRunner, prompts: list[list[int]], steps: int):
         token = [int(t) for t in ref.argmax(-1)]
 
 
+def assert_steps_match(runner, prompts, steps: int, *, atol, rtol=None, int8_tol=None) -> None:
+    """decode.c against the torch layers at every decode step: int8 activations as two int8
+    roundings (assert_like_int8, int8_tol); float32 within atol (rtol: atol unless given) and the
+    same greedy token."""
+    for got, ref in decode_steps(runner, prompts, steps):
+        if runner.activation_dtype == "int8":
+            assert int8_tol is not None, "an int8 runner needs int8_tol"
+            assert_like_int8(got, ref, int8_tol)
+            continue
+        torch.testing.assert_close(got, ref, rtol=atol if rtol is None else rtol, atol=atol)
+        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 @pytest.mark.parametrize(
     "arch,tie,quantization,threads",
     [
@@ -73,12 +86,7 @@ def test_fused_decode_matches_torch_layers(
         assert runner.activation_dtype == activation_dtype
         assert runner.fused is not None, "packed CPU float32 model at tp=1: decode.c serves it"
         prompts = [list(range(100, 137)), list(range(500, 503)), [7]]
-        for got, ref in decode_steps(runner, prompts, steps=24):
-            if activation_dtype == "int8":
-                assert_like_int8(got, ref, 0.05)
-                continue
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-            assert torch.equal(got.argmax(-1), ref.argmax(-1))
+        assert_steps_match(runner, prompts, 24, int8_tol=0.05, atol=1e-4)
         runner.shutdown()
     finally:
         torch.set_num_threads(before)
@@ -92,9 +100,7 @@ def test_fused_decode_with_a_float16_kv_cache(tiny_checkpoint) -> None:
                          kv_cache_dtype="float16")  # fmt: skip
     assert runner.fused is not None and runner.kv_cache[0][0].dtype == torch.float16
     prompts = [list(range(100, 137)), list(range(500, 503))]
-    for got, ref in decode_steps(runner, prompts, steps=12):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_steps_match(runner, prompts, 12, atol=1e-4)
     runner.shutdown()
 
 
@@ -111,9 +117,7 @@ def test_fused_decode_on_the_smollm2_gguf(smollm2_gguf, block_size, kv_cache_dty
     assert runner.fused is not None
     prompts = [list(range(1000, 1100)), [1, 2, 3]]
     atol = 5e-4 if kv_cache_dtype == "auto" else 3e-3
-    for got, ref in decode_steps(runner, prompts, steps=8):
-        torch.testing.assert_close(got, ref, rtol=1e-4, atol=atol)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_steps_match(runner, prompts, 8, atol=atol, rtol=1e-4)
     runner.shutdown()
 
 

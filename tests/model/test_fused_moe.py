@@ -12,7 +12,7 @@ import torch
 from model.inputs import StepInput
 from model.layers import kernels
 from model.runner import ModelRunner
-from tests.model.test_fused_decode import assert_like_int8, decode_steps
+from tests.model.test_fused_decode import assert_steps_match, decode_steps
 
 pytestmark = pytest.mark.timeout(300)
 KW = dict(kv_cache_memory=1 << 22)
@@ -36,12 +36,7 @@ def test_fused_moe_matches_torch_layers(family_gguf, family_checkpoint, family, 
     assert runner.fused is not None, "packed experts at TP 1: decode.c serves the MoE layers"
     assert all(t.moe for t in runner.fused.layers)
     prompts = [list(range(100, 137)), list(range(500, 503)), [7]]
-    for got, ref in decode_steps(runner, prompts, steps=12):
-        if activation_dtype == "int8":
-            assert_like_int8(got, ref, 0.05)
-            continue
-        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_steps_match(runner, prompts, 12, int8_tol=0.05, atol=1e-3)
     runner.shutdown()
 
 
@@ -52,12 +47,7 @@ def test_fused_moe_with_dense_layers(family_checkpoint, activation_dtype) -> Non
     runner = ModelRunner(folder, **KW, quantization="int8", activation_dtype=activation_dtype)
     assert runner.fused is not None
     assert [bool(t.moe) for t in runner.fused.layers] == [True, True, False, True]
-    for got, ref in decode_steps(runner, [list(range(100, 130)), [3, 4]], steps=8):
-        if activation_dtype == "int8":
-            assert_like_int8(got, ref, 0.05)
-            continue
-        torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-3)
-        assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert_steps_match(runner, [list(range(100, 130)), [3, 4]], 8, int8_tol=0.05, atol=1e-3)
     runner.shutdown()
 
 
