@@ -216,8 +216,8 @@ class FusedDecode:
         inner, cfg = model.model, model.config
         attn0 = inner.layers[0].self_attn
         self.model, self.block_size = model, block_size
-        self.folded: list[torch.Tensor] = []  # Gemma's (1 + w) norm weights, as decode.c reads them
-        self._keep: list = []  # the ctypes tables (experts, dmoe) the layer table points into
+        # what the layer table points into: the ctypes tables (experts, dmoe), Gemma's (1 + w)
+        self._keep: list = []
         inter, experts, top_k, moe_inter = _moe_dims(inner.layers)
         self.shape = _Shape(
             cfg.hidden_size,
@@ -248,8 +248,8 @@ class FusedDecode:
             return None
         if not getattr(norm, "offset", 0.0):
             return norm.weight.data_ptr()
-        self.folded.append((norm.offset + norm.weight.float()).contiguous())
-        return self.folded[-1].data_ptr()
+        self._keep.append((norm.offset + norm.weight.float()).contiguous())
+        return self._keep[-1].data_ptr()
 
     def _layer(self, layer: nn.Module) -> _Layer:
         """One decoder layer's pointers (a MoE layer's experts in a dmoe, its dense MLP empty)."""
