@@ -231,10 +231,8 @@ static int lin(const dlin *l, const float *x, float *y, long m, int nt, char *xq
  * (mult: Granite's residual multiplier, applied before the sum as the torch norm does) */
 static void add_norm(float *residual, const float *h, int add, float *x, const float *w, int n,
                      float eps, float mult) {
-    if (mult != 1.0f)
-        for (int i = 0; i < n; i++) residual[i] = add ? h[i] * mult + residual[i] : h[i];
-    else
-        for (int i = 0; i < n; i++) residual[i] = add ? residual[i] + h[i] : h[i];
+    for (int i = 0; i < n; i++) /* h * 1 is exact: mult 1 adds h as it is */
+        residual[i] = add ? h[i] * mult + residual[i] : h[i];
     float ss = dot(residual, residual, n);
     float r = 1.0f / sqrtf(ss / n + eps);
     for (int i = 0; i < n; i++) x[i] = w[i] * (residual[i] * r);
